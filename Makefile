@@ -1,0 +1,37 @@
+# make setup: the virtualenv (idempotent). make test: the tests. make demo: export, serve, generate.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint demo export triton clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# the CLIP BPE vocabulary file; --no-deps: its declared deps would pull torchvision and a CUDA torch
+	$(PY) -m pip install --quiet --no-deps open-clip-torch==3.3.0
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest -q
+
+export: setup
+	$(VENV)/bin/sd-triton export --model tiny --engine python-ort --repo model_repository
+
+triton: export
+	$(VENV)/bin/sd-triton triton --repo model_repository
+
+demo: export
+	$(PY) -m sd_triton.demo --repo model_repository --out out/demo.png
+
+clean:
+	rm -rf .cache out

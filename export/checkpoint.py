@@ -1,0 +1,66 @@
+"""A Stable Diffusion 1.x/2.x checkpoint in diffusers format, in a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.components import ModelDims
+
+SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    dims: ModelDims
+    vae_scaling_factor: float
+    scheduler_config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: Path) -> Checkpoint:
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"--model {path}: not a diffusers checkpoint folder (no model_index.json)"
+            )
+        missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"--model {path}: missing subfolder(s) {', '.join(missing)}")
+        unet = _json(path / "unet" / "config.json")
+        vae = _json(path / "vae" / "config.json")
+        text = _json(path / "text_encoder" / "config.json")
+        scheduler = _json(path / "scheduler" / "scheduler_config.json")
+        dims = ModelDims(
+            text_hidden=int(text["hidden_size"]),
+            latent_channels=int(unet.get("in_channels", 4)),
+            vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+            vocab_size=int(text["vocab_size"]),
+        )
+        return cls(path, dims, float(vae.get("scaling_factor", 0.18215)), scheduler)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {path}")
+    return json.loads(path.read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(folder: Path, salt: str = "") -> str:
+    """One hash over every file's relative name and content, plus `salt` (export settings)."""
+    digest = hashlib.sha256(salt.encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()

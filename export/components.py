@@ -1,0 +1,183 @@
+"""One class per exported component: names, dynamic axes, shape profiles, sample input, and the
+torch module that is exported. ONNX export, its check and the TensorRT build all read from here."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from sd_triton.contract import TEXT_ENCODER, TOKEN_LENGTH, UNET, VAE_DECODER, Limits, ModelSpec
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the checkpoint says about tensor sizes."""
+
+    text_hidden: int
+    latent_channels: int
+    vae_scale_factor: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A TensorRT optimization profile: per input, the min/opt/max shapes (batch included)."""
+
+    shapes: dict[str, tuple[Shape, Shape, Shape]]
+
+
+class Component(ABC):
+    spec: ModelSpec
+    subfolder: str  # the checkpoint folder its weights come from
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.spec.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.spec.outputs]
+
+    @abstractmethod
+    def load(self, checkpoint: Path) -> torch.nn.Module:
+        """The module to export, taking the inputs in contract order."""
+
+    @abstractmethod
+    def dynamic_axes(self) -> dict[str, dict[int, str]]: ...
+
+    @abstractmethod
+    def sample_inputs(
+        self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        """Inputs for tracing and for the ONNX-vs-PyTorch check."""
+
+    @abstractmethod
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile: ...
+
+
+def _latent_range(dims: ModelDims, limits: Limits) -> tuple[int, int, int]:
+    """Latent side: min (one cell), opt (512 px or the limit), max (the limit)."""
+    top = limits.max_side // dims.vae_scale_factor
+    return 1, min(512 // dims.vae_scale_factor, top), top
+
+
+class TextEncoder(Component):
+    spec = TEXT_ENCODER
+    subfolder = "text_encoder"
+
+    class _Module(torch.nn.Module):
+        def __init__(self, encoder: CLIPTextModel) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.encoder(input_ids.long(), return_dict=False)[0]
+
+    def load(self, checkpoint: Path) -> torch.nn.Module:
+        encoder = CLIPTextModel.from_pretrained(checkpoint / self.subfolder, attn_implementation="eager")
+        return self._Module(encoder).eval()
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}
+
+    def sample_inputs(
+        self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(batch)
+        ids = torch.randint(0, dims.vocab_size, (batch, TOKEN_LENGTH), generator=generator)
+        return (ids.to(torch.int32),)
+
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        b = limits.max_unet_batch
+        return Profile({"input_ids": ((1, TOKEN_LENGTH), (2, TOKEN_LENGTH), (b, TOKEN_LENGTH))})
+
+
+class UNet(Component):
+    spec = UNET
+    subfolder = "unet"
+
+    class _Module(torch.nn.Module):
+        def __init__(self, unet: UNet2DConditionModel) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            # timestep arrives as [B, 1] (Triton's batched [1]); the UNet wants [B]
+            return self.unet(sample, timestep.reshape(-1), hidden, return_dict=False)[0]
+
+    def load(self, checkpoint: Path) -> torch.nn.Module:
+        return self._Module(UNet2DConditionModel.from_pretrained(checkpoint / self.subfolder)).eval()
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        spatial = {0: "batch", 2: "height", 3: "width"}
+        return {
+            "sample": spatial,
+            "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch"},
+            "noise_pred": spatial,
+        }
+
+    def sample_inputs(
+        self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(batch)
+        sample = torch.randn((batch, dims.latent_channels, *latent_hw), generator=generator)
+        timestep = torch.full((batch, 1), 801.0)
+        hidden = torch.randn((batch, TOKEN_LENGTH, dims.text_hidden), generator=generator)
+        return sample, timestep, hidden
+
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        lo, opt, hi = _latent_range(dims, limits)
+        b, c, d = limits.max_unet_batch, dims.latent_channels, dims.text_hidden
+        return Profile(
+            {
+                "sample": ((1, c, lo, lo), (2, c, opt, opt), (b, c, hi, hi)),
+                "timestep": ((1, 1), (2, 1), (b, 1)),
+                "encoder_hidden_states": ((1, TOKEN_LENGTH, d), (2, TOKEN_LENGTH, d), (b, TOKEN_LENGTH, d)),
+            }
+        )
+
+
+class VaeDecoder(Component):
+    spec = VAE_DECODER
+    subfolder = "vae"
+
+    class _Module(torch.nn.Module):
+        def __init__(self, vae: AutoencoderKL) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    def load(self, checkpoint: Path) -> torch.nn.Module:
+        return self._Module(AutoencoderKL.from_pretrained(checkpoint / self.subfolder)).eval()
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        spatial = {0: "batch", 2: "height", 3: "width"}
+        return {"latent_sample": spatial, "sample": spatial}
+
+    def sample_inputs(
+        self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(batch)
+        return (torch.randn((batch, dims.latent_channels, *latent_hw), generator=generator),)
+
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        lo, opt, hi = _latent_range(dims, limits)
+        b, c = limits.max_num_images, dims.latent_channels
+        return Profile({"latent_sample": ((1, c, lo, lo), (1, c, opt, opt), (b, c, hi, hi))})
+
+
+COMPONENTS: dict[str, Component] = {c.name: c for c in (TextEncoder(), UNet(), VaeDecoder())}

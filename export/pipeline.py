@@ -1,0 +1,208 @@
+"""`sd-triton export`: a diffusers checkpoint -> ONNX (+ TensorRT plans) -> a Triton model repository.
+
+Idempotent: each artifact is reused while its source (the checkpoint subfolder and the export
+settings) hashes the same as the manifest says and the artifact itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export import tensorrt
+from export.checkpoint import Checkpoint, sha256_file, sha256_tree
+from export.components import COMPONENTS, Component
+from export.onnx_export import OPSET, export_onnx
+from export.repository import RepositorySettings, write_configs
+from export.tiny import ensure_tiny_checkpoint
+from sd_triton import __version__
+from sd_triton.contract import Limits
+from sd_triton.pipeline_config import FILENAME as PIPELINE_FILE
+from sd_triton.pipeline_config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SOURCE_REPO = Path(__file__).resolve().parents[1] / "model_repository"  # the model.py files
+DEFAULT_WORK_DIR = Path(".cache") / "sd-triton"
+STEPS = 6
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str  # a diffusers folder, or "tiny"
+    repo: Path
+    settings: RepositorySettings = field(default_factory=RepositorySettings)
+    limits: Limits = field(default_factory=Limits)
+    work_dir: Path = DEFAULT_WORK_DIR
+
+
+def _step(n: int, what: str) -> None:
+    log.info("[%d/%d] %s", n, STEPS, what)
+
+
+def run_export(options: ExportOptions) -> dict[str, Any]:
+    started = time.monotonic()
+    repo = options.repo.resolve()
+    repo.mkdir(parents=True, exist_ok=True)
+    old = _load_manifest(repo)
+
+    _step(1, f"checkpoint {options.model}")
+    if options.model == "tiny":
+        path = ensure_tiny_checkpoint(options.work_dir / "tiny")
+    else:
+        path = Path(options.model)
+    checkpoint = Checkpoint.open(path)
+
+    components: dict[str, Any] = {}
+    settings = _with_profiles(options.settings, checkpoint, options.limits)
+    for name, component in COMPONENTS.items():
+        _step(2, f"{name}: ONNX ({settings.engines[name]})")
+        components[name] = _export_component(component, checkpoint, repo, settings, options.limits, old)
+
+    _step(3, "TensorRT plans")
+    for name, component in COMPONENTS.items():
+        if settings.engines[name] == "tensorrt":
+            components[name].update(_build_plan(component, checkpoint, repo, settings, options.limits, old))
+
+    _step(4, "python steps: tokenizer files, pipeline.json, model.py files")
+    components.update(_write_python_steps(checkpoint, repo, options.limits))
+
+    _step(5, "config.pbtxt for every model")
+    write_configs(repo, settings)
+
+    _step(6, f"manifest {repo / MANIFEST}")
+    manifest = {
+        "sd_triton_version": __version__,
+        "source": {"model": options.model, "path": str(checkpoint.path.resolve())},
+        "limits": asdict(options.limits),
+        "components": components,
+        "export_seconds": round(time.monotonic() - started, 2),
+    }
+    (repo / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info("export done in %.1f s -> %s", manifest["export_seconds"], repo)
+    return manifest
+
+
+def _load_manifest(repo: Path) -> dict[str, Any]:
+    path = repo / MANIFEST
+    return json.loads(path.read_text()).get("components", {}) if path.is_file() else {}
+
+
+def _with_profiles(
+    settings: RepositorySettings, checkpoint: Checkpoint, limits: Limits
+) -> RepositorySettings:
+    """Each engine's Triton max_batch_size is its profile's max batch."""
+    max_batch = {
+        name: max(shapes[2][0] for shapes in component.profile(checkpoint.dims, limits).shapes.values())
+        for name, component in COMPONENTS.items()
+    }
+    return RepositorySettings(**{**asdict(settings), "max_batch": max_batch})
+
+
+def _artifacts(repo: Path, files: list[Path]) -> dict[str, str]:
+    return {str(f.relative_to(repo)): sha256_file(f) for f in files if f.is_file()}
+
+
+def _unchanged(entry: dict[str, Any] | None, key: str, value: str, repo: Path) -> bool:
+    if not entry or entry.get(key) != value or not entry.get("artifacts"):
+        return False
+    return all(
+        (repo / rel).is_file() and sha256_file(repo / rel) == digest
+        for rel, digest in entry["artifacts"].items()
+    )
+
+
+def _export_component(
+    component: Component,
+    checkpoint: Checkpoint,
+    repo: Path,
+    settings: RepositorySettings,
+    limits: Limits,
+    old: dict[str, Any],
+) -> dict[str, Any]:
+    version = repo / component.name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    onnx_path = version / "model.onnx"
+    source = sha256_tree(checkpoint.path / component.subfolder, salt=f"opset={OPSET}")
+    entry = {"engine": settings.engines[component.name], "precision": settings.precision}
+    previous = old.get(component.name)
+    onnx_files = [onnx_path, onnx_path.with_name("model.onnx.data")]
+    if previous and _unchanged(previous.get("onnx"), "source_sha256", source, repo):
+        log.info("  %s: ONNX unchanged, reused", component.name)
+        return {**entry, "onnx": previous["onnx"]}
+    started = time.monotonic()
+    diff = export_onnx(component, checkpoint.path, checkpoint.dims, onnx_path)
+    seconds = time.monotonic() - started
+    log.info("  %s: exported in %.1f s, max abs diff vs PyTorch %.3g", component.name, seconds, diff)
+    onnx_entry = {
+        "source_sha256": source,
+        "artifacts": _artifacts(repo, onnx_files),
+        "max_abs_diff_vs_pytorch": diff,
+        "seconds": round(seconds, 2),
+    }
+    return {**entry, "onnx": onnx_entry}
+
+
+def _build_plan(
+    component: Component,
+    checkpoint: Checkpoint,
+    repo: Path,
+    settings: RepositorySettings,
+    limits: Limits,
+    old: dict[str, Any],
+) -> dict[str, Any]:
+    version = repo / component.name / "1"
+    profile = component.profile(checkpoint.dims, limits)
+    onnx_sha = sha256_file(version / "model.onnx")
+    key = json.dumps({"onnx": onnx_sha, "profile": profile.shapes, "precision": settings.precision})
+    previous = (old.get(component.name) or {}).get("plan")
+    if _unchanged(previous, "key", key, repo):
+        log.info("  %s: TensorRT plan unchanged, reused", component.name)
+        return {"plan": previous}
+    reason = tensorrt.unavailable_reason()
+    if reason:
+        log.warning(
+            "  %s: TensorRT plan NOT built: %s. Rerun this export on the GPU host to build it.",
+            component.name,
+            reason,
+        )
+        return {"plan": {"key": key, "missing": reason, "profile": profile.shapes}}
+    plan = version / "model.plan"
+    tensorrt.build_engine(version / "model.onnx", plan, profile, fp16=settings.precision == "fp16")
+    return {"plan": {"key": key, "profile": profile.shapes, "artifacts": _artifacts(repo, [plan])}}
+
+
+def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> dict[str, Any]:
+    # tokenizer: the checkpoint's own tokenizer files
+    tokenizer_dir = repo / "tokenizer" / "1" / "tokenizer"
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    shutil.copytree(checkpoint.path / "tokenizer", tokenizer_dir)
+    # denoise: scheduler config, latent geometry and the request limits
+    pipeline = PipelineConfig(
+        latent_channels=checkpoint.dims.latent_channels,
+        vae_scale_factor=checkpoint.dims.vae_scale_factor,
+        vae_scaling_factor=checkpoint.vae_scaling_factor,
+        scheduler_config=checkpoint.scheduler_config,
+        limits=limits,
+    )
+    pipeline_path = repo / "denoise" / "1" / PIPELINE_FILE
+    pipeline_path.parent.mkdir(parents=True, exist_ok=True)
+    pipeline.save(pipeline_path)
+    # model.py files, when the repository is not this source tree's
+    if repo != SOURCE_REPO.resolve():
+        for model_py in SOURCE_REPO.glob("*/1/model.py"):
+            target = repo / model_py.relative_to(SOURCE_REPO)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model_py, target)
+    return {
+        "tokenizer": {
+            "artifacts": _artifacts(repo, sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()))
+        },
+        "denoise": {"artifacts": _artifacts(repo, [pipeline_path])},
+    }

@@ -1,0 +1,169 @@
+"""config.pbtxt for every model of the repository, generated from the tensor contract.
+
+Configs are built as Triton's own ModelConfig protobuf (from tritonclient) and written as text,
+so a field name or an enum value Triton does not know fails here, not at server start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sd_triton import contract as c
+
+Precision = Literal["fp32", "fp16"]
+CONFIG_FILE = "config.pbtxt"
+
+# The ensemble's data flow: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
+ENSEMBLE_STEPS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
+    (
+        c.TOKENIZER.name,
+        {t.name: t.name for t in c.TOKENIZER.inputs},
+        {
+            c.INPUT_IDS.name: "input_ids",
+            c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
+            c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
+        },
+    ),
+    (c.TEXT_ENCODER.name, {"input_ids": "input_ids"}, {"last_hidden_state": "prompt_embeds"}),
+    (
+        c.DENOISE.name,
+        {t.name: "prompt_embeds" if t is c.PROMPT_EMBEDS else t.name for t in c.DENOISE.inputs},
+        {c.LATENTS.name: "latents"},
+    ),
+    (c.VAE_DECODER.name, {"latent_sample": "latents"}, {"sample": "decoded"}),
+    (c.POSTPROCESS.name, {c.DECODED.name: "decoded"}, {c.IMAGES.name: c.IMAGES.name}),
+)
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """Everything config.pbtxt depends on besides the contract."""
+
+    engines: dict[str, c.EngineKind] = field(
+        default_factory=lambda: dict.fromkeys(c.ENGINE_MODELS, "python-ort")
+    )
+    max_batch: dict[str, int] = field(default_factory=dict)  # per engine model; from its profile
+    precision: Precision = "fp32"
+    ort_tensorrt: bool = False  # onnxruntime kind: run through ORT's TensorRT execution accelerator
+    denoise_instances: int = 2  # requests in their loop at once; their UNet calls batch together
+    engine_instances: int = 1
+    max_queue_delay_us: int = 2000
+
+    def __post_init__(self) -> None:
+        for model, kind in self.engines.items():
+            if model not in c.ENGINE_MODELS:
+                raise ValueError(f"engines: {model!r} is not an engine model ({', '.join(c.ENGINE_MODELS)})")
+            if kind not in c.ENGINE_KINDS:
+                raise ValueError(
+                    f"engines[{model}]: unknown engine kind {kind!r} ({', '.join(c.ENGINE_KINDS)})"
+                )
+        missing = set(c.ENGINE_MODELS) - set(self.engines)
+        if missing:
+            raise ValueError(f"engines: no engine kind for {', '.join(sorted(missing))}")
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if self.precision == "fp16":
+            for model, kind in self.engines.items():
+                if not (kind == "tensorrt" or (kind == "onnxruntime" and self.ort_tensorrt)):
+                    raise ValueError(
+                        f"precision=fp16 needs TensorRT: engines[{model}] is {kind!r} "
+                        "(use tensorrt, or onnxruntime with the TensorRT accelerator)"
+                    )
+        for name in ("denoise_instances", "engine_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _tensor(message: type, spec: c.TensorSpec) -> object:
+    tensor = message(name=spec.name, data_type=mc.DataType.Value(spec.dtype), dims=list(spec.dims))
+    if spec.optional:
+        tensor.optional = True
+    return tensor
+
+
+def _base(spec: c.ModelSpec, max_batch: int = 0) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=spec.name, max_batch_size=max_batch)
+    config.input.extend(_tensor(mc.ModelInput, t) for t in spec.inputs)
+    config.output.extend(_tensor(mc.ModelOutput, t) for t in spec.outputs)
+    return config
+
+
+def _python_step(spec: c.ModelSpec, count: int = 1) -> mc.ModelConfig:
+    config = _base(spec)
+    config.backend = "python"
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
+    return config
+
+
+def engine_config(spec: c.ModelSpec, settings: RepositorySettings) -> mc.ModelConfig:
+    kind = settings.engines[spec.name]
+    config = _base(spec, settings.max_batch.get(spec.name, c.Limits().max_unet_batch))
+    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    count = settings.engine_instances
+    if kind == "python-ort":
+        config.backend = "python"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
+        config.parameters["device"].string_value = "auto"
+        config.parameters["intra_op_threads"].string_value = "0"
+        return config
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count)
+    if kind == "tensorrt":
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = "model.plan"
+        return config
+    config.platform = "onnxruntime_onnx"
+    config.default_model_filename = "model.onnx"
+    if settings.ort_tensorrt:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+            name="tensorrt"
+        )
+        accelerator.parameters["precision_mode"] = settings.precision.upper()
+        accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
+    return config
+
+
+def ensemble_config() -> mc.ModelConfig:
+    config = _base(c.TXT2IMG)
+    config.platform = "ensemble"
+    for model, inputs, outputs in ENSEMBLE_STEPS:
+        step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        step.input_map.update(inputs)
+        step.output_map.update(outputs)
+    return config
+
+
+def all_configs(settings: RepositorySettings) -> dict[str, mc.ModelConfig]:
+    configs = {c.TXT2IMG.name: ensemble_config()}
+    configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
+    configs[c.DENOISE.name] = _python_step(c.DENOISE, settings.denoise_instances)
+    configs[c.DENOISE.name].parameters["unet_model"].string_value = c.UNET.name
+    configs[c.POSTPROCESS.name] = _python_step(c.POSTPROCESS)
+    for name in c.ENGINE_MODELS:
+        configs[name] = engine_config(c.MODELS[name], settings)
+    return configs
+
+
+def render(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def write_configs(repo: Path, settings: RepositorySettings) -> list[Path]:
+    written = []
+    for name, config in all_configs(settings).items():
+        path = repo / name / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "1").mkdir(exist_ok=True)
+        text = render(config)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+        written.append(path)
+    return written

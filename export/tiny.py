@@ -1,0 +1,142 @@
+"""A small Stable Diffusion-shaped checkpoint, built deterministically for tests and the demo.
+
+The weights are random (fixed seed); the tokenizer is the real SD 1.x CLIP tokenizer, rebuilt from
+the BPE vocabulary file that ships inside the open-clip-torch wheel (MIT licence).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+SEED = 0
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+N_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges: 48,894, for a 49,408-token vocabulary
+
+# Stable Diffusion 1.x's scheduler config.
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+SCHEDULER_EXTRA = {"clip_sample": False}
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters byte-level BPE uses for the 256 byte values, in vocab order:
+    bytes that are printable Latin-1 stand for themselves, the others map past U+00FF."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    extra = (b for b in range(256) if b not in printable)
+    return [chr(b) for b in printable] + [chr(256 + i) for i, _ in enumerate(extra)]
+
+
+def clip_bpe_file() -> Path:
+    spec = importlib.util.find_spec("open_clip")  # found, not imported: its imports need torchvision
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open-clip-torch is not installed (pip install --no-deps open-clip-torch)")
+    path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the open-clip-torch wheel")
+    return path
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """The SD 1.x CLIP tokenizer: 49,408 tokens, context length 77."""
+    lines = gzip.open(clip_bpe_file(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_pipeline() -> StableDiffusionPipeline:
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def ensure_tiny_checkpoint(folder: Path) -> Path:
+    """Build the tiny checkpoint into `folder` unless a complete one is there already."""
+    if (folder / "model_index.json").is_file():
+        log.info("tiny checkpoint: reusing %s", folder)
+        return folder
+    log.info("tiny checkpoint: building into %s", folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_tiny_pipeline().save_pretrained(partial)
+    # SD 1.x's scheduler_config.json carries clip_sample=false for the schedulers built from it
+    # (PNDM itself has no such option, so it is not saved with it)
+    config_path = partial / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **SCHEDULER_EXTRA}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)  # whole or not at all
+    return folder

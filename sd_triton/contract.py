@@ -1,0 +1,176 @@
+"""The tensor contract: every Triton model's inputs and outputs, and the request limits.
+
+Torch-free on purpose: `export/` generates `config.pbtxt` from it, the Triton python models read
+their tensor names from it, the gateway builds requests from it, and a test checks every
+`config.pbtxt` and ONNX graph against it.
+
+Dims follow Triton's convention: for a model with batching (`max_batch_size > 0`) the batch
+dimension is left out; -1 is a dimension that varies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TOKEN_LENGTH = 77  # CLIP's context length, the same for SD 1.x and 2.x
+
+SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"]
+SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
+
+EngineKind = Literal["python-ort", "onnxruntime", "tensorrt"]
+ENGINE_KINDS: tuple[str, ...] = EngineKind.__args__  # type: ignore[attr-defined]
+
+# numpy dtype name and Triton wire datatype for each config.pbtxt data type.
+NUMPY_DTYPES = {
+    "TYPE_FP32": "float32",
+    "TYPE_INT32": "int32",
+    "TYPE_INT64": "int64",
+    "TYPE_UINT8": "uint8",
+    "TYPE_STRING": "object",
+}
+WIRE_DTYPES = {
+    "TYPE_FP32": "FP32",
+    "TYPE_INT32": "INT32",
+    "TYPE_INT64": "INT64",
+    "TYPE_UINT8": "UINT8",
+    "TYPE_STRING": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # a key of NUMPY_DTYPES
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    @property
+    def numpy_dtype(self) -> str:
+        return NUMPY_DTYPES[self.dtype]
+
+    @property
+    def wire_dtype(self) -> str:
+        return WIRE_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batching: bool  # True: max_batch_size > 0 and dims leave out the batch dimension
+    engine: bool  # True: an exported network whose engine kind ops teams choose
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+def _t(name: str, dtype: str, *dims: int, optional: bool = False) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims), optional)
+
+
+# --- request inputs, shared by the ensemble and the python steps that read them ---
+PROMPT = _t("PROMPT", "TYPE_STRING", 1)
+NEGATIVE_PROMPT = _t("NEGATIVE_PROMPT", "TYPE_STRING", 1, optional=True)
+HEIGHT = _t("HEIGHT", "TYPE_INT32", 1)
+WIDTH = _t("WIDTH", "TYPE_INT32", 1)
+STEPS = _t("STEPS", "TYPE_INT32", 1)
+GUIDANCE_SCALE = _t("GUIDANCE_SCALE", "TYPE_FP32", 1)
+SEED = _t("SEED", "TYPE_INT64", 1)
+SCHEDULER = _t("SCHEDULER", "TYPE_STRING", 1)
+NUM_IMAGES = _t("NUM_IMAGES", "TYPE_INT32", 1)
+
+# --- pipeline outputs ---
+IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
+PROMPT_TRUNCATED_TOKENS = _t("PROMPT_TRUNCATED_TOKENS", "TYPE_INT32", 1)
+NEGATIVE_PROMPT_TRUNCATED_TOKENS = _t("NEGATIVE_PROMPT_TRUNCATED_TOKENS", "TYPE_INT32", 1)
+
+# --- tensors between steps ---
+INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, TOKEN_LENGTH)  # rows: [uncond,] cond
+PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, TOKEN_LENGTH, -1)
+LATENTS = _t("LATENTS", "TYPE_FP32", -1, 4, -1, -1)  # already divided by the VAE scaling factor
+DECODED = _t("DECODED", "TYPE_FP32", -1, 3, -1, -1)  # VAE output, about [-1, 1]
+
+TXT2IMG = ModelSpec(
+    "txt2img",
+    inputs=(PROMPT, NEGATIVE_PROMPT, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES),
+    outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS),
+    batching=False,
+    engine=False,
+)
+TOKENIZER = ModelSpec(
+    "tokenizer",
+    inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE),
+    outputs=(INPUT_IDS, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS),
+    batching=False,
+    engine=False,
+)
+TEXT_ENCODER = ModelSpec(
+    "text_encoder",
+    inputs=(_t("input_ids", "TYPE_INT32", TOKEN_LENGTH),),
+    outputs=(_t("last_hidden_state", "TYPE_FP32", TOKEN_LENGTH, -1),),
+    batching=True,
+    engine=True,
+)
+DENOISE = ModelSpec(
+    "denoise",
+    inputs=(PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES),
+    outputs=(LATENTS,),
+    batching=False,
+    engine=False,
+)
+UNET = ModelSpec(
+    "unet",
+    inputs=(
+        _t("sample", "TYPE_FP32", 4, -1, -1),
+        _t("timestep", "TYPE_FP32", 1),
+        _t("encoder_hidden_states", "TYPE_FP32", TOKEN_LENGTH, -1),
+    ),
+    outputs=(_t("noise_pred", "TYPE_FP32", 4, -1, -1),),
+    batching=True,
+    engine=True,
+)
+VAE_DECODER = ModelSpec(
+    "vae_decoder",
+    inputs=(_t("latent_sample", "TYPE_FP32", 4, -1, -1),),
+    outputs=(_t("sample", "TYPE_FP32", 3, -1, -1),),
+    batching=True,
+    engine=True,
+)
+POSTPROCESS = ModelSpec(
+    "postprocess",
+    inputs=(DECODED,),
+    outputs=(IMAGES,),
+    batching=False,
+    engine=False,
+)
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m for m in (TXT2IMG, TOKENIZER, TEXT_ENCODER, DENOISE, UNET, VAE_DECODER, POSTPROCESS)
+}
+ENGINE_MODELS: tuple[str, ...] = tuple(m.name for m in MODELS.values() if m.engine)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits. The export writes them into the repository; the gateway reads the same."""
+
+    max_steps: int = 150
+    max_side: int = 1024
+    max_num_images: int = 4
+    max_seed: int = 2**63 - 1
+
+    def __post_init__(self) -> None:
+        for field in ("max_steps", "max_side", "max_num_images"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{field} must be a positive integer, got {value!r}")
+
+    @property
+    def max_unet_batch(self) -> int:
+        """cond + uncond for every image of one request, in one UNet batch."""
+        return 2 * self.max_num_images

@@ -1,0 +1,39 @@
+"""What the denoise step needs to know about the exported model, written by the export as
+`denoise/1/pipeline.json`. Torch-free: the gateway reads the limits from the same file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd_triton.contract import Limits
+
+FILENAME = "pipeline.json"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent cell; requests' height and width are multiples of it
+    vae_scaling_factor: float  # latents are divided by it before the VAE decoder
+    scheduler_config: dict[str, Any]
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
+        if self.vae_scale_factor < 1:
+            raise ValueError(f"vae_scale_factor must be >= 1, got {self.vae_scale_factor}")
+        if not self.vae_scaling_factor > 0:
+            raise ValueError(f"vae_scaling_factor must be > 0, got {self.vae_scaling_factor}")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> PipelineConfig:
+        data = json.loads(Path(path).read_text())
+        data["limits"] = Limits(**data.get("limits", {}))
+        return cls(**data)

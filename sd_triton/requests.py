@@ -1,0 +1,105 @@
+"""Validation of one txt2img request. Torch-free: the Triton steps and the gateway share it.
+
+Every error names the input (as the ensemble calls it) and the limit it broke.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sd_triton.contract import SCHEDULERS, Limits
+
+
+class InvalidRequest(ValueError):
+    """A request input is out of its limits; Triton answers INVALID_ARG, the gateway 422."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str
+    num_images: int
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        return uses_guidance(self.guidance_scale)
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """diffusers' rule: classifier-free guidance (an unconditional UNet pass) only above 1.0."""
+    return guidance_scale > 1.0
+
+
+def decode_text(field: str, raw: object) -> str:
+    """One prompt from a Triton BYTES element; non-UTF-8 bytes are the caller's error."""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes):
+        raise InvalidRequest(field, f"expected a UTF-8 string, got {type(raw).__name__}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            field, f"is not valid UTF-8 (byte {exc.start} of {len(raw)} is 0x{raw[exc.start]:02x})"
+        ) from None
+
+
+def check_guidance_scale(value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise InvalidRequest("GUIDANCE_SCALE", f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def _check_side(field: str, value: int, limits: Limits, multiple: int) -> int:
+    if value < multiple or value > limits.max_side or value % multiple:
+        raise InvalidRequest(
+            field,
+            f"must be a multiple of {multiple} between {multiple} and {limits.max_side}, got {value}",
+        )
+    return value
+
+
+def validate_params(
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    scheduler: str,
+    num_images: int,
+    limits: Limits,
+    spatial_multiple: int,
+) -> GenerationParams:
+    """Check every scalar input of a request against the model's limits."""
+    _check_side("HEIGHT", int(height), limits, spatial_multiple)
+    _check_side("WIDTH", int(width), limits, spatial_multiple)
+    if not 1 <= int(steps) <= limits.max_steps:
+        raise InvalidRequest("STEPS", f"must be between 1 and {limits.max_steps}, got {steps}")
+    if scheduler not in SCHEDULERS:
+        raise InvalidRequest("SCHEDULER", f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    if not 1 <= int(num_images) <= limits.max_num_images:
+        raise InvalidRequest("NUM_IMAGES", f"must be between 1 and {limits.max_num_images}, got {num_images}")
+    # image i uses seed + i, so the last image's seed must still fit
+    max_seed = limits.max_seed - (int(num_images) - 1)
+    if not 0 <= int(seed) <= max_seed:
+        raise InvalidRequest("SEED", f"must be between 0 and {max_seed}, got {seed}")
+    return GenerationParams(
+        height=int(height),
+        width=int(width),
+        steps=int(steps),
+        guidance_scale=check_guidance_scale(guidance_scale),
+        seed=int(seed),
+        scheduler=scheduler,
+        num_images=int(num_images),
+    )

@@ -1,0 +1,1 @@
+"""Code the Triton python models run: tokenizer, scheduler loop, postprocess, ONNX Runtime runner."""

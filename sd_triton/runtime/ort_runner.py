@@ -1,0 +1,56 @@
+"""A generic ONNX Runtime runner: the `python-ort` engine kind (CUDA EP on a GPU, CPU EP otherwise)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+
+
+def choose_providers(device: str) -> list[str]:
+    """`device`: auto (CUDA when this onnxruntime has it), cuda, or cpu."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise RuntimeError(f"device=cuda but this onnxruntime offers only {available}")
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtRunner:
+    def __init__(self, model_path: str | Path, device: str = "auto", threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        log.info("loaded %s with %s", model_path, self.session.get_providers())
+
+    def run(self, feeds: Feeds) -> Feeds:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+
+    def run_batch(self, requests: Sequence[Feeds]) -> list[Feeds]:
+        """Requests whose inputs agree in all but the batch dimension run as one batch."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, feeds in enumerate(requests):
+            groups[tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))].append(index)
+        results: list[Feeds | None] = [None] * len(requests)
+        for indices in groups.values():
+            names = requests[indices[0]].keys()
+            merged = {k: np.concatenate([requests[i][k] for i in indices]) for k in names}
+            outputs = self.run(merged)
+            offset = 0
+            for i in indices:
+                size = next(iter(requests[i].values())).shape[0]
+                results[i] = {k: v[offset : offset + size] for k, v in outputs.items()}
+                offset += size
+        return results  # type: ignore[return-value]

@@ -1,0 +1,36 @@
+"""CLIP tokenization of prompt and negative prompt, truncated the way diffusers truncates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: np.ndarray  # int32 [rows, 77]; rows: [uncond, cond] with guidance, else [cond]
+    prompt_truncated_tokens: int
+    negative_prompt_truncated_tokens: int
+
+
+class PromptTokenizer:
+    def __init__(self, folder: str | Path) -> None:
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.max_length = int(self.tokenizer.model_max_length)
+
+    def encode(self, text: str) -> tuple[np.ndarray, int]:
+        """Token ids padded/truncated to the context length, and how many tokens were cut."""
+        ids = self.tokenizer(
+            text, padding="max_length", max_length=self.max_length, truncation=True
+        ).input_ids
+        full = self.tokenizer(text).input_ids
+        return np.asarray(ids, dtype=np.int32), max(0, len(full) - self.max_length)
+
+    def tokenize(self, prompt: str, negative_prompt: str, guidance: bool) -> Tokenized:
+        cond, cut = self.encode(prompt)
+        uncond, negative_cut = self.encode(negative_prompt)
+        rows = [uncond, cond] if guidance else [cond]
+        return Tokenized(np.stack(rows), cut, negative_cut if guidance else 0)

@@ -1,0 +1,88 @@
+"""Glue shared by the thin `model.py` files of the Triton python models.
+
+Only importable inside Triton's python backend (it needs `triton_python_backend_utils`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from sd_triton.contract import ModelSpec, TensorSpec
+from sd_triton.requests import InvalidRequest, decode_text
+
+log = logging.getLogger("sd_triton.triton")
+
+Outputs = dict[str, np.ndarray]
+
+
+def version_dir(args: dict[str, Any]) -> Path:
+    return Path(args["model_repository"]) / args["model_version"]
+
+
+def parameters(args: dict[str, Any]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def get_array(request: Any, spec: TensorSpec) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+    if tensor is None:
+        if spec.optional:
+            return None
+        raise InvalidRequest(spec.name, "is required")
+    return tensor.as_numpy()
+
+
+def get_scalar(request: Any, spec: TensorSpec) -> Any:
+    """The single element of a [1] input; an empty or longer batch is the caller's error."""
+    array = get_array(request, spec)
+    if array is None:
+        return None
+    if array.size != 1:
+        what = "empty batch" if array.size == 0 else f"{array.size} elements"
+        raise InvalidRequest(spec.name, f"must hold exactly 1 element per request, got {what}")
+    return array.reshape(-1)[0]
+
+
+def get_text(request: Any, spec: TensorSpec, default: str | None = None) -> str:
+    value = get_scalar(request, spec)
+    return default if value is None and default is not None else decode_text(spec.name, value)
+
+
+def respond(requests: Sequence[Any], spec: ModelSpec, handle: Callable[[Any], Outputs]) -> list[Any]:
+    """One response per request; a request's bad input answers INVALID_ARG to it alone."""
+    responses = []
+    for request in requests:
+        try:
+            outputs = handle(request)
+        except InvalidRequest as exc:
+            error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+            responses.append(pb_utils.InferenceResponse(error=error))
+            continue
+        tensors = [pb_utils.Tensor(t.name, outputs[t.name]) for t in spec.outputs]
+        responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+    return responses
+
+
+def as_feeds(request: Any, spec: ModelSpec) -> dict[str, np.ndarray]:
+    return {t.name: get_array(request, t) for t in spec.inputs}  # type: ignore[misc]
+
+
+def bls_infer(model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """One synchronous BLS call; an error from the called model raises."""
+    request = pb_utils.InferenceRequest(
+        model_name=model,
+        inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
+        requested_output_names=[output],
+    )
+    response = request.exec()
+    if response.has_error():
+        raise RuntimeError(f"{model}: {response.error().message()}")
+    return pb_utils.get_output_tensor_by_name(response, output).as_numpy()

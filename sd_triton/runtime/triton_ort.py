@@ -1,0 +1,39 @@
+"""The `python-ort` engine kind as a Triton python model: any ONNX graph, dynamically batched.
+
+Only importable inside Triton's python backend.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from sd_triton.runtime import triton_io
+from sd_triton.runtime.ort_runner import OrtRunner
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        params = triton_io.parameters(args)
+        self.input_names = [t["name"] for t in config["input"]]
+        self.output_names = [t["name"] for t in config["output"]]
+        self.runner = OrtRunner(
+            triton_io.version_dir(args) / "model.onnx",
+            device=params.get("device", "auto"),
+            threads=int(params.get("intra_op_threads", "0")),
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        feeds = [
+            {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names}
+            for r in requests
+        ]
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, out[name]) for name in self.output_names]
+            )
+            for out in self.runner.run_batch(feeds)
+        ]

@@ -1,0 +1,77 @@
+"""Build and send a `txt2img` request over Triton gRPC, from the contract's tensor names.
+
+Torch-free: the gateway, the tests and the demo share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from sd_triton import contract as c
+
+
+@dataclass(frozen=True)
+class Txt2ImgResult:
+    images: np.ndarray[Any, np.dtype[np.uint8]]  # [N, H, W, 3]
+    prompt_truncated_tokens: int
+    negative_prompt_truncated_tokens: int
+
+
+def _array(spec: c.TensorSpec, value: Any) -> np.ndarray[Any, Any]:
+    if spec.dtype == "TYPE_STRING":
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        return np.array([raw], dtype=object)
+    return np.array([value], dtype=spec.numpy_dtype)
+
+
+def txt2img_inputs(
+    prompt: str | bytes,
+    *,
+    negative_prompt: str | bytes | None = None,
+    height: int = 512,
+    width: int = 512,
+    steps: int = 30,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    scheduler: str = "euler_a",
+    num_images: int = 1,
+) -> list[grpcclient.InferInput]:
+    values = {
+        c.PROMPT: prompt,
+        c.NEGATIVE_PROMPT: negative_prompt,
+        c.HEIGHT: height,
+        c.WIDTH: width,
+        c.STEPS: steps,
+        c.GUIDANCE_SCALE: guidance_scale,
+        c.SEED: seed,
+        c.SCHEDULER: scheduler,
+        c.NUM_IMAGES: num_images,
+    }
+    inputs = []
+    for spec, value in values.items():
+        if value is None and spec.optional:
+            continue
+        array = _array(spec, value)
+        tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.wire_dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def parse_result(result: grpcclient.InferResult) -> Txt2ImgResult:
+    return Txt2ImgResult(
+        images=result.as_numpy(c.IMAGES.name),
+        prompt_truncated_tokens=int(result.as_numpy(c.PROMPT_TRUNCATED_TOKENS.name)[0]),
+        negative_prompt_truncated_tokens=int(result.as_numpy(c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name)[0]),
+    )
+
+
+def txt2img(client: grpcclient.InferenceServerClient, prompt: str | bytes, **params: Any) -> Txt2ImgResult:
+    """One synchronous request; Triton's errors raise InferenceServerException."""
+    outputs = [grpcclient.InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
+    result = client.infer(c.TXT2IMG.name, txt2img_inputs(prompt, **params), outputs=outputs)
+    return parse_result(result)

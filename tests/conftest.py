@@ -1,0 +1,58 @@
+"""Session fixtures: the tiny model exported once, one real Triton server for the whole session."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from export.pipeline import ExportOptions, run_export
+from sd_triton.triton_server import TritonServer
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+WORK_DIR = ROOT / ".cache" / "sd-triton"  # the tiny checkpoint is shared with `make demo`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny model exported (python-ort) into a fresh repository: {'repo', 'manifest'}."""
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    manifest = run_export(ExportOptions(model="tiny", repo=repo, work_dir=WORK_DIR))
+    return {"repo": repo, "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(exported: dict) -> Path:
+    return Path(exported["manifest"]["source"]["path"])
+
+
+@pytest.fixture(scope="session")
+def triton(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    log_file = tmp_path_factory.mktemp("triton") / "triton.log"
+    server = TritonServer(
+        exported["repo"],
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        log_file=log_file,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as c:
+        yield c

@@ -1,0 +1,168 @@
+"""Images from Triton's txt2img against diffusers' StableDiffusionPipeline on the same folder.
+
+The reference schedulers are built here from diffusers' classes directly, not through our
+scheduler table, so a wrong mapping in the product fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+
+from sd_triton.contract import SCHEDULERS
+from sd_triton.txt2img_client import txt2img
+
+log = logging.getLogger(__name__)
+MAX_ABS_DIFF = 2  # on the 0-255 scale
+REPORT = Path(__file__).resolve().parents[2] / ".cache" / "parity.json"
+
+REFERENCE = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "lms": (LMSDiscreteScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+# (id, height, width, negative prompt, guidance, num_images)
+CASES = [
+    ("square-negative-cfg-n2", 64, 64, "blurry, low quality", 7.5, 2),
+    ("nonsquare-cfg", 56, 88, None, 5.0, 1),  # latent 7x11: odd sides
+    ("no-cfg-n2", 64, 48, None, 1.0, 2),
+]
+PROMPT = "a watercolor painting of a lighthouse at dawn"
+STEPS = 12
+_figures: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.checkpoint_scheduler_config = dict(pipe.scheduler.config)
+    return pipe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> object:
+    yield
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps(_figures, indent=2, sort_keys=True) + "\n")
+    log.info("parity figures written to %s", REPORT)
+
+
+def diffusers_images(pipe: StableDiffusionPipeline, scheduler: str, prompt: str, **kw: object) -> np.ndarray:
+    cls, overrides = REFERENCE[scheduler]
+    # from the checkpoint's config every time: a previous test's scheduler config would leak
+    # its options (use_karras_sigmas, ...) into this one
+    pipe.scheduler = cls.from_config(pipe.checkpoint_scheduler_config, **overrides)
+    n = int(kw.pop("num_images"))  # type: ignore[call-overload]
+    seed = int(kw.pop("seed"))  # type: ignore[call-overload]
+    out = pipe(
+        prompt,
+        num_images_per_prompt=n,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        output_type="np",
+        **kw,
+    ).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def test_reference_table_covers_every_scheduler() -> None:
+    assert tuple(REFERENCE) == SCHEDULERS
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize(
+    ("case", "height", "width", "negative", "guidance", "n"), CASES, ids=[c[0] for c in CASES]
+)
+def test_triton_matches_diffusers(
+    client, pipe, scheduler, case, height, width, negative, guidance, n
+) -> None:
+    seed = 1234
+    ours = txt2img(
+        client,
+        PROMPT,
+        negative_prompt=negative,
+        height=height,
+        width=width,
+        steps=STEPS,
+        guidance_scale=guidance,
+        seed=seed,
+        scheduler=scheduler,
+        num_images=n,
+    ).images
+    theirs = diffusers_images(
+        pipe,
+        scheduler,
+        PROMPT,
+        negative_prompt=negative,
+        height=height,
+        width=width,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        seed=seed,
+        num_images=n,
+    )
+    assert ours.shape == (n, height, width, 3)
+    assert ours.std() > 5, "a flat image would make the comparison meaningless"
+    diff = max_abs_diff(ours, theirs)
+    _figures[f"{scheduler}/{case}"] = diff
+    assert diff <= MAX_ABS_DIFF
+
+
+def test_each_image_reproducible_alone(client) -> None:
+    """Image i of a request is seeded with seed + i: asking for it alone gives the same image."""
+    params = dict(height=64, width=64, steps=8, guidance_scale=7.5, scheduler="euler_a")
+    pair = txt2img(client, PROMPT, seed=77, num_images=2, **params).images
+    second = txt2img(client, PROMPT, seed=78, num_images=1, **params).images
+    assert max_abs_diff(pair[1:], second) <= 1
+    assert max_abs_diff(pair[:1], second) > 10, "different seeds must give different images"
+
+
+def test_long_prompt_truncated_like_diffusers(client, pipe) -> None:
+    prompt = " ".join(f"word{i}" for i in range(120))
+    result = txt2img(
+        client, prompt, height=64, width=64, steps=6, guidance_scale=7.5, seed=5, scheduler="ddim"
+    )
+    full = len(pipe.tokenizer(prompt).input_ids)
+    assert result.prompt_truncated_tokens == full - 77 > 0
+    assert result.negative_prompt_truncated_tokens == 0
+    theirs = diffusers_images(
+        pipe,
+        "ddim",
+        prompt,
+        height=64,
+        width=64,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        seed=5,
+        num_images=1,
+    )
+    assert max_abs_diff(result.images, theirs) <= MAX_ABS_DIFF

@@ -1,0 +1,137 @@
+"""The pieces the Triton python models run, outside Triton."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+from sd_triton.pipeline_config import PipelineConfig
+from sd_triton.runtime.ort_runner import OrtRunner, choose_providers
+from sd_triton.runtime.postprocess import to_uint8_images
+from sd_triton.runtime.schedulers import make_scheduler
+from sd_triton.runtime.tokenize import PromptTokenizer
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint: Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint), safety_checker=None)
+
+
+def test_tokenizer_matches_diffusers_encoding(tiny_checkpoint: Path, pipe) -> None:
+    ours = PromptTokenizer(tiny_checkpoint / "tokenizer")
+    assert len(ours.tokenizer) == 49408
+    for text in ["a photo of an astronaut riding a horse", "", "naïve café 🚀 " * 30]:
+        ids, cut = ours.encode(text)
+        theirs = pipe.tokenizer(
+            text, padding="max_length", max_length=77, truncation=True, return_tensors="np"
+        ).input_ids[0]
+        np.testing.assert_array_equal(ids, theirs)
+        assert cut == max(0, len(pipe.tokenizer(text).input_ids) - 77)
+    out = ours.tokenize("a cat", "", guidance=True)
+    assert out.input_ids.shape == (2, 77) and out.input_ids.dtype == np.int32
+    np.testing.assert_array_equal(out.input_ids[1], ours.encode("a cat")[0])
+    assert ours.tokenize("a cat", "x", guidance=False).input_ids.shape == (1, 77)
+
+
+def test_real_clip_token_ids(tiny_checkpoint: Path) -> None:
+    """Known ids of the SD 1.x tokenizer: start, 'a', 'photo', 'of', end."""
+    ids, _ = PromptTokenizer(tiny_checkpoint / "tokenizer").encode("a photo of")
+    assert list(ids[:5]) == [49406, 320, 1125, 539, 49407]
+
+
+def test_scheduler_keeps_checkpoint_config() -> None:
+    config = {
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+    }
+    scheduler = make_scheduler("dpmpp_2m_karras", config)
+    assert isinstance(scheduler, DPMSolverMultistepScheduler)
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.timestep_spacing == "trailing"
+    assert scheduler.config.use_karras_sigmas
+    assert not make_scheduler("dpmpp_2m", {**config, "use_karras_sigmas": True}).config.use_karras_sigmas
+
+
+def test_postprocess_matches_diffusers_image_processor(pipe) -> None:
+    decoded = torch.randn(2, 3, 8, 12) * 1.5
+    theirs = pipe.image_processor.postprocess(decoded, output_type="np")
+    np.testing.assert_array_equal(to_uint8_images(decoded.numpy()), (theirs * 255).round().astype(np.uint8))
+
+
+def test_ort_runner_batches_equal_shapes(exported: dict) -> None:
+    runner = OrtRunner(exported["repo"] / "vae_decoder" / "1" / "model.onnx", device="cpu")
+    rng = np.random.default_rng(0)
+    requests = [
+        {"latent_sample": rng.standard_normal((n, 4, h, w), dtype=np.float32)}
+        for n, h, w in [(1, 4, 4), (2, 4, 6), (2, 4, 4)]
+    ]
+    batched = runner.run_batch(requests)
+    for request, out in zip(requests, batched, strict=True):
+        alone = runner.run(request)["sample"]
+        assert out["sample"].shape == alone.shape
+        np.testing.assert_allclose(out["sample"], alone, atol=1e-5)
+
+
+def test_ort_runner_devices() -> None:
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="device must be auto, cuda or cpu"):
+        choose_providers("gpu")
+
+
+def test_pipeline_config_round_trip(tmp_path: Path) -> None:
+    config = PipelineConfig(4, 8, 0.18215, {"prediction_type": "epsilon"})
+    config.save(tmp_path / "p.json")
+    assert PipelineConfig.load(tmp_path / "p.json") == config
+    with pytest.raises(ValueError, match="vae_scale_factor"):
+        PipelineConfig(4, 0, 0.18215, {})
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "guidance", "negative"), [("euler_a", 7.5, "dark"), ("unipc", 1.0, None)]
+)
+def test_denoise_loop_is_diffusers_loop(pipe, scheduler: str, guidance: float, negative: str | None) -> None:
+    """Our loop with diffusers' own UNet gives diffusers' latents: the loop, not the engine, is tested."""
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import denoise
+    from tests.integration.test_parity import REFERENCE
+
+    original = pipe.scheduler
+    base = dict(original.config)
+    cls, overrides = REFERENCE[scheduler]
+    pipe.scheduler = cls.from_config(base, **overrides)
+    n, seed, prompt = 2, 99, "a quiet harbour"
+    expected = pipe(
+        prompt,
+        negative_prompt=negative,
+        height=48,
+        width=64,
+        num_inference_steps=7,
+        guidance_scale=guidance,
+        num_images_per_prompt=n,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        output_type="latent",
+    ).images
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guidance > 1, negative)
+    embeds = torch.cat([uncond, cond]) if guidance > 1 else cond
+
+    def unet(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            args = (
+                torch.from_numpy(sample),
+                torch.from_numpy(timestep).reshape(-1),
+                torch.from_numpy(hidden),
+            )
+            return pipe.unet(*args).sample.numpy()
+
+    steps: list[int] = []
+    config = PipelineConfig(4, 8, pipe.vae.config.scaling_factor, base)
+    params = GenerationParams(48, 64, 7, guidance, seed, scheduler, n)
+    ours = denoise(embeds.detach().numpy(), params, config, unet, on_step=lambda i, total: steps.append(i))
+    pipe.scheduler = original
+    np.testing.assert_allclose(ours, expected.numpy() / pipe.vae.config.scaling_factor, atol=1e-5)
+    assert steps == list(range(7))
