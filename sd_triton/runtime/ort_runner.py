@@ -38,19 +38,25 @@ class OrtRunner:
     def run(self, feeds: Feeds) -> Feeds:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
-    def run_batch(self, requests: Sequence[Feeds]) -> list[Feeds]:
-        """Requests whose inputs agree in all but the batch dimension run as one batch."""
+    def run_batch(self, requests: Sequence[Feeds]) -> list[Feeds | Exception]:
+        """Requests whose inputs agree in all but the batch dimension run as one batch. A group
+        that fails (a bad shape sent to this model directly) gets its error; the others their outputs."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, feeds in enumerate(requests):
-            groups[tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))].append(index)
-        results: list[Feeds | None] = [None] * len(requests)
+            groups[tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(feeds.items()))].append(index)
+        results: list[Feeds | Exception] = [RuntimeError("not run")] * len(requests)
         for indices in groups.values():
             names = requests[indices[0]].keys()
-            merged = {k: np.concatenate([requests[i][k] for i in indices]) for k in names}
-            outputs = self.run(merged)
+            try:
+                merged = {k: np.concatenate([requests[i][k] for i in indices]) for k in names}
+                outputs = self.run(merged)
+            except Exception as exc:  # noqa: BLE001 - reported to each request of the group
+                for i in indices:
+                    results[i] = exc
+                continue
             offset = 0
             for i in indices:
                 size = next(iter(requests[i].values())).shape[0]
                 results[i] = {k: v[offset : offset + size] for k, v in outputs.items()}
                 offset += size
-        return results  # type: ignore[return-value]
+        return results

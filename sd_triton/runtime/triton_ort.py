@@ -27,13 +27,16 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        feeds = [
-            {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names}
-            for r in requests
-        ]
-        return [
-            pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, out[name]) for name in self.output_names]
-            )
-            for out in self.runner.run_batch(feeds)
-        ]
+        feeds = []
+        for request in requests:
+            tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.input_names}
+            feeds.append({name: t.as_numpy() for name, t in tensors.items() if t is not None})
+        responses = []
+        for out in self.runner.run_batch(feeds):
+            if isinstance(out, Exception):
+                error = pb_utils.TritonError(str(out), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
+            tensors = [pb_utils.Tensor(name, out[name]) for name in self.output_names]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses

@@ -70,8 +70,11 @@ def test_ort_runner_batches_equal_shapes(exported: dict) -> None:
         {"latent_sample": rng.standard_normal((n, 4, h, w), dtype=np.float32)}
         for n, h, w in [(1, 4, 4), (2, 4, 6), (2, 4, 4)]
     ]
-    batched = runner.run_batch(requests)
-    for request, out in zip(requests, batched, strict=True):
+    bad = {"latent_sample": rng.standard_normal((1, 3, 4, 4), dtype=np.float32)}  # 3 channels
+    batched = runner.run_batch([*requests, bad])
+    assert isinstance(batched[-1], Exception)
+    for request, out in zip(requests, batched[:-1], strict=True):
+        assert isinstance(out, dict)
         alone = runner.run(request)["sample"]
         assert out["sample"].shape == alone.shape
         np.testing.assert_allclose(out["sample"], alone, atol=1e-5)
@@ -91,17 +94,30 @@ def test_pipeline_config_round_trip(tmp_path: Path) -> None:
         PipelineConfig(4, 0, 0.18215, {})
 
 
+# SD 2.x-style configs: v-prediction, trailing timestep spacing
+V_PRED = {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+
+
 @pytest.mark.parametrize(
-    ("scheduler", "guidance", "negative"), [("euler_a", 7.5, "dark"), ("unipc", 1.0, None)]
+    ("scheduler", "guidance", "negative", "config_changes"),
+    [
+        ("euler_a", 7.5, "dark", {}),
+        ("unipc", 1.0, None, {}),
+        ("dpmpp_2m", 6.0, None, V_PRED),
+        ("ddim", 4.0, "fog", V_PRED),
+    ],
 )
-def test_denoise_loop_is_diffusers_loop(pipe, scheduler: str, guidance: float, negative: str | None) -> None:
-    """Our loop with diffusers' own UNet gives diffusers' latents: the loop, not the engine, is tested."""
+def test_denoise_loop_is_diffusers_loop(
+    pipe, scheduler: str, guidance: float, negative: str | None, config_changes: dict
+) -> None:
+    """Our loop with diffusers' own UNet gives diffusers' latents: the loop, not the engine, is
+    tested, including the checkpoint's prediction type and timestep spacing."""
     from sd_triton.requests import GenerationParams
     from sd_triton.runtime.denoise import denoise
     from tests.integration.test_parity import REFERENCE
 
     original = pipe.scheduler
-    base = dict(original.config)
+    base = {**original.config, **config_changes}
     cls, overrides = REFERENCE[scheduler]
     pipe.scheduler = cls.from_config(base, **overrides)
     n, seed, prompt = 2, 99, "a quiet harbour"

@@ -3,21 +3,21 @@
 import numpy as np
 from sd_triton import contract as c
 from sd_triton.requests import check_guidance_scale, uses_guidance
-from sd_triton.runtime import triton_io as io
+from sd_triton.runtime import triton_io
 from sd_triton.runtime.tokenize import PromptTokenizer
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.tokenizer = PromptTokenizer(io.version_dir(args) / "tokenizer")
+        self.tokenizer = PromptTokenizer(triton_io.version_dir(args) / "tokenizer")
 
     def execute(self, requests):
-        return io.respond(requests, c.TOKENIZER, self._tokenize)
+        return triton_io.respond(requests, c.TOKENIZER, self._tokenize)
 
     def _tokenize(self, request):
-        prompt = io.get_text(request, c.PROMPT)
-        negative_prompt = io.get_text(request, c.NEGATIVE_PROMPT, default="")
-        guidance = uses_guidance(check_guidance_scale(io.get_scalar(request, c.GUIDANCE_SCALE)))
+        prompt = triton_io.get_text(request, c.PROMPT)
+        negative_prompt = triton_io.get_text(request, c.NEGATIVE_PROMPT, default="")
+        guidance = uses_guidance(check_guidance_scale(triton_io.get_scalar(request, c.GUIDANCE_SCALE)))
         out = self.tokenizer.tokenize(prompt, negative_prompt, guidance)
         return {
             c.INPUT_IDS.name: out.input_ids,

@@ -1,0 +1,57 @@
+"""Every component is callable alone (what perf_analyzer profiles), and a bad direct call to an
+engine model fails alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from sd_triton import contract as c
+
+
+def infer(client: grpcclient.InferenceServerClient, model: str, arrays: dict[str, np.ndarray]):
+    spec = c.MODELS[model]
+    inputs = []
+    for tensor in spec.inputs:
+        if tensor.name not in arrays:
+            continue
+        array = arrays[tensor.name]
+        item = grpcclient.InferInput(tensor.name, list(array.shape), tensor.wire_dtype)
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return client.infer(model, inputs)
+
+
+def unet_inputs(batch: int, hidden: int = 32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    return {
+        "sample": rng.standard_normal((batch, 4, 8, 6), dtype=np.float32),
+        "timestep": np.full((batch, 1), 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, 77, hidden), dtype=np.float32),
+    }
+
+
+def test_unet_alone(client) -> None:
+    out = infer(client, "unet", unet_inputs(3)).as_numpy("noise_pred")
+    assert out.shape == (3, 4, 8, 6) and np.isfinite(out).all()
+
+
+def test_text_encoder_and_vae_alone(client) -> None:
+    ids = np.full((2, 77), 49407, np.int32)
+    ids[:, 0] = 49406
+    hidden = infer(client, "text_encoder", {"input_ids": ids}).as_numpy("last_hidden_state")
+    assert hidden.shape == (2, 77, 32)
+    latents = np.zeros((1, 4, 5, 7), np.float32)
+    decoded = infer(client, "vae_decoder", {"latent_sample": latents}).as_numpy("sample")
+    assert decoded.shape == (1, 3, 40, 56)
+
+
+def test_bad_direct_call_fails_alone(client) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "unet", unet_inputs(2, hidden=16))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "encoder_hidden_states" in info.value.message() or "dimension" in info.value.message()
+    assert client.is_server_ready()
+    test_unet_alone(client)
