@@ -31,7 +31,7 @@ triton: export
 	$(VENV)/bin/sd-triton triton --repo model_repository
 
 demo: export
-	$(PY) -m sd_triton.demo --repo model_repository --out out/demo.png
+	$(PY) -m sd_triton.demo --repo model_repository --out demo.png
 
 clean:
 	rm -rf .cache out

@@ -19,6 +19,7 @@ class Checkpoint:
     dims: ModelDims
     vae_scaling_factor: float
     scheduler_config: dict[str, Any]
+    native_size: tuple[int, int]  # (height, width) the UNet was trained at, in pixels
 
     @classmethod
     def open(cls, path: Path) -> Checkpoint:
@@ -40,7 +41,10 @@ class Checkpoint:
             vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
             vocab_size=int(text["vocab_size"]),
         )
-        return cls(path, dims, float(vae.get("scaling_factor", 0.18215)), scheduler)
+        sample = unet.get("sample_size", 64)
+        latent_h, latent_w = (sample, sample) if isinstance(sample, int) else sample
+        native = (latent_h * dims.vae_scale_factor, latent_w * dims.vae_scale_factor)
+        return cls(path, dims, float(vae.get("scaling_factor", 0.18215)), scheduler, native)
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from sd_triton import __version__
 from sd_triton.contract import Limits
 from sd_triton.pipeline_config import FILENAME as PIPELINE_FILE
 from sd_triton.pipeline_config import PipelineConfig
+from sd_triton.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,14 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     components.update(_write_python_steps(checkpoint, repo, options.limits))
 
     _step(5, "config.pbtxt for every model")
-    write_configs(repo, settings)
+    served = ServedModel(
+        model=options.model if options.model == "tiny" else checkpoint.path.resolve().name,
+        native_height=checkpoint.native_size[0],
+        native_width=checkpoint.native_size[1],
+        spatial_multiple=checkpoint.dims.vae_scale_factor,
+        limits=options.limits,
+    )
+    write_configs(repo, settings, served)
 
     _step(6, f"manifest {repo / MANIFEST}")
     manifest = {

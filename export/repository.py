@@ -14,6 +14,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sd_triton import contract as c
+from sd_triton.served_model import ServedModel
 
 Precision = Literal["fp32", "fp16"]
 CONFIG_FILE = "config.pbtxt"
@@ -105,6 +106,7 @@ def engine_config(spec: c.ModelSpec, settings: RepositorySettings) -> mc.ModelCo
     config = _base(spec, settings.max_batch.get(spec.name, c.Limits().max_unet_batch))
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     count = settings.engine_instances
+    config.parameters["precision"].string_value = settings.precision
     if kind == "python-ort":
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
@@ -137,8 +139,10 @@ def ensemble_config() -> mc.ModelConfig:
     return config
 
 
-def all_configs(settings: RepositorySettings) -> dict[str, mc.ModelConfig]:
+def all_configs(settings: RepositorySettings, served: ServedModel) -> dict[str, mc.ModelConfig]:
     configs = {c.TXT2IMG.name: ensemble_config()}
+    for key, value in served.to_parameters().items():
+        configs[c.TXT2IMG.name].parameters[key].string_value = value
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
     configs[c.DENOISE.name] = _python_step(c.DENOISE, settings.denoise_instances)
     configs[c.DENOISE.name].parameters["unet_model"].string_value = c.UNET.name
@@ -156,9 +160,9 @@ def parse(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
-def write_configs(repo: Path, settings: RepositorySettings) -> list[Path]:
+def write_configs(repo: Path, settings: RepositorySettings, served: ServedModel) -> list[Path]:
     written = []
-    for name, config in all_configs(settings).items():
+    for name, config in all_configs(settings, served).items():
         path = repo / name / CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.parent / "1").mkdir(exist_ok=True)

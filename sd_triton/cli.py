@@ -65,6 +65,49 @@ def _triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.main import create_app
+    from gateway.settings import GatewaySettings
+
+    overrides = {
+        k: v for k, v in (("triton_url", args.triton_url), ("host", args.host), ("port", args.port)) if v
+    }
+    settings = GatewaySettings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sd_triton.sdk import Client, SDTritonError
+
+    params = {
+        "negative_prompt": args.negative_prompt,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "scheduler": args.scheduler,
+        "num_images": args.num_images,
+    }
+    out = Path(args.output)
+    try:
+        with Client(args.gateway_url, api_key=args.api_key) as client:
+            result = client.generate(args.prompt, **params)
+    except SDTritonError as exc:
+        log.error("%s", exc.message)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        image.save(path)
+        log.info("wrote %s (%dx%d, seed %d)", path, image.width, image.height, image.seed)
+    log.info("timings (ms): %s", result.timings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd-triton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--metrics-port", type=int, default=8002)
     tr.add_argument("--log-file", default=None, help="default: .cache/sd-triton/triton-<grpc port>.log")
     tr.set_defaults(run=_triton)
+
+    gw = sub.add_parser("gateway", help="run the HTTP gateway (settings also from SD_GATEWAY_* variables)")
+    gw.add_argument("--triton-url", default=None, help="Triton gRPC HOST:PORT (default localhost:8001)")
+    gw.add_argument("--host", default=None, help="default 127.0.0.1")
+    gw.add_argument("--port", type=int, default=None, help="default 8080")
+    gw.set_defaults(run=_gateway)
+
+    gen = sub.add_parser("generate", help="one image from a running gateway")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.png")
+    gen.add_argument("--gateway-url", default="http://127.0.0.1:8080")
+    gen.add_argument("--api-key", default=None)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--scheduler", default=None)
+    gen.add_argument("--num-images", type=int, default=None)
+    gen.set_defaults(run=_generate)
     return parser
 
 

@@ -1,17 +1,17 @@
-"""`make demo`: export the tiny model, start Triton, generate an image from a prompt, write the PNG,
-stop the server. (The gateway joins this path when it lands.)"""
+"""`make demo`: start Triton on the exported repository and the gateway in front of it, send one
+prompt through the SDK, write the PNG, print its path, seed and timings, stop both servers (also
+when something fails)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-import tritonclient.grpc as grpcclient
-from PIL import Image
-
+from gateway.process import GatewayProcess
+from sd_triton.sdk import Client
 from sd_triton.triton_server import TritonServer
-from sd_triton.txt2img_client import txt2img
 
 log = logging.getLogger("sd_triton.demo")
 
@@ -21,38 +21,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repo", default="model_repository")
     parser.add_argument("--prompt", default="a watercolor painting of a lighthouse at dawn")
-    parser.add_argument("--out", default="out/demo.png")
+    parser.add_argument("--out", default="demo.png")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=None, help="drawn by the gateway when absent")
     parser.add_argument("--grpc-port", type=int, default=18001)
     parser.add_argument("--http-port", type=int, default=18000)
     parser.add_argument("--metrics-port", type=int, default=18002)
+    parser.add_argument("--gateway-port", type=int, default=18080)
     args = parser.parse_args(argv)
 
-    # 1. Start Triton on the exported repository (`make demo` exported it just before).
-    server = TritonServer(
+    triton = TritonServer(
         Path(args.repo), grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port
     )
-    with server, grpcclient.InferenceServerClient(server.grpc_url) as client:
-        # 2. One request through the txt2img ensemble.
+    gateway = GatewayProcess(triton.grpc_url, port=args.gateway_port)
+    try:
+        # 1. Triton on the exported repository, then the gateway in front of it.
+        triton.start()
+        gateway.start()
+        # 2. One prompt through the SDK.
         log.info("generating %dx%d, %d steps: %r", args.size, args.size, args.steps, args.prompt)
-        result = txt2img(
-            client,
-            args.prompt,
-            height=args.size,
-            width=args.size,
-            steps=args.steps,
-            seed=args.seed,
-            scheduler="euler_a",
-        )
-    # 3. Write the PNG.
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(result.images[0]).save(out)
-    log.info("wrote %s (%dx%d); Triton stopped", out, result.images.shape[2], result.images.shape[1])
-    return 0
+        with Client(gateway.url) as client:
+            result = client.generate(
+                args.prompt, width=args.size, height=args.size, steps=args.steps, seed=args.seed
+            )
+        # 3. The PNG, and what it took.
+        image = result.images[0]
+        out = image.save(Path(args.out))
+        print(f"image: {out.resolve()}")
+        print(f"size: {image.width}x{image.height}  seed: {image.seed}")
+        print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+        return 0
+    except Exception:
+        log.exception("demo failed; Triton log: %s, gateway log: %s", triton.log_file, gateway.log_file)
+        return 1
+    finally:
+        # 4. Both servers stop, whatever happened.
+        gateway.stop()
+        triton.stop()
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

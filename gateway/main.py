@@ -1,0 +1,189 @@
+"""The FastAPI app: routes, resources made in `lifespan`, dependencies, errors mapped in one place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import GatewayError, InvalidRequestError, OpenAIInvalidRequestError
+from gateway.images import ImageEncoder
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.middleware import RequestGuardMiddleware
+from gateway.schemas import (
+    SIZE,
+    BatchRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    GenerationParams,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+)
+from gateway.service import Generator
+from gateway.settings import GatewaySettings
+from gateway.triton import TritonBackend
+from sd_triton import __version__
+
+log = logging.getLogger("gateway")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "body over the size limit"},
+    415: {"model": ErrorResponse, "description": "not application/json"},
+    422: {"model": ErrorResponse, "description": "a field out of its limits; the message names both"},
+    502: {"model": ErrorResponse, "description": "Triton answered with an error"},
+    503: {"model": ErrorResponse, "description": "Triton unreachable or not ready; see Retry-After"},
+}
+
+
+OPENAI_PATH = "/v1/images/generations"
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{k: v for k, v in ERRORS.items() if k != 422},
+    400: {"description": "OpenAI's invalid_request_error: {error: {message, type, param, code}}"},
+}
+OPENAI_FIELDS = {"num_images": "n", "width": "size", "height": "size"}
+
+
+def get_generator(request: Request) -> Generator:
+    return request.app.state.generator  # type: ignore[no-any-return]
+
+
+def get_backend(request: Request) -> TritonBackend:
+    return request.app.state.backend  # type: ignore[no-any-return]
+
+
+GeneratorDep = Annotated[Generator, Depends(get_generator)]
+BackendDep = Annotated[TritonBackend, Depends(get_backend)]
+
+
+def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
+    parts, first_field = [], None
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        first_field = first_field or field
+        message = error.get("msg", "invalid")
+        if error.get("type") == "extra_forbidden":
+            message = "unknown field"
+        elif error.get("type") == "json_invalid":
+            field, message = "body", f"invalid JSON: {error.get('ctx', {}).get('error', message)}"
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts), first_field
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 4xx (an unparseable body, an unknown route, a wrong method), in our shape
+        error = GatewayError(f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail))
+        error.status, error.kind = exc.status_code, "invalid_request" if exc.status_code < 500 else error.kind
+        return await gateway_error(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(ValidationError)
+    async def validation_error(
+        request: Request, exc: RequestValidationError | ValidationError
+    ) -> JSONResponse:
+        message, field = _validation_message(exc)
+        error_class = OpenAIInvalidRequestError if request.url.path == OPENAI_PATH else InvalidRequestError
+        return await gateway_error(request, error_class(message, field=field))
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend = TritonBackend(settings)
+        encoder = ImageEncoder(settings.encode_workers)
+        app.state.backend = backend
+        app.state.generator = Generator(backend, encoder, settings, metrics)
+        log.info("gateway up; Triton at %s", settings.triton_url)
+        try:
+            yield
+        finally:
+            encoder.close()
+            await backend.close()
+
+    app = FastAPI(
+        title="sd-triton gateway",
+        version=__version__,
+        description="Text-to-image over NVIDIA Triton: JSON prompts in, images out.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_error_handlers(app)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
+    async def generate(body: GenerateRequest, generator: GeneratorDep) -> GenerateResponse:
+        """Images for one prompt."""
+        return await generator.generate([body.prompt], body)
+
+    @app.post("/v1/generate/batch", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
+    async def generate_batch(body: BatchRequest, generator: GeneratorDep) -> GenerateResponse:
+        """Images for several prompts, in prompt order (`prompt_index`); prompt j's images use seeds
+        from seed + j * num_images. The prompts are sent to Triton together."""
+        return await generator.generate(body.prompts, body)
+
+    @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, responses=OPENAI_ERRORS, tags=["openai"])
+    async def openai_generations(body: OpenAIImageRequest, generator: GeneratorDep) -> OpenAIImagesResponse:
+        """The OpenAI Images API: point an OpenAI client's base URL at this gateway."""
+        if body.response_format == "url":
+            raise OpenAIInvalidRequestError(
+                "response_format: 'url' needs stored results (async jobs), not available yet; use b64_json",
+                field="response_format",
+            )
+        width = height = None
+        if body.size is not None:
+            match = SIZE.match(body.size)
+            assert match is not None  # checked by the schema
+            width, height = int(match.group(1)), int(match.group(2))
+        params = GenerationParams(width=width, height=height, num_images=body.n)
+        try:
+            result = await generator.generate([body.prompt], params)
+        except InvalidRequestError as exc:  # name the OpenAI field, not ours
+            field = OPENAI_FIELDS.get(exc.field or "", exc.field)
+            message = exc.message.replace(f"{exc.field}:", f"{field}:", 1)
+            raise OpenAIInvalidRequestError(message, field=field) from None
+        return OpenAIImagesResponse(
+            created=int(time.time()), data=[OpenAIImage(b64_json=image.base64) for image in result.images]
+        )
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Triton or txt2img not ready"}})
+    async def readyz(backend: BackendDep) -> JSONResponse:
+        """Triton is reachable and txt2img is ready."""
+        if await backend.ready():
+            return JSONResponse({"status": "ready", "triton_url": settings.triton_url})
+        headers = {"Retry-After": str(settings.retry_after_s)}
+        body = {"status": "not ready", "triton_url": settings.triton_url}
+        return JSONResponse(body, status_code=503, headers=headers)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics: requests by route and status, latency, images, in flight."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

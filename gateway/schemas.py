@@ -1,0 +1,153 @@
+"""Request and response bodies. Static bounds live here; the served model's own limits (size,
+steps, images) are checked against what Triton reports, in `service.py`."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sd_triton.contract import SCHEDULERS, SchedulerName
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+MAX_SEED = 2**63 - 1
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=100_000)
+
+
+class GenerationParams(BaseModel):
+    """Parameters shared by single and batch generation."""
+
+    model_config = STRICT
+
+    negative_prompt: str | None = Field(None, description="what to steer away from; empty = unconditional")
+    width: int | None = Field(None, ge=1, description="pixels; default: the model's native width")
+    height: int | None = Field(None, ge=1, description="pixels; default: the model's native height")
+    steps: int = Field(30, ge=1, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0, description="classifier-free guidance; <= 1 turns it off")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; drawn when absent")
+    scheduler: SchedulerName = Field("euler_a", description=f"one of {', '.join(SCHEDULERS)}")
+    num_images: int = Field(1, ge=1, description="images per prompt")
+    output_format: OutputFormat = "png"
+
+
+class GenerateRequest(GenerationParams):
+    prompt: str = Field(..., min_length=1, description="what to draw")
+
+    model_config = ConfigDict(
+        **STRICT,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a watercolor painting of a lighthouse at dawn",
+                    "negative_prompt": "blurry",
+                    "width": 512,
+                    "height": 512,
+                    "steps": 30,
+                    "guidance_scale": 7.5,
+                    "seed": 42,
+                    "scheduler": "euler_a",
+                    "num_images": 1,
+                    "output_format": "png",
+                }
+            ]
+        },
+    )
+
+
+class BatchRequest(GenerationParams):
+    prompts: list[str] = Field(..., min_length=1, description="images come back in prompt order")
+
+    model_config = ConfigDict(
+        **STRICT,
+        json_schema_extra={
+            "examples": [{"prompts": ["a red fox in snow", "a lighthouse at dawn"], "steps": 20, "seed": 7}]
+        },
+    )
+
+
+class Image(BaseModel):
+    base64: str = Field(..., description="the encoded image, base64")
+    seed: int = Field(..., description="generate again with this seed and num_images=1 to get this image")
+    width: int
+    height: int
+    content_type: str = Field(..., examples=["image/png"])
+    prompt_index: int = Field(0, description="which prompt of a batch it belongs to")
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(..., description="waiting in the gateway before the Triton call")
+    inference_ms: float = Field(..., description="the Triton call(s)")
+    encode_ms: float = Field(..., description="encoding the images")
+    total_ms: float
+
+
+class ComponentProvenance(BaseModel):
+    engine: str = Field(..., examples=["tensorrt"])
+    precision: str = Field(..., examples=["fp16"])
+
+
+class Provenance(BaseModel):
+    model: str
+    components: dict[str, ComponentProvenance]
+
+
+class Truncation(BaseModel):
+    prompt_tokens_cut: int = Field(..., description="prompt tokens beyond CLIP's 77 that were dropped")
+    negative_prompt_tokens_cut: int
+
+
+class GenerateResponse(BaseModel):
+    images: list[Image]
+    timings: Timings
+    provenance: Provenance
+    truncation: list[Truncation] = Field(..., description="one entry per prompt")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(..., examples=["invalid_request"])
+    message: str = Field(..., examples=["width: must be a multiple of 8 between 8 and 1024, got 1000"])
+    field: str | None = Field(None, examples=["width"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- the OpenAI Images API shape ---
+
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class OpenAIImageRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"prompt": "a red fox in snow", "n": 1, "size": "512x512"}]},
+    )
+
+    prompt: str = Field(..., min_length=1)
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description='"WIDTHxHEIGHT"; default: the model\'s native size')
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    model: str | None = Field(None, description="accepted for compatibility; the served model answers")
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None and not SIZE.match(value):
+            raise ValueError(f'must look like "512x512", got {value!r}')
+        return value
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]

@@ -1,0 +1,162 @@
+"""Generation: checks against the served model, Triton calls, encoding, the response."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass
+
+from gateway.errors import InvalidRequestError
+from gateway.images import CONTENT_TYPES, ImageEncoder
+from gateway.metrics import GatewayMetrics
+from gateway.schemas import (
+    ComponentProvenance,
+    GenerateResponse,
+    GenerationParams,
+    Image,
+    Provenance,
+    Timings,
+    Truncation,
+)
+from gateway.settings import GatewaySettings
+from gateway.triton import TritonBackend
+from sd_triton.requests import GenerationParams as CheckedParams
+from sd_triton.requests import InvalidRequest, validate_params
+from sd_triton.served_model import ServedModel
+
+SEED_RANGE = 2**32  # drawn seeds stay in the range every UI and diffusers script accepts
+
+
+@dataclass(frozen=True)
+class Job:
+    """One Triton call: a prompt and its checked parameters (seed: its first image's)."""
+
+    prompt: str
+    params: CheckedParams
+
+
+def _invalid(exc: InvalidRequest) -> InvalidRequestError:
+    field = exc.field.lower()  # Triton's input names are the JSON field names, upper-cased
+    return InvalidRequestError(f"{field}: {str(exc).split(': ', 1)[1]}", field=field)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+class Generator:
+    def __init__(
+        self,
+        backend: TritonBackend,
+        encoder: ImageEncoder,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.backend = backend
+        self.encoder = encoder
+        self.settings = settings
+        self.metrics = metrics
+
+    def plan(self, prompts: list[str], request: GenerationParams, served: ServedModel) -> list[Job]:
+        """Check every field against the gateway's and the served model's limits; one job per prompt."""
+        settings = self.settings
+        if len(prompts) > settings.max_batch_prompts:
+            raise InvalidRequestError(
+                f"prompts: at most {settings.max_batch_prompts} per request, got {len(prompts)}",
+                field="prompts",
+            )
+        prompt_field = "prompt" if len(prompts) == 1 else "prompts"
+        texts = [(prompt_field, p) for p in prompts] + [("negative_prompt", request.negative_prompt or "")]
+        for field, text in texts:
+            if len(text) > settings.max_prompt_chars:
+                raise InvalidRequestError(
+                    f"{field}: at most {settings.max_prompt_chars} characters, got {len(text)}", field=field
+                )
+        height = request.height or served.native_height
+        width = request.width or served.native_width
+        if height * width > settings.max_pixels:
+            raise InvalidRequestError(
+                f"width x height: at most {settings.max_pixels} pixels, got {width}x{height}", field="width"
+            )
+        seed = secrets.randbelow(SEED_RANGE) if request.seed is None else request.seed
+        jobs = []
+        for index, prompt in enumerate(prompts):
+            try:
+                checked = validate_params(
+                    height=height,
+                    width=width,
+                    steps=request.steps,
+                    guidance_scale=request.guidance_scale,
+                    seed=seed + index * request.num_images,
+                    scheduler=request.scheduler,
+                    num_images=request.num_images,
+                    limits=served.limits,
+                    spatial_multiple=served.spatial_multiple,
+                )
+            except InvalidRequest as exc:
+                raise _invalid(exc) from None
+            jobs.append(Job(prompt, checked))
+        return jobs
+
+    async def generate(self, prompts: list[str], request: GenerationParams) -> GenerateResponse:
+        started = time.perf_counter()
+        served = await self.backend.served_model()
+        jobs = self.plan(prompts, request, served)
+
+        # 1. One txt2img call per prompt, all in flight together: Triton batches them at the UNet.
+        called = time.perf_counter()
+        results = await asyncio.gather(
+            *(
+                self.backend.txt2img(
+                    job.prompt, negative_prompt=request.negative_prompt, **dataclasses.asdict(job.params)
+                )
+                for job in jobs
+            )
+        )
+        inferred = time.perf_counter()
+
+        # 2. Encode every image off the event loop.
+        arrays = [image for result in results for image in result.images]
+        encoded = await self.encoder.encode_all(arrays, request.output_format)
+        finished = time.perf_counter()
+
+        # 3. The response: each image with the seed that reproduces it alone.
+        images: list[Image] = []
+        for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
+            for i, image in enumerate(result.images):
+                images.append(
+                    Image(
+                        base64=encoded[len(images)],
+                        seed=job.params.seed + i,
+                        width=int(image.shape[1]),
+                        height=int(image.shape[0]),
+                        content_type=CONTENT_TYPES[request.output_format],
+                        prompt_index=index,
+                    )
+                )
+        self.metrics.images.inc(len(images))
+        return GenerateResponse(
+            images=images,
+            timings=Timings(
+                queue_ms=_ms(called - started),
+                inference_ms=_ms(inferred - called),
+                encode_ms=_ms(finished - inferred),
+                total_ms=_ms(finished - started),
+            ),
+            provenance=Provenance(
+                model=served.model,
+                components={
+                    name: ComponentProvenance(engine=info.kind, precision=info.precision)
+                    for name, info in served.engines.items()
+                },
+            ),
+            truncation=[
+                Truncation(
+                    prompt_tokens_cut=r.prompt_truncated_tokens,
+                    negative_prompt_tokens_cut=r.negative_prompt_truncated_tokens,
+                )
+                for r in results
+            ],
+        )

@@ -1,0 +1,66 @@
+"""What the repository serves, as the gateway needs to know it: the model's name, native size,
+spatial multiple, request limits, and the engine kind and precision of each component.
+
+The export writes it into the `parameters` of the model configs; the gateway reads it back from
+Triton (`get_model_config`), so it never needs the repository's files. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sd_triton.contract import ENGINE_MODELS, Limits
+
+_INT_KEYS = ("native_height", "native_width", "spatial_multiple")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    kind: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model: str
+    native_height: int
+    native_width: int
+    spatial_multiple: int
+    limits: Limits = field(default_factory=Limits)
+    engines: dict[str, EngineInfo] = field(default_factory=dict)
+
+    def to_parameters(self) -> dict[str, str]:
+        """txt2img's config parameters (string values, as Triton keeps them)."""
+        params = {"model": self.model, **{k: str(getattr(self, k)) for k in _INT_KEYS}}
+        params.update({k: str(v) for k, v in asdict(self.limits).items()})
+        return params
+
+    @classmethod
+    def from_configs(cls, configs: dict[str, dict[str, Any]]) -> ServedModel:
+        """From Triton's model configs as JSON (`get_model_config(..., as_json=True)["config"]`),
+        keyed by model name: txt2img's parameters and each engine model's platform/backend."""
+        params = _parameters(configs["txt2img"])
+        missing = [k for k in ("model", *_INT_KEYS) if k not in params]
+        if missing:
+            raise ValueError(f"txt2img config lacks parameters {missing}: re-export the repository")
+        limits = Limits(**{k: int(params[k]) for k in asdict(Limits()) if k in params})
+        engines = {name: engine_info(configs[name]) for name in ENGINE_MODELS if name in configs}
+        return cls(
+            model=params["model"],
+            **{k: int(params[k]) for k in _INT_KEYS},
+            limits=limits,
+            engines=engines,
+        )
+
+
+def _parameters(config: dict[str, Any]) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def engine_info(config: dict[str, Any]) -> EngineInfo:
+    platform, backend = config.get("platform", ""), config.get("backend", "")
+    kind = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}.get(platform)
+    if kind is None:
+        kind = "python-ort" if backend == "python" else backend or platform or "unknown"
+    return EngineInfo(kind=kind, precision=_parameters(config).get("precision", "fp32"))

@@ -1,0 +1,144 @@
+"""Malformed requests: each gets a 4xx naming the field, never a 5xx, and the gateway keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+OK = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64}
+GEN, BATCH, OPENAI = "/v1/generate", "/v1/generate/batch", "/v1/images/generations"
+
+# (id, route, body (dict -> JSON; str/bytes sent raw), headers, expected status, words in the message)
+CASES: list[tuple[str, str, object, dict[str, str] | None, int, list[str]]] = [
+    ("no-prompt", GEN, {"steps": 3}, None, 422, ["prompt", "required"]),
+    ("empty-prompt", GEN, {**OK, "prompt": ""}, None, 422, ["prompt", "at least 1"]),
+    ("prompt-not-string", GEN, {**OK, "prompt": 5}, None, 422, ["prompt", "string"]),
+    ("prompt-huge", GEN, {**OK, "prompt": "word " * 1000}, None, 422, ["prompt", "2000"]),
+    ("negative-huge", GEN, {**OK, "negative_prompt": "x" * 2001}, None, 422, ["negative_prompt", "2000"]),
+    ("negative-not-string", GEN, {**OK, "negative_prompt": ["a"]}, None, 422, ["negative_prompt"]),
+    ("width-string", GEN, {**OK, "width": "wide"}, None, 422, ["width", "integer"]),
+    ("width-float", GEN, {**OK, "width": 64.5}, None, 422, ["width", "integer"]),
+    ("width-zero", GEN, {**OK, "width": 0}, None, 422, ["width", "greater than or equal to 1"]),
+    ("width-not-multiple", GEN, {**OK, "width": 70}, None, 422, ["width", "multiple of 8", "70"]),
+    ("height-over-limit", GEN, {**OK, "height": 1032}, None, 422, ["height", "1024", "1032"]),
+    ("pixels-over-limit", GEN, {**OK, "width": 1024, "height": 1024 + 8}, None, 422, ["height", "1024"]),
+    ("steps-zero", GEN, {**OK, "steps": 0}, None, 422, ["steps", "greater than or equal to 1"]),
+    ("steps-over", GEN, {**OK, "steps": 151}, None, 422, ["steps", "150", "151"]),
+    ("steps-negative", GEN, {**OK, "steps": -4}, None, 422, ["steps"]),
+    ("steps-bool-string", GEN, {**OK, "steps": "many"}, None, 422, ["steps", "integer"]),
+    ("guidance-negative", GEN, {**OK, "guidance_scale": -1}, None, 422, ["guidance_scale", "0"]),
+    ("guidance-string", GEN, {**OK, "guidance_scale": "high"}, None, 422, ["guidance_scale", "number"]),
+    ("guidance-nan", GEN, '{"prompt": "a", "guidance_scale": NaN}', None, 422, ["guidance_scale", "finite"]),
+    (
+        "guidance-inf",
+        GEN,
+        '{"prompt": "a", "guidance_scale": Infinity}',
+        None,
+        422,
+        ["guidance_scale", "finite"],
+    ),
+    ("guidance-neg-inf", GEN, '{"prompt": "a", "guidance_scale": -Infinity}', None, 422, ["guidance_scale"]),
+    ("seed-negative", GEN, {**OK, "seed": -1}, None, 422, ["seed", "greater than or equal to 0"]),
+    ("seed-huge", GEN, {**OK, "seed": 2**64}, None, 422, ["seed"]),
+    (
+        "seed-last-image-overflows",
+        GEN,
+        {**OK, "seed": 2**63 - 1, "num_images": 2},
+        None,
+        422,
+        ["seed", "between 0 and"],
+    ),
+    ("scheduler-unknown", GEN, {**OK, "scheduler": "heun"}, None, 422, ["scheduler", "euler_a"]),
+    (
+        "num-images-zero",
+        GEN,
+        {**OK, "num_images": 0},
+        None,
+        422,
+        ["num_images", "greater than or equal to 1"],
+    ),
+    ("num-images-over", GEN, {**OK, "num_images": 5}, None, 422, ["num_images", "between 1 and 4"]),
+    ("output-format-gif", GEN, {**OK, "output_format": "gif"}, None, 422, ["output_format", "png"]),
+    ("unknown-field", GEN, {**OK, "sampler": "x"}, None, 422, ["sampler", "unknown field"]),
+    ("body-array", GEN, [OK], None, 422, ["body"]),
+    ("body-null", GEN, "null", None, 422, ["body"]),
+    ("invalid-json", GEN, '{"prompt": "a",', None, 422, ["body", "invalid JSON"]),
+    ("not-utf8-json", GEN, b'{"prompt": "\xff"}', None, 400, ["body"]),
+    (
+        "wrong-content-type",
+        GEN,
+        "prompt=a",
+        {"content-type": "text/plain"},
+        415,
+        ["content-type", "application/json"],
+    ),
+    (
+        "form-content-type",
+        GEN,
+        "prompt=a",
+        {"content-type": "application/x-www-form-urlencoded"},
+        415,
+        ["content-type"],
+    ),
+    ("huge-body", GEN, {**OK, "negative_prompt": "x" * 70_000}, None, 413, ["body", "65536"]),
+    ("batch-empty", BATCH, {"prompts": [], "steps": 3}, None, 422, ["prompts", "at least 1"]),
+    ("batch-too-many", BATCH, {"prompts": ["a"] * 17, "steps": 3}, None, 422, ["prompts", "16"]),
+    ("batch-not-list", BATCH, {"prompts": "a cat"}, None, 422, ["prompts", "list"]),
+    ("batch-prompt-huge", BATCH, {"prompts": ["a", "b" * 2001]}, None, 422, ["prompts", "2000"]),
+    ("openai-bad-size", OPENAI, {"prompt": "a", "size": "big"}, None, 400, ["size", "512x512"]),
+    (
+        "openai-size-not-multiple",
+        OPENAI,
+        {"prompt": "a", "size": "65x64"},
+        None,
+        400,
+        ["size", "multiple of 8"],
+    ),
+    ("openai-n-zero", OPENAI, {"prompt": "a", "n": 0}, None, 400, ["n", "greater than or equal to 1"]),
+    ("openai-n-over", OPENAI, {"prompt": "a", "n": 9, "size": "64x64"}, None, 400, ["n", "between 1 and 4"]),
+    ("openai-unknown-field", OPENAI, {"prompt": "a", "foo": 1}, None, 400, ["foo"]),
+]
+
+
+def send(http: httpx.Client, route: str, body: object, headers: dict[str, str] | None) -> httpx.Response:
+    if isinstance(body, (dict, list)):
+        content: bytes = json.dumps(body).encode()
+    else:
+        content = body if isinstance(body, bytes) else str(body).encode()
+    return http.post(route, content=content, headers=headers or {"content-type": "application/json"})
+
+
+def test_enough_cases() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "headers", "status", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_malformed_request(http: httpx.Client, route, body, headers, status: int, words: list[str]) -> None:
+    response = send(http, route, body, headers)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    for word in words:
+        assert word in message, message
+
+
+def test_still_serving_after_the_table(http: httpx.Client) -> None:
+    for _, route, body, headers, _, _ in CASES:
+        assert send(http, route, body, headers).status_code < 500
+    response = http.post(GEN, json=OK)
+    assert response.status_code == 200 and len(response.json()["images"]) == 1
+
+
+def test_chunked_body_over_the_limit(http: httpx.Client) -> None:
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = http.post(GEN, content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "65536" in response.json()["error"]["message"]

@@ -1,0 +1,61 @@
+"""The Python SDK, sync and async, against the real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sd_triton.sdk import AsyncClient, BadRequestError, Client, ServiceUnavailableError, decode_image, to_pil
+from tests.conftest import free_port
+
+FAST = {"steps": 3, "width": 64, "height": 48}
+
+
+def test_sync_client(gateway) -> None:
+    with Client(gateway.url) as client:
+        result = client.generate("a fox", seed=5, num_images=2, **FAST)
+        assert [image.seed for image in result.images] == [5, 6]
+        assert result.images[0].to_pil().size == (64, 48)
+        assert decode_image(result.images[0].base64).startswith(b"\x89PNG")
+        assert to_pil(result.images[1].base64).size == (64, 48)
+        batch = client.generate_batch(["a fox", "a hen"], seed=5, **FAST)
+        assert [image.prompt_index for image in batch.images] == [0, 1]
+        assert batch.images[0].base64 == result.images[0].base64
+        assert result.provenance["model"] == "tiny" and result.timings["total_ms"] > 0
+
+
+def test_async_client(gateway) -> None:
+    async def run() -> list[int]:
+        async with AsyncClient(gateway.url) as client:
+            results = await asyncio.gather(*(client.generate("a fox", seed=s, **FAST) for s in (1, 2, 3)))
+            return [r.images[0].seed for r in results]
+
+    assert asyncio.run(run()) == [1, 2, 3]
+
+
+def test_typed_errors(gateway) -> None:
+    with Client(gateway.url) as client:
+        with pytest.raises(BadRequestError) as info:
+            client.generate("a fox", steps=0)
+        assert info.value.status == 422 and info.value.field == "steps"
+    with Client(f"http://127.0.0.1:{free_port()}") as nowhere:
+        with pytest.raises(ServiceUnavailableError):
+            nowhere.generate("a fox")
+
+
+def test_generate_command(gateway, tmp_path) -> None:
+    from sd_triton.cli import main
+
+    out = tmp_path / "fox.png"
+    args = ["generate", "a fox", "-o", str(out), "--gateway-url", gateway.url, "--steps", "3", "--seed", "9"]
+    code = main([*args, "--width", "64", "--height", "48"])
+    assert code == 0
+    assert to_pil_from_file(out) == (64, 48)
+
+
+def to_pil_from_file(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
