@@ -64,7 +64,7 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     settings = _with_profiles(options.settings, checkpoint, options.limits)
     for name, component in COMPONENTS.items():
         _step(2, f"{name}: ONNX ({settings.engines[name]})")
-        components[name] = _export_component(component, checkpoint, repo, settings, options.limits, old)
+        components[name] = _export_component(component, checkpoint, repo, settings, old)
 
     _step(3, "TensorRT plans")
     for name, component in COMPONENTS.items():
@@ -131,7 +131,6 @@ def _export_component(
     checkpoint: Checkpoint,
     repo: Path,
     settings: RepositorySettings,
-    limits: Limits,
     old: dict[str, Any],
 ) -> dict[str, Any]:
     version = repo / component.name / "1"

@@ -105,31 +105,9 @@ def test_reference_table_covers_every_scheduler() -> None:
 def test_triton_matches_diffusers(
     client, pipe, scheduler, case, height, width, negative, guidance, n
 ) -> None:
-    seed = 1234
-    ours = txt2img(
-        client,
-        PROMPT,
-        negative_prompt=negative,
-        height=height,
-        width=width,
-        steps=STEPS,
-        guidance_scale=guidance,
-        seed=seed,
-        scheduler=scheduler,
-        num_images=n,
-    ).images
-    theirs = diffusers_images(
-        pipe,
-        scheduler,
-        PROMPT,
-        negative_prompt=negative,
-        height=height,
-        width=width,
-        num_inference_steps=STEPS,
-        guidance_scale=guidance,
-        seed=seed,
-        num_images=n,
-    )
+    common = dict(negative_prompt=negative, height=height, width=width, guidance_scale=guidance, seed=1234)
+    ours = txt2img(client, PROMPT, steps=STEPS, scheduler=scheduler, num_images=n, **common).images
+    theirs = diffusers_images(pipe, scheduler, PROMPT, num_inference_steps=STEPS, num_images=n, **common)
     assert ours.shape == (n, height, width, 3)
     assert ours.std() > 5, "a flat image would make the comparison meaningless"
     diff = max_abs_diff(ours, theirs)
