@@ -25,7 +25,7 @@ test: setup lint
 	$(VENV)/bin/pytest -q
 
 export: setup
-	$(VENV)/bin/sd-triton export --model tiny --engine python-ort --repo model_repository
+	$(VENV)/bin/sd-triton export --model demo --engine python-ort --repo model_repository
 
 triton: export
 	$(VENV)/bin/sd-triton triton --repo model_repository

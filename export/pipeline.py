@@ -31,12 +31,13 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SOURCE_REPO = Path(__file__).resolve().parents[1] / "model_repository"  # the model.py files
 DEFAULT_WORK_DIR = Path(".cache") / "sd-triton"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"  # committed, see its README
 STEPS = 6
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    model: str  # a diffusers folder, or "tiny"
+    model: str  # a diffusers folder, "tiny" (random weights, built) or "demo" (trained, committed)
     repo: Path
     settings: RepositorySettings = field(default_factory=RepositorySettings)
     limits: Limits = field(default_factory=Limits)
@@ -56,12 +57,16 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     _step(1, f"checkpoint {options.model}")
     if options.model == "tiny":
         path = ensure_tiny_checkpoint(options.work_dir / "tiny")
+    elif options.model == "demo":
+        path = DEMO_MODEL
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"--model demo: no trained model in {path} (sd-triton train-demo-model)")
     else:
         path = Path(options.model)
     checkpoint = Checkpoint.open(path)
 
     components: dict[str, Any] = {}
-    settings = _with_profiles(options.settings, checkpoint, options.limits)
+    settings = repository_settings(options.settings, checkpoint, options.limits)
     for name, component in COMPONENTS.items():
         _step(2, f"{name}: ONNX ({settings.engines[name]})")
         components[name] = _export_component(component, checkpoint, repo, settings, old)
@@ -75,14 +80,7 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     components.update(_write_python_steps(checkpoint, repo, options.limits))
 
     _step(5, "config.pbtxt for every model")
-    served = ServedModel(
-        model=options.model if options.model == "tiny" else checkpoint.path.resolve().name,
-        native_height=checkpoint.native_size[0],
-        native_width=checkpoint.native_size[1],
-        spatial_multiple=checkpoint.dims.vae_scale_factor,
-        limits=options.limits,
-    )
-    write_configs(repo, settings, served)
+    write_configs(repo, settings, served_model(options.model, checkpoint, options.limits))
 
     _step(6, f"manifest {repo / MANIFEST}")
     manifest = {
@@ -97,12 +95,18 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     return manifest
 
 
-def _load_manifest(repo: Path) -> dict[str, Any]:
-    path = repo / MANIFEST
-    return json.loads(path.read_text()).get("components", {}) if path.is_file() else {}
+def served_model(model: str, checkpoint: Checkpoint, limits: Limits) -> ServedModel:
+    """What txt2img's config tells the gateway about the model."""
+    return ServedModel(
+        model=model if model in ("tiny", "demo") else checkpoint.path.resolve().name,
+        native_height=checkpoint.native_size[0],
+        native_width=checkpoint.native_size[1],
+        spatial_multiple=checkpoint.dims.vae_scale_factor,
+        limits=limits,
+    )
 
 
-def _with_profiles(
+def repository_settings(
     settings: RepositorySettings, checkpoint: Checkpoint, limits: Limits
 ) -> RepositorySettings:
     """Each engine's Triton max_batch_size is its profile's max batch."""
@@ -111,6 +115,11 @@ def _with_profiles(
         for name, component in COMPONENTS.items()
     }
     return RepositorySettings(**{**asdict(settings), "max_batch": max_batch})
+
+
+def _load_manifest(repo: Path) -> dict[str, Any]:
+    path = repo / MANIFEST
+    return json.loads(path.read_text()).get("components", {}) if path.is_file() else {}
 
 
 def _artifacts(repo: Path, files: list[Path]) -> dict[str, str]:

@@ -91,9 +91,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own 4xx (an unparseable body, an unknown route, a wrong method), in our shape
-        error = GatewayError(f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail))
-        error.status, error.kind = exc.status_code, "invalid_request" if exc.status_code < 500 else error.kind
-        return await gateway_error(request, error)
+        message = f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
+        kind = "invalid_request" if exc.status_code < 500 else "internal_error"
+        body = {"error": {"type": kind, "message": message}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)

@@ -65,6 +65,14 @@ def _triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_demo(args: argparse.Namespace) -> int:
+    from export.train_demo import TrainConfig, train_demo_model
+
+    config = TrainConfig(vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed)
+    train_demo_model(Path(args.out), config)
+    return 0
+
+
 def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -113,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("export", help="diffusers checkpoint -> ONNX/TensorRT -> Triton model repository")
-    ex.add_argument("--model", required=True, help="a diffusers checkpoint folder, or 'tiny'")
+    ex.add_argument("--model", required=True, help="a diffusers checkpoint folder, 'tiny' or 'demo'")
     ex.add_argument(
         "--engine",
         default="python-ort",
@@ -137,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--metrics-port", type=int, default=8002)
     tr.add_argument("--log-file", default=None, help="default: .cache/sd-triton/triton-<grpc port>.log")
     tr.set_defaults(run=_triton)
+
+    train = sub.add_parser("train-demo-model", help="train the small demo model on synthetic shapes (CPU)")
+    train.add_argument("--out", default="models/demo")
+    train.add_argument("--vae-steps", type=int, default=600)
+    train.add_argument("--unet-steps", type=int, default=3000)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_train_demo)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway (settings also from SD_GATEWAY_* variables)")
     gw.add_argument("--triton-url", default=None, help="Triton gRPC HOST:PORT (default localhost:8001)")

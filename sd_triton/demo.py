@@ -1,6 +1,6 @@
-"""`make demo`: start Triton on the exported repository and the gateway in front of it, send one
-prompt through the SDK, write the PNG, print its path, seed and timings, stop both servers (also
-when something fails)."""
+"""`make demo`: start Triton on the exported repository (the trained demo model) and the gateway
+in front of it, send one prompt through the SDK, write the PNG, print its path, seed and timings,
+stop both servers (also when something fails)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repo", default="model_repository")
-    parser.add_argument("--prompt", default="a watercolor painting of a lighthouse at dawn")
+    parser.add_argument("--prompt", default="a red circle on a blue background")
     parser.add_argument("--out", default="demo.png")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=None, help="drawn by the gateway when absent")
     parser.add_argument("--grpc-port", type=int, default=18001)
     parser.add_argument("--http-port", type=int, default=18000)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         triton.start()
         gateway.start()
         # 2. One prompt through the SDK.
-        log.info("generating %dx%d, %d steps: %r", args.size, args.size, args.steps, args.prompt)
+        log.info("generating %s px, %d steps: %r", args.size or "native", args.steps, args.prompt)
         with Client(gateway.url) as client:
             result = client.generate(
                 args.prompt, width=args.size, height=args.size, steps=args.steps, seed=args.seed

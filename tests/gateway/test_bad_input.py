@@ -142,3 +142,11 @@ def test_chunked_body_over_the_limit(http: httpx.Client) -> None:
     response = http.post(GEN, content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert "65536" in response.json()["error"]["message"]
+
+
+def test_unknown_route_and_wrong_method(http: httpx.Client) -> None:
+    missing = http.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
+    wrong = http.get(GEN)
+    assert wrong.status_code == 405 and "POST" in wrong.headers["allow"]
+    assert wrong.json()["error"]["type"] == "invalid_request"
