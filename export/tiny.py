@@ -70,10 +70,10 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_tiny_pipeline() -> StableDiffusionPipeline:
-    tokenizer = build_clip_tokenizer()
+def small_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A 2-layer, 32-wide CLIP text model over the full vocabulary, initialised from SEED."""
     torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=32,
@@ -87,6 +87,35 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def sd_pipeline(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vae: AutoencoderKL, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with SD 1.x's scheduler and no safety checker."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipeline: StableDiffusionPipeline, folder: Path) -> None:
+    pipeline.save_pretrained(folder)
+    # SD 1.x's scheduler_config.json carries clip_sample=false for the schedulers built from it
+    # (PNDM itself has no such option, so it is not saved with it)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **SCHEDULER_EXTRA}, indent=2))
+
+
+def build_tiny_pipeline() -> StableDiffusionPipeline:
+    tokenizer = build_clip_tokenizer()
+    text_encoder = small_text_encoder(tokenizer)
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -112,16 +141,7 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         sample_size=64,
         scaling_factor=0.18215,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(tokenizer, text_encoder, vae, unet)
 
 
 def ensure_tiny_checkpoint(folder: Path) -> Path:
@@ -132,11 +152,7 @@ def ensure_tiny_checkpoint(folder: Path) -> Path:
     log.info("tiny checkpoint: building into %s", folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    build_tiny_pipeline().save_pretrained(partial)
-    # SD 1.x's scheduler_config.json carries clip_sample=false for the schedulers built from it
-    # (PNDM itself has no such option, so it is not saved with it)
-    config_path = partial / "scheduler" / "scheduler_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **SCHEDULER_EXTRA}, indent=2))
+    save_pipeline(build_tiny_pipeline(), partial)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # whole or not at all
     return folder

@@ -20,14 +20,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from export.demo_data import SIZE, batch
-from export.tiny import SCHEDULER_CONFIG, SCHEDULER_EXTRA, build_clip_tokenizer
+from export.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, save_pipeline, sd_pipeline, small_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +45,7 @@ class TrainConfig:
 
 
 def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = small_text_encoder(tokenizer)  # seeds torch with 0 first
     vae = AutoencoderKL(
         block_out_channels=(16, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -195,20 +179,8 @@ def train_demo_model(out: Path, config: TrainConfig) -> dict:
     log.info("stage 2/2: UNet + text encoder, %d steps of %d images", config.unet_steps, config.batch_size)
     unet_loss = train_unet(unet, text_encoder, vae, tokenizer, config, losses)
     # 4. Save a standard diffusers folder.
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
     out.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(out)
-    config_path = out / "scheduler" / "scheduler_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **SCHEDULER_EXTRA}, indent=2))
+    save_pipeline(sd_pipeline(tokenizer, text_encoder.eval(), vae, unet.eval()), out)
     report = {
         "config": asdict(config),
         "final_loss": {"vae": round(vae_loss, 5), "unet": round(unet_loss, 5)},
