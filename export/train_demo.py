@@ -42,6 +42,7 @@ class TrainConfig:
     uncond_fraction: float = 0.1
     threads: int = 2
     log_every: int = 50
+    resume_from: str | None = None  # a folder this command saved: keep training its UNet and text encoder
 
 
 def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
@@ -167,13 +168,22 @@ def train_demo_model(out: Path, config: TrainConfig) -> dict:
     started = time.monotonic()
     # 1. Tokenizer (the real SD 1.x vocabulary) and fresh models.
     tokenizer = build_clip_tokenizer()
-    text_encoder, vae, unet = build_models(tokenizer)
     losses: list[dict] = []
-    # 2. Stage 1: the VAE.
-    log.info("stage 1/2: VAE, %d steps of %d images", config.vae_steps, config.batch_size)
-    vae_loss = train_vae(vae, config, losses)
+    if config.resume_from:
+        source = Path(config.resume_from)
+        text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder")
+        vae = AutoencoderKL.from_pretrained(source / "vae")
+        unet = UNet2DConditionModel.from_pretrained(source / "unet")
+        losses = json.loads((source / "training.json").read_text())["losses"]
+        vae_loss = next(entry["loss"] for entry in reversed(losses) if entry["stage"] == "vae")
+        log.info("resuming from %s: its VAE is kept", source)
+    else:
+        text_encoder, vae, unet = build_models(tokenizer)
+        # 2. Stage 1: the VAE.
+        log.info("stage 1/2: VAE, %d steps of %d images", config.vae_steps, config.batch_size)
+        vae_loss = train_vae(vae, config, losses)
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, config))
     vae.eval()
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, config))
     vae_seconds = time.monotonic() - started
     # 3. Stage 2: the UNet with the text encoder.
     log.info("stage 2/2: UNet + text encoder, %d steps of %d images", config.unet_steps, config.batch_size)

@@ -68,7 +68,13 @@ def _triton(args: argparse.Namespace) -> int:
 def _train_demo(args: argparse.Namespace) -> int:
     from export.train_demo import TrainConfig, train_demo_model
 
-    config = TrainConfig(vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed)
+    config = TrainConfig(
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        unet_lr=args.unet_lr,
+        seed=args.seed,
+        resume_from=args.resume_from,
+    )
     train_demo_model(Path(args.out), config)
     return 0
 
@@ -150,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="models/demo")
     train.add_argument("--vae-steps", type=int, default=600)
     train.add_argument("--unet-steps", type=int, default=3000)
+    train.add_argument("--unet-lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume-from", default=None, help="continue a saved model's UNet + text encoder")
     train.set_defaults(run=_train_demo)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway (settings also from SD_GATEWAY_* variables)")

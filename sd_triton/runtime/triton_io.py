@@ -71,10 +71,6 @@ def respond(requests: Sequence[Any], spec: ModelSpec, handle: Callable[[Any], Ou
     return responses
 
 
-def as_feeds(request: Any, spec: ModelSpec) -> dict[str, np.ndarray]:
-    return {t.name: get_array(request, t) for t in spec.inputs}  # type: ignore[misc]
-
-
 def bls_infer(model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
     """One synchronous BLS call; an error from the called model raises."""
     request = pb_utils.InferenceRequest(
