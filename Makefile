@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo export triton clean
+.PHONY: setup test lint demo export triton perf-tools clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: setup lint
+test: setup lint perf-tools
 	$(VENV)/bin/pytest -q
+
+# perf_analyzer (from the tritonclient 2.41.1 wheel) and its libraries in .tools/, not in the venv
+perf-tools: setup
+	$(PY) -m perf.tools --tools-dir .tools
 
 export: setup
 	$(VENV)/bin/sd-triton export --model demo --engine python-ort --repo model_repository

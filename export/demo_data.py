@@ -174,6 +174,12 @@ def check_image(image: np.ndarray, thing: Thing, background: str, tolerance: flo
     )
 
 
+def success_rates(checks: list[Check]) -> dict[str, float]:
+    """The share of images with the background, the object colour, the position and all three right."""
+    keys = ("ok_background", "ok_color", "ok_position", "ok")
+    return {key: sum(bool(getattr(c, key)) for c in checks) / max(1, len(checks)) for key in keys}
+
+
 def held_in_prompts(count: int = 20, seed: int = 1234) -> list[tuple[Scene, int]]:
     """A fixed set of single-object scenes (all of them in the training distribution) with seeds."""
     rng = random.Random(seed)

@@ -18,8 +18,8 @@ from export import tensorrt
 from export.checkpoint import Checkpoint, sha256_file, sha256_tree
 from export.components import COMPONENTS, Component
 from export.onnx_export import OPSET, export_onnx
+from export.presets import PRESETS, ensure_preset_checkpoint
 from export.repository import RepositorySettings, write_configs
-from export.tiny import ensure_tiny_checkpoint
 from sd_triton import __version__
 from sd_triton.contract import Limits
 from sd_triton.pipeline_config import FILENAME as PIPELINE_FILE
@@ -37,7 +37,7 @@ STEPS = 6
 
 @dataclass(frozen=True)
 class ExportOptions:
-    model: str  # a diffusers folder, "tiny" (random weights, built) or "demo" (trained, committed)
+    model: str  # a diffusers folder, a preset (random weights, built: tiny, small, sd15) or "demo" (trained)
     repo: Path
     settings: RepositorySettings = field(default_factory=RepositorySettings)
     limits: Limits = field(default_factory=Limits)
@@ -55,8 +55,8 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     old = _load_manifest(repo)
 
     _step(1, f"checkpoint {options.model}")
-    if options.model == "tiny":
-        path = ensure_tiny_checkpoint(options.work_dir / "tiny")
+    if options.model in PRESETS:
+        path = ensure_preset_checkpoint(options.model, options.work_dir / options.model)
     elif options.model == "demo":
         path = DEMO_MODEL
         if not (path / "model_index.json").is_file():
@@ -98,7 +98,7 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
 def served_model(model: str, checkpoint: Checkpoint, limits: Limits) -> ServedModel:
     """What txt2img's config tells the gateway about the model."""
     return ServedModel(
-        model=model if model in ("tiny", "demo") else checkpoint.path.resolve().name,
+        model=model if model in (*PRESETS, "demo") else checkpoint.path.resolve().name,
         native_height=checkpoint.native_size[0],
         native_width=checkpoint.native_size[1],
         spatial_multiple=checkpoint.dims.vae_scale_factor,
@@ -206,6 +206,7 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
         vae_scaling_factor=checkpoint.vae_scaling_factor,
         scheduler_config=checkpoint.scheduler_config,
         limits=limits,
+        text_hidden_size=checkpoint.dims.text_hidden,
     )
     pipeline_path = repo / "denoise" / "1" / PIPELINE_FILE
     pipeline_path.parent.mkdir(parents=True, exist_ok=True)

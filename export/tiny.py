@@ -9,15 +9,11 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import logging
-import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-log = logging.getLogger(__name__)
 
 SEED = 0
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -90,15 +86,20 @@ def small_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def sd_pipeline(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vae: AutoencoderKL, unet: UNet2DConditionModel
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    prediction_type: str = "epsilon",
 ) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with SD 1.x's scheduler and no safety checker."""
+    """A StableDiffusionPipeline with SD 1.x's scheduler (and the UNet's prediction type) and no
+    safety checker."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        scheduler=PNDMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -142,17 +143,3 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         scaling_factor=0.18215,
     )
     return sd_pipeline(tokenizer, text_encoder, vae, unet)
-
-
-def ensure_tiny_checkpoint(folder: Path) -> Path:
-    """Build the tiny checkpoint into `folder` unless a complete one is there already."""
-    if (folder / "model_index.json").is_file():
-        log.info("tiny checkpoint: reusing %s", folder)
-        return folder
-    log.info("tiny checkpoint: building into %s", folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_pipeline(build_tiny_pipeline(), partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)  # whole or not at all
-    return folder

@@ -29,6 +29,13 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge("gateway_in_flight_requests", "requests being served", registry=self.registry)
         self.images = Counter("gateway_images_generated", "images returned", registry=self.registry)
+        self.stage = Histogram(
+            "gateway_stage_seconds",
+            "time of a generation by stage: queue (before Triton), inference (Triton calls), encode",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
 
 def route_label(scope: Scope) -> str:

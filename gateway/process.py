@@ -29,11 +29,14 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 60.0, wait_ready: bool = True) -> GatewayProcess:
-        command = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "sd_triton.cli", "gateway",
             "--triton-url", self.triton_url, "--host", self.host, "--port", str(self.port),
         ]  # fmt: skip
+
+    def start(self, timeout_s: float = 60.0, wait_ready: bool = True) -> GatewayProcess:
+        command = self.command()
         self.log_file = self.log_file or Path(".cache") / "sd-triton" / f"gateway-{self.port}.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting the gateway on %s; log: %s", self.url, self.log_file)

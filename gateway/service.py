@@ -137,6 +137,12 @@ class Generator:
                     )
                 )
         self.metrics.images.inc(len(images))
+        for stage, seconds in (
+            ("queue", called - started),
+            ("inference", inferred - called),
+            ("encode", finished - inferred),
+        ):
+            self.metrics.stage.labels(stage=stage).observe(seconds)
         return GenerateResponse(
             images=images,
             timings=Timings(

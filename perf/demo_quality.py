@@ -4,7 +4,7 @@ Exports `--model demo`, starts Triton, generates the fixed set of 20 held-in cap
 checks each image with simple statistics (background colour, object colour, object centroid in the
 named region) and prints the rates; details go to .cache/demo_quality.json.
 
-    .venv/bin/python perf/demo_quality.py [--guidance 7.5 --steps 25 --scheduler ddim]
+    .venv/bin/python perf/demo_quality.py [--guidance 5 --steps 25 --scheduler ddim --grid docs/demo_grid.png]
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import tritonclient.grpc as grpcclient
+from PIL import Image
 
-from export.demo_data import check_image, held_in_prompts
+from export.demo_data import check_image, held_in_prompts, success_rates
 from export.pipeline import ExportOptions, run_export
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
@@ -28,16 +30,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repo", default=".cache/perf/demo_repository")
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scheduler", default="ddim")
     parser.add_argument("--out", default=".cache/demo_quality.json")
+    parser.add_argument("--grid", default=None, help="also save the 20 images as a 4x5 PNG grid here")
     args = parser.parse_args()
 
     # 1. Export the demo model and serve it.
     run_export(ExportOptions(model="demo", repo=Path(args.repo)))
     params = {"height": 64, "width": 64, "steps": args.steps, "guidance_scale": args.guidance}
-    results = []
+    results, images, checks = [], [], []
     with TritonServer(Path(args.repo), grpc_port=29001, http_port=29000, metrics_port=29002) as triton:
         with grpcclient.InferenceServerClient(triton.grpc_url) as client:
             # 2. The fixed prompts and seeds, each image checked.
@@ -45,14 +48,13 @@ def main() -> None:
                 image = txt2img(client, scene.caption, seed=seed, scheduler=args.scheduler, **params).images[
                     0
                 ]
+                images.append(image)
                 check = check_image(image, scene.things[0], scene.background)
+                checks.append(check)
                 results.append({"caption": scene.caption, "seed": seed, "ok": check.ok, **check.__dict__})
 
     # 3. Report.
-    rates = {
-        k: sum(r[k] for r in results) / len(results)
-        for k in ("ok_background", "ok_color", "ok_position", "ok")
-    }
+    rates = success_rates(checks)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps({"args": vars(args), "rates": rates, "results": results}, indent=1) + "\n"
@@ -60,6 +62,10 @@ def main() -> None:
     print(f"20 held-in captions, {args.scheduler} {args.steps} steps, guidance {args.guidance}")
     for key, rate in rates.items():
         print(f"  {key:14s} {rate:6.0%}")
+    if args.grid:
+        rows = [np.concatenate(images[r * 5 : (r + 1) * 5], axis=1) for r in range(4)]
+        Image.fromarray(np.concatenate(rows, axis=0)).resize((640, 512), Image.NEAREST).save(args.grid)
+        print(f"grid of the 20 images (rows of 5, in order): {args.grid}")
     verdict = "meets" if rates["ok"] >= TARGET else "MISSES"
     print(f"all three right: {rates['ok']:.0%} -> {verdict} the {TARGET:.0%} target; details in {args.out}")
 

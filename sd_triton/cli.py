@@ -66,16 +66,20 @@ def _triton(args: argparse.Namespace) -> int:
 
 
 def _train_demo(args: argparse.Namespace) -> int:
-    from export.train_demo import TrainConfig, train_demo_model
+    from export.train_demo import TrainConfig, refine_decoder, train_demo_model
 
     config = TrainConfig(
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
         unet_lr=args.unet_lr,
         seed=args.seed,
-        resume_from=args.resume_from,
+        vae_from=args.vae_from,
+        decoder_steps=args.decoder_steps,
     )
-    train_demo_model(Path(args.out), config)
+    if args.refine_decoder_of:
+        refine_decoder(Path(args.refine_decoder_of), Path(args.out), config)
+    else:
+        train_demo_model(Path(args.out), config)
     return 0
 
 
@@ -127,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("export", help="diffusers checkpoint -> ONNX/TensorRT -> Triton model repository")
-    ex.add_argument("--model", required=True, help="a diffusers checkpoint folder, 'tiny' or 'demo'")
+    ex.add_argument(
+        "--model",
+        required=True,
+        help="a diffusers checkpoint folder, a preset with random weights (tiny, small, sd15) or 'demo'",
+    )
     ex.add_argument(
         "--engine",
         default="python-ort",
@@ -155,10 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train-demo-model", help="train the small demo model on synthetic shapes (CPU)")
     train.add_argument("--out", default="models/demo")
     train.add_argument("--vae-steps", type=int, default=600)
-    train.add_argument("--unet-steps", type=int, default=3000)
+    train.add_argument("--unet-steps", type=int, default=4000)
     train.add_argument("--unet-lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resume-from", default=None, help="continue a saved model's UNet + text encoder")
+    train.add_argument("--vae-from", default=None, help="reuse the VAE of a folder this command saved")
+    train.add_argument("--decoder-steps", type=int, default=600)
+    train.add_argument(
+        "--refine-decoder-of", default=None, help="a folder this command saved: only its decoder stage"
+    )
     train.set_defaults(run=_train_demo)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway (settings also from SD_GATEWAY_* variables)")
@@ -181,12 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default=None)
     gen.add_argument("--num-images", type=int, default=None)
     gen.set_defaults(run=_generate)
+
+    from perf.cli import add_parser as add_perf_parser
+
+    add_perf_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.run(args))
     except (ValueError, FileNotFoundError) as exc:

@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="a red circle on a blue background")
     parser.add_argument("--out", default="demo.png")
     parser.add_argument("--size", type=int, default=None, help="default: the model's native size")
+    # the demo model's sampling settings (models/demo/README.md): DDIM, 25 steps, guidance 5
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--scheduler", default="ddim")
     parser.add_argument("--seed", type=int, default=None, help="drawn by the gateway when absent")
     parser.add_argument("--grpc-port", type=int, default=18001)
     parser.add_argument("--http-port", type=int, default=18000)
@@ -43,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("generating %s px, %d steps: %r", args.size or "native", args.steps, args.prompt)
         with Client(gateway.url) as client:
             result = client.generate(
-                args.prompt, width=args.size, height=args.size, steps=args.steps, seed=args.seed
+                args.prompt,
+                width=args.size,
+                height=args.size,
+                steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                scheduler=args.scheduler,
+                seed=args.seed,
             )
         # 3. The PNG, and what it took.
         image = result.images[0]

@@ -20,6 +20,7 @@ class PipelineConfig:
     vae_scaling_factor: float  # latents are divided by it before the VAE decoder
     scheduler_config: dict[str, Any]
     limits: Limits = field(default_factory=Limits)
+    text_hidden_size: int | None = None  # the text encoder's width (UNet cross-attention); None: unknown
 
     def __post_init__(self) -> None:
         if self.latent_channels < 1:

@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny model exported once, one real Triton server for the whole session."""
+"""Session fixtures: the tiny model exported once, one real Triton server for the whole session, and
+the real gateway process in front of it (over real HTTP) for the tests that need it."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
 from export.pipeline import ExportOptions, run_export
+from gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 
 log = logging.getLogger(__name__)
@@ -56,3 +59,18 @@ def triton(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def client(triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
     with grpcclient.InferenceServerClient(triton.grpc_url) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    log_file = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    process = GatewayProcess(triton.grpc_url, port=free_port(), log_file=log_file)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def http(gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        yield client

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +21,16 @@ class PromptTokenizer:
     def __init__(self, folder: str | Path) -> None:
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_length = int(self.tokenizer.model_max_length)
+        # the fast tokenizer keeps padding/truncation settings between calls: one call at a time
+        self._lock = threading.Lock()
 
     def encode(self, text: str) -> tuple[np.ndarray, int]:
         """Token ids padded/truncated to the context length, and how many tokens were cut."""
-        ids = self.tokenizer(
-            text, padding="max_length", max_length=self.max_length, truncation=True
-        ).input_ids
-        full = self.tokenizer(text).input_ids
+        with self._lock:
+            ids = self.tokenizer(
+                text, padding="max_length", max_length=self.max_length, truncation=True
+            ).input_ids
+            full = self.tokenizer(text).input_ids
         return np.asarray(ids, dtype=np.int32), max(0, len(full) - self.max_length)
 
     def tokenize(self, prompt: str, negative_prompt: str, guidance: bool) -> Tokenized:

@@ -1,5 +1,6 @@
-"""The trained demo model through the full stack gives the images diffusers' own pipeline gives on
-the same folder. (How often its images follow their captions is measured by perf/demo_quality.py.)"""
+"""The trained demo model through the full stack: its images follow their captions on the fixed
+held-in set (perf/demo_quality.py prints the same figures), and diffusers' own pipeline gives the
+same images on the same folder."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import torch
 import tritonclient.grpc as grpcclient
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from export.demo_data import held_in_prompts
+from export.demo_data import check_image, held_in_prompts, success_rates
 from export.pipeline import DEMO_MODEL, ExportOptions, run_export
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import WORK_DIR, free_port
 
-PARAMS = {"height": 64, "width": 64, "steps": 25, "guidance_scale": 7.5, "scheduler": "ddim"}
+# the demo model's sampling settings (models/demo/README.md)
+PARAMS = {"height": 64, "width": 64, "steps": 25, "guidance_scale": 5.0, "scheduler": "ddim"}
 
 pytestmark = pytest.mark.skipif(
     not (DEMO_MODEL / "model_index.json").is_file(), reason="no trained demo model in models/demo"
@@ -53,3 +55,18 @@ def test_diffusers_gives_the_same_images(demo_client) -> None:
         ).images
         diff = np.abs(ours.astype(int) - (theirs * 255).round().astype(int)).max()
         assert diff <= 2, (scene.caption, diff)
+
+
+# measured on these weights through this stack: all three checks right on 16 of 20 (models/demo/README.md)
+TARGET = 0.8
+
+
+def test_images_follow_their_captions(demo_client) -> None:
+    prompts = held_in_prompts(20)
+    checks = []
+    for scene, seed in prompts:
+        image = txt2img(demo_client, scene.caption, seed=seed, **PARAMS).images[0]
+        checks.append(check_image(image, scene.things[0], scene.background))
+    rates = success_rates(checks)
+    failed = [scene.caption for (scene, _), check in zip(prompts, checks, strict=True) if not check.ok]
+    assert rates["ok"] >= TARGET, (rates, failed)

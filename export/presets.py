@@ -1,0 +1,114 @@
+"""Built checkpoints with random weights (fixed seed), by name, for tests and benchmarks.
+
+- `tiny`: the smallest SD-shaped model; tests. Per-call overhead dominates its cost.
+- `small`: SD 1.5's layout (the same block types, four UNet levels with cross-attention on the
+  first three, two resnets per level, 8 heads; a 12-layer CLIP text encoder; SD's 4-level VAE)
+  narrowed in width — UNet (32, 64, 128, 128), text encoder 128 wide, VAE (32, 64, 128, 128) — at
+  256x256 (32x32 latents): one UNet step with guidance costs about 0.1 s on a 2-core CPU. The
+  benchmark default.
+- `sd15`: SD 1.5's architecture at full size (860M-parameter UNet, 512x512); for GPU machines.
+
+SDXL is not a preset: the serving pipeline is SD 1.x/2.x-shaped (one text encoder, no added
+time conditioning), so an SDXL checkpoint would not load into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from export.tiny import SEED, build_clip_tokenizer, build_tiny_pipeline, save_pipeline, sd_pipeline
+
+log = logging.getLogger(__name__)
+
+SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+def _sd15_shaped(
+    unet_channels: tuple[int, ...],
+    text_hidden: int,
+    text_heads: int,
+    vae_channels: tuple[int, ...],
+    sample_size: int,
+) -> StableDiffusionPipeline:
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=4 * text_hidden,
+            num_hidden_layers=12,
+            num_attention_heads=text_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        layers_per_block=2,
+        down_block_types=SD15_DOWN,
+        up_block_types=SD15_UP,
+        cross_attention_dim=text_hidden,
+        attention_head_dim=8,  # SD 1.5's config value (it acts as the number of heads there)
+        norm_num_groups=min(32, unet_channels[0]),
+    )
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=min(32, vae_channels[0]),
+        sample_size=sample_size * 8,
+        scaling_factor=0.18215,
+    )
+    return sd_pipeline(tokenizer, text_encoder, vae, unet)
+
+
+def build_small_pipeline() -> StableDiffusionPipeline:
+    return _sd15_shaped((32, 64, 128, 128), 128, 4, (32, 64, 128, 128), sample_size=32)
+
+
+def build_sd15_pipeline() -> StableDiffusionPipeline:
+    return _sd15_shaped((320, 640, 1280, 1280), 768, 12, (128, 256, 512, 512), sample_size=64)
+
+
+PRESETS: dict[str, Callable[[], StableDiffusionPipeline]] = {
+    "tiny": build_tiny_pipeline,
+    "small": build_small_pipeline,
+    "sd15": build_sd15_pipeline,
+}
+
+
+def ensure_preset_checkpoint(name: str, folder: Path) -> Path:
+    """Build preset `name` into `folder` unless a complete one is there already."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
+    if (folder / "model_index.json").is_file():
+        log.info("%s checkpoint: reusing %s", name, folder)
+        return folder
+    log.info("%s checkpoint: building into %s", name, folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pipeline(PRESETS[name](), partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)  # whole or not at all
+    return folder

@@ -1,0 +1,259 @@
+"""`sd-triton perf ...`: perf_analyzer tools, input data, Triton sweeps and gateway load tests.
+
+Each command either targets running servers (`--url`, `--gateway-url`) or starts its own on an
+exported repository (`--repo`) and stops them when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sd_triton.perf")
+
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 28001, 28000, 28002
+GATEWAY_PORT = 28080
+
+
+def _levels(value: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"levels must be integers >= 1, got {value!r}")
+    return levels
+
+
+def _rates(value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"rates must be > 0, got {value!r}")
+    return rates
+
+
+def _request(args: argparse.Namespace) -> Any:
+    from perf.inputs import DEFAULT_PROMPTS, Request
+
+    return Request(
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        num_images=args.num_images,
+        prompts=tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS,
+    )
+
+
+@contextlib.contextmanager
+def _triton(repo: Path, url: str | None) -> Iterator[tuple[str, str]]:
+    """(gRPC host:port, metrics URL) of the given server, or of one started on `repo`."""
+    if url:
+        yield url, ""
+        return
+    from sd_triton.triton_server import TritonServer
+
+    with TritonServer(repo, grpc_port=GRPC_PORT, http_port=HTTP_PORT, metrics_port=METRICS_PORT) as server:
+        yield server.grpc_url, server.metrics_url
+
+
+def _tools(args: argparse.Namespace) -> int:
+    from perf.tools import ensure_perf_analyzer
+
+    print(ensure_perf_analyzer(Path(args.tools_dir)))
+    return 0
+
+
+def _inputs(args: argparse.Namespace) -> int:
+    from perf.inputs import COMPONENTS, batch_size_for, write_inputs
+
+    request = _request(args)
+    written = write_inputs(Path(args.repo), Path(args.out), request, tuple(args.component or COMPONENTS))
+    for component, path in written.items():
+        print(f"{component:13s} {path}  (perf_analyzer -b {batch_size_for(component, request)})")
+    return 0
+
+
+def _perf_triton(args: argparse.Namespace) -> int:
+    from perf.analyzer import Sweep, rows_as_dicts, run_sweep, table
+    from perf.inputs import batch_size_for, write_inputs
+    from perf.tools import ensure_perf_analyzer
+
+    # 1. The tool and the input data for the shapes asked for.
+    perf_analyzer = ensure_perf_analyzer(Path(args.tools_dir))
+    request = _request(args)
+    out = Path(args.out)
+    data = write_inputs(Path(args.repo), out / "inputs", request, (args.model,))[args.model]
+    batch = args.batch_size or batch_size_for(args.model, request)
+    # 2. The sweep, against the given server or one started here.
+    with _triton(Path(args.repo), args.url) as (url, _):
+        sweep = Sweep(
+            model=args.model,
+            url=url,
+            input_data=data,
+            batch_size=batch,
+            concurrency=args.concurrency if not args.request_rate else (),
+            request_rates=args.request_rate or (),
+            measurement_ms=args.measurement_ms,
+        )
+        rows = run_sweep(sweep, perf_analyzer, out)
+    # 3. The table and the saved results.
+    (out / f"{args.model}.json").write_text(
+        json.dumps({"request": vars(request), "batch_size": batch, "rows": rows_as_dicts(rows)}, indent=1)
+        + "\n"
+    )
+    print(f"{args.model}: {request.height}x{request.width}, batch {batch}; CSV {out / (args.model + '.csv')}")
+    print(table(rows, batch))
+    return 0
+
+
+def _perf_gateway(args: argparse.Namespace) -> int:
+    from perf.loadgen import Load, run_load, table
+
+    body = {
+        "prompt": args.prompt[0] if args.prompt else "a red circle on a blue background",
+        "height": args.height,
+        "width": args.width,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "scheduler": args.scheduler,
+        "num_images": args.num_images,
+        "seed": 1000,
+    }
+    results = []
+    with contextlib.ExitStack() as stack:
+        gateway_url, metrics_url = args.gateway_url, args.triton_metrics_url
+        if not gateway_url:
+            from gateway.process import GatewayProcess
+
+            grpc_url, metrics_url = stack.enter_context(_triton(Path(args.repo), None))
+            gateway_url = stack.enter_context(GatewayProcess(grpc_url, port=GATEWAY_PORT)).url
+        for concurrency in args.concurrency:
+            load = Load(
+                url=gateway_url,
+                body=body,
+                concurrency=concurrency,
+                requests=max(args.requests, concurrency * args.rounds),
+                stagger_s=args.stagger_ms / 1000.0,
+            )
+            results.append(asyncio.run(run_load(load, metrics_url or None)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gateway.json").write_text(
+        json.dumps({"body": body, "results": [r.summary() for r in results]}, indent=1) + "\n"
+    )
+    print(table(results))
+    return 0 if all(r.errors == 0 for r in results) else 1
+
+
+def _perf_compare(args: argparse.Namespace) -> int:
+    from perf.compare import CompareSettings, run_compare, save, table
+
+    settings = CompareSettings(
+        preset=args.preset,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        concurrency=args.concurrency,
+        rounds=args.rounds,
+        systems=tuple(args.systems),
+        denoise_instances=args.denoise_instances,
+        max_queue_delay_us=args.max_queue_delay_us,
+    )
+    document = run_compare(settings, Path(args.work_dir))
+    document["command"] = "sd-triton " + " ".join(args.argv)
+    out = Path(args.out or f"perf/results/compare-{args.preset}.json")
+    save(document, out)
+    print(table(document))
+    print(f"saved {out}")
+    return 0
+
+
+def _perf_report(args: argparse.Namespace) -> int:
+    from perf.report import write_report
+
+    print(write_report([Path(p) for p in args.results], Path(args.out)))
+    return 0
+
+
+def _request_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--scheduler", default="ddim")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--prompt", action="append", help="repeat for several; default: four shape captions")
+
+
+def add_parser(sub: Any) -> None:
+    """Register `perf` and its subcommands on the `sd-triton` parser."""
+    from perf.inputs import COMPONENTS
+
+    perf = sub.add_parser("perf", help="perf_analyzer sweeps, gateway load tests, benchmarks")
+    commands = perf.add_subparsers(dest="perf_command", required=True)
+
+    tools = commands.add_parser("tools", help="install perf_analyzer into the project tool folder")
+    tools.add_argument("--tools-dir", default=".tools")
+    tools.set_defaults(run=_tools)
+
+    inputs = commands.add_parser("inputs", help="perf_analyzer --input-data files for the shapes you pick")
+    inputs.add_argument("--repo", default="model_repository")
+    inputs.add_argument("--out", default=".cache/perf/inputs")
+    inputs.add_argument("--component", action="append", choices=COMPONENTS, help="default: all")
+    _request_args(inputs)
+    inputs.set_defaults(run=_inputs)
+
+    triton = commands.add_parser("triton", help="perf_analyzer sweep on one model of the repository")
+    triton.add_argument("--repo", default="model_repository")
+    triton.add_argument("--url", default=None, help="a running Triton's gRPC HOST:PORT; default: start one")
+    triton.add_argument("--model", default="txt2img", choices=COMPONENTS)
+    triton.add_argument("--concurrency", type=_levels, default=(1, 2, 4))
+    triton.add_argument("--request-rate", type=_rates, default=None, help="requests/s levels, instead")
+    triton.add_argument("--batch-size", type=int, default=None, help="default: one pipeline call's batch")
+    triton.add_argument("--measurement-ms", type=int, default=5000)
+    triton.add_argument("--tools-dir", default=".tools")
+    triton.add_argument("--out", default=".cache/perf/triton")
+    _request_args(triton)
+    triton.set_defaults(run=_perf_triton)
+
+    gateway = commands.add_parser("gateway", help="HTTP load test of the gateway at set concurrency levels")
+    gateway.add_argument("--repo", default="model_repository")
+    gateway.add_argument("--gateway-url", default=None, help="a running gateway; default: start Triton + one")
+    gateway.add_argument("--triton-metrics-url", default=None, help="with --gateway-url: Triton's /metrics")
+    gateway.add_argument("--concurrency", type=_levels, default=(1, 4, 8))
+    gateway.add_argument("--requests", type=int, default=8, help="per level (at least concurrency x rounds)")
+    gateway.add_argument("--rounds", type=int, default=2)
+    gateway.add_argument("--stagger-ms", type=float, default=50.0, help="start offset between workers")
+    gateway.add_argument("--out", default=".cache/perf/gateway")
+    _request_args(gateway)
+    gateway.set_defaults(run=_perf_gateway)
+
+    compare = commands.add_parser("compare", help="diffusers, ONNX Runtime, a naive service and this stack")
+    compare.add_argument("--preset", default="small", help="tiny, small, sd15 (random weights) ")
+    compare.add_argument("--height", type=int, default=None, help="default: the preset's native size")
+    compare.add_argument("--width", type=int, default=None)
+    compare.add_argument("--steps", type=int, default=10)
+    compare.add_argument("--concurrency", type=_levels, default=(1, 4, 8, 16))
+    compare.add_argument("--rounds", type=int, default=2, help="requests per level: concurrency x rounds")
+    compare.add_argument("--systems", default="abcd", help="a subset of abcd")
+    compare.add_argument("--denoise-instances", type=int, default=8, help="(d): loops in flight at once")
+    compare.add_argument("--max-queue-delay-us", type=int, default=2000, help="(d): dynamic batching window")
+    compare.add_argument("--work-dir", default=".cache/perf")
+    compare.add_argument("--out", default=None, help="default: perf/results/compare-<preset>.json")
+    compare.set_defaults(run=_perf_compare)
+
+    report = commands.add_parser("report", help="perf/REPORT.md and its chart from saved compare results")
+    report.add_argument("results", nargs="+", help="compare result JSON files")
+    report.add_argument("--out", default="perf/REPORT.md")
+    report.set_defaults(run=_perf_report)

@@ -1,0 +1,376 @@
+"""`sd-triton perf compare`: one run, one model, the same prompts and seeds, four ways to serve it:
+
+  a. diffusers' StableDiffusionPipeline in this process (threads share the modules);
+  b. the exported ONNX files in this process with ONNX Runtime, no server (the engine floor);
+  c. the naive service: FastAPI with the diffusers pipeline in the handler (perf/naive_service.py);
+  d. this stack: the gateway over HTTP in front of Triton.
+
+Each is measured alone (the others are stopped) at every concurrency level: a closed loop of
+`concurrency` clients, `concurrency x rounds` requests (at least `min_requests`), staggered starts.
+The result JSON has p50/p95/p99 and images/s per level, the ratios the targets are stated in, and
+for (d) the gateway's and Triton's own time split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perf.loadgen import Load, LoadResult, run_load
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = {
+    "a": "diffusers in-process",
+    "b": "ONNX Runtime in-process (engine floor)",
+    "c": "naive FastAPI + diffusers",
+    "d": "gateway + Triton (this stack)",
+}
+PORTS = {"grpc": 28101, "http": 28100, "metrics": 28102, "gateway": 28180, "naive": 28190}
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    preset: str = "small"
+    height: int | None = None  # default: the preset's native size
+    width: int | None = None
+    steps: int = 10
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    prompt: str = "a red circle on a blue background"
+    seed: int = 1000
+    concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    rounds: int = 2
+    min_requests: int = 4
+    stagger_s: float = 0.05
+    systems: tuple[str, ...] = tuple(SYSTEMS)
+    denoise_instances: int = 8  # (d): denoising loops in flight at once, their UNet calls batch together
+    max_queue_delay_us: int = 2000  # (d): Triton's dynamic batching window on the engines
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown:
+            raise ValueError(f"systems: unknown {unknown}; expected some of {list(SYSTEMS)}")
+        if self.steps < 1 or self.rounds < 1 or not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError("steps, rounds and every concurrency level must be >= 1")
+
+    def requests_at(self, concurrency: int) -> int:
+        return max(self.min_requests, concurrency * self.rounds)
+
+
+def _summary(
+    system: str, concurrency: int, latencies_ms: list[float], images: int, seconds: float
+) -> dict[str, Any]:
+    return {
+        "system": system,
+        "concurrency": concurrency,
+        "requests": len(latencies_ms),
+        "images_per_s": round(images / seconds, 4) if seconds > 0 else 0.0,
+        "p50_ms": round(float(np.percentile(latencies_ms, 50)), 1),
+        "p95_ms": round(float(np.percentile(latencies_ms, 95)), 1),
+        "p99_ms": round(float(np.percentile(latencies_ms, 99)), 1),
+        "errors": 0,
+    }
+
+
+def measure_in_process(
+    system: str, generate: Callable[[int], int], settings: CompareSettings, concurrency: int
+) -> dict[str, Any]:
+    """`generate(seed) -> images` from `concurrency` threads, closed loop, staggered starts."""
+    total = settings.requests_at(concurrency)
+    latencies: list[float] = []
+    counter = iter(range(total))
+    lock = threading.Lock()
+    images = 0
+
+    def worker(number: int) -> None:
+        nonlocal images
+        time.sleep(number * settings.stagger_s)
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            started = time.perf_counter()
+            made = generate(settings.seed + index)
+            with lock:
+                latencies.append(1000 * (time.perf_counter() - started))
+                images += made
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    return _summary(system, concurrency, latencies, images, time.perf_counter() - started)
+
+
+def _load_result(system: str, result: LoadResult) -> dict[str, Any]:
+    summary = result.summary()
+    return {"system": system, **{k: v for k, v in summary.items() if k != "requests"}, "requests": result.ok}
+
+
+def _body(settings: CompareSettings, height: int, width: int) -> dict[str, Any]:
+    return {
+        "prompt": settings.prompt,
+        "height": height,
+        "width": width,
+        "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
+        "scheduler": settings.scheduler,
+        "seed": settings.seed,
+        "num_images": 1,
+    }
+
+
+def _diffusers(checkpoint: Path, settings: CompareSettings, height: int, width: int) -> Callable[[int], int]:
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(
+        checkpoint, safety_checker=None, requires_safety_checker=False
+    )
+    scheduler_config = base.scheduler.config
+    tokenizer_lock = threading.Lock()
+
+    def generate(seed: int) -> int:
+        # a pipeline per call over the shared modules: the scheduler keeps per-call state
+        scheduler = DDIMScheduler.from_config(scheduler_config)
+        components = {**base.components, "scheduler": scheduler, "requires_safety_checker": False}
+        pipe = StableDiffusionPipeline(**components)
+        pipe.set_progress_bar_config(disable=True)
+        with tokenizer_lock:  # the fast tokenizer keeps per-call settings: one thread at a time
+            cond, uncond = pipe.encode_prompt(settings.prompt, "cpu", 1, settings.guidance_scale > 1.0)
+        out = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            height=height,
+            width=width,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        )
+        return len(out.images)
+
+    return generate
+
+
+def _onnx_runtime(repo: Path, settings: CompareSettings, height: int, width: int) -> Callable[[int], int]:
+    from sd_triton.runtime.local import LocalPipeline
+
+    pipeline = LocalPipeline(repo)
+
+    def generate(seed: int) -> int:
+        result = pipeline(
+            settings.prompt,
+            height=height,
+            width=width,
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            seed=seed,
+            scheduler=settings.scheduler,
+        )
+        return len(result.images)
+
+    return generate
+
+
+def _http_levels(
+    system: str,
+    url: str,
+    settings: CompareSettings,
+    body: dict[str, Any],
+    gateway: bool,
+    triton_metrics: str | None,
+) -> list[dict[str, Any]]:
+    rows = []
+    for concurrency in settings.concurrency:
+        load = Load(
+            url,
+            body,
+            concurrency=concurrency,
+            requests=settings.requests_at(concurrency),
+            stagger_s=settings.stagger_s,
+            gateway_metrics=gateway,
+        )
+        result = asyncio.run(run_load(load, triton_metrics))
+        if result.errors:
+            raise RuntimeError(
+                f"{SYSTEMS[system]}: {result.errors} failed requests: {result.error_samples[:2]}"
+            )
+        rows.append(_load_result(system, result))
+    return rows
+
+
+def _warm_up(url: str, body: dict[str, Any]) -> None:
+    import httpx
+
+    httpx.post(f"{url}/v1/generate", json={**body, "seed": 1}, timeout=600).raise_for_status()
+
+
+@dataclass(frozen=True)
+class Running:
+    """Servers already up on an exported repository of the preset (tests): (d) uses them."""
+
+    repo: Path
+    gateway_url: str
+    triton_metrics_url: str
+
+
+def run_compare(settings: CompareSettings, work_dir: Path, running: Running | None = None) -> dict[str, Any]:
+    """Measure every system of `settings.systems`; return the result document."""
+    import torch
+
+    from export.checkpoint import Checkpoint
+    from export.pipeline import ExportOptions, run_export
+    from export.repository import RepositorySettings
+    from gateway.process import GatewayProcess
+    from perf.naive_service import NaiveServiceProcess
+    from sd_triton.triton_server import TritonServer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    # 1. The model, exported once (python-ort engines) into the work folder.
+    repo = running.repo if running else work_dir / f"repository-{settings.preset}"
+    # servers already running (tests) keep the settings they were exported with
+    repository = RepositorySettings(
+        denoise_instances=settings.denoise_instances, max_queue_delay_us=settings.max_queue_delay_us
+    )
+    options = ExportOptions(settings.preset, repo, settings=RepositorySettings() if running else repository)
+    manifest = run_export(replace(options, work_dir=work_dir))
+    checkpoint = Path(manifest["source"]["path"])
+    native_h, native_w = Checkpoint.open(checkpoint).native_size
+    height, width = settings.height or native_h, settings.width or native_w
+    body = _body(settings, height, width)
+    rows: list[dict[str, Any]] = []
+
+    # 2. Each system alone, every concurrency level.
+    for system in settings.systems:
+        log.info("compare: %s (%s), %dx%d, %d steps", system, SYSTEMS[system], height, width, settings.steps)
+        if system in ("a", "b"):
+            if system == "a":
+                generate = _diffusers(checkpoint, settings, height, width)
+            else:
+                generate = _onnx_runtime(repo, settings, height, width)
+            generate(settings.seed)  # warm-up
+            rows += [measure_in_process(system, generate, settings, c) for c in settings.concurrency]
+        elif system == "c":
+            with NaiveServiceProcess(checkpoint, PORTS["naive"]) as naive:
+                _warm_up(naive.url, body)
+                rows += _http_levels(system, naive.url, settings, body, gateway=False, triton_metrics=None)
+        elif running:
+            _warm_up(running.gateway_url, body)
+            rows += _http_levels(
+                system, running.gateway_url, settings, body, True, running.triton_metrics_url
+            )
+        else:
+            ports = {"grpc_port": PORTS["grpc"], "http_port": PORTS["http"], "metrics_port": PORTS["metrics"]}
+            with TritonServer(repo, **ports) as triton:
+                with GatewayProcess(triton.grpc_url, port=PORTS["gateway"]) as gateway:
+                    _warm_up(gateway.url, body)
+                    rows += _http_levels(system, gateway.url, settings, body, True, triton.metrics_url)
+
+    # 3. The document: settings, machine, rows, ratios and targets.
+    document = {
+        "settings": asdict(settings),
+        "size": [height, width],
+        "machine": machine(),
+        "rows": rows,
+    }
+    document["ratios"], document["targets"] = ratios_and_targets(rows, settings.preset)
+    return document
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "gpu": None if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _row(rows: list[dict[str, Any]], system: str, concurrency: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["system"] == system and r["concurrency"] == concurrency), None)
+
+
+def ratios_and_targets(
+    rows: list[dict[str, Any]], preset: str
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The ratios of (d) to the others, and each target with its measured value and verdict."""
+    ratios: dict[str, float] = {}
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, higher_is_better: bool) -> None:
+        if value is None:
+            targets.append({"target": name, "value": None, "limit": limit, "met": None})
+            return
+        met = value >= limit if higher_is_better else value <= limit
+        targets.append({"target": name, "value": round(value, 3), "limit": limit, "met": met})
+
+    d1, b1, a1, c1 = (_row(rows, s, 1) for s in "dbac")
+    d8, c8 = _row(rows, "d", 8), _row(rows, "c", 8)
+    if d1 and b1:
+        ratios["d/b p50 at concurrency 1 (serving overhead)"] = d1["p50_ms"] / b1["p50_ms"]
+    if d1 and a1:
+        ratios["d/a p50 at concurrency 1"] = d1["p50_ms"] / a1["p50_ms"]
+    if d1 and c1:
+        ratios["d/c p50 at concurrency 1"] = d1["p50_ms"] / c1["p50_ms"]
+    if d8 and c8:
+        ratios["d/c images/s at concurrency 8"] = d8["images_per_s"] / c8["images_per_s"]
+    get = ratios.get
+    if preset != "tiny":  # on tiny, per-call overhead is most of the cost by design: no overhead target
+        overhead = get("d/b p50 at concurrency 1 (serving overhead)")
+        add("serving overhead d/b p50 at concurrency 1 <= 1.05", overhead, 1.05, False)
+    add("d faster than a at p50 (d/a < 1)", get("d/a p50 at concurrency 1"), 1.0, False)
+    add("d faster than c at p50 (d/c < 1)", get("d/c p50 at concurrency 1"), 1.0, False)
+    need = 2.0 if preset == "tiny" else 1.0
+    add(f"d images/s at concurrency 8 >= {need:g}x c's", get("d/c images/s at concurrency 8"), need, True)
+    return {k: round(v, 3) for k, v in ratios.items()}, targets
+
+
+def save(document: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def table(document: dict[str, Any]) -> str:
+    head = f"{'system':38s} {'conc':>4} {'images/s':>9} {'p50 ms':>9} {'p95 ms':>9}"
+    lines = [head, "-" * len(head)]
+    for r in document["rows"]:
+        lines.append(
+            f"{SYSTEMS[r['system']]:38s} {r['concurrency']:>4} {r['images_per_s']:>9.3f} "
+            f"{r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f}"
+        )
+    lines.append("")
+    for name, value in document["ratios"].items():
+        lines.append(f"{name}: {value:.3f}")
+    for target in document["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        lines.append(f"target {target['target']}: {target['value']} -> {verdict}")
+    return "\n".join(lines)

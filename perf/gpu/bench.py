@@ -1,0 +1,165 @@
+"""GPU benchmark of the `sd15` preset (SD 1.5's architecture, random weights): per-component and
+per-step times and the end-to-end latency at 512x512, 25 steps, with whatever engines the machine
+has. Written for one NVIDIA GPU and under 8 minutes; it also runs where only PyTorch with CUDA is
+installed (diffusers and open-clip-torch carried as wheels, see perf/gpu/README.md), and stops at
+once, naming the package, when one it needs is missing.
+
+    python3 perf/gpu/bench.py --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sd_triton.perf.gpu")
+NEEDED = {
+    "torch": "PyTorch with CUDA",
+    "diffusers": "diffusers (a small wheel: pip download --no-deps diffusers)",
+    "transformers": "transformers",
+    "open_clip": "open-clip-torch (only its CLIP vocabulary file is used; pip download --no-deps)",
+}
+OPTIONAL = {"onnxruntime": "ONNX Runtime (CUDA execution provider)", "tensorrt": "TensorRT"}
+
+
+def check_packages() -> dict[str, bool]:
+    missing = [f"{name}: {what}" for name, what in NEEDED.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit("perf/gpu/bench.py: missing packages:\n  " + "\n  ".join(missing))
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("perf/gpu/bench.py: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return {name: importlib.util.find_spec(name) is not None for name in OPTIONAL}
+
+
+def cuda_ms(fn: Any, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Milliseconds per call (CUDA events), median and min over `repeats` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3)}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="gpu-result.json")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--runs", type=int, default=5, help="end-to-end runs (after one warm-up)")
+    args = parser.parse_args()
+    optional = check_packages()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this repository's packages
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    from export.presets import build_sd15_pipeline
+
+    started = time.monotonic()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "size": args.size,
+        "steps": args.steps,
+        "engines": {},
+    }
+    # 1. The sd15 preset, built from its config with random weights, on the GPU.
+    log.info("[1/4] building the sd15 preset (random weights)")
+    pipe = build_sd15_pipeline().to("cuda", dtype)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    result["build_s"] = round(time.monotonic() - started, 1)
+    latent = args.size // 8
+    ids = torch.randint(0, 49407, (2, 77), device="cuda")
+    hidden = torch.randn(2, 77, 768, device="cuda", dtype=dtype)
+    sample = torch.randn(2, 4, latent, latent, device="cuda", dtype=dtype)
+    timestep = torch.tensor([500.0, 500.0], device="cuda")
+    latents = torch.randn(1, 4, latent, latent, device="cuda", dtype=dtype)
+
+    # 2. Each component alone, PyTorch eager (batch 2 = one step with guidance).
+    log.info("[2/4] components, PyTorch %s", args.dtype)
+    with torch.inference_mode():
+        result["engines"]["pytorch"] = {
+            "text_encoder_b2": cuda_ms(lambda: pipe.text_encoder(ids), 20),
+            "unet_step_b2": cuda_ms(lambda: pipe.unet(sample, timestep, hidden), 20),
+            "vae_decode_b1": cuda_ms(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), 10),
+        }
+        # 3. End to end through diffusers' pipeline.
+        log.info("[3/4] end to end: %d steps at %dx%d", args.steps, args.size, args.size)
+
+        def generate() -> None:
+            pipe(
+                "a red circle on a blue background",
+                height=args.size,
+                width=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=7.5,
+                output_type="np",
+            )
+
+        generate()  # warm-up
+        runs = []
+        for _ in range(args.runs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            generate()
+            torch.cuda.synchronize()
+            runs.append(1000 * (time.perf_counter() - t0))
+    step = result["engines"]["pytorch"]["unet_step_b2"]["median_ms"]
+    result["engines"]["pytorch"]["end_to_end_ms"] = {
+        "median": round(statistics.median(runs), 1),
+        "min": round(min(runs), 1),
+        "runs": [round(r, 1) for r in runs],
+    }
+    result["engines"]["pytorch"]["unet_share_of_end_to_end"] = round(
+        args.steps * step / statistics.median(runs), 3
+    )
+
+    # 4. The other engines, where this machine has them.
+    log.info("[4/4] other engines")
+    result["skipped"] = {}
+    ort_cuda = False
+    if optional["onnxruntime"]:
+        import onnxruntime
+
+        ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    result["skipped"]["onnxruntime-cuda"] = (
+        "available, not measured: the sd15 ONNX export does not fit this script's 8-minute budget"
+        if ort_cuda
+        else "no onnxruntime with the CUDA execution provider here"
+    )
+    result["skipped"]["tensorrt"] = (
+        "available, not measured: a TensorRT build needs the ONNX export first"
+        if optional["tensorrt"]
+        else "tensorrt is not installed here"
+    )
+    result["skipped"]["triton"] = "no Triton server binary on this machine; PyTorch path measured in-process"
+    result["seconds"] = round(time.monotonic() - started, 1)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    log.info("wrote %s in %.0f s", args.out, result["seconds"])
+
+
+if __name__ == "__main__":
+    main()

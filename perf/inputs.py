@@ -1,0 +1,154 @@
+"""perf_analyzer input data (`--input-data FILE.json`) for txt2img and each engine component.
+
+Shapes come from the exported repository (`denoise/1/pipeline.json`: latent channels, VAE scale
+factor, text encoder width) and the request a user picks (height, width, steps, guidance, prompts).
+Tensors of batching models leave the batch dimension out: give perf_analyzer `-b` for it (2 for a
+UNet step with classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd_triton import contract
+from sd_triton.pipeline_config import FILENAME, PipelineConfig
+
+COMPONENTS = ("txt2img", "text_encoder", "unet", "vae_decoder")
+DEFAULT_PROMPTS = (
+    "a red circle on a blue background",
+    "a green square at the top left on a white background",
+    "a yellow star on the right on a black background",
+    "a purple triangle at the bottom on a orange background",
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """The request whose shapes the data describes."""
+
+    height: int = 64
+    width: int = 64
+    steps: int = 10
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    num_images: int = 1
+    seed: int = 1234
+    prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS)
+    negative_prompt: str = ""
+
+
+def load_pipeline(repo: Path) -> PipelineConfig:
+    path = Path(repo) / "denoise" / "1" / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--repo {repo}: no {path.relative_to(repo)}; run `sd-triton export` first")
+    return PipelineConfig.load(path)
+
+
+def _tensor(values: np.ndarray[Any, Any]) -> dict[str, Any]:
+    flat = values.reshape(-1)
+    content = [round(float(v), 5) for v in flat] if values.dtype.kind == "f" else [int(v) for v in flat]
+    return {"content": content, "shape": list(values.shape)}
+
+
+def _bytes(text: str) -> dict[str, Any]:
+    return {"content": [text], "shape": [1]}
+
+
+def _latent_shape(pipeline: PipelineConfig, request: Request) -> tuple[int, int, int]:
+    factor = pipeline.vae_scale_factor
+    for name, side in (("height", request.height), ("width", request.width)):
+        if side % factor:
+            raise ValueError(f"{name} {side} is not a multiple of the VAE scale factor {factor}")
+    return pipeline.latent_channels, request.height // factor, request.width // factor
+
+
+def txt2img_data(request: Request) -> list[dict[str, Any]]:
+    """One entry per prompt, with seeds seed, seed+1, ...; perf_analyzer cycles through them."""
+    entries = []
+    for i, prompt in enumerate(request.prompts):
+        entry: dict[str, Any] = {
+            contract.PROMPT.name: _bytes(prompt),
+            contract.HEIGHT.name: _tensor(np.array([request.height], np.int32)),
+            contract.WIDTH.name: _tensor(np.array([request.width], np.int32)),
+            contract.STEPS.name: _tensor(np.array([request.steps], np.int32)),
+            contract.GUIDANCE_SCALE.name: _tensor(np.array([request.guidance_scale], np.float32)),
+            contract.SEED.name: _tensor(np.array([request.seed + i], np.int64)),
+            contract.SCHEDULER.name: _bytes(request.scheduler),
+            contract.NUM_IMAGES.name: _tensor(np.array([request.num_images], np.int32)),
+        }
+        if request.negative_prompt:
+            entry[contract.NEGATIVE_PROMPT.name] = _bytes(request.negative_prompt)
+        entries.append(entry)
+    return entries
+
+
+def component_data(
+    component: str, pipeline: PipelineConfig, request: Request, token_ids: np.ndarray[Any, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One entry (one sample, no batch dimension) of realistic values for an engine component."""
+    rng = np.random.default_rng(request.seed)
+    spec = contract.MODELS[component]
+    names = [t.name for t in spec.inputs]
+    if component == "text_encoder":
+        if token_ids is None:
+            raise ValueError("text_encoder data needs token ids")
+        return [{names[0]: _tensor(token_ids.astype(np.int32))}]
+    latent = _latent_shape(pipeline, request)
+    if component == "unet":
+        if pipeline.text_hidden_size is None:
+            raise ValueError("pipeline.json has no text_hidden_size: re-export the repository")
+        return [
+            {
+                names[0]: _tensor(rng.standard_normal(latent, dtype=np.float32)),
+                names[1]: _tensor(np.array([500.0], np.float32)),
+                names[2]: _tensor(
+                    rng.standard_normal((contract.TOKEN_LENGTH, pipeline.text_hidden_size), dtype=np.float32)
+                ),
+            }
+        ]
+    if component == "vae_decoder":
+        sample = rng.standard_normal(latent, dtype=np.float32) / pipeline.vae_scaling_factor
+        return [{names[0]: _tensor(sample)}]
+    raise ValueError(f"component {component!r}: expected one of {', '.join(COMPONENTS)}")
+
+
+def write_inputs(
+    repo: Path, out: Path, request: Request, components: tuple[str, ...] = COMPONENTS
+) -> dict[str, Path]:
+    """Write `<out>/<component>.json` for each component; return the paths."""
+    pipeline = load_pipeline(repo)
+    out.mkdir(parents=True, exist_ok=True)
+    token_ids = None
+    if "text_encoder" in components:
+        from sd_triton.runtime.tokenize import PromptTokenizer
+
+        token_ids = PromptTokenizer(Path(repo) / "tokenizer" / "1" / "tokenizer").encode(request.prompts[0])[
+            0
+        ]
+    written = {}
+    for component in components:
+        if component == "txt2img":
+            entries = txt2img_data(request)
+        else:
+            entries = component_data(component, pipeline, request, token_ids)
+        path = out / f"{component}.json"
+        path.write_text(json.dumps({"data": entries}) + "\n")
+        written[component] = path
+    return written
+
+
+def batch_size_for(component: str, request: Request) -> int:
+    """The batch perf_analyzer should send (`-b`) to match one call of `request`'s pipeline."""
+    if component == "txt2img":
+        return 1  # txt2img does not batch; NUM_IMAGES is an input
+    rows = 2 if request.guidance_scale > 1.0 else 1
+    if component == "unet":
+        return rows * request.num_images
+    if component == "text_encoder":
+        return rows
+    return request.num_images

@@ -1,0 +1,137 @@
+"""`sd-triton perf report`: perf/REPORT.md and a PNG chart, regenerated from saved compare results
+(the JSON files `sd-triton perf compare` writes). Nothing is measured here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from perf.compare import SYSTEMS, ratios_and_targets
+
+VERDICTS = {True: "met", False: "**missed**", None: "not measured"}
+
+
+def load(paths: list[Path]) -> list[dict[str, Any]]:
+    documents = []
+    for path in paths:
+        document = json.loads(Path(path).read_text())
+        missing = [k for k in ("settings", "rows", "ratios", "targets", "machine") if k not in document]
+        if missing:
+            raise ValueError(f"{path}: not a compare result (no {', '.join(missing)})")
+        # verdicts from the rows with today's rules, so a report never shows stale ones
+        document["ratios"], document["targets"] = ratios_and_targets(
+            document["rows"], document["settings"]["preset"]
+        )
+        documents.append(document)
+    return documents
+
+
+def chart(document: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
+    for system, label in SYSTEMS.items():
+        rows = sorted((r for r in document["rows"] if r["system"] == system), key=lambda r: r["concurrency"])
+        if not rows:
+            continue
+        levels = [r["concurrency"] for r in rows]
+        line = latency.plot(
+            levels, [r["p50_ms"] / 1000 for r in rows], marker="o", label=f"{system}. {label}"
+        )
+        latency.plot(levels, [r["p95_ms"] / 1000 for r in rows], linestyle="--", color=line[0].get_color())
+        throughput.plot(levels, [r["images_per_s"] for r in rows], marker="o", label=f"{system}. {label}")
+    latency.set(
+        xlabel="concurrency", ylabel="seconds", title="latency: p50 (solid), p95 (dashed)", xscale="log"
+    )
+    throughput.set(xlabel="concurrency", ylabel="images/s", title="throughput", xscale="log")
+    throughput.legend(fontsize=8)
+    for axes in (latency, throughput):
+        axes.grid(alpha=0.3)
+    preset, (height, width) = document["settings"]["preset"], document["size"]
+    figure.suptitle(f"{preset} preset, {height}x{width}, {document['settings']['steps']} steps")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def section(document: dict[str, Any], chart_name: str) -> str:
+    settings, machine = document["settings"], document["machine"]
+    height, width = document["size"]
+    lines = [
+        f"## `{settings['preset']}` preset: {height}x{width}, {settings['steps']} steps, "
+        f"guidance {settings['guidance_scale']}, {settings['scheduler']}",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu'] or 'none'}; "
+        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}.  ",
+        f"Command: `{document.get('command', 'sd-triton perf compare --preset ' + settings['preset'])}`",
+        "",
+        f"![latency and throughput]({chart_name})",
+        "",
+        "| system | concurrency | images/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in document["rows"]:
+        lines.append(
+            f"| {r['system']}. {SYSTEMS[r['system']]} | {r['concurrency']} | {r['images_per_s']:.3f} | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |"
+        )
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in document["ratios"].items()]
+    lines += ["", "| target | measured | verdict |", "|---|---:|---|"]
+    for t in document["targets"]:
+        lines.append(f"| {t['target']} | {t['value']} | {VERDICTS[t['met']]} |")
+    split = next(
+        (r for r in reversed(document["rows"]) if r["system"] == "d" and r.get("triton_split_ms")), None
+    )
+    if split:
+        lines += [
+            "",
+            f"Where (d)'s time goes at concurrency {split['concurrency']}, measured from the gateway's and "
+            "Triton's own metrics during that level (ms per request or per inference):",
+            "",
+            "| where | requests | queue | compute input | compute infer | compute output |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        gateway = split.get("gateway_split_ms", {})
+        lines.append(
+            f"| gateway (queue / Triton call / encode) | | {gateway.get('queue', 0):g} | | "
+            f"{gateway.get('inference', 0):g} | {gateway.get('encode', 0):g} |"
+        )
+        for model, stages in split["triton_split_ms"].items():
+            lines.append(
+                f"| Triton `{model}` | {stages['requests']:g} | {stages.get('queue_ms', 0):g} | "
+                f"{stages.get('compute_input_ms', 0):g} | {stages.get('compute_infer_ms', 0):g} | "
+                f"{stages.get('compute_output_ms', 0):g} |"
+            )
+    notes = document.get("notes")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
+
+
+def write_report(paths: list[Path], out: Path) -> Path:
+    """REPORT.md at `out` with one section (and one chart beside it) per result file."""
+    documents = load(paths)
+    parts = [
+        "# sd-triton performance report",
+        "",
+        "Generated by `sd-triton perf report` from the results of `sd-triton perf compare` "
+        "(`perf/results/`); rerun both to refresh it. Systems: a. diffusers' StableDiffusionPipeline in "
+        "one process; b. the exported ONNX files in one process with ONNX Runtime (the engine floor, no "
+        "server); c. the naive service: FastAPI with the diffusers pipeline in an `async def` handler; "
+        "d. this stack: the gateway over HTTP in front of Triton. Each ran alone on the machine, same "
+        "model, prompt and seeds; concurrency is closed-loop clients with staggered starts.",
+        "",
+    ]
+    for document in documents:
+        chart_name = f"results/compare-{document['settings']['preset']}.png"
+        chart(document, out.parent / chart_name)
+        parts += [section(document, chart_name), ""]
+    out.write_text("\n".join(parts))
+    return out

@@ -1,0 +1,73 @@
+"""The exported repository's ONNX files run in this process with ONNX Runtime, no server: the same
+steps as txt2img (tokenizer, text encoder, denoising loop, VAE decoder, postprocess). It is the
+engine floor the serving benchmarks compare against, and a way to debug an export without Triton."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sd_triton import contract as c
+from sd_triton.pipeline_config import FILENAME, PipelineConfig
+from sd_triton.requests import validate_params
+from sd_triton.runtime.denoise import denoise
+from sd_triton.runtime.ort_runner import OrtRunner
+from sd_triton.runtime.postprocess import to_uint8_images
+from sd_triton.runtime.tokenize import PromptTokenizer
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    prompt_truncated_tokens: int
+
+
+class LocalPipeline:
+    def __init__(self, repo: str | Path, device: str = "cpu", threads: int = 0) -> None:
+        repo = Path(repo)
+        self.config = PipelineConfig.load(repo / c.DENOISE.name / "1" / FILENAME)
+        self.tokenizer = PromptTokenizer(repo / c.TOKENIZER.name / "1" / "tokenizer")
+        self.runners = {
+            name: OrtRunner(repo / name / "1" / "model.onnx", device=device, threads=threads)
+            for name in c.ENGINE_MODELS
+        }
+
+    def _run(self, model: str, *arrays: np.ndarray) -> np.ndarray:
+        spec = c.MODELS[model]
+        feeds = {t.name: a for t, a in zip(spec.inputs, arrays, strict=True)}
+        return self.runners[model].run(feeds)[spec.outputs[0].name]
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        seed: int,
+        scheduler: str,
+        num_images: int = 1,
+    ) -> LocalResult:
+        params = validate_params(
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            scheduler=scheduler,
+            num_images=num_images,
+            limits=self.config.limits,
+            spatial_multiple=self.config.vae_scale_factor,
+        )
+        # 1. Tokens and text embeddings ([uncond,] cond).
+        tokens = self.tokenizer.tokenize(prompt, negative_prompt, params.classifier_free_guidance)
+        embeds = self._run(c.TEXT_ENCODER.name, tokens.input_ids)
+        # 2. The denoising loop over the UNet session.
+        latents = denoise(embeds, params, self.config, lambda *a: self._run(c.UNET.name, *a))
+        # 3. Decode and convert.
+        decoded = self._run(c.VAE_DECODER.name, latents)
+        return LocalResult(to_uint8_images(decoded), tokens.prompt_truncated_tokens)

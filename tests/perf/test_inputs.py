@@ -1,0 +1,69 @@
+"""perf_analyzer input data for txt2img and each component, shaped by the exported repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from perf.inputs import COMPONENTS, Request, batch_size_for, load_pipeline, write_inputs
+from sd_triton import contract
+
+
+def test_every_component_gets_data_with_the_contract_names_and_the_asked_shapes(
+    exported: dict, tmp_path: Path
+) -> None:
+    request = Request(height=48, width=80, steps=3, prompts=("a red circle", "a blue square"))
+    written = write_inputs(exported["repo"], tmp_path, request)
+    assert set(written) == set(COMPONENTS)
+    pipeline = load_pipeline(exported["repo"])
+    latent = [pipeline.latent_channels, 48 // pipeline.vae_scale_factor, 80 // pipeline.vae_scale_factor]
+    data = {name: json.loads(path.read_text())["data"] for name, path in written.items()}
+
+    assert [e["PROMPT"]["content"] for e in data["txt2img"]] == [["a red circle"], ["a blue square"]]
+    assert [e["SEED"]["content"] for e in data["txt2img"]] == [[request.seed], [request.seed + 1]]
+    assert data["txt2img"][0]["HEIGHT"]["content"] == [48] and data["txt2img"][0]["STEPS"]["content"] == [3]
+    assert set(data["txt2img"][0]) == {t.name for t in contract.TXT2IMG.inputs if not t.optional}
+
+    unet = data["unet"][0]
+    assert unet["sample"]["shape"] == latent and len(unet["sample"]["content"]) == latent[0] * 48 * 80 // 64
+    assert unet["encoder_hidden_states"]["shape"] == [contract.TOKEN_LENGTH, pipeline.text_hidden_size]
+    assert unet["timestep"]["shape"] == [1]
+    assert data["vae_decoder"][0]["latent_sample"]["shape"] == latent
+
+    ids = data["text_encoder"][0]["input_ids"]
+    assert ids["shape"] == [contract.TOKEN_LENGTH]
+    assert ids["content"][0] == 49406 and 49407 in ids["content"]  # CLIP's start and end tokens
+
+
+def test_negative_prompt_is_sent_only_when_given(exported: dict, tmp_path: Path) -> None:
+    written = write_inputs(exported["repo"], tmp_path, Request(negative_prompt="blurry"), ("txt2img",))
+    entry = json.loads(written["txt2img"].read_text())["data"][0]
+    assert entry["NEGATIVE_PROMPT"]["content"] == ["blurry"]
+
+
+def test_a_side_off_the_vae_grid_is_refused_with_its_name(exported: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="width 70 is not a multiple of the VAE scale factor 8"):
+        write_inputs(exported["repo"], tmp_path, Request(width=70), ("unet",))
+
+
+def test_a_repository_that_was_not_exported_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run `sd-triton export` first"):
+        write_inputs(tmp_path, tmp_path / "out", Request())
+
+
+@pytest.mark.parametrize(
+    ("component", "guidance", "images", "expected"),
+    [
+        ("unet", 7.5, 2, 4),
+        ("unet", 1.0, 3, 3),
+        ("text_encoder", 7.5, 4, 2),
+        ("vae_decoder", 7.5, 3, 3),
+        ("txt2img", 7.5, 4, 1),
+    ],
+)
+def test_batch_size_matches_one_pipeline_call(
+    component: str, guidance: float, images: int, expected: int
+) -> None:
+    assert batch_size_for(component, Request(guidance_scale=guidance, num_images=images)) == expected

@@ -1,0 +1,45 @@
+"""The exported ONNX files in-process (no server) give the images Triton serves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from sd_triton.requests import InvalidRequest
+from sd_triton.runtime.local import LocalPipeline
+from sd_triton.txt2img_client import txt2img
+
+
+@pytest.fixture(scope="module")
+def local(exported: dict) -> LocalPipeline:
+    return LocalPipeline(exported["repo"])
+
+
+def test_local_images_equal_the_served_ones(
+    local: LocalPipeline, client: grpcclient.InferenceServerClient
+) -> None:
+    params = {"height": 64, "width": 48, "steps": 3, "guidance_scale": 5.0, "seed": 11, "scheduler": "euler"}
+    ours = local("a red circle", "blurry", num_images=2, **params)
+    served = txt2img(client, "a red circle", negative_prompt="blurry", num_images=2, **params)
+    assert ours.images.shape == served.images.shape == (2, 64, 48, 3)
+    assert np.abs(ours.images.astype(int) - served.images.astype(int)).max() <= 1
+    assert ours.images.std() > 0
+
+
+def test_local_requests_are_checked_like_served_ones(local: LocalPipeline) -> None:
+    with pytest.raises(InvalidRequest, match="WIDTH"):
+        local("x", height=64, width=50, steps=2, guidance_scale=1.0, seed=0, scheduler="ddim")
+
+
+def test_local_pipeline_serves_threads_at_once(local: LocalPipeline) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = {"height": 64, "width": 64, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim"}
+    prompts = [
+        f"a {c} circle {w}" for c in ("red", "blue") for w in ("", "at the top left on a white background")
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: local(prompts[i], seed=i, **params).images, range(4)))
+    for i, images in enumerate(together):  # the same images as one at a time
+        assert np.array_equal(images, local(prompts[i], seed=i, **params).images)
