@@ -85,6 +85,22 @@ def small_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     )
 
 
+def small_vae(norm_num_groups: int) -> AutoencoderKL:
+    """SD's VAE layout, narrowed: 4 levels of 16/32/32/32 channels (8x down), 4 latent channels, 64x64."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=norm_num_groups,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
 def sd_pipeline(
     tokenizer: CLIPTokenizer,
     text_encoder: CLIPTextModel,
@@ -130,16 +146,5 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         attention_head_dim=8,
     )
     torch.manual_seed(SEED)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    vae = small_vae(norm_num_groups=16)
     return sd_pipeline(tokenizer, text_encoder, vae, unet)

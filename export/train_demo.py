@@ -1,12 +1,12 @@
 """`sd-triton train-demo-model`: a small Stable Diffusion-architecture model trained on this CPU on
 synthetic coloured-shape scenes, so the demo shows a picture that follows its prompt.
 
-Stages: 1. the VAE (reconstruction + a light KL term); 2. the text encoder, taught to tell captions
-apart (colour, shape and position of each object and the background, classified from its pooled
-output), then frozen, as SD's CLIP text encoder is; 3. the UNet (v-prediction with min-SNR-5 loss
-weights, 10 % empty captions for classifier-free guidance), with the held-in caption checks logged
-as it goes. Fixed seeds and fixed step counts make a run reproducible; the result is a standard
-diffusers folder.
+Stages: 1. the VAE (reconstruction + a light KL term); 2. its decoder alone, the encoder frozen;
+3. the text encoder, taught to tell captions apart (colour, shape and position of each object and
+the background, classified from its pooled output), then frozen, as SD's CLIP text encoder is;
+4. the UNet (v-prediction with min-SNR-5 loss weights, 10 % empty captions for classifier-free
+guidance), with the held-in caption checks logged as it goes. Fixed seeds and fixed step counts
+make a run reproducible; the result is a standard diffusers folder.
 """
 
 from __future__ import annotations
@@ -42,7 +42,14 @@ from export.demo_data import (
     random_scene,
     success_rates,
 )
-from export.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, save_pipeline, sd_pipeline, small_text_encoder
+from export.tiny import (
+    SCHEDULER_CONFIG,
+    build_clip_tokenizer,
+    save_pipeline,
+    sd_pipeline,
+    small_text_encoder,
+    small_vae,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ class TrainConfig:
     unet_steps: int = 4000
     unet_lr: float = 1e-3
     uncond_fraction: float = 0.1
-    # stage 2: the text encoder learns to tell captions apart (attribute classification from its
+    # stage 3: the text encoder learns to tell captions apart (attribute classification from its
     # pooled output), then stays frozen under the UNet as SD's CLIP does; trained jointly with the
     # UNet instead, it never separated "left" from "right"
     text_steps: int = 1500
@@ -75,20 +82,11 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 500  # held-in caption checks (in-process, DDIM 25 steps, guidance 7.5); 0: never
     vae_from: str | None = None  # a folder this command saved: reuse its VAE instead of stage 1
-    refine_decoder_of: str | None = None  # a folder this command saved: run only stage 2 on it
 
 
 def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
     text_encoder = small_text_encoder(tokenizer)  # seeds torch with 0 first
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SIZE,
-    )
+    vae = small_vae(norm_num_groups=8)  # its scaling factor is measured after stage 1
     unet = UNet2DConditionModel(
         sample_size=SIZE // 8,
         in_channels=4,
@@ -282,8 +280,7 @@ def held_in_quality(
         generator=[torch.Generator().manual_seed(seed) for _, seed in prompts],
         output_type="np",
     ).images
-    text_encoder.train()
-    unet.train()
+    unet.train()  # the text encoder stays frozen in eval mode
     checks = [
         check_image((image * 255).round().astype("uint8"), scene.things[0], scene.background)
         for image, (scene, _) in zip(images, prompts, strict=True)

@@ -21,24 +21,22 @@ GRPC_PORT, HTTP_PORT, METRICS_PORT = 28001, 28000, 28002
 GATEWAY_PORT = 28080
 
 
-def _levels(value: str) -> tuple[int, ...]:
+def _positive_list(value: str, convert: type[int] | type[float], kind: str, rule: str) -> tuple[Any, ...]:
     try:
-        levels = tuple(int(v) for v in value.split(",") if v.strip())
+        numbers = tuple(convert(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"levels must be integers >= 1, got {value!r}")
-    return levels
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {value!r}") from None
+    if not numbers or min(numbers) <= 0:
+        raise argparse.ArgumentTypeError(f"{rule}, got {value!r}")
+    return numbers
+
+
+def _levels(value: str) -> tuple[int, ...]:
+    return _positive_list(value, int, "integers", "levels must be integers >= 1")
 
 
 def _rates(value: str) -> tuple[float, ...]:
-    try:
-        rates = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
-    if not rates or min(rates) <= 0:
-        raise argparse.ArgumentTypeError(f"rates must be > 0, got {value!r}")
-    return rates
+    return _positive_list(value, float, "numbers", "rates must be > 0")
 
 
 def _request(args: argparse.Namespace) -> Any:

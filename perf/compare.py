@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from perf.loadgen import Load, LoadResult, run_load
+from sd_triton.requests import uses_guidance
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,9 @@ def _diffusers(checkpoint: Path, settings: CompareSettings, height: int, width: 
         pipe = StableDiffusionPipeline(**components)
         pipe.set_progress_bar_config(disable=True)
         with tokenizer_lock:  # the fast tokenizer keeps per-call settings: one thread at a time
-            cond, uncond = pipe.encode_prompt(settings.prompt, "cpu", 1, settings.guidance_scale > 1.0)
+            cond, uncond = pipe.encode_prompt(
+                settings.prompt, "cpu", 1, uses_guidance(settings.guidance_scale)
+            )
         out = pipe(
             prompt_embeds=cond,
             negative_prompt_embeds=uncond,

@@ -17,6 +17,7 @@ import numpy as np
 
 from sd_triton import contract
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
+from sd_triton.requests import uses_guidance
 
 COMPONENTS = ("txt2img", "text_encoder", "unet", "vae_decoder")
 DEFAULT_PROMPTS = (
@@ -146,7 +147,7 @@ def batch_size_for(component: str, request: Request) -> int:
     """The batch perf_analyzer should send (`-b`) to match one call of `request`'s pipeline."""
     if component == "txt2img":
         return 1  # txt2img does not batch; NUM_IMAGES is an input
-    rows = 2 if request.guidance_scale > 1.0 else 1
+    rows = 2 if uses_guidance(request.guidance_scale) else 1  # [uncond, cond]
     if component == "unet":
         return rows * request.num_images
     if component == "text_encoder":
