@@ -32,6 +32,12 @@ class Profile:
 
     shapes: dict[str, tuple[Shape, Shape, Shape]]
 
+    def with_max_batch(self, batch: int) -> Profile:
+        """The same profile with its max batch raised to `batch` (never lowered)."""
+        return Profile(
+            {name: (lo, opt, (max(hi[0], batch), *hi[1:])) for name, (lo, opt, hi) in self.shapes.items()}
+        )
+
 
 class Component(ABC):
     spec: ModelSpec

@@ -16,12 +16,12 @@ from typing import Any
 
 from export import tensorrt
 from export.checkpoint import Checkpoint, sha256_file, sha256_tree
-from export.components import COMPONENTS, Component
+from export.components import COMPONENTS, Component, Profile
 from export.onnx_export import OPSET, export_onnx
 from export.presets import PRESETS, ensure_preset_checkpoint
 from export.repository import RepositorySettings, write_configs
 from sd_triton import __version__
-from sd_triton.contract import Limits
+from sd_triton.contract import UNET, Limits
 from sd_triton.pipeline_config import FILENAME as PIPELINE_FILE
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.served_model import ServedModel
@@ -106,12 +106,24 @@ def served_model(model: str, checkpoint: Checkpoint, limits: Limits) -> ServedMo
     )
 
 
+def engine_profile(
+    component: Component, checkpoint: Checkpoint, settings: RepositorySettings, limits: Limits
+) -> Profile:
+    """The component's profile; with continuous batching the UNet's max batch covers max_batch_rows."""
+    profile = component.profile(checkpoint.dims, limits)
+    if settings.batching == "continuous" and component.spec is UNET:
+        profile = profile.with_max_batch(settings.max_batch_rows)
+    return profile
+
+
 def repository_settings(
     settings: RepositorySettings, checkpoint: Checkpoint, limits: Limits
 ) -> RepositorySettings:
     """Each engine's Triton max_batch_size is its profile's max batch."""
     max_batch = {
-        name: max(shapes[2][0] for shapes in component.profile(checkpoint.dims, limits).shapes.values())
+        name: max(
+            shapes[2][0] for shapes in engine_profile(component, checkpoint, settings, limits).shapes.values()
+        )
         for name, component in COMPONENTS.items()
     }
     return RepositorySettings(**{**asdict(settings), "max_batch": max_batch})
@@ -174,7 +186,7 @@ def _build_plan(
     old: dict[str, Any],
 ) -> dict[str, Any]:
     version = repo / component.name / "1"
-    profile = component.profile(checkpoint.dims, limits)
+    profile = engine_profile(component, checkpoint, settings, limits)
     onnx_sha = sha256_file(version / "model.onnx")
     key = json.dumps({"onnx": onnx_sha, "profile": profile.shapes, "precision": settings.precision})
     previous = (old.get(component.name) or {}).get("plan")

@@ -17,6 +17,12 @@ from sd_triton import contract as c
 from sd_triton.served_model import ServedModel
 
 Precision = Literal["fp32", "fp16"]
+# How requests share UNet calls (docs/batching.md):
+#   none       - every UNet call carries one request (no dynamic batching on the engines);
+#   dynamic    - Triton's dynamic batcher merges the UNet calls of the loops in flight (denoise_instances);
+#   continuous - one denoise instance batches every active request per step; requests join at any step.
+Batching = Literal["none", "dynamic", "continuous"]
+BATCHING_MODES: tuple[Batching, ...] = ("none", "dynamic", "continuous")
 CONFIG_FILE = "config.pbtxt"
 
 # The ensemble's data flow: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
@@ -51,9 +57,12 @@ class RepositorySettings:
     max_batch: dict[str, int] = field(default_factory=dict)  # per engine model; from its profile
     precision: Precision = "fp32"
     ort_tensorrt: bool = False  # onnxruntime kind: run through ORT's TensorRT execution accelerator
-    denoise_instances: int = 2  # requests in their loop at once; their UNet calls batch together
+    batching: Batching = "continuous"
+    max_batch_rows: int = 16  # continuous: UNet rows (latents) per call; the UNet's max batch at least this
+    max_wait_us: int = 0  # continuous: wait this long for arrivals before a step below max_batch_rows
+    denoise_instances: int = 2  # none / dynamic: request loops in flight at once
     engine_instances: int = 1
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 2000  # Triton's dynamic batching window (dynamic; text encoder and VAE)
 
     def __post_init__(self) -> None:
         for model, kind in self.engines.items():
@@ -75,9 +84,22 @@ class RepositorySettings:
                         f"precision=fp16 needs TensorRT: engines[{model}] is {kind!r} "
                         "(use tensorrt, or onnxruntime with the TensorRT accelerator)"
                     )
-        for name in ("denoise_instances", "engine_instances"):
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+        for name in ("denoise_instances", "engine_instances", "max_batch_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_us", "max_queue_delay_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def queue_delay_us(self, model: str) -> int | None:
+        """The dynamic batching window of an engine model; None: no dynamic batching."""
+        if self.batching == "none":
+            return None
+        if self.batching == "continuous" and model == c.UNET.name:
+            return None  # denoise's batcher sends the UNet whole batches: no second batcher in the way
+        return self.max_queue_delay_us
 
 
 def _tensor(message: type, spec: c.TensorSpec) -> object:
@@ -104,7 +126,9 @@ def _python_step(spec: c.ModelSpec, count: int = 1) -> mc.ModelConfig:
 def engine_config(spec: c.ModelSpec, settings: RepositorySettings) -> mc.ModelConfig:
     kind = settings.engines[spec.name]
     config = _base(spec, settings.max_batch.get(spec.name, c.Limits().max_unet_batch))
-    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    delay = settings.queue_delay_us(spec.name)
+    if delay is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = delay
     count = settings.engine_instances
     config.parameters["precision"].string_value = settings.precision
     if kind == "python-ort":
@@ -112,6 +136,7 @@ def engine_config(spec: c.ModelSpec, settings: RepositorySettings) -> mc.ModelCo
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
         config.parameters["device"].string_value = "auto"
         config.parameters["intra_op_threads"].string_value = "0"
+        config.parameters["allow_spinning"].string_value = "0"
         return config
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count)
     if kind == "tensorrt":
@@ -144,8 +169,14 @@ def all_configs(settings: RepositorySettings, served: ServedModel) -> dict[str, 
     for key, value in served.to_parameters().items():
         configs[c.TXT2IMG.name].parameters[key].string_value = value
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
-    configs[c.DENOISE.name] = _python_step(c.DENOISE, settings.denoise_instances)
-    configs[c.DENOISE.name].parameters["unet_model"].string_value = c.UNET.name
+    continuous = settings.batching == "continuous"
+    denoise = _python_step(c.DENOISE, 1 if continuous else settings.denoise_instances)
+    denoise.parameters["unet_model"].string_value = c.UNET.name
+    denoise.parameters["batching"].string_value = settings.batching
+    if continuous:
+        denoise.parameters["max_batch"].string_value = str(settings.max_batch_rows)
+        denoise.parameters["max_wait_us"].string_value = str(settings.max_wait_us)
+    configs[c.DENOISE.name] = denoise
     configs[c.POSTPROCESS.name] = _python_step(c.POSTPROCESS)
     for name in c.ENGINE_MODELS:
         configs[name] = engine_config(c.MODELS[name], settings)

@@ -155,26 +155,50 @@ def _perf_gateway(args: argparse.Namespace) -> int:
 
 
 def _perf_compare(args: argparse.Namespace) -> int:
-    from perf.compare import CompareSettings, run_compare, save, table
+    from perf.compare import CompareSettings, run_compare, table
 
     settings = CompareSettings(
-        preset=args.preset,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        concurrency=args.concurrency,
-        rounds=args.rounds,
+        **_load_settings(args),
         systems=tuple(args.systems),
+        batching=args.batching,
         denoise_instances=args.denoise_instances,
         max_queue_delay_us=args.max_queue_delay_us,
     )
-    document = run_compare(settings, Path(args.work_dir))
+    return _save(run_compare(settings, Path(args.work_dir)), args, "compare", table)
+
+
+def _load_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The load both benchmarks share: model, size, steps, levels, rounds."""
+    fields = ("preset", "height", "width", "steps", "concurrency", "rounds")
+    return {name: getattr(args, name) for name in fields}
+
+
+def _save(document: dict[str, Any], args: argparse.Namespace, kind: str, table: Any) -> int:
+    from perf.compare import save
+
     document["command"] = "sd-triton " + " ".join(args.argv)
-    out = Path(args.out or f"perf/results/compare-{args.preset}.json")
+    out = Path(args.out or f"perf/results/{kind}-{args.preset}.json")
     save(document, out)
     print(table(document))
     print(f"saved {out}")
     return 0
+
+
+def _perf_batching(args: argparse.Namespace) -> int:
+    from perf.batching import BatchingSettings, run_batching, table
+
+    settings = BatchingSettings(
+        **_load_settings(args),
+        stagger_s=args.stagger_ms / 1000.0,
+        modes=tuple(args.modes.split(",")),
+        request_slots=args.request_slots,
+        repeats=args.repeats,
+        denoise_instances=args.denoise_instances,
+        max_queue_delay_us=args.max_queue_delay_us,
+        max_batch_rows=args.max_batch_rows,
+        max_wait_us=args.max_wait_us,
+    )
+    return _save(run_batching(settings, Path(args.work_dir)), args, "batching", table)
 
 
 def _perf_report(args: argparse.Namespace) -> int:
@@ -245,11 +269,31 @@ def add_parser(sub: Any) -> None:
     compare.add_argument("--concurrency", type=_levels, default=(1, 4, 8, 16))
     compare.add_argument("--rounds", type=int, default=2, help="requests per level: concurrency x rounds")
     compare.add_argument("--systems", default="abcd", help="a subset of abcd")
+    compare.add_argument("--batching", default="continuous", choices=["none", "dynamic", "continuous"])
     compare.add_argument("--denoise-instances", type=int, default=8, help="(d): loops in flight at once")
     compare.add_argument("--max-queue-delay-us", type=int, default=2000, help="(d): dynamic batching window")
     compare.add_argument("--work-dir", default=".cache/perf")
     compare.add_argument("--out", default=None, help="default: perf/results/compare-<preset>.json")
     compare.set_defaults(run=_perf_compare)
+
+    batching = commands.add_parser("batching", help="no batching, Triton's dynamic batching, continuous")
+    batching.add_argument("--preset", default="tiny", help="tiny, small, sd15 (random weights)")
+    batching.add_argument("--height", type=int, default=None, help="default: the preset's native size")
+    batching.add_argument("--width", type=int, default=None)
+    batching.add_argument("--steps", type=int, default=10)
+    batching.add_argument("--concurrency", type=_levels, default=(1, 4, 8, 16))
+    batching.add_argument("--rounds", type=int, default=4, help="requests per level: concurrency x rounds")
+    batching.add_argument("--stagger-ms", type=float, default=50.0, help="arrival offset between clients")
+    batching.add_argument("--modes", default="none,request,dynamic,continuous")
+    batching.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode and level")
+    batching.add_argument("--request-slots", type=int, default=2, help="request: loops in flight")
+    batching.add_argument("--denoise-instances", type=int, default=8, help="none / dynamic: loops in flight")
+    batching.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching window")
+    batching.add_argument("--max-batch-rows", type=int, default=16, help="continuous: UNet rows per call")
+    batching.add_argument("--max-wait-us", type=int, default=0, help="continuous: wait for arrivals")
+    batching.add_argument("--work-dir", default=".cache/perf")
+    batching.add_argument("--out", default=None, help="default: perf/results/batching-<preset>.json")
+    batching.set_defaults(run=_perf_batching)
 
     report = commands.add_parser("report", help="perf/REPORT.md and its chart from saved compare results")
     report.add_argument("results", nargs="+", help="compare result JSON files")

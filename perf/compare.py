@@ -57,7 +57,8 @@ class CompareSettings:
     min_requests: int = 4
     stagger_s: float = 0.05
     systems: tuple[str, ...] = tuple(SYSTEMS)
-    denoise_instances: int = 8  # (d): denoising loops in flight at once, their UNet calls batch together
+    batching: str = "continuous"  # (d): how requests share UNet calls (the export's default)
+    denoise_instances: int = 8  # (d), batching none / dynamic: denoising loops in flight at once
     max_queue_delay_us: int = 2000  # (d): Triton's dynamic batching window on the engines
 
     def __post_init__(self) -> None:
@@ -121,7 +122,7 @@ def _load_result(system: str, result: LoadResult) -> dict[str, Any]:
     return {"system": system, **{k: v for k, v in summary.items() if k != "requests"}, "requests": result.ok}
 
 
-def _body(settings: CompareSettings, height: int, width: int) -> dict[str, Any]:
+def request_body(settings: CompareSettings, height: int, width: int) -> dict[str, Any]:
     return {
         "prompt": settings.prompt,
         "height": height,
@@ -189,15 +190,16 @@ def _onnx_runtime(repo: Path, settings: CompareSettings, height: int, width: int
     return generate
 
 
-def _http_levels(
-    system: str,
+def http_levels(
+    what: str,
     url: str,
     settings: CompareSettings,
     body: dict[str, Any],
     gateway: bool,
     triton_metrics: str | None,
-) -> list[dict[str, Any]]:
-    rows = []
+) -> list[LoadResult]:
+    """The closed-loop HTTP load at every concurrency level of `settings`; any failed request raises."""
+    results = []
     for concurrency in settings.concurrency:
         load = Load(
             url,
@@ -209,14 +211,12 @@ def _http_levels(
         )
         result = asyncio.run(run_load(load, triton_metrics))
         if result.errors:
-            raise RuntimeError(
-                f"{SYSTEMS[system]}: {result.errors} failed requests: {result.error_samples[:2]}"
-            )
-        rows.append(_load_result(system, result))
-    return rows
+            raise RuntimeError(f"{what}: {result.errors} failed requests: {result.error_samples[:2]}")
+        results.append(result)
+    return results
 
 
-def _warm_up(url: str, body: dict[str, Any]) -> None:
+def warm_up(url: str, body: dict[str, Any]) -> None:
     import httpx
 
     httpx.post(f"{url}/v1/generate", json={**body, "seed": 1}, timeout=600).raise_for_status()
@@ -247,19 +247,22 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
     repo = running.repo if running else work_dir / f"repository-{settings.preset}"
     # servers already running (tests) keep the settings they were exported with
     repository = RepositorySettings(
-        denoise_instances=settings.denoise_instances, max_queue_delay_us=settings.max_queue_delay_us
+        batching=settings.batching,  # type: ignore[arg-type]
+        denoise_instances=settings.denoise_instances,
+        max_queue_delay_us=settings.max_queue_delay_us,
     )
     options = ExportOptions(settings.preset, repo, settings=RepositorySettings() if running else repository)
     manifest = run_export(replace(options, work_dir=work_dir))
     checkpoint = Path(manifest["source"]["path"])
     native_h, native_w = Checkpoint.open(checkpoint).native_size
     height, width = settings.height or native_h, settings.width or native_w
-    body = _body(settings, height, width)
+    body = request_body(settings, height, width)
     rows: list[dict[str, Any]] = []
 
     # 2. Each system alone, every concurrency level.
     for system in settings.systems:
         log.info("compare: %s (%s), %dx%d, %d steps", system, SYSTEMS[system], height, width, settings.steps)
+        results: list[LoadResult] = []  # the HTTP systems' levels
         if system in ("a", "b"):
             if system == "a":
                 generate = _diffusers(checkpoint, settings, height, width)
@@ -269,19 +272,22 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
             rows += [measure_in_process(system, generate, settings, c) for c in settings.concurrency]
         elif system == "c":
             with NaiveServiceProcess(checkpoint, PORTS["naive"]) as naive:
-                _warm_up(naive.url, body)
-                rows += _http_levels(system, naive.url, settings, body, gateway=False, triton_metrics=None)
+                warm_up(naive.url, body)
+                results = http_levels(SYSTEMS[system], naive.url, settings, body, False, None)
         elif running:
-            _warm_up(running.gateway_url, body)
-            rows += _http_levels(
-                system, running.gateway_url, settings, body, True, running.triton_metrics_url
+            warm_up(running.gateway_url, body)
+            results = http_levels(
+                SYSTEMS[system], running.gateway_url, settings, body, True, running.triton_metrics_url
             )
         else:
             ports = {"grpc_port": PORTS["grpc"], "http_port": PORTS["http"], "metrics_port": PORTS["metrics"]}
             with TritonServer(repo, **ports) as triton:
                 with GatewayProcess(triton.grpc_url, port=PORTS["gateway"]) as gateway:
-                    _warm_up(gateway.url, body)
-                    rows += _http_levels(system, gateway.url, settings, body, True, triton.metrics_url)
+                    warm_up(gateway.url, body)
+                    results = http_levels(
+                        SYSTEMS[system], gateway.url, settings, body, True, triton.metrics_url
+                    )
+        rows += [_load_result(system, r) for r in results]
 
     # 3. The document: settings, machine, rows, ratios and targets.
     document = {
@@ -322,19 +328,27 @@ def _row(rows: list[dict[str, Any]], system: str, concurrency: int) -> dict[str,
     return next((r for r in rows if r["system"] == system and r["concurrency"] == concurrency), None)
 
 
+def target(name: str, value: float | None, limit: float, higher_is_better: bool) -> dict[str, Any]:
+    """A target with its measured value and verdict (None: not measured in this run)."""
+    met = None if value is None else (value >= limit if higher_is_better else value <= limit)
+    return {"target": name, "value": None if value is None else round(value, 3), "limit": limit, "met": met}
+
+
+def verdict_lines(document: dict[str, Any]) -> list[str]:
+    """The ratios and the targets of a result document, one line each."""
+    lines = [f"{name}: {value:.3f}" for name, value in document["ratios"].items()]
+    for t in document["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"target {t['target']}: {t['value']} -> {verdict}")
+    return lines
+
+
 def ratios_and_targets(
     rows: list[dict[str, Any]], preset: str
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The ratios of (d) to the others, and each target with its measured value and verdict."""
     ratios: dict[str, float] = {}
     targets: list[dict[str, Any]] = []
-
-    def add(name: str, value: float | None, limit: float, higher_is_better: bool) -> None:
-        if value is None:
-            targets.append({"target": name, "value": None, "limit": limit, "met": None})
-            return
-        met = value >= limit if higher_is_better else value <= limit
-        targets.append({"target": name, "value": round(value, 3), "limit": limit, "met": met})
 
     d1, b1, a1, c1 = (_row(rows, s, 1) for s in "dbac")
     d8, c8 = _row(rows, "d", 8), _row(rows, "c", 8)
@@ -347,13 +361,18 @@ def ratios_and_targets(
     if d8 and c8:
         ratios["d/c images/s at concurrency 8"] = d8["images_per_s"] / c8["images_per_s"]
     get = ratios.get
+    checks = [
+        ("d faster than a at p50 (d/a < 1)", get("d/a p50 at concurrency 1"), 1.0, False),
+        ("d faster than c at p50 (d/c < 1)", get("d/c p50 at concurrency 1"), 1.0, False),
+    ]
     if preset != "tiny":  # on tiny, per-call overhead is most of the cost by design: no overhead target
         overhead = get("d/b p50 at concurrency 1 (serving overhead)")
-        add("serving overhead d/b p50 at concurrency 1 <= 1.05", overhead, 1.05, False)
-    add("d faster than a at p50 (d/a < 1)", get("d/a p50 at concurrency 1"), 1.0, False)
-    add("d faster than c at p50 (d/c < 1)", get("d/c p50 at concurrency 1"), 1.0, False)
+        checks.insert(0, ("serving overhead d/b p50 at concurrency 1 <= 1.05", overhead, 1.05, False))
     need = 2.0 if preset == "tiny" else 1.0
-    add(f"d images/s at concurrency 8 >= {need:g}x c's", get("d/c images/s at concurrency 8"), need, True)
+    checks.append(
+        (f"d images/s at concurrency 8 >= {need:g}x c's", get("d/c images/s at concurrency 8"), need, True)
+    )
+    targets += [target(*check) for check in checks]
     return {k: round(v, 3) for k, v in ratios.items()}, targets
 
 
@@ -370,10 +389,4 @@ def table(document: dict[str, Any]) -> str:
             f"{SYSTEMS[r['system']]:38s} {r['concurrency']:>4} {r['images_per_s']:>9.3f} "
             f"{r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f}"
         )
-    lines.append("")
-    for name, value in document["ratios"].items():
-        lines.append(f"{name}: {value:.3f}")
-    for target in document["targets"]:
-        verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
-        lines.append(f"target {target['target']}: {target['value']} -> {verdict}")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *verdict_lines(document)])

@@ -128,8 +128,8 @@ def gateway_split(before: Samples, after: Samples) -> dict[str, float]:
 
 
 def triton_split(before: Samples, after: Samples) -> dict[str, dict[str, float]]:
-    """Per model: inferences, and mean milliseconds per inference in queue and compute (Triton's
-    cumulative `nv_inference_*_duration_us` counters)."""
+    """Per model: requests, executions, inferences (batch rows), and mean milliseconds per request in
+    queue and compute (Triton's cumulative `nv_inference_*_duration_us` counters)."""
     models = sorted(
         {dict(labels).get("model", "") for name, labels in after if name == "nv_inference_request_success"}
     )
@@ -139,7 +139,11 @@ def triton_split(before: Samples, after: Samples) -> dict[str, dict[str, float]]
         count = _delta(before, after, "nv_inference_request_success", **labels)
         if count <= 0:
             continue
-        split[model] = {"requests": count}
+        split[model] = {
+            "requests": count,
+            "executions": _delta(before, after, "nv_inference_exec_count", **labels),
+            "inferences": _delta(before, after, "nv_inference_count", **labels),  # batch rows
+        }
         for stage in TRITON_STAGES:
             total_us = _delta(before, after, f"nv_inference_{stage}_duration_us", **labels)
             split[model][f"{stage}_ms"] = round(total_us / count / 1000.0, 2)

@@ -35,6 +35,10 @@ def _export(args: argparse.Namespace) -> int:
         precision=args.precision,
         ort_tensorrt=args.ort_tensorrt,
         denoise_instances=args.denoise_instances,
+        batching=args.batching,
+        max_batch_rows=args.max_batch_rows,
+        max_wait_us=args.max_wait_us,
+        max_queue_delay_us=args.max_queue_delay_us,
     )
     run_export(ExportOptions(model=args.model, repo=Path(args.repo), settings=settings, limits=limits))
     return 0
@@ -145,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--repo", default="model_repository")
     ex.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ex.add_argument("--ort-tensorrt", action="store_true", help="onnxruntime kind: TensorRT accelerator")
-    ex.add_argument("--denoise-instances", type=int, default=2)
+    ex.add_argument(
+        "--batching",
+        choices=["none", "dynamic", "continuous"],
+        default="continuous",
+        help="how requests share UNet calls (docs/batching.md)",
+    )
+    ex.add_argument("--max-batch-rows", type=int, default=16, help="continuous: UNet rows per call")
+    ex.add_argument("--max-wait-us", type=int, default=0, help="continuous: wait for arrivals before a step")
+    ex.add_argument("--denoise-instances", type=int, default=2, help="none / dynamic: loops in flight")
+    ex.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton's dynamic batching window")
     defaults = Limits()
     ex.add_argument("--max-steps", type=int, default=defaults.max_steps)
     ex.add_argument("--max-side", type=int, default=defaults.max_side)

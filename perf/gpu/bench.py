@@ -106,6 +106,21 @@ def main() -> None:
             "unet_step_b2": cuda_ms(lambda: pipe.unet(sample, timestep, hidden), 20),
             "vae_decode_b1": cuda_ms(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), 10),
         }
+        # The headroom continuous batching has on this GPU: one UNet call at growing batch sizes
+        # (rows = 2 per request with guidance), as image-steps per second.
+        scaling = {}
+        for rows in (2, 4, 8, 16, 32):
+            batch = (
+                sample.repeat(rows // 2, 1, 1, 1),
+                timestep.repeat(rows // 2),
+                hidden.repeat(rows // 2, 1, 1),
+            )
+            timing = cuda_ms(lambda batch=batch: pipe.unet(*batch), 10)
+            scaling[str(rows)] = {
+                **timing,
+                "image_steps_per_s": round(rows / 2 / timing["median_ms"] * 1000, 1),
+            }
+        result["engines"]["pytorch"]["unet_step_by_rows"] = scaling
         # 3. End to end through diffusers' pipeline.
         log.info("[3/4] end to end: %d steps at %dx%d", args.steps, args.size, args.size)
 

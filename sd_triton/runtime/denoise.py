@@ -1,5 +1,9 @@
 """The denoising loop with classifier-free guidance, the arithmetic of diffusers'
-StableDiffusionPipeline, over any UNet callable (Triton BLS in production, ONNX Runtime in tests)."""
+StableDiffusionPipeline, over any UNet callable (Triton BLS in production, ONNX Runtime in tests).
+
+`DenoiseJob` is one request's state, advanced one UNet call at a time: `denoise` runs one job alone,
+`sd_triton.runtime.batching` advances many jobs in shared UNet calls. Both do the same arithmetic.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from sd_triton.runtime.schedulers import make_scheduler
 UNetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 # (step index, number of steps) -> None
 StepCallback = Callable[[int, int], None]
+UNetInputs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _embeddings(prompt_embeds: np.ndarray, params: GenerationParams) -> torch.Tensor:
@@ -39,6 +44,74 @@ def _step_kwargs(scheduler: object, generators: list[torch.Generator]) -> dict[s
     return kwargs
 
 
+class DenoiseJob:
+    """One request's denoising state: its scheduler, seeded generators, latents and embeddings.
+
+    Call `unet_inputs()` then `advance(noise_pred)` once per step until `done`. Image i is seeded
+    with `params.seed + i` (one generator per image, as diffusers does with a list of generators),
+    so any image can be reproduced alone.
+    """
+
+    def __init__(self, prompt_embeds: np.ndarray, params: GenerationParams, config: PipelineConfig) -> None:
+        self.params = params
+        self.config = config
+        self.cfg = params.classifier_free_guidance
+        # 1. A fresh scheduler from the checkpoint's config, with the request's number of steps.
+        self.scheduler = make_scheduler(params.scheduler, config.scheduler_config)
+        self.scheduler.set_timesteps(params.steps)
+        self.timesteps = self.scheduler.timesteps
+        # 2. Text embeddings, one row per UNet batch item.
+        self.embeds = _embeddings(prompt_embeds, params).numpy()
+        # 3. Initial noise: one CPU generator per image.
+        generators = [torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)]
+        self.latent_shape = (
+            config.latent_channels,
+            params.height // config.vae_scale_factor,
+            params.width // config.vae_scale_factor,
+        )
+        latents = randn_tensor(
+            (params.num_images, *self.latent_shape), generator=generators, dtype=torch.float32
+        )
+        self.latents = latents * self.scheduler.init_noise_sigma
+        self.step_kwargs = _step_kwargs(self.scheduler, generators)
+        self.step_index = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def rows(self) -> int:
+        """UNet batch rows per step: cond and uncond for every image."""
+        return self.embeds.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.steps
+
+    def unet_inputs(self) -> UNetInputs:
+        """(sample, timestep, encoder_hidden_states) for this step, `rows` rows each."""
+        t = self.timesteps[self.step_index]
+        model_input = torch.cat([self.latents] * 2) if self.cfg else self.latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        timestep = np.full((self.rows, 1), float(t), dtype=np.float32)
+        return model_input.numpy(), timestep, self.embeds
+
+    def advance(self, noise_pred: np.ndarray) -> None:
+        """Guidance and the scheduler step with this step's UNet output."""
+        t = self.timesteps[self.step_index]
+        noise = torch.from_numpy(noise_pred)
+        if self.cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + self.params.guidance_scale * (text - uncond)
+        self.latents = self.scheduler.step(noise, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        self.step_index += 1
+
+    def result(self) -> np.ndarray:
+        """The final latents with the VAE's latent scaling undone, ready for the decoder."""
+        return (self.latents / self.config.vae_scaling_factor).numpy().astype(np.float32)
+
+
 def denoise(
     prompt_embeds: np.ndarray,
     params: GenerationParams,
@@ -46,45 +119,10 @@ def denoise(
     unet: UNetFn,
     on_step: StepCallback | None = None,
 ) -> np.ndarray:
-    """Latents for `params.num_images` images, divided by the VAE scaling factor.
-
-    Image i is seeded with `params.seed + i` (one generator per image, as diffusers does with a
-    list of generators), so any image can be reproduced alone.
-    """
-    # 1. A fresh scheduler from the checkpoint's config, with the request's number of steps.
-    scheduler = make_scheduler(params.scheduler, config.scheduler_config)
-    scheduler.set_timesteps(params.steps)
-    cfg = params.classifier_free_guidance
-
-    # 2. Text embeddings, one row per UNet batch item.
-    embeds = _embeddings(prompt_embeds, params).numpy()
-
-    # 3. Initial noise: one CPU generator per image.
-    generators = [torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)]
-    shape = (
-        params.num_images,
-        config.latent_channels,
-        params.height // config.vae_scale_factor,
-        params.width // config.vae_scale_factor,
-    )
-    latents = randn_tensor(shape, generator=generators, dtype=torch.float32)
-    latents = latents * scheduler.init_noise_sigma
-    step_kwargs = _step_kwargs(scheduler, generators)
-
-    # 4. The loop: cond and uncond in one UNet batch, guidance, scheduler step.
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents] * 2) if cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        batch = model_input.shape[0]
-        timestep = np.full((batch, 1), float(t), dtype=np.float32)
-        noise = torch.from_numpy(unet(model_input.numpy(), timestep, embeds))
-        if cfg:
-            uncond, text = noise.chunk(2)
-            noise = uncond + params.guidance_scale * (text - uncond)
-        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+    """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone."""
+    job = DenoiseJob(prompt_embeds, params, config)
+    while not job.done:
+        job.advance(unet(*job.unet_inputs()))
         if on_step is not None:
-            on_step(i, len(timesteps))
-
-    # 5. Undo the VAE's latent scaling, ready for the decoder.
-    return (latents / config.vae_scaling_factor).numpy().astype(np.float32)
+            on_step(job.step_index - 1, job.steps)
+    return job.result()

@@ -28,9 +28,15 @@ def choose_providers(device: str) -> list[str]:
 
 
 class OrtRunner:
-    def __init__(self, model_path: str | Path, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self, model_path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = True
+    ) -> None:
+        """`spinning`: idle intra-op threads spin (ONNX Runtime's default, best for one session alone).
+        The python-ort Triton engines turn it off: several sessions share the cores there, and the
+        spinning threads of one take the cores the others compute on."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
         self.output_names = [o.name for o in self.session.get_outputs()]
         log.info("loaded %s with %s", model_path, self.session.get_providers())

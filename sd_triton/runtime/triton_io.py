@@ -56,6 +56,12 @@ def get_text(request: Any, spec: TensorSpec, default: str | None = None) -> str:
     return default if value is None and default is not None else decode_text(spec.name, value)
 
 
+def error_response(message: str, code: Any = None) -> Any:
+    """A response carrying an error (INVALID_ARG unless `code` says otherwise)."""
+    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
 def respond(requests: Sequence[Any], spec: ModelSpec, handle: Callable[[Any], Outputs]) -> list[Any]:
     """One response per request; a request's bad input answers INVALID_ARG to it alone."""
     responses = []
@@ -63,8 +69,7 @@ def respond(requests: Sequence[Any], spec: ModelSpec, handle: Callable[[Any], Ou
         try:
             outputs = handle(request)
         except InvalidRequest as exc:
-            error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-            responses.append(pb_utils.InferenceResponse(error=error))
+            responses.append(error_response(str(exc)))
             continue
         tensors = [pb_utils.Tensor(t.name, outputs[t.name]) for t in spec.outputs]
         responses.append(pb_utils.InferenceResponse(output_tensors=tensors))

@@ -24,6 +24,7 @@ class TritonPythonModel:
             triton_io.version_dir(args) / "model.onnx",
             device=params.get("device", "auto"),
             threads=int(params.get("intra_op_threads", "0")),
+            spinning=params.get("allow_spinning", "1") == "1",
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -34,8 +35,7 @@ class TritonPythonModel:
         responses = []
         for out in self.runner.run_batch(feeds):
             if isinstance(out, Exception):
-                error = pb_utils.TritonError(str(out), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
+                responses.append(triton_io.error_response(str(out)))
                 continue
             tensors = [pb_utils.Tensor(name, out[name]) for name in self.output_names]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))

@@ -10,10 +10,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.checkpoint import Checkpoint
 from export.components import COMPONENTS
-from export.pipeline import ExportOptions, run_export
-from export.repository import CONFIG_FILE, RepositorySettings, parse
+from export.pipeline import ExportOptions, engine_profile, repository_settings, run_export
+from export.repository import CONFIG_FILE, RepositorySettings, all_configs, parse
 from sd_triton import contract as c
 from sd_triton.cli import parse_engines
+from sd_triton.served_model import ServedModel
 from tests.conftest import WORK_DIR
 from tests.export.test_contract import check_config_against_contract
 
@@ -39,8 +40,9 @@ def onnxruntime_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, di
 def check_engine_common(config: mc.ModelConfig, name: str, expected_batch: int) -> None:
     check_config_against_contract(config, c.MODELS[name])
     assert config.max_batch_size == expected_batch
-    assert config.HasField("dynamic_batching")
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    # continuous batching (the default) sends the UNet whole batches: no second batcher in the way
+    assert config.HasField("dynamic_batching") == (name != c.UNET.name)
+    assert name == c.UNET.name or config.dynamic_batching.max_queue_delay_microseconds > 0
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert not config.backend
 
@@ -49,7 +51,8 @@ def check_engine_common(config: mc.ModelConfig, name: str, expected_batch: int) 
 def test_tensorrt_config_and_profile(tensorrt_repo, tiny_checkpoint, name: str) -> None:
     repo, manifest = tensorrt_repo
     limits = c.Limits()
-    profile = COMPONENTS[name].profile(Checkpoint.open(tiny_checkpoint).dims, limits)
+    checkpoint = Checkpoint.open(tiny_checkpoint)
+    profile = engine_profile(COMPONENTS[name], checkpoint, RepositorySettings(), limits)
     max_batch = max(shapes[2][0] for shapes in profile.shapes.values())
     config = load_config(repo, name)
     check_engine_common(config, name, max_batch)
@@ -65,9 +68,12 @@ def test_tensorrt_config_and_profile(tensorrt_repo, tiny_checkpoint, name: str) 
         for axis, fixed in enumerate(tensor.dims, start=1):
             if fixed != -1:
                 assert low[axis] == opt[axis] == high[axis] == fixed, tensor.name
-    # the batch range reaches what a request can send
-    expected = limits.max_num_images if name == "vae_decoder" else limits.max_unet_batch
-    assert max_batch == expected
+    # the batch range reaches what a request can send (the UNet: what the batcher sends)
+    assert max_batch == manifest_max_batch(name)
+    assert profile.shapes == {
+        k: (lo, opt, (max_batch, *hi[1:]))
+        for k, (lo, opt, hi) in COMPONENTS[name].profile(checkpoint.dims, limits).shapes.items()
+    }
     if name != "text_encoder":
         assert profile.shapes[spec.inputs[0].name][2][2] * 8 == limits.max_side
     # no GPU here: the plan is recorded as missing, with the reason, and the ONNX is in place
@@ -93,7 +99,48 @@ def test_onnxruntime_config(onnxruntime_repo, name: str) -> None:
 
 def manifest_max_batch(name: str) -> int:
     limits = c.Limits()
+    if name == c.UNET.name:
+        return max(limits.max_unet_batch, RepositorySettings().max_batch_rows)
     return limits.max_num_images if name == "vae_decoder" else limits.max_unet_batch
+
+
+def mode_configs(tiny_checkpoint: Path, **kwargs) -> dict[str, mc.ModelConfig]:
+    checkpoint = Checkpoint.open(tiny_checkpoint)
+    settings = repository_settings(RepositorySettings(**kwargs), checkpoint, c.Limits())
+    return all_configs(settings, ServedModel("tiny", 64, 64, 8, c.Limits()))
+
+
+def test_batching_none_gives_every_unet_call_one_request(tiny_checkpoint) -> None:
+    configs = mode_configs(tiny_checkpoint, batching="none", denoise_instances=5)
+    denoise = configs[c.DENOISE.name]
+    assert denoise.instance_group[0].count == 5
+    assert denoise.parameters["batching"].string_value == "none"
+    for name in c.ENGINE_MODELS:
+        assert not configs[name].HasField("dynamic_batching"), name
+    assert configs[c.UNET.name].max_batch_size == c.Limits().max_unet_batch
+
+
+def test_batching_dynamic_lets_triton_merge_the_loops_unet_calls(tiny_checkpoint) -> None:
+    configs = mode_configs(tiny_checkpoint, batching="dynamic", denoise_instances=8, max_queue_delay_us=1500)
+    assert configs[c.DENOISE.name].instance_group[0].count == 8
+    for name in c.ENGINE_MODELS:
+        assert configs[name].dynamic_batching.max_queue_delay_microseconds == 1500, name
+
+
+def test_batching_continuous_runs_one_batcher(tiny_checkpoint) -> None:
+    configs = mode_configs(tiny_checkpoint, batching="continuous", max_batch_rows=32, max_wait_us=700)
+    denoise = configs[c.DENOISE.name]
+    assert denoise.instance_group[0].count == 1  # one scheduling loop sees every request
+    assert {k: v.string_value for k, v in denoise.parameters.items()} == {
+        "unet_model": "unet",
+        "batching": "continuous",
+        "max_batch": "32",
+        "max_wait_us": "700",
+    }
+    unet = configs[c.UNET.name]
+    assert unet.max_batch_size == 32 and not unet.HasField("dynamic_batching")
+    # the VAE still batches requests that finish in the same iteration
+    assert configs[c.VAE_DECODER.name].dynamic_batching.max_queue_delay_microseconds > 0
 
 
 def test_pipeline_steps_identical_across_engine_kinds(tensorrt_repo, onnxruntime_repo, exported) -> None:
@@ -135,6 +182,9 @@ def test_mixed_engines_from_the_command_line() -> None:
             ["engines", "'vae'"],
         ),
         ({"denoise_instances": 0}, ["denoise_instances", "got 0"]),
+        ({"batching": "static"}, ["batching", "continuous", "'static'"]),
+        ({"max_batch_rows": 0}, ["max_batch_rows", "got 0"]),
+        ({"max_wait_us": -5}, ["max_wait_us", "got -5"]),
     ],
 )
 def test_settings_validation_names_the_field(kwargs: dict, words: list[str]) -> None:

@@ -34,6 +34,8 @@ def test_failed_requests_are_counted_with_their_message(gateway: GatewayProcess)
 METRICS_BEFORE = """
 # TYPE nv_inference_request_success counter
 nv_inference_request_success{model="unet",version="1"} 10
+nv_inference_exec_count{model="unet",version="1"} 4
+nv_inference_count{model="unet",version="1"} 32
 nv_inference_queue_duration_us{model="unet",version="1"} 1000
 nv_inference_compute_infer_duration_us{model="unet",version="1"} 50000
 # TYPE gateway_stage_seconds histogram
@@ -43,6 +45,8 @@ gateway_stage_seconds_sum{stage="inference"} 0.5
 METRICS_AFTER = """
 # TYPE nv_inference_request_success counter
 nv_inference_request_success{model="unet",version="1"} 30
+nv_inference_exec_count{model="unet",version="1"} 9
+nv_inference_count{model="unet",version="1"} 72
 nv_inference_queue_duration_us{model="unet",version="1"} 5000
 nv_inference_compute_infer_duration_us{model="unet",version="1"} 250000
 # TYPE gateway_stage_seconds histogram
@@ -55,4 +59,5 @@ def test_splits_are_the_deltas_over_the_run() -> None:
     before, after = parse_metrics(METRICS_BEFORE), parse_metrics(METRICS_AFTER)
     split = triton_split(before, after)["unet"]
     assert split["requests"] == 20 and split["queue_ms"] == 0.2 and split["compute_infer_ms"] == 10.0
+    assert split["executions"] == 5 and split["inferences"] == 40
     assert gateway_split(before, after) == {"inference": 500.0}

@@ -1,0 +1,284 @@
+"""Continuous batching for the denoising loop.
+
+Every iteration, all active requests of one latent shape advance by one step in one shared UNet
+call: each with its own timestep row, guidance scale, scheduler and generators (`DenoiseJob`).
+A request that arrives while an iteration runs joins at the next one; a finished request leaves at
+once (its latents go to the VAE); a cancelled one leaves before the next UNet call. Requests of
+different step counts and schedulers share calls.
+
+Admission is FIFO per latent shape and each shape group gets its own UNet call every iteration, so
+a rare shape never waits behind a common one. `max_batch` caps the UNet rows (latents, cond and
+uncond both counted) per call; a request larger than the cap runs when its group is empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, int, int]
+
+
+class Cancelled(Exception):
+    """The request was cancelled by its client; it left the batch."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = 16  # UNet rows per call
+    max_wait_s: float = 0.0  # before an iteration below max_batch rows, wait this long for arrivals
+    cancel_check_s: float = 0.05  # ask a request whether it was cancelled at most this often
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        for name in ("max_wait_s", "cancel_check_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request in the batcher and what to do with its outcome (called on the batcher's thread)."""
+
+    job: DenoiseJob
+    on_done: Callable[[np.ndarray], None]  # the final latents (DenoiseJob.result)
+    on_error: Callable[[Exception], None]  # Cancelled, or the UNet's / scheduler's error
+    on_step: StepCallback | None = None  # progress: (step index, number of steps) after each step
+    # Asked on the batcher's thread, at most every cancel_check_s. In Triton it is a round trip to the
+    # server (0.1 ms here); the stub's messages are not safe from two threads at once (a separate
+    # watcher thread asking it while the loop made its UNet call hung the server).
+    is_cancelled: Callable[[], bool] = _never
+    next_check: float = 0.0  # time.monotonic() of the next is_cancelled question
+
+    @property
+    def shape(self) -> Shape:
+        return self.job.latent_shape
+
+
+@dataclass
+class BatcherStats:
+    iterations: int = 0
+    unet_calls: int = 0
+    unet_rows: int = 0
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    call_rows: list[int] = field(default_factory=list)  # rows of the most recent calls (bounded)
+
+    def record_call(self, rows: int) -> None:
+        self.unet_calls += 1
+        self.unet_rows += rows
+        self.call_rows = [*self.call_rows[-255:], rows]
+
+
+class ContinuousBatcher:
+    """The scheduling loop. `submit` from any thread; `iterate` (or the worker `start` runs) advances."""
+
+    def __init__(self, unet: UNetFn, config: BatchingConfig | None = None) -> None:
+        self.unet = unet
+        self.config = config or BatchingConfig()
+        self.stats = BatcherStats()
+        self._waiting: dict[Shape, deque[Ticket]] = {}  # FIFO per shape, guarded by _cond
+        self._active: dict[Shape, list[Ticket]] = {}  # the worker's own
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- any thread -------------------------------------------------------------------------------
+
+    def submit(self, ticket: Ticket) -> None:
+        with self._cond:
+            self._waiting.setdefault(ticket.shape, deque()).append(ticket)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        """Requests waiting or in the batch."""
+        with self._cond:
+            waiting = sum(len(q) for q in self._waiting.values())
+        return waiting + sum(len(group) for group in self._active.values())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker after its current iteration; requests still queued get an error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        leftovers = [t for group in self._active.values() for t in group]
+        with self._cond:
+            leftovers += [t for q in self._waiting.values() for t in q]
+            self._waiting.clear()
+        self._active.clear()
+        for ticket in leftovers:
+            self._fail(ticket, RuntimeError("the denoise model is shutting down"))
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    def iterate(self) -> int:
+        """One iteration: drop cancelled requests, admit waiting ones, one UNet call per shape group.
+        Returns the number of UNet calls made."""
+        # 1. Cancelled requests leave at once, waiting or active.
+        self._drop_cancelled()
+        # 2. Admit waiting requests, FIFO per shape, while the group's rows fit.
+        self._admit()
+        # 3. One UNet call per shape group; every request in it advances one step.
+        calls = 0
+        for shape in list(self._active):
+            self._advance_group(shape)
+            calls += 1
+        if calls:
+            self.stats.iterations += 1
+        return calls
+
+    def run_until_idle(self) -> None:
+        """Iterate until nothing is waiting or active (tests and the in-process pipeline)."""
+        while self.pending():
+            self.iterate()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting_count() and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._wait_for_company()
+            try:
+                self.iterate()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one iteration
+                log.exception("continuous batcher: iteration failed")
+
+    def _waiting_count(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def _wait_for_company(self) -> None:
+        """With the lock held: up to max_wait_s for arrivals while the batch is below max_batch."""
+        if self.config.max_wait_s <= 0:
+            return
+        deadline = time.monotonic() + self.config.max_wait_s
+        while not self._stopping:
+            rows = sum(t.job.rows for group in self._active.values() for t in group)
+            rows += sum(t.job.rows for q in self._waiting.values() for t in q)
+            remaining = deadline - time.monotonic()
+            if rows >= self.config.max_batch or remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            waiting = [t for queue in self._waiting.values() for t in queue]
+        for ticket in [t for t in waiting if self._cancelled(t)]:
+            with self._cond:
+                self._waiting[ticket.shape].remove(ticket)
+            self._cancel(ticket)
+        for shape, group in list(self._active.items()):
+            kept = [t for t in group if not self._cancelled(t)]
+            for ticket in group:
+                if ticket not in kept:
+                    self._cancel(ticket)
+            self._set_group(shape, kept)
+
+    def _admit(self) -> None:
+        with self._cond:
+            for shape, queue in list(self._waiting.items()):
+                group = self._active.get(shape, [])
+                rows = sum(t.job.rows for t in group)
+                while queue and (rows + queue[0].job.rows <= self.config.max_batch or not group):
+                    ticket = queue.popleft()
+                    group = [*group, ticket]
+                    rows += ticket.job.rows
+                if not queue:
+                    del self._waiting[shape]
+                self._set_group(shape, group)
+
+    def _advance_group(self, shape: Shape) -> None:
+        group = self._active[shape]
+        inputs = [t.job.unet_inputs() for t in group]
+        batch = tuple(np.concatenate([x[i] for x in inputs]) for i in range(3))
+        try:
+            noise = self.unet(*batch)
+        except Exception as exc:  # noqa: BLE001 - every request of the call gets the error
+            log.error("continuous batcher: UNet call for %s failed: %s", shape, exc)
+            for ticket in group:
+                self._fail(ticket, exc)
+            self._set_group(shape, [])
+            return
+        self.stats.record_call(batch[0].shape[0])
+        kept = []
+        offset = 0
+        for ticket in group:
+            rows = ticket.job.rows
+            try:
+                ticket.job.advance(noise[offset : offset + rows])
+                if ticket.on_step is not None:
+                    ticket.on_step(ticket.job.step_index - 1, ticket.job.steps)
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                self._fail(ticket, exc)
+                offset += rows
+                continue
+            offset += rows
+            if ticket.job.done:
+                self._finish(ticket)
+            else:
+                kept.append(ticket)
+        self._set_group(shape, kept)
+
+    def _set_group(self, shape: Shape, group: list[Ticket]) -> None:
+        if group:
+            self._active[shape] = group
+        else:
+            self._active.pop(shape, None)
+
+    def _cancelled(self, ticket: Ticket) -> bool:
+        now = time.monotonic()
+        if now < ticket.next_check:
+            return False
+        ticket.next_check = now + self.config.cancel_check_s
+        try:
+            return ticket.is_cancelled()
+        except Exception:  # noqa: BLE001 - a broken probe must not stop the loop
+            log.exception("continuous batcher: is_cancelled failed")
+            return False
+
+    def _cancel(self, ticket: Ticket) -> None:
+        self.stats.cancelled += 1
+        self._deliver(ticket.on_error, Cancelled("the request was cancelled"))
+
+    def _fail(self, ticket: Ticket, exc: Exception) -> None:
+        self.stats.failed += 1
+        self._deliver(ticket.on_error, exc)
+
+    def _finish(self, ticket: Ticket) -> None:
+        try:
+            latents = ticket.job.result()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(ticket, exc)
+            return
+        self.stats.finished += 1
+        self._deliver(ticket.on_done, latents)
+
+    @staticmethod
+    def _deliver(callback: Callable[[object], None], value: object) -> None:
+        try:
+            callback(value)
+        except Exception:  # noqa: BLE001 - a failed response send must not stop the loop
+            log.exception("continuous batcher: delivering a result failed")

@@ -1,0 +1,111 @@
+"""Step 3 of txt2img as a Triton python model: the scheduler loop, calling the `unet` model through
+BLS. Only importable inside Triton's python backend.
+
+Parameter `batching` (config.pbtxt) picks how requests share UNet calls:
+
+- `continuous` (one instance): `execute` hands each request to a `ContinuousBatcher` worker and
+  returns at once; every iteration the worker runs one UNet call per latent shape for all active
+  requests, and answers each request through its response sender when its last step is done.
+- anything else: each `execute` runs its requests' loops to the end, one request at a time; how
+  their UNet calls meet is left to the `unet` model's own dynamic batcher.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from sd_triton import contract as c
+from sd_triton.pipeline_config import FILENAME, PipelineConfig
+from sd_triton.requests import GenerationParams, InvalidRequest, validate_params
+from sd_triton.runtime import triton_io
+from sd_triton.runtime.batching import BatchingConfig, Cancelled, ContinuousBatcher, Ticket
+from sd_triton.runtime.denoise import DenoiseJob, denoise
+
+SAMPLE, TIMESTEP, HIDDEN = (t.name for t in c.UNET.inputs)
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        # The scheduler's tensor math is small; torch's intra-op threads would only spin on the cores
+        # the UNet computes on (CPU engines) and never help (GPU engines).
+        torch.set_num_threads(1)
+        self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
+        params = triton_io.parameters(args)
+        self.unet_model = params.get("unet_model", c.UNET.name)
+        self.batcher: ContinuousBatcher | None = None
+        if params.get("batching") == "continuous":
+            config = BatchingConfig(
+                max_batch=int(params.get("max_batch", "16")),
+                max_wait_s=int(params.get("max_wait_us", "0")) / 1e6,
+            )
+            # the worker and the stub's main thread (execute) hand the GIL back and forth every step;
+            # Python's default 5 ms switch interval showed as a few % at one request on `tiny`
+            sys.setswitchinterval(0.0005)
+            self.batcher = ContinuousBatcher(self._unet, config)
+            self.batcher.start()
+
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.batcher is None:
+            return triton_io.respond(requests, c.DENOISE, self._denoise)
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def finalize(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+    def _params(self, request: Any) -> GenerationParams:
+        return validate_params(
+            height=triton_io.get_scalar(request, c.HEIGHT),
+            width=triton_io.get_scalar(request, c.WIDTH),
+            steps=triton_io.get_scalar(request, c.STEPS),
+            guidance_scale=triton_io.get_scalar(request, c.GUIDANCE_SCALE),
+            seed=triton_io.get_scalar(request, c.SEED),
+            scheduler=triton_io.get_text(request, c.SCHEDULER),
+            num_images=triton_io.get_scalar(request, c.NUM_IMAGES),
+            limits=self.config.limits,
+            spatial_multiple=self.config.vae_scale_factor,
+        )
+
+    def _embeds(self, request: Any) -> np.ndarray:
+        embeds = triton_io.get_array(request, c.PROMPT_EMBEDS)
+        assert embeds is not None  # a required input
+        return embeds
+
+    def _denoise(self, request: Any) -> triton_io.Outputs:
+        params = self._params(request)
+        return {c.LATENTS.name: denoise(self._embeds(request), params, self.config, self._unet)}
+
+    def _submit(self, request: Any) -> None:
+        assert self.batcher is not None
+        sender = request.get_response_sender()
+        try:
+            job = DenoiseJob(self._embeds(request), self._params(request), self.config)
+        except (InvalidRequest, ValueError) as exc:
+            sender.send(triton_io.error_response(str(exc)), flags=FINAL)
+            return
+
+        def done(latents: np.ndarray) -> None:
+            tensor = pb_utils.Tensor(c.LATENTS.name, latents)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]), flags=FINAL)
+
+        def failed(exc: Exception) -> None:
+            code = (
+                pb_utils.TritonError.CANCELLED
+                if isinstance(exc, Cancelled)
+                else pb_utils.TritonError.INTERNAL
+            )
+            sender.send(triton_io.error_response(f"denoise: {exc}", code), flags=FINAL)
+
+        self.batcher.submit(Ticket(job, done, failed, is_cancelled=request.is_cancelled))
+
+    def _unet(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        inputs = {SAMPLE: sample, TIMESTEP: timestep, HIDDEN: hidden}
+        return triton_io.bls_infer(self.unet_model, inputs, c.UNET.outputs[0].name)

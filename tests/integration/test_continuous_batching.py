@@ -1,0 +1,137 @@
+"""Continuous batching through the real Triton server (the session repository's default mode):
+requests that join each other mid-flight get the images they get alone, and really share UNet calls."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from perf.loadgen import parse_metrics
+from sd_triton import contract as c
+from sd_triton.pipeline_config import FILENAME, PipelineConfig
+from sd_triton.triton_server import TritonServer
+from sd_triton.txt2img_client import txt2img
+
+# Different prompts, seeds, steps, schedulers, guidance, image counts and shapes.
+REQUESTS = [
+    {"prompt": "a red circle", "steps": 12, "scheduler": "ddim", "seed": 1, "height": 64, "width": 64},
+    {"prompt": "a blue square", "steps": 8, "scheduler": "euler_a", "seed": 2, "height": 64, "width": 64},
+    {
+        "prompt": "fog",
+        "steps": 9,
+        "scheduler": "dpmpp_2m",
+        "seed": 3,
+        "height": 48,
+        "width": 64,
+        "num_images": 2,
+    },
+    {
+        "prompt": "a star",
+        "steps": 7,
+        "scheduler": "lms",
+        "seed": 4,
+        "height": 64,
+        "width": 64,
+        "guidance_scale": 1.0,
+    },
+    {"prompt": "a tree", "steps": 10, "scheduler": "unipc", "seed": 5, "height": 64, "width": 64},
+]
+
+
+def _unet_counts(triton: TritonServer) -> tuple[float, float]:
+    """(UNet executions, UNet rows inferred) so far."""
+    samples = parse_metrics(httpx.get(triton.metrics_url, timeout=10).text)
+    labels = (("model", "unet"), ("version", "1"))
+    return samples[("nv_inference_exec_count", labels)], samples[("nv_inference_count", labels)]
+
+
+def _call(client: grpcclient.InferenceServerClient, request: dict) -> np.ndarray:
+    params = {"guidance_scale": 7.5, "num_images": 1, **request}
+    return txt2img(client, params.pop("prompt"), **params).images.astype(int)
+
+
+def test_requests_joining_mid_flight_get_their_alone_images(
+    client: grpcclient.InferenceServerClient, triton: TritonServer
+) -> None:
+    # 1. Each request alone, one after the other: one UNet call per step.
+    before = _unet_counts(triton)
+    solo = [_call(client, r) for r in REQUESTS]
+    alone_execs = _unet_counts(triton)[0] - before[0]
+    assert alone_execs == sum(r["steps"] for r in REQUESTS)
+
+    # 2. All of them at once, arriving 40 ms apart: later ones join the running batch.
+    def staggered(index: int) -> np.ndarray:
+        time.sleep(0.04 * index)
+        return _call(client, REQUESTS[index])
+
+    before = _unet_counts(triton)
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        together = list(pool.map(staggered, range(len(REQUESTS))))
+    execs, rows = (after - start for after, start in zip(_unet_counts(triton), before, strict=True))
+
+    # 3. They shared UNet calls (fewer executions than steps, several requests' rows per call) ...
+    assert execs < alone_execs
+    assert rows / execs > 2.0
+    # ... and every image is the one it was alone.
+    for request, a, b in zip(REQUESTS, solo, together, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 2, request["prompt"]
+        assert a.std() > 0
+
+
+def _denoise_inputs(config: PipelineConfig, steps: int) -> list[grpcclient.InferInput]:
+    """A denoise request on its own (random embeddings), as the ensemble would send it."""
+    values = {
+        c.PROMPT_EMBEDS: np.random.default_rng(0).standard_normal((2, 77, config.text_hidden_size)),
+        c.HEIGHT: 64,
+        c.WIDTH: 64,
+        c.STEPS: steps,
+        c.GUIDANCE_SCALE: 7.5,
+        c.SEED: 5,
+        c.SCHEDULER: b"ddim",
+        c.NUM_IMAGES: 1,
+    }
+    inputs = []
+    for spec, value in values.items():
+        array = np.asarray(value if spec is c.PROMPT_EMBEDS else [value], dtype=spec.numpy_dtype)
+        tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.wire_dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_a_cancelled_request_leaves_the_batch_without_hurting_the_others(
+    client: grpcclient.InferenceServerClient, triton: TritonServer, exported: dict
+) -> None:
+    """The client cancels a denoise call (Triton 2.51 does not pass an ensemble's cancellation on to
+    its steps, so the call goes to denoise itself, as perf_analyzer's would)."""
+    config = PipelineConfig.load(exported["repo"] / "denoise" / "1" / FILENAME)
+    expected = _call(client, REQUESTS[1])
+    before = _unet_counts(triton)[0]
+    context = client.async_infer(c.DENOISE.name, _denoise_inputs(config, 150), lambda **_: None)
+    time.sleep(0.3)
+    context.cancel()
+    # another request runs beside it and after it, unharmed
+    assert np.abs(_call(client, REQUESTS[1]) - expected).max() <= 2
+    # the cancelled one left the batch instead of running its 150 steps
+    time.sleep(1.0)
+    executions = _unet_counts(triton)[0] - before
+    assert executions < 150 - 50, executions
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"scheduler": "heun"}])
+def test_bad_requests_are_refused_while_others_run(
+    client: grpcclient.InferenceServerClient, bad: dict
+) -> None:
+    expected = _call(client, REQUESTS[1])
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(_call, client, REQUESTS[1])
+        with pytest.raises(InferenceServerException, match="STEPS|SCHEDULER"):
+            _call(client, {**REQUESTS[0], **bad})
+        assert np.abs(good.result() - expected).max() <= 2

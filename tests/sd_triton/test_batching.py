@@ -1,0 +1,239 @@
+"""Continuous batching over the exported tiny UNet (ONNX Runtime in-process): a request's image is
+the same whether it ran alone or joined other requests mid-flight; budget, fairness, cancellation,
+errors and the worker thread."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from sd_triton import contract as c
+from sd_triton.requests import GenerationParams, uses_guidance
+from sd_triton.runtime.batching import BatchingConfig, Cancelled, ContinuousBatcher, Ticket
+from sd_triton.runtime.denoise import DenoiseJob, denoise
+from sd_triton.runtime.local import LocalPipeline
+from sd_triton.runtime.postprocess import to_uint8_images
+
+# Different prompts, seeds, steps, schedulers, guidance (one without CFG), image counts and shapes.
+REQUESTS = [
+    ("a red circle", GenerationParams(64, 64, 9, 7.5, 11, "ddim", 1)),
+    ("a blue square at the top", GenerationParams(64, 64, 6, 4.0, 12, "euler_a", 2)),
+    ("a green triangle", GenerationParams(48, 64, 7, 6.0, 13, "dpmpp_2m", 1)),
+    ("fog over a harbour", GenerationParams(64, 64, 5, 1.0, 14, "lms", 1)),
+    ("a yellow star", GenerationParams(64, 64, 8, 5.0, 15, "pndm", 1)),
+]
+
+
+@pytest.fixture(scope="module")
+def local(exported: dict) -> LocalPipeline:
+    return LocalPipeline(exported["repo"])
+
+
+@dataclass
+class Outcome:
+    latents: np.ndarray | None = None
+    error: Exception | None = None
+    steps: list[int] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def embeds(local: LocalPipeline, prompt: str, params: GenerationParams) -> np.ndarray:
+    tokens = local.tokenizer.tokenize(prompt, "", uses_guidance(params.guidance_scale))
+    return local._run(c.TEXT_ENCODER.name, tokens.input_ids)
+
+
+def unet_of(local: LocalPipeline):
+    return lambda *inputs: local._run(c.UNET.name, *inputs)
+
+
+def images(local: LocalPipeline, latents: np.ndarray) -> np.ndarray:
+    return to_uint8_images(local._run(c.VAE_DECODER.name, latents)).astype(int)
+
+
+def ticket(local: LocalPipeline, prompt: str, params: GenerationParams, outcome: Outcome, **kw) -> Ticket:
+    def done(latents: np.ndarray) -> None:
+        outcome.latents = latents
+        outcome.done.set()
+
+    def failed(exc: Exception) -> None:
+        outcome.error = exc
+        outcome.done.set()
+
+    job = DenoiseJob(embeds(local, prompt, params), params, local.config)
+    return Ticket(job, done, failed, on_step=lambda i, n: outcome.steps.append(i), **kw)
+
+
+def alone(local: LocalPipeline, prompt: str, params: GenerationParams) -> np.ndarray:
+    return images(local, denoise(embeds(local, prompt, params), params, local.config, unet_of(local)))
+
+
+def test_joined_mid_flight_equals_alone(local: LocalPipeline) -> None:
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(max_batch=16))
+    outcomes = [Outcome() for _ in REQUESTS]
+    tickets = [ticket(local, p, params, o) for (p, params), o in zip(REQUESTS, outcomes, strict=True)]
+    # 1. The first request runs alone for two steps, two more join, then the last two.
+    batcher.submit(tickets[0])
+    batcher.iterate()
+    batcher.iterate()
+    batcher.submit(tickets[1])
+    batcher.submit(tickets[2])
+    for _ in range(3):
+        batcher.iterate()
+    batcher.submit(tickets[3])
+    batcher.submit(tickets[4])
+    batcher.run_until_idle()
+    # 2. Every request finished, with one progress event per step, in order.
+    for t, outcome in zip(tickets, outcomes, strict=True):
+        assert outcome.error is None and outcome.latents is not None
+        assert outcome.steps == list(range(t.job.steps))
+    # 3. Requests really shared calls: some call held more rows than any one request.
+    assert max(batcher.stats.call_rows) > max(t.job.rows for t in tickets)
+    assert batcher.stats.finished == len(REQUESTS)
+    # 4. The images equal the ones made alone.
+    for (prompt, params), outcome in zip(REQUESTS, outcomes, strict=True):
+        batched, solo = images(local, outcome.latents), alone(local, prompt, params)
+        assert batched.shape == solo.shape == (params.num_images, params.height, params.width, 3)
+        assert np.abs(batched - solo).max() <= 2, prompt
+        assert solo.std() > 0
+
+
+def test_budget_caps_each_call_and_admission_is_fifo(local: LocalPipeline) -> None:
+    rows: list[int] = []
+    unet = unet_of(local)
+
+    def counting_unet(*inputs: np.ndarray) -> np.ndarray:
+        rows.append(inputs[0].shape[0])
+        return unet(*inputs)
+
+    batcher = ContinuousBatcher(counting_unet, BatchingConfig(max_batch=4))
+    params = [GenerationParams(64, 64, steps, 7.5, i, "ddim", 1) for i, steps in enumerate((3, 5, 2, 2))]
+    big = GenerationParams(64, 64, 2, 7.5, 9, "ddim", 3)  # 6 rows: more than the budget
+    outcomes = [Outcome() for _ in range(5)]
+    for p, o in zip([*params, big], outcomes, strict=True):
+        batcher.submit(ticket(local, "a shape", p, o))
+    first_step_call: dict[int, int] = {}
+    while batcher.pending():
+        batcher.iterate()
+        for index, o in enumerate(outcomes):
+            if o.steps and index not in first_step_call:
+                first_step_call[index] = len(rows)
+    assert all(o.latents is not None for o in outcomes)
+    # 2 CFG rows per request: two at a time; the 3rd starts when the 1st (3 steps) leaves.
+    assert first_step_call[0] == first_step_call[1] == 1
+    assert first_step_call[2] == 4 and first_step_call[3] == 6
+    # the 6-row request waits for an empty group, then runs alone
+    assert rows[-2:] == [6, 6] and max(rows[:-2]) <= 4
+
+
+def test_a_rare_shape_is_not_starved(local: LocalPipeline) -> None:
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(max_batch=2))
+    common = [Outcome() for _ in range(4)]
+    for i, o in enumerate(common):
+        batcher.submit(ticket(local, "a circle", GenerationParams(64, 64, 4, 7.5, i, "ddim", 1), o))
+    rare = Outcome()
+    batcher.submit(ticket(local, "a square", GenerationParams(48, 64, 4, 7.5, 7, "ddim", 1), rare))
+    for _ in range(4):
+        batcher.iterate()
+    # the rare shape has its own call every iteration: done with the first common request
+    assert rare.latents is not None and common[0].latents is not None
+    assert common[1].latents is None
+    batcher.run_until_idle()
+    assert all(o.latents is not None for o in common)
+
+
+def test_a_cancelled_request_leaves_and_the_others_are_untouched(local: LocalPipeline) -> None:
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(cancel_check_s=0.0))
+    cancel = threading.Event()
+    kept, dropped = Outcome(), Outcome()
+    (p1, params1), (p2, params2) = REQUESTS[0], REQUESTS[1]
+    batcher.submit(ticket(local, p1, params1, kept))
+    batcher.submit(ticket(local, p2, params2, dropped, is_cancelled=cancel.is_set))
+    batcher.iterate()
+    batcher.iterate()
+    cancel.set()
+    batcher.run_until_idle()
+    assert isinstance(dropped.error, Cancelled) and dropped.latents is None
+    assert dropped.steps == [0, 1]
+    assert batcher.stats.cancelled == 1
+    assert np.abs(images(local, kept.latents) - alone(local, p1, params1)).max() <= 2
+
+
+def test_cancellation_is_asked_at_most_every_cancel_check_s(local: LocalPipeline) -> None:
+    asked: list[int] = []
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(cancel_check_s=60.0))
+    outcome = Outcome()
+    batcher.submit(
+        ticket(
+            local,
+            "a",
+            GenerationParams(64, 64, 4, 7.5, 1, "ddim", 1),
+            outcome,
+            is_cancelled=lambda: bool(asked.append(1)),
+        )
+    )
+    batcher.run_until_idle()
+    assert outcome.latents is not None and len(asked) == 1  # 4 iterations, one question
+
+
+def test_a_failing_unet_call_fails_only_its_requests(local: LocalPipeline) -> None:
+    unet = unet_of(local)
+
+    def unet_failing_on_narrow(*inputs: np.ndarray) -> np.ndarray:
+        if inputs[0].shape[-2] == 6:  # 48 px high
+            raise RuntimeError("engine out of memory")
+        return unet(*inputs)
+
+    batcher = ContinuousBatcher(unet_failing_on_narrow, BatchingConfig())
+    narrow, square = Outcome(), Outcome()
+    batcher.submit(ticket(local, "a", GenerationParams(48, 64, 3, 7.5, 1, "ddim", 1), narrow))
+    batcher.submit(ticket(local, "b", GenerationParams(64, 64, 3, 7.5, 2, "ddim", 1), square))
+    batcher.run_until_idle()
+    assert isinstance(narrow.error, RuntimeError) and "out of memory" in str(narrow.error)
+    assert square.error is None and square.latents is not None
+    assert batcher.stats.failed == 1 and batcher.stats.finished == 1
+
+
+def test_the_worker_thread_serves_requests_from_many_threads(local: LocalPipeline) -> None:
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(max_batch=8, max_wait_s=0.005))
+    batcher.start()
+    outcomes = [Outcome() for _ in REQUESTS]
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda p=p, params=params, o=o: batcher.submit(ticket(local, p, params, o))
+            )
+            for (p, params), o in zip(REQUESTS, outcomes, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for o in outcomes:
+            assert o.done.wait(60)
+    finally:
+        batcher.stop()
+    for (prompt, params), outcome in zip(REQUESTS, outcomes, strict=True):
+        assert outcome.error is None
+        assert np.abs(images(local, outcome.latents) - alone(local, prompt, params)).max() <= 2
+
+
+def test_stop_fails_what_is_still_queued(local: LocalPipeline) -> None:
+    batcher = ContinuousBatcher(unet_of(local))
+    outcome = Outcome()
+    batcher.submit(ticket(local, "late", REQUESTS[0][1], outcome))
+    batcher.stop()
+    assert isinstance(outcome.error, RuntimeError) and "shutting down" in str(outcome.error)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field_name"),
+    [
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_wait_s": -1.0}, "max_wait_s"),
+        ({"cancel_check_s": -1}, "cancel_check_s"),
+    ],
+)
+def test_batching_config_names_the_bad_field(kwargs: dict, field_name: str) -> None:
+    with pytest.raises(ValueError, match=field_name):
+        BatchingConfig(**kwargs)
