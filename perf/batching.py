@@ -149,9 +149,9 @@ def run_batching(settings: BatchingSettings, work_dir: Path) -> dict[str, Any]:
                 )
             )
             gateway = stack.enter_context(GatewayProcess(triton.grpc_url, port=port["gateway"]))
-            warm_up(gateway.url, request_body(settings, *size))
+            body = request_body(settings, *size)
+            warm_up(gateway.url, body)
             urls[mode] = (gateway.url, triton.metrics_url)
-        body = request_body(settings, *size)
 
         # 2. Level by level, mode after mode (rotating the order), `repeats` times.
         for repeat in range(settings.repeats):

@@ -167,10 +167,26 @@ def _perf_compare(args: argparse.Namespace) -> int:
     return _save(run_compare(settings, Path(args.work_dir)), args, "compare", table)
 
 
+_LOAD_FIELDS = ("preset", "height", "width", "steps", "concurrency", "rounds")
+
+
+def _load_args(parser: argparse.ArgumentParser, preset: str, rounds: int) -> None:
+    """The load both benchmarks share (_LOAD_FIELDS): model, size, steps, levels, rounds."""
+    parser.add_argument("--preset", default=preset, help="tiny, small, sd15 (random weights)")
+    parser.add_argument("--height", type=int, default=None, help="default: the preset's native size")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--concurrency", type=_levels, default=(1, 4, 8, 16))
+    parser.add_argument("--rounds", type=int, default=rounds, help="requests per level: concurrency x rounds")
+
+
+def _output_args(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--work-dir", default=".cache/perf")
+    parser.add_argument("--out", default=None, help=f"default: perf/results/{kind}-<preset>.json")
+
+
 def _load_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The load both benchmarks share: model, size, steps, levels, rounds."""
-    fields = ("preset", "height", "width", "steps", "concurrency", "rounds")
-    return {name: getattr(args, name) for name in fields}
+    return {name: getattr(args, name) for name in _LOAD_FIELDS}
 
 
 def _save(document: dict[str, Any], args: argparse.Namespace, kind: str, table: Any) -> int:
@@ -262,27 +278,16 @@ def add_parser(sub: Any) -> None:
     gateway.set_defaults(run=_perf_gateway)
 
     compare = commands.add_parser("compare", help="diffusers, ONNX Runtime, a naive service and this stack")
-    compare.add_argument("--preset", default="small", help="tiny, small, sd15 (random weights) ")
-    compare.add_argument("--height", type=int, default=None, help="default: the preset's native size")
-    compare.add_argument("--width", type=int, default=None)
-    compare.add_argument("--steps", type=int, default=10)
-    compare.add_argument("--concurrency", type=_levels, default=(1, 4, 8, 16))
-    compare.add_argument("--rounds", type=int, default=2, help="requests per level: concurrency x rounds")
+    _load_args(compare, preset="small", rounds=2)
     compare.add_argument("--systems", default="abcd", help="a subset of abcd")
     compare.add_argument("--batching", default="continuous", choices=["none", "dynamic", "continuous"])
     compare.add_argument("--denoise-instances", type=int, default=8, help="(d): loops in flight at once")
     compare.add_argument("--max-queue-delay-us", type=int, default=2000, help="(d): dynamic batching window")
-    compare.add_argument("--work-dir", default=".cache/perf")
-    compare.add_argument("--out", default=None, help="default: perf/results/compare-<preset>.json")
+    _output_args(compare, "compare")
     compare.set_defaults(run=_perf_compare)
 
     batching = commands.add_parser("batching", help="no batching, Triton's dynamic batching, continuous")
-    batching.add_argument("--preset", default="tiny", help="tiny, small, sd15 (random weights)")
-    batching.add_argument("--height", type=int, default=None, help="default: the preset's native size")
-    batching.add_argument("--width", type=int, default=None)
-    batching.add_argument("--steps", type=int, default=10)
-    batching.add_argument("--concurrency", type=_levels, default=(1, 4, 8, 16))
-    batching.add_argument("--rounds", type=int, default=4, help="requests per level: concurrency x rounds")
+    _load_args(batching, preset="tiny", rounds=4)
     batching.add_argument("--stagger-ms", type=float, default=50.0, help="arrival offset between clients")
     batching.add_argument("--modes", default="none,request,dynamic,continuous")
     batching.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode and level")
@@ -291,8 +296,7 @@ def add_parser(sub: Any) -> None:
     batching.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching window")
     batching.add_argument("--max-batch-rows", type=int, default=16, help="continuous: UNet rows per call")
     batching.add_argument("--max-wait-us", type=int, default=0, help="continuous: wait for arrivals")
-    batching.add_argument("--work-dir", default=".cache/perf")
-    batching.add_argument("--out", default=None, help="default: perf/results/batching-<preset>.json")
+    _output_args(batching, "batching")
     batching.set_defaults(run=_perf_batching)
 
     report = commands.add_parser("report", help="perf/REPORT.md and its chart from saved compare results")

@@ -28,6 +28,13 @@ def _array(spec: c.TensorSpec, value: Any) -> np.ndarray[Any, Any]:
     return np.array([value], dtype=spec.numpy_dtype)
 
 
+def infer_input(spec: c.TensorSpec, array: np.ndarray[Any, Any]) -> grpcclient.InferInput:
+    """One input tensor of the contract, named and typed as the contract says."""
+    tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.wire_dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
 def txt2img_inputs(
     prompt: str | bytes,
     *,
@@ -51,15 +58,11 @@ def txt2img_inputs(
         c.SCHEDULER: scheduler,
         c.NUM_IMAGES: num_images,
     }
-    inputs = []
-    for spec, value in values.items():
-        if value is None and spec.optional:
-            continue
-        array = _array(spec, value)
-        tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.wire_dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return [
+        infer_input(spec, _array(spec, value))
+        for spec, value in values.items()
+        if not (value is None and spec.optional)
+    ]
 
 
 def parse_result(result: grpcclient.InferResult) -> Txt2ImgResult:

@@ -72,18 +72,10 @@ class Ticket:
 
 @dataclass
 class BatcherStats:
-    iterations: int = 0
-    unet_calls: int = 0
-    unet_rows: int = 0
     finished: int = 0
     failed: int = 0
     cancelled: int = 0
-    call_rows: list[int] = field(default_factory=list)  # rows of the most recent calls (bounded)
-
-    def record_call(self, rows: int) -> None:
-        self.unet_calls += 1
-        self.unet_rows += rows
-        self.call_rows = [*self.call_rows[-255:], rows]
+    call_rows: deque[int] = field(default_factory=lambda: deque(maxlen=256))  # the latest UNet calls' rows
 
 
 class ContinuousBatcher:
@@ -109,7 +101,7 @@ class ContinuousBatcher:
     def pending(self) -> int:
         """Requests waiting or in the batch."""
         with self._cond:
-            waiting = sum(len(q) for q in self._waiting.values())
+            waiting = self._waiting_count()
         return waiting + sum(len(group) for group in self._active.values())
 
     def start(self) -> None:
@@ -141,13 +133,10 @@ class ContinuousBatcher:
         # 2. Admit waiting requests, FIFO per shape, while the group's rows fit.
         self._admit()
         # 3. One UNet call per shape group; every request in it advances one step.
-        calls = 0
-        for shape in list(self._active):
+        shapes = list(self._active)
+        for shape in shapes:
             self._advance_group(shape)
-            calls += 1
-        if calls:
-            self.stats.iterations += 1
-        return calls
+        return len(shapes)
 
     def run_until_idle(self) -> None:
         """Iterate until nothing is waiting or active (tests and the in-process pipeline)."""
@@ -222,7 +211,7 @@ class ContinuousBatcher:
                 self._fail(ticket, exc)
             self._set_group(shape, [])
             return
-        self.stats.record_call(batch[0].shape[0])
+        self.stats.call_rows.append(batch[0].shape[0])
         kept = []
         offset = 0
         for ticket in group:

@@ -9,18 +9,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from sd_triton import contract as c
+from sd_triton.txt2img_client import infer_input
 
 
 def infer(client: grpcclient.InferenceServerClient, model: str, arrays: dict[str, np.ndarray]):
     spec = c.MODELS[model]
-    inputs = []
-    for tensor in spec.inputs:
-        if tensor.name not in arrays:
-            continue
-        array = arrays[tensor.name]
-        item = grpcclient.InferInput(tensor.name, list(array.shape), tensor.wire_dtype)
-        item.set_data_from_numpy(array)
-        inputs.append(item)
+    inputs = [infer_input(tensor, arrays[tensor.name]) for tensor in spec.inputs if tensor.name in arrays]
     return client.infer(model, inputs)
 
 

@@ -16,7 +16,7 @@ from perf.loadgen import parse_metrics
 from sd_triton import contract as c
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.triton_server import TritonServer
-from sd_triton.txt2img_client import txt2img
+from sd_triton.txt2img_client import infer_input, txt2img
 
 # Different prompts, seeds, steps, schedulers, guidance, image counts and shapes.
 REQUESTS = [
@@ -97,13 +97,10 @@ def _denoise_inputs(config: PipelineConfig, steps: int) -> list[grpcclient.Infer
         c.SCHEDULER: b"ddim",
         c.NUM_IMAGES: 1,
     }
-    inputs = []
-    for spec, value in values.items():
-        array = np.asarray(value if spec is c.PROMPT_EMBEDS else [value], dtype=spec.numpy_dtype)
-        tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.wire_dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return [
+        infer_input(spec, np.asarray(value if spec is c.PROMPT_EMBEDS else [value], dtype=spec.numpy_dtype))
+        for spec, value in values.items()
+    ]
 
 
 def test_a_cancelled_request_leaves_the_batch_without_hurting_the_others(
