@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo export triton perf-tools clean
+.PHONY: setup system-deps test lint demo export triton perf-tools clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,18 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: setup lint perf-tools
+# Debian packages the tests start for real: redis-server (the shared-state backend) and chromium with
+# its driver (the playground test). Installed once; skipped when present.
+SYSTEM_BINS := /usr/bin/redis-server /usr/bin/chromium /usr/bin/chromedriver
+system-deps:
+	@for bin in $(SYSTEM_BINS); do test -x $$bin || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
+			redis-server chromium chromium-driver; \
+	fi
+
+test: setup system-deps lint perf-tools
 	$(VENV)/bin/pytest -q
 
 # perf_analyzer (from the tritonclient 2.41.1 wheel) and its libraries in .tools/, not in the venv

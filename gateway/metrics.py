@@ -36,6 +36,21 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.rejections = Counter(
+            "gateway_rejections",
+            "requests refused before any Triton work, by reason "
+            "(auth, rate_limit, quota, concurrency, content_policy, invalid)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "gateway_cache_lookups", "result cache lookups by result (hit, miss)", ["result"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.jobs = Counter(
+            "gateway_jobs", "async jobs reaching a state (queued, running, completed, failed, cancelled)",
+            ["state"], registry=self.registry,
+        )  # fmt: skip
 
 
 def route_label(scope: Scope) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,3 +27,17 @@ class GatewaySettings(BaseSettings):
     max_pixels: int = Field(1024 * 1024, ge=64)
     max_batch_prompts: int = Field(16, ge=1)
     encode_workers: int = Field(4, ge=1, description="threads that encode images off the event loop")
+
+    # --- shared state (gateway/state.py) ---
+    # read from SD_TRITON_REDIS_URL (the name the deployment files use), not SD_GATEWAY_*
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SD_TRITON_REDIS_URL", "SD_GATEWAY_REDIS_URL", "redis_url"),
+        description="Redis URL; unset: limits, quotas, cache and jobs live in this process",
+    )
+
+    # --- jobs (gateway/jobs.py) ---
+
+    # --- API keys, limits, content policy (gateway/keys.py, gateway/limits.py, gateway/policy.py) ---
+
+    # --- storage, cache, metrics (gateway/storage.py, gateway/cache.py, gateway/metrics.py) ---

@@ -1,0 +1,237 @@
+"""Shared state for limits, quotas, the cache and jobs: in memory (one gateway process) by default,
+Redis when `SD_TRITON_REDIS_URL` is set (several gateway replicas share it).
+
+Both stores offer the same few operations; every key is prefixed with `sd-triton:`. A Redis store
+that cannot be reached raises `StateUnavailable`; each caller decides whether that fails open or
+closed (see docs/gateway.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREFIX = "sd-triton:"
+
+
+class StateUnavailable(Exception):
+    """The shared store cannot be reached."""
+
+
+class StateStore(ABC):
+    kind: str
+
+    @abstractmethod
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        """Add `amount` and return the new value; a key created by this call expires after `ttl_s`."""
+
+    @abstractmethod
+    async def ttl(self, key: str) -> float | None:
+        """Seconds until `key` expires; None when it does not exist or never expires."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
+
+    @abstractmethod
+    async def delete(self, *keys: str) -> None: ...
+
+    @abstractmethod
+    async def keys(self, prefix: str) -> list[str]:
+        """Every key starting with `prefix` (without the store's own prefix)."""
+
+    @abstractmethod
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
+    @abstractmethod
+    def subscribe(self, channel: str) -> Any:
+        """`async with store.subscribe(ch) as messages: async for m in messages` — only messages
+        published after the context is entered."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise StateUnavailable when the store cannot be reached."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class MemoryStore(StateStore):
+    """One process's state; expiry is checked when a key is read."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[Any, float | None]] = {}
+        self._channels: dict[str, set[asyncio.Queue[bytes]]] = {}
+
+    def _live(self, key: str) -> tuple[Any, float | None] | None:
+        entry = self._values.get(key)
+        if entry is not None and entry[1] is not None and entry[1] <= time.monotonic():
+            del self._values[key]
+            return None
+        return entry
+
+    @staticmethod
+    def _deadline(ttl_s: float | None) -> float | None:
+        return None if ttl_s is None else time.monotonic() + ttl_s
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        entry = self._live(key)
+        value, deadline = (0, self._deadline(ttl_s)) if entry is None else entry
+        value = int(value) + amount
+        self._values[key] = (value, deadline)
+        return value
+
+    async def ttl(self, key: str) -> float | None:
+        entry = self._live(key)
+        if entry is None or entry[1] is None:
+            return None
+        return max(0.0, entry[1] - time.monotonic())
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._live(key)
+        if entry is None:
+            return None
+        value = entry[0]
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._values[key] = (value, self._deadline(ttl_s))
+
+    async def delete(self, *keys: str) -> None:
+        for key in keys:
+            self._values.pop(key, None)
+
+    async def keys(self, prefix: str) -> list[str]:
+        return [key for key in list(self._values) if key.startswith(prefix) and self._live(key)]
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        for queue in self._channels.get(channel, ()):
+            queue.put_nowait(message)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._channels.setdefault(channel, set()).add(queue)
+
+        async def messages() -> AsyncIterator[bytes]:
+            while True:
+                yield await queue.get()
+
+        try:
+            yield messages()
+        finally:
+            self._channels[channel].discard(queue)
+            if not self._channels[channel]:
+                del self._channels[channel]
+
+    async def ping(self) -> None:
+        return None
+
+
+class RedisStore(StateStore):
+    """Redis (redis-py's asyncio client); every call has a short socket timeout so an outage shows
+    as StateUnavailable quickly instead of hanging a request."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+        import redis.asyncio as redis  # only needed when configured
+
+        self.url = url
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=5
+        )
+
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except self._errors as exc:
+            raise StateUnavailable(f"Redis at {self.url}: {exc}") from exc
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        async with self._call():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.incrby(PREFIX + key, amount)
+            if ttl_s is not None:  # NX: only a key this call created gets the expiry
+                pipe.pexpire(PREFIX + key, max(1, math.ceil(ttl_s * 1000)), nx=True)
+            value, *_ = await pipe.execute()
+            return int(value)
+
+    async def ttl(self, key: str) -> float | None:
+        async with self._call():
+            millis = await self.client.pttl(PREFIX + key)
+        return None if millis < 0 else millis / 1000
+
+    async def get(self, key: str) -> bytes | None:
+        async with self._call():
+            value = await self.client.get(PREFIX + key)
+        return None if value is None else bytes(value)
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        px = None if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
+        async with self._call():
+            await self.client.set(PREFIX + key, value, px=px)
+
+    async def delete(self, *keys: str) -> None:
+        if keys:
+            async with self._call():
+                await self.client.delete(*(PREFIX + key for key in keys))
+
+    async def keys(self, prefix: str) -> list[str]:
+        async with self._call():
+            found = [key async for key in self.client.scan_iter(match=PREFIX + prefix + "*", count=500)]
+        return [(k.decode() if isinstance(k, bytes) else k).removeprefix(PREFIX) for k in found]
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        async with self._call():
+            await self.client.publish(PREFIX + channel, message)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        pubsub = self.client.pubsub()
+        async with self._call():
+            await pubsub.subscribe(PREFIX + channel)
+
+        async def messages() -> AsyncIterator[bytes]:
+            while True:
+                async with self._call():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    yield bytes(message["data"])
+
+        try:
+            yield messages()
+        finally:
+            try:
+                await pubsub.aclose()
+            except self._errors:
+                pass
+
+    async def ping(self) -> None:
+        async with self._call():
+            await self.client.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def make_store(redis_url: str | None) -> StateStore:
+    if redis_url:
+        log.info("shared state in Redis at %s", redis_url)
+        return RedisStore(redis_url)
+    log.info("state in memory: limits, quotas, cache and jobs are this process's own")
+    return MemoryStore()
