@@ -32,6 +32,7 @@ from gateway.schemas import (
 )
 from gateway.service import Generator
 from gateway.settings import GatewaySettings
+from gateway.state import StateStore, make_store
 from gateway.triton import TritonBackend
 from sd_triton import __version__
 
@@ -62,6 +63,11 @@ def get_backend(request: Request) -> TritonBackend:
     return request.app.state.backend  # type: ignore[no-any-return]
 
 
+def get_store(request: Request) -> StateStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+StoreDep = Annotated[StateStore, Depends(get_store)]
 GeneratorDep = Annotated[Generator, Depends(get_generator)]
 BackendDep = Annotated[TritonBackend, Depends(get_backend)]
 
@@ -114,6 +120,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend = TritonBackend(settings)
         encoder = ImageEncoder(settings.encode_workers)
+        store = make_store(settings.redis_url)
+        app.state.store = store
         app.state.backend = backend
         app.state.generator = Generator(backend, encoder, settings, metrics)
         log.info("gateway up; Triton at %s", settings.triton_url)
@@ -122,6 +130,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             encoder.close()
             await backend.close()
+            await store.close()
 
     app = FastAPI(
         title="sd-triton gateway",

@@ -1,0 +1,51 @@
+"""The two state stores behave the same: counters with expiry, values, prefix listing, pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.state import MemoryStore, RedisStore, StateStore, StateUnavailable
+
+
+async def _exercise(store: StateStore) -> None:
+    assert await store.incr("a", 1, ttl_s=0.3) == 1
+    assert await store.incr("a", 2, ttl_s=10) == 3  # the expiry is the creating call's
+    left = await store.ttl("a")
+    assert left is not None and 0 < left <= 0.3
+    await store.set("b", b"x", ttl_s=5)
+    assert await store.get("b") == b"x"
+    assert sorted(await store.keys("")) == ["a", "b"]
+    async with store.subscribe("ch") as messages:
+        await store.publish("ch", b"hello")
+        assert await asyncio.wait_for(anext(messages), 3) == b"hello"
+    await asyncio.sleep(0.35)
+    assert await store.get("a") is None
+    await store.delete("b")
+    assert await store.get("b") is None
+
+
+def test_memory_store() -> None:
+    asyncio.run(_exercise(MemoryStore()))
+
+
+def test_redis_store(redis_url: str) -> None:
+    async def run() -> None:
+        store = RedisStore(redis_url)
+        await store.client.flushdb()
+        await _exercise(store)
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_unreachable_redis_raises_state_unavailable() -> None:
+    async def run() -> None:
+        store = RedisStore("redis://127.0.0.1:1/0")
+        with pytest.raises(StateUnavailable, match="Redis at"):
+            await store.ping()
+        with pytest.raises(StateUnavailable):
+            await store.incr("x")
+
+    asyncio.run(run())
