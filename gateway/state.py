@@ -179,7 +179,7 @@ class RedisStore(StateStore):
     async def get(self, key: str) -> bytes | None:
         async with self._call():
             value = await self.client.get(PREFIX + key)
-        return None if value is None else bytes(value)
+        return None if value is None else value.encode() if isinstance(value, str) else bytes(value)
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         px = None if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
@@ -217,7 +217,7 @@ class RedisStore(StateStore):
             yield messages()
         finally:
             try:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
             except self._errors:
                 pass
 
