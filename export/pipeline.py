@@ -19,8 +19,10 @@ from export.checkpoint import Checkpoint, sha256_file, sha256_tree
 from export.components import COMPONENTS, Component, Profile
 from export.onnx_export import OPSET, export_onnx
 from export.presets import PRESETS, ensure_preset_checkpoint
+from export.preview import fit_preview_weights
 from export.repository import RepositorySettings, write_configs
 from sd_triton import __version__
+from sd_triton import contract as c
 from sd_triton.contract import UNET, Limits
 from sd_triton.pipeline_config import FILENAME as PIPELINE_FILE
 from sd_triton.pipeline_config import PipelineConfig
@@ -219,10 +221,17 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
         scheduler_config=checkpoint.scheduler_config,
         limits=limits,
         text_hidden_size=checkpoint.dims.text_hidden,
+        preview_weights=fit_preview_weights(
+            repo / c.VAE_DECODER.name / "1" / "model.onnx",
+            checkpoint.dims.latent_channels,
+            checkpoint.dims.vae_scale_factor,
+            checkpoint.vae_scaling_factor,
+        ),
     )
-    pipeline_path = repo / "denoise" / "1" / PIPELINE_FILE
-    pipeline_path.parent.mkdir(parents=True, exist_ok=True)
-    pipeline.save(pipeline_path)
+    pipeline_paths = [repo / model / "1" / PIPELINE_FILE for model in (c.DENOISE.name, c.TXT2IMG_STREAM.name)]
+    for pipeline_path in pipeline_paths:
+        pipeline_path.parent.mkdir(parents=True, exist_ok=True)
+        pipeline.save(pipeline_path)
     # model.py files, when the repository is not this source tree's
     if repo != SOURCE_REPO.resolve():
         for model_py in SOURCE_REPO.glob("*/1/model.py"):
@@ -233,5 +242,6 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
         "tokenizer": {
             "artifacts": _artifacts(repo, sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()))
         },
-        "denoise": {"artifacts": _artifacts(repo, [pipeline_path])},
+        c.DENOISE.name: {"artifacts": _artifacts(repo, pipeline_paths[:1])},
+        c.TXT2IMG_STREAM.name: {"artifacts": _artifacts(repo, pipeline_paths[1:])},
     }

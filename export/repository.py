@@ -177,6 +177,12 @@ def all_configs(settings: RepositorySettings, served: ServedModel) -> dict[str, 
         denoise.parameters["max_batch"].string_value = str(settings.max_batch_rows)
         denoise.parameters["max_wait_us"].string_value = str(settings.max_wait_us)
     configs[c.DENOISE.name] = denoise
+    # the streaming entry point (async jobs): decoupled, its own continuous batcher whatever the mode
+    stream = _python_step(c.TXT2IMG_STREAM)
+    stream.model_transaction_policy.decoupled = True
+    stream.parameters["max_batch"].string_value = str(settings.max_batch_rows)
+    stream.parameters["max_wait_us"].string_value = str(settings.max_wait_us)
+    configs[c.TXT2IMG_STREAM.name] = stream
     configs[c.POSTPROCESS.name] = _python_step(c.POSTPROCESS)
     for name in c.ENGINE_MODELS:
         configs[name] = engine_config(c.MODELS[name], settings)

@@ -61,3 +61,56 @@ class OpenAIInvalidRequestError(InvalidRequestError):
                 "code": None,
             }
         }
+
+
+# --- API keys, limits, content policy (gateway/access.py) ---
+
+
+class UnauthorizedError(GatewayError):
+    """A /v1 request without a valid API key: 401 with `WWW-Authenticate: Bearer`."""
+
+    status = 401
+    kind = "unauthorized"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer", **(headers or {})})
+
+
+class RateLimitedError(GatewayError):
+    """429 with Retry-After; `kind` says which limit (rate_limited, quota_exceeded, concurrency_limited)."""
+
+    status = 429
+    kind = "rate_limited"
+
+
+class QuotaExceededError(RateLimitedError):
+    kind = "quota_exceeded"
+
+
+class ConcurrencyLimitedError(RateLimitedError):
+    kind = "concurrency_limited"
+
+
+class ContentPolicyError(GatewayError):
+    """A prompt refused by the content policy, before any Triton work."""
+
+    status = 400
+    kind = "content_policy"
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["code"] = "content_policy"
+        return body
+
+
+class OpenAIContentPolicyError(GatewayError):
+    """The content policy refusal on the OpenAI-shaped route, in OpenAI's shape and code (not an
+    InvalidRequestError: the route's own field renaming must not catch it)."""
+
+    status = 400
+    kind = "content_policy"
+
+    def body(self) -> dict[str, Any]:
+        body = OpenAIInvalidRequestError(self.message, field=self.field).body()
+        body["error"]["code"] = "content_policy_violation"
+        return body

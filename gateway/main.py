@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,10 +17,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.access import AccessControl, AccessDep, AccessMiddleware
+from gateway.cache import ResultCache
 from gateway.errors import GatewayError, InvalidRequestError, OpenAIInvalidRequestError
 from gateway.images import ImageEncoder
-from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.jobs import JobManager
+from gateway.jobs_api import router as jobs_router
+from gateway.metrics import GatewayMetrics, MetricsMiddleware, TritonMetricsScraper, triton_metrics_url
 from gateway.middleware import RequestGuardMiddleware
+from gateway.playground import router as playground_router
 from gateway.schemas import (
     SIZE,
     BatchRequest,
@@ -33,6 +40,8 @@ from gateway.schemas import (
 from gateway.service import Generator
 from gateway.settings import GatewaySettings
 from gateway.state import StateStore, make_store
+from gateway.storage import ImageStorage, make_storage, request_base_url
+from gateway.storage import router as storage_router
 from gateway.triton import TritonBackend
 from sd_triton import __version__
 
@@ -67,8 +76,13 @@ def get_store(request: Request) -> StateStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
+def get_storage(request: Request) -> ImageStorage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
 StoreDep = Annotated[StateStore, Depends(get_store)]
 GeneratorDep = Annotated[Generator, Depends(get_generator)]
+StorageDep = Annotated[ImageStorage, Depends(get_storage)]
 BackendDep = Annotated[TritonBackend, Depends(get_backend)]
 
 
@@ -115,6 +129,12 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     metrics = GatewayMetrics()
+    access = AccessControl(settings, metrics)  # a bad keys or policy file stops the startup here
+
+    def webhook_secret(key_id: str | None) -> str | None:
+        if key_id is not None:
+            return access.webhook_secret(key_id)
+        return None if settings.webhook_secret is None else settings.webhook_secret.get_secret_value()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,12 +142,30 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         encoder = ImageEncoder(settings.encode_workers)
         store = make_store(settings.redis_url)
         app.state.store = store
+        access.start(store)  # per-key limits on the shared store
         app.state.backend = backend
-        app.state.generator = Generator(backend, encoder, settings, metrics)
+        storage = make_storage(settings)
+        app.state.storage = storage
+        cleanup = asyncio.create_task(storage.run_cleanup(settings.storage_cleanup_interval_s))
+        scraper_url = triton_metrics_url(settings.triton_url, settings.triton_metrics_url)
+        app.state.triton_metrics = TritonMetricsScraper(
+            scraper_url, settings.triton_metrics_timeout_s, metrics
+        )
+        cache = ResultCache(store, settings, metrics)
+        app.state.generator = Generator(backend, encoder, settings, metrics, cache)
+        jobs = JobManager(store, app.state.generator, settings, metrics, webhook_secret, storage)
+        app.state.jobs = jobs
+        jobs.start()
         log.info("gateway up; Triton at %s", settings.triton_url)
         try:
             yield
         finally:
+            await jobs.close()
+            cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleanup
+            await storage.close()
+            await app.state.triton_metrics.close()
             encoder.close()
             await backend.close()
             await store.close()
@@ -138,29 +176,51 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         description="Text-to-image over NVIDIA Triton: JSON prompts in, images out.",
         lifespan=lifespan,
     )
+    app.state.access = access
     app.add_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessMiddleware)  # API key + rate limit of every /v1 request
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)
+    app.include_router(storage_router)  # GET /v1/images/{id}.{ext}: stored images by signed link
+    app.include_router(playground_router)  # the page at /, its files, GET /v1/info
+    app.include_router(jobs_router)  # /v1/jobs: async jobs, their events (SSE), cancel
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
-    async def generate(body: GenerateRequest, generator: GeneratorDep) -> GenerateResponse:
+    async def generate(
+        body: GenerateRequest,
+        generator: GeneratorDep,
+        storage: StorageDep,
+        request: Request,
+        access: AccessDep,
+    ) -> GenerateResponse:
         """Images for one prompt."""
-        return await generator.generate([body.prompt], body)
+        async with access.generation([body.prompt], body.num_images, field="prompt"):
+            result = await generator.generate([body.prompt], body)
+        if body.response_format == "url":
+            return await storage.with_urls(result, request_base_url(request))
+        return result
 
     @app.post("/v1/generate/batch", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
-    async def generate_batch(body: BatchRequest, generator: GeneratorDep) -> GenerateResponse:
+    async def generate_batch(
+        body: BatchRequest, generator: GeneratorDep, storage: StorageDep, request: Request, access: AccessDep
+    ) -> GenerateResponse:
         """Images for several prompts, in prompt order (`prompt_index`); prompt j's images use seeds
         from seed + j * num_images. The prompts are sent to Triton together."""
-        return await generator.generate(body.prompts, body)
+        async with access.generation(body.prompts, body.num_images, field="prompts"):
+            result = await generator.generate(body.prompts, body)
+        if body.response_format == "url":
+            return await storage.with_urls(result, request_base_url(request))
+        return result
 
     @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, responses=OPENAI_ERRORS, tags=["openai"])
-    async def openai_generations(body: OpenAIImageRequest, generator: GeneratorDep) -> OpenAIImagesResponse:
+    async def openai_generations(
+        body: OpenAIImageRequest,
+        generator: GeneratorDep,
+        storage: StorageDep,
+        request: Request,
+        access: AccessDep,
+    ) -> OpenAIImagesResponse:
         """The OpenAI Images API: point an OpenAI client's base URL at this gateway."""
-        if body.response_format == "url":
-            raise OpenAIInvalidRequestError(
-                "response_format: 'url' needs stored results (async jobs), not available yet; use b64_json",
-                field="response_format",
-            )
         width = height = None
         if body.size is not None:
             match = SIZE.match(body.size)
@@ -168,14 +228,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             width, height = int(match.group(1)), int(match.group(2))
         params = GenerationParams(width=width, height=height, num_images=body.n)
         try:
-            result = await generator.generate([body.prompt], params)
+            async with access.generation([body.prompt], body.n, field="prompt"):
+                result = await generator.generate([body.prompt], params)
         except InvalidRequestError as exc:  # name the OpenAI field, not ours
             field = OPENAI_FIELDS.get(exc.field or "", exc.field)
             message = exc.message.replace(f"{exc.field}:", f"{field}:", 1)
             raise OpenAIInvalidRequestError(message, field=field) from None
-        return OpenAIImagesResponse(
-            created=int(time.time()), data=[OpenAIImage(b64_json=image.base64) for image in result.images]
-        )
+        if body.response_format == "url":
+            result = await storage.with_urls(result, request_base_url(request))
+        data = [OpenAIImage(b64_json=image.base64, url=image.url) for image in result.images]
+        return OpenAIImagesResponse(created=int(time.time()), data=data)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -192,8 +254,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return JSONResponse(body, status_code=503, headers=headers)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
-    async def prometheus() -> Response:
-        """Prometheus metrics: requests by route and status, latency, images, in flight."""
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics: requests by route and status, latency, images, in flight, cache, GPU memory."""
+        await request.app.state.triton_metrics.scrape()  # GPU memory, from Triton's metrics endpoint
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

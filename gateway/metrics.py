@@ -1,14 +1,36 @@
-"""Prometheus metrics, one registry per app, recorded by a small ASGI middleware."""
+"""Prometheus metrics, one registry per app, recorded by a small ASGI middleware.
+
+Two families of names: the gateway's own `gateway_*`, and the names users of hosted image APIs look
+for (`inference_requests_total`, `inference_request_duration_seconds`, `inference_requests_in_flight`,
+`images_generated_total`, `cache_hits_total`, `cache_misses_total`, `gpu_memory_usage_bytes`).
+The GPU gauges are copied from Triton's own metrics endpoint on each scrape; a CPU-only Triton has
+none, so they have no samples there. See docs/storage-cache-metrics.md.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+log = logging.getLogger(__name__)
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# the routes that run (or would run) a generation: `inference_*` metrics count only these
+INFERENCE_ROUTES = frozenset({"/v1/generate", "/v1/generate/batch", "/v1/images/generations", "/v1/jobs"})
+# Triton's GPU memory gauges (nv_gpu_*) and the names the gateway re-exports them under
+GPU_METRICS = {
+    "nv_gpu_memory_used_bytes": "gpu_memory_usage_bytes",
+    "nv_gpu_memory_total_bytes": "gpu_memory_total_bytes",
+}
 
 
 class GatewayMetrics:
@@ -51,6 +73,112 @@ class GatewayMetrics:
             "gateway_jobs", "async jobs reaching a state (queued, running, completed, failed, cancelled)",
             ["state"], registry=self.registry,
         )  # fmt: skip
+        # --- the names of hosted image APIs ---
+        self.inference_requests = Counter(
+            "inference_requests", "generation requests by route and HTTP status", ["route", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.inference_latency = Histogram(
+            "inference_request_duration_seconds", "generation request latency, end to end", ["route"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.inference_in_flight = Gauge(
+            "inference_requests_in_flight", "generation requests being served", registry=self.registry
+        )
+        self.gpu_memory = {
+            triton_name: Gauge(
+                name, f"GPU memory, from Triton's {triton_name}", ["gpu_uuid"], registry=self.registry
+            )
+            for triton_name, name in GPU_METRICS.items()
+        }
+        self.triton_metrics_up = Gauge(
+            "gateway_triton_metrics_up", "1 when the last read of Triton's metrics endpoint worked",
+            registry=self.registry,
+        )  # fmt: skip
+        self.state_errors = Counter(
+            "gateway_state_errors", "shared state store (Redis) calls that failed, by use; limits fail open",
+            ["use"], registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(_ProductTotals(self))
+
+
+def _total(counter: Counter, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+class _ProductTotals(Collector):
+    """Totals under hosted-API names, read from the gateway_* counters when scraped (never out of step)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def _families(self, with_values: bool) -> Iterable[Metric]:
+        m = self.metrics
+        for name, doc, counter, labels in (
+            ("images_generated", "images returned, generated or from the cache", m.images, {}),
+            ("cache_hits", "seeded requests answered from the result cache", m.cache, {"result": "hit"}),
+            ("cache_misses", "seeded requests not in the result cache", m.cache, {"result": "miss"}),
+        ):
+            yield CounterMetricFamily(name, doc, value=_total(counter, **labels) if with_values else None)
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(with_values=False)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(with_values=True)
+
+
+def triton_metrics_url(triton_url: str, configured: str | None) -> str | None:
+    """The configured URL; unset: Triton's default metrics port on the gRPC endpoint's host; "": off."""
+    if configured is not None:
+        return configured or None
+    host = triton_url.rsplit(":", 1)[0] if ":" in triton_url else triton_url
+    return f"http://{host}:8002/metrics"
+
+
+def parse_gpu_memory(text: str) -> dict[str, dict[str, float]]:
+    """Triton's nv_gpu_memory_* gauges from its Prometheus text: {triton name: {gpu_uuid: bytes}}."""
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in GPU_METRICS:
+            for sample in family.samples:
+                found.setdefault(family.name, {})[sample.labels.get("gpu_uuid", "")] = sample.value
+    return found
+
+
+class TritonMetricsScraper:
+    """Reads Triton's metrics endpoint (with a short timeout) into the GPU memory gauges."""
+
+    def __init__(self, url: str | None, timeout_s: float, metrics: GatewayMetrics) -> None:
+        self.url = url
+        self.metrics = metrics
+        self.client = httpx.AsyncClient(timeout=timeout_s)
+
+    async def scrape(self) -> None:
+        if self.url is None:
+            return
+        try:
+            response = await self.client.get(self.url)
+            response.raise_for_status()
+            found = parse_gpu_memory(response.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.debug("Triton metrics at %s unreadable: %s", self.url, exc)
+            found, up = {}, 0
+        else:
+            up = 1
+        self.metrics.triton_metrics_up.set(up)
+        for triton_name, gauge in self.metrics.gpu_memory.items():
+            gauge.clear()  # a GPU that went away (or a CPU-only Triton) leaves no stale samples
+            for uuid, value in found.get(triton_name, {}).items():
+                gauge.labels(gpu_uuid=uuid).set(value)
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 def route_label(scope: Scope) -> str:
@@ -76,11 +204,20 @@ class MetricsMiddleware:
                 status = int(message["status"])
             await send(message)
 
+        inference = scope.get("method") == "POST" and scope.get("path") in INFERENCE_ROUTES
         self.metrics.in_flight.inc()
+        if inference:
+            self.metrics.inference_in_flight.inc()
         try:
             await self.app(scope, receive, record_status)
         finally:
             self.metrics.in_flight.dec()
             route = route_label(scope)
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(route).observe(elapsed)
+            if inference:
+                self.metrics.inference_in_flight.dec()
+                path = str(scope["path"])  # the route's own path: a request refused before routing counts too
+                self.metrics.inference_requests.labels(path, str(status)).inc()
+                self.metrics.inference_latency.labels(path).observe(elapsed)

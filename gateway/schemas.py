@@ -29,6 +29,9 @@ class GenerationParams(BaseModel):
     scheduler: SchedulerName = Field("euler_a", description=f"one of {', '.join(SCHEDULERS)}")
     num_images: int = Field(1, ge=1, description="images per prompt")
     output_format: OutputFormat = "png"
+    response_format: Literal["base64", "url"] = Field(
+        "base64", description="url: images are stored and each carries a signed, expiring `url` instead"
+    )
 
 
 class GenerateRequest(GenerationParams):
@@ -67,7 +70,10 @@ class BatchRequest(GenerationParams):
 
 
 class Image(BaseModel):
-    base64: str = Field(..., description="the encoded image, base64")
+    base64: str | None = Field(..., description="the encoded image, base64 (null with response_format url)")
+    url: str | None = Field(
+        None, description="with response_format url: a signed link, expires with the image"
+    )
     seed: int = Field(..., description="generate again with this seed and num_images=1 to get this image")
     width: int
     height: int
@@ -102,6 +108,9 @@ class GenerateResponse(BaseModel):
     timings: Timings
     provenance: Provenance
     truncation: list[Truncation] = Field(..., description="one entry per prompt")
+    cache: Literal["hit", "miss"] = Field(
+        "miss", description="hit: a stored result of the same seeded request and served model; no inference"
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -144,7 +153,8 @@ class OpenAIImageRequest(BaseModel):
 
 
 class OpenAIImage(BaseModel):
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str | None = None
 
 

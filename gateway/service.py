@@ -6,8 +6,11 @@ import asyncio
 import dataclasses
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
+from gateway.cache import ResultCache, cache_key
 from gateway.errors import InvalidRequestError
 from gateway.images import CONTENT_TYPES, ImageEncoder
 from gateway.metrics import GatewayMetrics
@@ -25,7 +28,10 @@ from gateway.triton import TritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.requests import InvalidRequest, validate_params
 from sd_triton.served_model import ServedModel
+from sd_triton.txt2img_client import Progress, Txt2ImgResult
 
+# awaited after every denoising step of a streamed generation (async jobs)
+ProgressCallback = Callable[[Progress], Awaitable[None]]
 SEED_RANGE = 2**32  # drawn seeds stay in the range every UI and diffusers script accepts
 
 
@@ -53,11 +59,29 @@ class Generator:
         encoder: ImageEncoder,
         settings: GatewaySettings,
         metrics: GatewayMetrics,
+        cache: ResultCache | None = None,
     ) -> None:
         self.backend = backend
         self.encoder = encoder
         self.settings = settings
         self.metrics = metrics
+        self.cache = cache
+
+    async def _streamed(
+        self, jobs: list[Job], request: GenerationParams, progress: ProgressCallback, preview: bool
+    ) -> Txt2ImgResult:
+        if len(jobs) != 1:
+            raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
+        job = jobs[0]
+        stream = self.backend.txt2img_stream(
+            job.prompt, preview, negative_prompt=request.negative_prompt, **dataclasses.asdict(job.params)
+        )
+        async with aclosing(stream):
+            async for event in stream:
+                if isinstance(event, Txt2ImgResult):
+                    return event
+                await progress(event)
+        raise AssertionError("txt2img_stream yields its result last")
 
     def plan(self, prompts: list[str], request: GenerationParams, served: ServedModel) -> list[Job]:
         """Check every field against the gateway's and the served model's limits; one job per prompt."""
@@ -100,21 +124,39 @@ class Generator:
             jobs.append(Job(prompt, checked))
         return jobs
 
-    async def generate(self, prompts: list[str], request: GenerationParams) -> GenerateResponse:
+    async def generate(
+        self,
+        prompts: list[str],
+        request: GenerationParams,
+        progress: ProgressCallback | None = None,
+        preview: bool = False,
+    ) -> GenerateResponse:
+        """`progress`: one prompt through Triton's txt2img_stream, the callback awaited after every
+        denoising step (with previews when `preview`); without it every prompt goes to txt2img."""
         started = time.perf_counter()
         served = await self.backend.served_model()
         jobs = self.plan(prompts, request, served)
+        # 0. A seeded request whose result is cached (same served model, same parameters): no inference.
+        key = cache_key(served.fingerprint, prompts, request, jobs) if self.cache else None
+        if self.cache and (hit := await self.cache.get(key)) is not None:
+            self.metrics.images.inc(len(hit.images))
+            total = _ms(time.perf_counter() - started)
+            timings = Timings(queue_ms=total, inference_ms=0.0, encode_ms=0.0, total_ms=total)
+            return hit.model_copy(update={"timings": timings})
 
         # 1. One txt2img call per prompt, all in flight together: Triton batches them at the UNet.
         called = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                self.backend.txt2img(
-                    job.prompt, negative_prompt=request.negative_prompt, **dataclasses.asdict(job.params)
+        if progress is not None:
+            results = [await self._streamed(jobs, request, progress, preview)]
+        else:
+            results = await asyncio.gather(
+                *(
+                    self.backend.txt2img(
+                        job.prompt, negative_prompt=request.negative_prompt, **dataclasses.asdict(job.params)
+                    )
+                    for job in jobs
                 )
-                for job in jobs
             )
-        )
         inferred = time.perf_counter()
 
         # 2. Encode every image off the event loop.
@@ -143,7 +185,7 @@ class Generator:
             ("encode", finished - inferred),
         ):
             self.metrics.stage.labels(stage=stage).observe(seconds)
-        return GenerateResponse(
+        response = GenerateResponse(
             images=images,
             timings=Timings(
                 queue_ms=_ms(called - started),
@@ -166,3 +208,6 @@ class Generator:
                 for r in results
             ],
         )
+        if self.cache:
+            await self.cache.put(key, response)
+        return response

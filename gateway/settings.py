@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,7 +37,42 @@ class GatewaySettings(BaseSettings):
     )
 
     # --- jobs (gateway/jobs.py) ---
+    jobs_max_running: int = Field(8, ge=1, description="jobs this gateway runs on Triton at once")
+    job_ttl_s: float = Field(86400.0, gt=0, description="a job's record and events are kept this long")
+    job_poll_s: float = Field(0.2, gt=0, description="idle workers look for jobs queued elsewhere this often")
+    job_keepalive_s: float = Field(15.0, gt=0, description="an SSE comment line when no event came this long")
+    webhook_secret: SecretStr | None = Field(
+        None, description="signs webhooks of requests without an API key (open mode); keys have their own"
+    )
+    webhook_max_attempts: int = Field(5, ge=1)
+    webhook_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt")
+    webhook_timeout_s: float = Field(10.0, gt=0)
 
     # --- API keys, limits, content policy (gateway/keys.py, gateway/limits.py, gateway/policy.py) ---
+    keys_file: str = Field(
+        ".cache/sd-triton/api-keys.json",
+        description="API key registry (`sd-triton keys`); no keys in it: the gateway runs open",
+    )
+    policy_file: str | None = Field(
+        None, description='prompt policy JSON {"words": [...], "regexes": [...]}; unset: no global rules'
+    )
 
     # --- storage, cache, metrics (gateway/storage.py, gateway/cache.py, gateway/metrics.py) ---
+    storage_dir: str = Field(".cache/sd-triton/images", description="local image folder (no S3 bucket)")
+    storage_ttl_s: float = Field(86400.0, gt=0, description="stored images and their URLs expire after")
+    storage_cleanup_interval_s: float = Field(300.0, gt=0, description="how often expired images are deleted")
+    s3_bucket: str | None = Field(None, description="store images in this S3 bucket instead of storage_dir")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset: AWS")
+    s3_region: str | None = None
+    s3_prefix: str = Field("sd-triton/images/", description="key prefix of stored images in the bucket")
+    # replicas behind one load balancer must share it, or a URL signed by one fails on another
+    url_signing_secret: SecretStr | None = Field(None, description="HMAC key of image URLs; unset: random")
+    public_url: str | None = Field(None, description="base of image links; unset: the request's base URL")
+    cache_enabled: bool = True
+    cache_ttl_s: float = Field(3600.0, gt=0, description="seeded results are served from cache this long")
+    cache_max_entry_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger results are not cached")
+    served_model_refresh_s: float = Field(10.0, gt=0, description="re-read Triton's model configs after")
+    triton_metrics_url: str | None = Field(
+        None, description="Triton's Prometheus endpoint; unset: Triton's host, port 8002; empty: off"
+    )
+    triton_metrics_timeout_s: float = Field(0.5, gt=0)

@@ -51,6 +51,21 @@ class StateStore(ABC):
         """Every key starting with `prefix` (without the store's own prefix)."""
 
     @abstractmethod
+    async def rpush(self, key: str, value: bytes, ttl_s: float | None = None) -> int:
+        """Append to a list; returns its length. `ttl_s` (re)sets the list's expiry."""
+
+    @abstractmethod
+    async def lrange(self, key: str, start: int = 0, end: int = -1) -> list[bytes]:
+        """Items start..end, both included (-1: the last)."""
+
+    @abstractmethod
+    async def lpop(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def lrem(self, key: str, value: bytes) -> int:
+        """Remove every item equal to `value`; returns how many."""
+
+    @abstractmethod
     async def publish(self, channel: str, message: bytes) -> None: ...
 
     @abstractmethod
@@ -116,6 +131,44 @@ class MemoryStore(StateStore):
     async def keys(self, prefix: str) -> list[str]:
         return [key for key in list(self._values) if key.startswith(prefix) and self._live(key)]
 
+    def _list(self, key: str) -> list[bytes]:
+        entry = self._live(key)
+        return [] if entry is None else list(entry[0])
+
+    async def rpush(self, key: str, value: bytes, ttl_s: float | None = None) -> int:
+        entry = self._live(key)
+        items, deadline = ([], None) if entry is None else entry
+        items = [*items, value]
+        self._values[key] = (items, deadline if ttl_s is None else self._deadline(ttl_s))
+        return len(items)
+
+    async def lrange(self, key: str, start: int = 0, end: int = -1) -> list[bytes]:
+        items = self._list(key)
+        return items[start:] if end == -1 else items[start : end + 1]
+
+    async def lpop(self, key: str) -> bytes | None:
+        entry = self._live(key)
+        if entry is None or not entry[0]:
+            return None
+        first, *rest = entry[0]
+        if rest:
+            self._values[key] = (rest, entry[1])
+        else:
+            del self._values[key]
+        return bytes(first)
+
+    async def lrem(self, key: str, value: bytes) -> int:
+        entry = self._live(key)
+        if entry is None:
+            return 0
+        kept = [item for item in entry[0] if item != value]
+        removed = len(entry[0]) - len(kept)
+        if kept:
+            self._values[key] = (kept, entry[1])
+        else:
+            del self._values[key]
+        return removed
+
     async def publish(self, channel: str, message: bytes) -> None:
         for queue in self._channels.get(channel, ()):
             queue.put_nowait(message)
@@ -179,7 +232,7 @@ class RedisStore(StateStore):
     async def get(self, key: str) -> bytes | None:
         async with self._call():
             value = await self.client.get(PREFIX + key)
-        return None if value is None else value.encode() if isinstance(value, str) else bytes(value)
+        return None if value is None else _bytes(value)
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         px = None if ttl_s is None else max(1, math.ceil(ttl_s * 1000))
@@ -195,6 +248,28 @@ class RedisStore(StateStore):
         async with self._call():
             found = [key async for key in self.client.scan_iter(match=PREFIX + prefix + "*", count=500)]
         return [(k.decode() if isinstance(k, bytes) else k).removeprefix(PREFIX) for k in found]
+
+    async def rpush(self, key: str, value: bytes, ttl_s: float | None = None) -> int:
+        async with self._call():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.rpush(PREFIX + key, value)
+            if ttl_s is not None:
+                pipe.pexpire(PREFIX + key, max(1, math.ceil(ttl_s * 1000)))
+            length, *_ = await pipe.execute()
+            return int(length)
+
+    async def lrange(self, key: str, start: int = 0, end: int = -1) -> list[bytes]:
+        async with self._call():
+            return [_bytes(item) for item in await self.client.lrange(PREFIX + key, start, end)]
+
+    async def lpop(self, key: str) -> bytes | None:
+        async with self._call():
+            value: Any = await self.client.lpop(PREFIX + key)
+        return None if value is None else _bytes(value)
+
+    async def lrem(self, key: str, value: bytes) -> int:
+        async with self._call():
+            return int(await self.client.lrem(PREFIX + key, 0, value))  # type: ignore[arg-type]
 
     async def publish(self, channel: str, message: bytes) -> None:
         async with self._call():
@@ -227,6 +302,10 @@ class RedisStore(StateStore):
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 def make_store(redis_url: str | None) -> StateStore:

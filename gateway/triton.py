@@ -3,9 +3,14 @@ and Triton's errors mapped onto the gateway's."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferRequestedOutput
 from tritonclient.utils import InferenceServerException
@@ -13,8 +18,15 @@ from tritonclient.utils import InferenceServerException
 from gateway.errors import InvalidRequestError, TritonError, TritonUnavailableError
 from gateway.settings import GatewaySettings
 from sd_triton import contract as c
-from sd_triton.served_model import ServedModel
-from sd_triton.txt2img_client import Txt2ImgResult, parse_result, txt2img_inputs
+from sd_triton.served_model import ServedModel, config_fingerprint
+from sd_triton.txt2img_client import (
+    Progress,
+    Txt2ImgResult,
+    infer_input,
+    parse_result,
+    parse_stream_response,
+    txt2img_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,8 @@ class TritonBackend:
         self.settings = settings
         self.client = grpcaio.InferenceServerClient(settings.triton_url, channel_args=CHANNEL_ARGS)
         self._served: ServedModel | None = None
+        self._served_until = 0.0  # monotonic time of the next re-read
+        self._served_lock = asyncio.Lock()
 
     async def close(self) -> None:
         await self.client.close()
@@ -63,20 +77,37 @@ class TritonBackend:
             return False
 
     async def served_model(self) -> ServedModel:
-        """What txt2img serves, read once from Triton's configs (again after a failure)."""
-        if self._served is None:
-            configs: dict[str, Any] = {}
-            try:
-                for name in (c.TXT2IMG.name, *c.ENGINE_MODELS):
-                    response = await self.client.get_model_config(
-                        name, as_json=True, client_timeout=self.settings.triton_probe_timeout_s
-                    )
-                    configs[name] = response["config"]
-            except InferenceServerException as exc:
-                raise self._map(exc, "reading model configs") from None
-            self._served = ServedModel.from_configs(configs)
-            log.info("serving %s via Triton at %s", self._served.model, self.settings.triton_url)
-        return self._served
+        """What txt2img serves, from Triton's configs: re-read every `served_model_refresh_s` and after
+        a failed txt2img call, so a swapped engine shows (its `fingerprint` changes)."""
+        async with self._served_lock:  # one re-read at a time; the others wait for it
+            if self._served is None or time.monotonic() >= self._served_until:
+                served = await self._read_served_model()
+                if self._served is None or served.fingerprint != self._served.fingerprint:
+                    log.info(
+                        "serving %s via Triton at %s (fingerprint %s)",
+                        served.model, self.settings.triton_url, served.fingerprint[:12],
+                    )  # fmt: skip
+                self._served = served
+                self._served_until = time.monotonic() + self.settings.served_model_refresh_s
+            return self._served
+
+    async def _read_served_model(self) -> ServedModel:
+        timeout = self.settings.triton_probe_timeout_s
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
+            versions: dict[str, list[str]] = {}
+            for model in index.get("models", []):
+                if model.get("state") == "READY":
+                    versions.setdefault(model["name"], []).append(str(model.get("version", "")))
+            names = [name for name in c.MODELS if name in versions or name == c.TXT2IMG.name]
+            responses = await asyncio.gather(
+                *(self.client.get_model_config(name, as_json=True, client_timeout=timeout) for name in names)
+            )
+        except InferenceServerException as exc:
+            raise self._map(exc, "reading model configs") from None
+        configs = {name: response["config"] for name, response in zip(names, responses, strict=True)}
+        served = ServedModel.from_configs(configs)
+        return dataclasses.replace(served, fingerprint=config_fingerprint(configs, versions))
 
     async def txt2img(self, prompt: str, **params: Any) -> Txt2ImgResult:
         outputs = [InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
@@ -88,8 +119,42 @@ class TritonBackend:
                 client_timeout=self.settings.triton_timeout_s,
             )
         except InferenceServerException as exc:
-            raise self._map(exc, "txt2img") from None
+            error = self._map(exc, "txt2img")
+            if not isinstance(error, InvalidRequestError):
+                self._served_until = 0.0  # re-read the configs next time: the model may have changed
+            raise error from None
         return parse_result(result)
+
+    async def txt2img_stream(
+        self, prompt: str, preview: bool = False, **params: Any
+    ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
+        """txt2img_stream over gRPC streaming: a Progress per denoising step, then the result.
+        Closing the generator early (a cancelled job) cancels the stream, and Triton drops the
+        request before its next step."""
+        inputs = txt2img_inputs(prompt, **params)
+        if preview:
+            inputs.append(infer_input(c.PREVIEW, np.array([True])))
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": c.TXT2IMG_STREAM.name, "inputs": inputs}
+
+        stream = self.client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise self._map(error, "txt2img_stream")
+                event = parse_stream_response(result)
+                yield event
+                if isinstance(event, Txt2ImgResult):
+                    return
+        except InferenceServerException as exc:
+            raise self._map(exc, "txt2img_stream") from None
+        finally:
+            stream.cancel()
+        raise TritonUnavailableError(
+            f"Triton at {self.settings.triton_url}: txt2img_stream ended without a result",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
 
 
 def _field_of(message: str) -> str | None:

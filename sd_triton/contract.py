@@ -28,6 +28,7 @@ NUMPY_DTYPES = {
     "TYPE_INT64": "int64",
     "TYPE_UINT8": "uint8",
     "TYPE_STRING": "object",
+    "TYPE_BOOL": "bool",
 }
 WIRE_DTYPES = {
     "TYPE_FP32": "FP32",
@@ -35,6 +36,7 @@ WIRE_DTYPES = {
     "TYPE_INT64": "INT64",
     "TYPE_UINT8": "UINT8",
     "TYPE_STRING": "BYTES",
+    "TYPE_BOOL": "BOOL",
 }
 
 
@@ -89,6 +91,12 @@ IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
 PROMPT_TRUNCATED_TOKENS = _t("PROMPT_TRUNCATED_TOKENS", "TYPE_INT32", 1)
 NEGATIVE_PROMPT_TRUNCATED_TOKENS = _t("NEGATIVE_PROMPT_TRUNCATED_TOKENS", "TYPE_INT32", 1)
 
+# --- progress, streamed by txt2img_stream before its final response ---
+PREVIEW = _t("PREVIEW", "TYPE_BOOL", 1, optional=True)  # input: step responses carry PREVIEW_IMAGES
+STEP = _t("STEP", "TYPE_INT32", 1)  # denoising steps done (a step response)
+STEPS_TOTAL = _t("STEPS_TOTAL", "TYPE_INT32", 1)
+PREVIEW_IMAGES = _t("PREVIEW_IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H/8, W/8, 3], cheap decode
+
 # --- tensors between steps ---
 INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, TOKEN_LENGTH)  # rows: [uncond,] cond
 PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, TOKEN_LENGTH, -1)
@@ -99,6 +107,15 @@ TXT2IMG = ModelSpec(
     "txt2img",
     inputs=(PROMPT, NEGATIVE_PROMPT, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES),
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS),
+    batching=False,
+    engine=False,
+)
+# Decoupled: one response per denoising step (STEP, STEPS_TOTAL, PREVIEW_IMAGES when asked), then
+# the final one (IMAGES and the truncation counts). Called directly, a client's cancellation stops it.
+TXT2IMG_STREAM = ModelSpec(
+    "txt2img_stream",
+    inputs=(*TXT2IMG.inputs, PREVIEW),
+    outputs=(*TXT2IMG.outputs, STEP, STEPS_TOTAL, PREVIEW_IMAGES),
     batching=False,
     engine=False,
 )
@@ -150,7 +167,8 @@ POSTPROCESS = ModelSpec(
 )
 
 MODELS: dict[str, ModelSpec] = {
-    m.name: m for m in (TXT2IMG, TOKENIZER, TEXT_ENCODER, DENOISE, UNET, VAE_DECODER, POSTPROCESS)
+    m.name: m
+    for m in (TXT2IMG, TXT2IMG_STREAM, TOKENIZER, TEXT_ENCODER, DENOISE, UNET, VAE_DECODER, POSTPROCESS)
 }
 ENGINE_MODELS: tuple[str, ...] = tuple(m.name for m in MODELS.values() if m.engine)
 

@@ -1,5 +1,6 @@
 """What the denoise step needs to know about the exported model, written by the export as
-`denoise/1/pipeline.json`. Torch-free: the gateway reads the limits from the same file."""
+`denoise/1/pipeline.json` (and `txt2img_stream/1/pipeline.json`). Torch-free: the gateway reads
+the limits from the same file."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class PipelineConfig:
     scheduler_config: dict[str, Any]
     limits: Limits = field(default_factory=Limits)
     text_hidden_size: int | None = None  # the text encoder's width (UNet cross-attention); None: unknown
+    # latent channels (+ bias) -> RGB in [0, 1], for step previews (export/preview.py); None: no previews
+    preview_weights: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.latent_channels < 1:

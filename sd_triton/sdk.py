@@ -61,19 +61,25 @@ def to_pil(b64: str) -> Any:
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    base64: str
+    base64: str | None  # None when asked for response_format="url"
     seed: int
     width: int
     height: int
     content_type: str
     prompt_index: int = 0
+    url: str | None = None  # a signed link that expires, with response_format="url"
+
+    def _base64(self) -> str:
+        if self.base64 is None:
+            raise ValueError(f"this image came as a URL, not base64: fetch {self.url}")
+        return self.base64
 
     @property
     def data(self) -> bytes:
-        return decode_image(self.base64)
+        return decode_image(self._base64())
 
     def to_pil(self) -> Any:
-        return to_pil(self.base64)
+        return to_pil(self._base64())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -7,6 +7,8 @@ Triton (`get_model_config`), so it never needs the repository's files. Torch-fre
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ class ServedModel:
     spatial_multiple: int
     limits: Limits = field(default_factory=Limits)
     engines: dict[str, EngineInfo] = field(default_factory=dict)
+    fingerprint: str = ""  # `config_fingerprint` of what Triton serves; "" when unknown
 
     def to_parameters(self) -> dict[str, str]:
         """txt2img's config parameters (string values, as Triton keeps them)."""
@@ -48,10 +51,31 @@ class ServedModel:
         engines = {name: engine_info(configs[name]) for name in ENGINE_MODELS if name in configs}
         return cls(
             model=params["model"],
-            **{k: int(params[k]) for k in _INT_KEYS},
+            native_height=int(params["native_height"]),
+            native_width=int(params["native_width"]),
+            spatial_multiple=int(params["spatial_multiple"]),
             limits=limits,
             engines=engines,
         )
+
+
+def config_fingerprint(configs: dict[str, dict[str, Any]], versions: dict[str, list[str]]) -> str:
+    """sha256 over what decides the served model's output: each model's platform, backend, model file,
+    parameters (precision, device, and any artifact hashes the export writes there), engine kind, and
+    the versions Triton has loaded. Instance counts, batching and ports do not count."""
+    described = {
+        name: {
+            "platform": config.get("platform", ""),
+            "backend": config.get("backend", ""),
+            "default_model_filename": config.get("default_model_filename", ""),
+            "parameters": _parameters(config),
+            "engine": asdict(engine_info(config)),
+            "versions": sorted(versions.get(name, [])),
+        }
+        for name, config in configs.items()
+    }
+    blob = json.dumps(described, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _parameters(config: dict[str, Any]) -> dict[str, str]:

@@ -21,7 +21,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_triton.contract import TOKENIZER, TXT2IMG
+from sd_triton.contract import TOKENIZER, TXT2IMG, TXT2IMG_STREAM
+
+# set by the txt2img_stream model (sd_triton/runtime/triton_stream.py)
+STREAM_IN_FLIGHT_METRIC = "sd_triton_stream_requests_in_flight"
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +135,20 @@ class TritonServer:
             stats = json.load(r)["model_stats"]
         return sum(s["inference_stats"][k]["count"] for s in stats for k in ("success", "fail"))
 
+    def _streams_in_flight(self) -> int:
+        """txt2img_stream requests not yet answered: the gauge that model keeps on the metrics port."""
+        with urllib.request.urlopen(self.metrics_url, timeout=2) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(STREAM_IN_FLIGHT_METRIC + "{"):
+                    return int(float(line.rsplit(" ", 1)[1]))
+        return 0
+
     def pipelines_in_flight(self) -> int:
-        """txt2img requests past the tokenizer and not yet answered."""
-        return max(0, self._completed(TOKENIZER.name) - self._completed(TXT2IMG.name))
+        """txt2img requests past the tokenizer and not yet answered, and txt2img_stream requests."""
+        # the stream model's own tokenizer calls count in the tokenizer's total, not in txt2img's
+        ensemble = self._completed(TOKENIZER.name) - self._completed(TXT2IMG.name)
+        ensemble -= self._completed(TXT2IMG_STREAM.name)
+        return max(0, ensemble) + self._streams_in_flight()
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until no txt2img request is in flight. Triton's own shutdown refuses the next step

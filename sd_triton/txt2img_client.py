@@ -73,6 +73,25 @@ def parse_result(result: grpcclient.InferResult) -> Txt2ImgResult:
     )
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One step response of txt2img_stream."""
+
+    step: int  # steps done, 1 ... steps
+    steps: int
+    previews: np.ndarray[Any, np.dtype[np.uint8]] | None  # [N, h, w, 3] when asked for
+
+
+def parse_stream_response(result: grpcclient.InferResult) -> Progress | Txt2ImgResult:
+    """A txt2img_stream response: a step's progress, or the final result (it carries IMAGES)."""
+    if result.as_numpy(c.IMAGES.name) is not None:
+        return parse_result(result)
+    step, steps = result.as_numpy(c.STEP.name), result.as_numpy(c.STEPS_TOTAL.name)
+    if step is None or steps is None:
+        raise ValueError(f"{c.TXT2IMG_STREAM.name}: a response with neither IMAGES nor STEP")
+    return Progress(int(step[0]), int(steps[0]), result.as_numpy(c.PREVIEW_IMAGES.name))
+
+
 def txt2img(client: grpcclient.InferenceServerClient, prompt: str | bytes, **params: Any) -> Txt2ImgResult:
     """One synchronous request; Triton's errors raise InferenceServerException."""
     outputs = [grpcclient.InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]

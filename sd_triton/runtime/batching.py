@@ -55,7 +55,7 @@ def _never() -> bool:
 class Ticket:
     """One request in the batcher and what to do with its outcome (called on the batcher's thread)."""
 
-    job: DenoiseJob
+    job: DenoiseJob | None  # None: `prepare` makes it on the batcher's thread when it is admitted
     on_done: Callable[[np.ndarray], None]  # the final latents (DenoiseJob.result)
     on_error: Callable[[Exception], None]  # Cancelled, or the UNet's / scheduler's error
     on_step: StepCallback | None = None  # progress: (step index, number of steps) after each step
@@ -64,10 +64,22 @@ class Ticket:
     # watcher thread asking it while the loop made its UNet call hung the server).
     is_cancelled: Callable[[], bool] = _never
     next_check: float = 0.0  # time.monotonic() of the next is_cancelled question
+    # Work to do on the batcher's thread before the request joins (e.g. BLS calls for the text
+    # embeddings: every call into the Triton stub stays on one thread). Needs `latent_shape`.
+    prepare: Callable[[], DenoiseJob] | None = None
+    latent_shape: Shape | None = None
+
+    def __post_init__(self) -> None:
+        if self.job is None and (self.prepare is None or self.latent_shape is None):
+            raise ValueError("a Ticket without a job needs prepare and latent_shape")
 
     @property
     def shape(self) -> Shape:
-        return self.job.latent_shape
+        return self.job.latent_shape if self.job is not None else self.latent_shape  # type: ignore[return-value]
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.job is None else self.job.rows
 
 
 @dataclass
@@ -165,8 +177,8 @@ class ContinuousBatcher:
             return
         deadline = time.monotonic() + self.config.max_wait_s
         while not self._stopping:
-            rows = sum(t.job.rows for group in self._active.values() for t in group)
-            rows += sum(t.job.rows for q in self._waiting.values() for t in q)
+            rows = sum(t.rows for group in self._active.values() for t in group)
+            rows += sum(t.rows for q in self._waiting.values() for t in q)
             remaining = deadline - time.monotonic()
             if rows >= self.config.max_batch or remaining <= 0:
                 return
@@ -186,15 +198,28 @@ class ContinuousBatcher:
                     self._cancel(ticket)
             self._set_group(shape, kept)
 
+    def _prepare_waiting(self) -> None:
+        with self._cond:
+            unprepared = [t for queue in self._waiting.values() for t in queue if t.job is None]
+        for ticket in unprepared:
+            assert ticket.prepare is not None
+            try:
+                ticket.job = ticket.prepare()
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                with self._cond:
+                    self._waiting[ticket.shape].remove(ticket)
+                self._fail(ticket, exc)
+
     def _admit(self) -> None:
+        self._prepare_waiting()
         with self._cond:
             for shape, queue in list(self._waiting.items()):
                 group = self._active.get(shape, [])
-                rows = sum(t.job.rows for t in group)
-                while queue and (rows + queue[0].job.rows <= self.config.max_batch or not group):
+                rows = sum(t.rows for t in group)
+                while queue and (rows + queue[0].rows <= self.config.max_batch or not group):
                     ticket = queue.popleft()
                     group = [*group, ticket]
-                    rows += ticket.job.rows
+                    rows += ticket.rows
                 if not queue:
                     del self._waiting[shape]
                 self._set_group(shape, group)

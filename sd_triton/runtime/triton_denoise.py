@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
-from sd_triton.requests import GenerationParams, InvalidRequest, validate_params
+from sd_triton.requests import GenerationParams, InvalidRequest
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.batching import BatchingConfig, Cancelled, ContinuousBatcher, Ticket
 from sd_triton.runtime.denoise import DenoiseJob, denoise
@@ -62,17 +62,7 @@ class TritonPythonModel:
             self.batcher.stop()
 
     def _params(self, request: Any) -> GenerationParams:
-        return validate_params(
-            height=triton_io.get_scalar(request, c.HEIGHT),
-            width=triton_io.get_scalar(request, c.WIDTH),
-            steps=triton_io.get_scalar(request, c.STEPS),
-            guidance_scale=triton_io.get_scalar(request, c.GUIDANCE_SCALE),
-            seed=triton_io.get_scalar(request, c.SEED),
-            scheduler=triton_io.get_text(request, c.SCHEDULER),
-            num_images=triton_io.get_scalar(request, c.NUM_IMAGES),
-            limits=self.config.limits,
-            spatial_multiple=self.config.vae_scale_factor,
-        )
+        return triton_io.generation_params(request, self.config)
 
     def _embeds(self, request: Any) -> np.ndarray:
         embeds = triton_io.get_array(request, c.PROMPT_EMBEDS)

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from sd_triton import contract as c
 from sd_triton.contract import ModelSpec, TensorSpec
-from sd_triton.requests import InvalidRequest, decode_text
+from sd_triton.pipeline_config import PipelineConfig
+from sd_triton.requests import GenerationParams, InvalidRequest, decode_text, validate_params
 
 log = logging.getLogger("sd_triton.triton")
 
@@ -56,6 +58,21 @@ def get_text(request: Any, spec: TensorSpec, default: str | None = None) -> str:
     return default if value is None and default is not None else decode_text(spec.name, value)
 
 
+def generation_params(request: Any, config: PipelineConfig) -> GenerationParams:
+    """A request's generation inputs, checked against the exported model's limits."""
+    return validate_params(
+        height=get_scalar(request, c.HEIGHT),
+        width=get_scalar(request, c.WIDTH),
+        steps=get_scalar(request, c.STEPS),
+        guidance_scale=get_scalar(request, c.GUIDANCE_SCALE),
+        seed=get_scalar(request, c.SEED),
+        scheduler=get_text(request, c.SCHEDULER),
+        num_images=get_scalar(request, c.NUM_IMAGES),
+        limits=config.limits,
+        spatial_multiple=config.vae_scale_factor,
+    )
+
+
 def error_response(message: str, code: Any = None) -> Any:
     """A response carrying an error (INVALID_ARG unless `code` says otherwise)."""
     code = pb_utils.TritonError.INVALID_ARG if code is None else code
@@ -78,12 +95,16 @@ def respond(requests: Sequence[Any], spec: ModelSpec, handle: Callable[[Any], Ou
 
 def bls_infer(model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
     """One synchronous BLS call; an error from the called model raises."""
+    return bls_infer_all(model, inputs, [output])[output]
+
+
+def bls_infer_all(model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Outputs:
     request = pb_utils.InferenceRequest(
         model_name=model,
         inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
-        requested_output_names=[output],
+        requested_output_names=list(outputs),
     )
     response = request.exec()
     if response.has_error():
         raise RuntimeError(f"{model}: {response.error().message()}")
-    return pb_utils.get_output_tensor_by_name(response, output).as_numpy()
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}

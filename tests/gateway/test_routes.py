@@ -96,11 +96,13 @@ def test_openai_client(gateway) -> None:
     assert "size" in str(info.value)
 
 
-def test_openai_url_format_not_yet(http: httpx.Client) -> None:
+def test_openai_url_format(http: httpx.Client) -> None:  # more in test_storage.py
     response = http.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "response_format"
-    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.status_code == 200, response.text
+    item = response.json()["data"][0]
+    assert item["b64_json"] is None and http.get(item["url"]).headers["content-type"] == "image/png"
+    bad = http.post("/v1/images/generations", json={"prompt": "x", "response_format": "png"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
 
 
 def test_health_and_readiness(http: httpx.Client) -> None:

@@ -24,6 +24,16 @@ async def _exercise(store: StateStore) -> None:
     assert await store.get("a") is None
     await store.delete("b")
     assert await store.get("b") is None
+    # lists: a FIFO queue with removal from the middle
+    for item in (b"j1", b"j2", b"j3"):
+        await store.rpush("q", item, ttl_s=10)
+    assert await store.lrange("q") == [b"j1", b"j2", b"j3"]
+    assert await store.lrange("q", 1, 1) == [b"j2"]
+    assert await store.lrem("q", b"j2") == 1
+    assert await store.lpop("q") == b"j1"
+    assert await store.lpop("q") == b"j3"
+    assert await store.lpop("q") is None
+    assert await store.lrange("q") == []
 
 
 def test_memory_store() -> None:

@@ -1,0 +1,120 @@
+"""The seed-aware result cache.
+
+Only a request with an explicit seed is deterministic, so only such requests are looked up and stored.
+The key is a sha256 over the served model's fingerprint (`ServedModel.fingerprint`: what Triton serves,
+from its model configs and loaded versions) and every parameter that decides the images: the prompts,
+the negative prompt, width and height after defaults, steps, guidance, seeds, scheduler, images per
+prompt and output format. A swapped engine changes the fingerprint, so its old entries are never hit
+again (they expire after `cache_ttl_s`).
+
+Entries live in the shared state store (memory, or Redis shared by the replicas). When the store is
+unreachable the cache is bypassed: the request goes to Triton and a WARNING is logged at most once a
+minute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from gateway.metrics import GatewayMetrics
+from gateway.schemas import GenerateResponse, GenerationParams
+from gateway.settings import GatewaySettings
+from gateway.state import StateStore, StateUnavailable
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "cache:v1:"
+WARN_EVERY_S = 60.0
+
+
+class _PlannedJob(Protocol):  # service.Job, without importing the service
+    @property
+    def params(self) -> Any: ...
+
+
+def cache_key(
+    fingerprint: str, prompts: Sequence[str], request: GenerationParams, jobs: Sequence[_PlannedJob]
+) -> str | None:
+    """The cache key of a planned generation, or None when it is not deterministic (no seed)."""
+    if request.seed is None or not jobs:
+        return None
+    checked = dataclasses.asdict(jobs[0].params)  # width/height after defaults, as sent to Triton
+    described = {
+        "fingerprint": fingerprint,
+        "prompts": list(prompts),
+        "negative_prompt": request.negative_prompt or "",  # absent and empty are both unconditional
+        "width": checked["width"],
+        "height": checked["height"],
+        "steps": checked["steps"],
+        "guidance_scale": checked["guidance_scale"],
+        "seed": request.seed,
+        "scheduler": checked["scheduler"],
+        "num_images": checked["num_images"],
+        "output_format": request.output_format,
+    }
+    blob = json.dumps(described, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return KEY_PREFIX + hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResultCache:
+    def __init__(self, store: StateStore, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._warned_at = -WARN_EVERY_S
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.cache_enabled
+
+    def _unavailable(self, what: str, exc: StateUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("result cache bypassed (%s): %s", what, exc)
+
+    async def get(self, key: str | None) -> GenerateResponse | None:
+        """The stored response for `key` (marked as a hit), or None; counts the lookup."""
+        if key is None or not self.enabled:
+            return None
+        try:
+            raw = await self.store.get(key)
+        except StateUnavailable as exc:
+            self._unavailable("lookup", exc)
+            self.metrics.cache.labels(result="error").inc()
+            return None
+        cached = None
+        if raw is not None:
+            try:
+                cached = GenerateResponse.model_validate_json(raw)
+            except ValidationError as exc:  # written by another version of the gateway
+                log.warning("unreadable cache entry %s dropped: %s", key, exc.errors()[0].get("msg"))
+        self.metrics.cache.labels(result="miss" if cached is None else "hit").inc()
+        return None if cached is None else cached.model_copy(update={"cache": "hit"})
+
+    async def put(self, key: str | None, response: GenerateResponse) -> bool:
+        """Store `response` under `key` for `cache_ttl_s`; False when skipped (too large, no key,
+        disabled, store unreachable)."""
+        if key is None or not self.enabled:
+            return False
+        if any(image.base64 is None for image in response.images):
+            return False  # only full results are cached; URLs expire
+        raw = response.model_dump_json(exclude={"cache"}).encode()
+        if len(raw) > self.settings.cache_max_entry_bytes:
+            log.info("result of %d bytes not cached (cache_max_entry_bytes %d)", len(raw),
+                     self.settings.cache_max_entry_bytes)  # fmt: skip
+            return False
+        try:
+            await self.store.set(key, raw, ttl_s=self.settings.cache_ttl_s)
+        except StateUnavailable as exc:
+            self._unavailable("store", exc)
+            return False
+        return True

@@ -1,0 +1,380 @@
+"""Async jobs: submit, a FIFO queue, workers that run jobs through Triton's txt2img_stream, the
+job's events (for Server-Sent Events), cancel, webhooks.
+
+Everything lives in the state store (gateway/state.py), so with Redis every gateway replica sees
+every job: a job queued on one replica may run on another, its events reach a subscriber on a
+third, and a cancel on any replica stops it.
+
+Keys (all expire after job_ttl_s):
+- `jobs:queue`            the FIFO of queued job ids
+- `job:<id>`              the job's record (JSON)
+- `job-events:<id>`       every event so far, in order, without preview images (a late subscriber
+                          replays them); published live on channel `job:<id>` (with previews)
+- `job-seq:<id>`          the number of the job's latest event (SSE `id:`)
+- `job-cancel:<id>`       set by a cancel; the runner checks it at every step
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image as PILImage
+from pydantic import BaseModel, Field
+
+from gateway.errors import GatewayError, InvalidRequestError
+from gateway.metrics import GatewayMetrics
+from gateway.schemas import ErrorDetail, GenerateRequest, GenerateResponse
+from gateway.service import Generator
+from gateway.settings import GatewaySettings
+from gateway.state import StateStore
+from gateway.storage import ImageStorage
+from gateway.webhooks import WebhookSender
+from sd_triton.txt2img_client import Progress
+
+log = logging.getLogger(__name__)
+
+JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+QUEUE = "jobs:queue"
+
+
+class JobRequest(GenerateRequest):
+    """The /v1/generate body, plus what only a job has."""
+
+    preview: bool = Field(False, description="step events carry a small preview image of the latents")
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description="POSTed the finished job (signed, see docs/jobs.md); retried with backoff",
+    )
+
+
+class JobProgress(BaseModel):
+    step: int
+    steps: int
+    eta_s: float | None = Field(None, description="seconds left, from the mean step time so far")
+    elapsed_s: float
+
+
+class WebhookStatus(BaseModel):
+    url: str
+    attempts: int = 0
+    delivered: bool = False
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+class JobRecord(BaseModel):
+    id: str
+    status: JobStatus
+    created_at: str
+    updated_at: str
+    request: JobRequest
+    key_id: str | None = None
+    base_url: str = Field("", description="the gateway as the client saw it, for image URLs")
+    progress: JobProgress | None = None
+    result: GenerateResponse | None = None
+    error: ErrorDetail | None = None
+    webhook: WebhookStatus | None = None
+
+
+class JobView(BaseModel):
+    """What `GET /v1/jobs/{id}` answers."""
+
+    id: str
+    status: JobStatus
+    queue_position: int | None = Field(None, description="1 = next to run; null once it runs")
+    progress: JobProgress | None = None
+    result: GenerateResponse | None = Field(None, description="the /v1/generate response, once completed")
+    error: ErrorDetail | None = None
+    created_at: str
+    updated_at: str
+    events_url: str
+    webhook: WebhookStatus | None = None
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def preview_data_url(previews: np.ndarray[Any, Any]) -> str:
+    """The first image's preview as a PNG data URL (latent resolution: a few hundred bytes)."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(previews[0]).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# the webhook secret of an API key (None: no key, open mode)
+SecretLookup = Callable[[str | None], str | None]
+
+
+class JobManager:
+    def __init__(
+        self,
+        store: StateStore,
+        generator: Generator,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        webhook_secret: SecretLookup,
+        storage: ImageStorage,
+    ) -> None:
+        self.store = store
+        self.generator = generator
+        self.settings = settings
+        self.metrics = metrics
+        self.webhook_secret = webhook_secret
+        self.storage = storage
+        self.webhooks = WebhookSender(
+            settings.webhook_max_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s
+        )
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for index in range(self.settings.jobs_max_running):
+            self._spawn(self._worker(), f"job-worker-{index}")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.webhooks.close()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the API -----------------------------------------------------------------------------------
+
+    async def submit(self, request: JobRequest, key_id: str | None, base_url: str) -> JobRecord:
+        """Checked like /v1/generate (before it is queued), then queued."""
+        served = await self.generator.backend.served_model()
+        self.generator.plan([request.prompt], request, served)
+        if request.webhook_url is not None and self.webhook_secret(key_id) is None:
+            raise InvalidRequestError(
+                "webhook_url: webhooks are signed with the API key's secret; without API keys set "
+                "SD_GATEWAY_WEBHOOK_SECRET",
+                field="webhook_url",
+            )
+        now = _now()
+        record = JobRecord(
+            id="job_" + secrets.token_hex(12),
+            status="queued",
+            created_at=now,
+            updated_at=now,
+            request=request,
+            key_id=key_id,
+            base_url=base_url,
+            webhook=None if request.webhook_url is None else WebhookStatus(url=request.webhook_url),
+        )
+        await self._save(record)
+        # the event first: once queued, a worker may start it (and log its steps) at once
+        position = len(await self.store.lrange(QUEUE)) + 1
+        await self._event(record.id, "queued", {"position": position})
+        await self.store.rpush(QUEUE, record.id.encode())
+        self.metrics.jobs.labels(state="queued").inc()
+        self._wake.set()
+        return record
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self.store.get(f"job:{job_id}")
+        return None if raw is None else JobRecord.model_validate_json(raw)
+
+    async def view(self, record: JobRecord, base_url: str) -> JobView:
+        position = None
+        if record.status == "queued":
+            queue = await self.store.lrange(QUEUE)
+            position = queue.index(record.id.encode()) + 1 if record.id.encode() in queue else None
+        return JobView(
+            **record.model_dump(include={"id", "status", "progress", "result", "error", "webhook"}),
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            queue_position=position,
+            events_url=f"{base_url.rstrip('/')}/v1/jobs/{record.id}/events",
+        )
+
+    async def cancel(self, record: JobRecord, wait_s: float = 5.0) -> JobRecord:
+        """A queued job is cancelled at once; a running one at its next step (waited for up to
+        wait_s). A finished job is returned as it is."""
+        if record.status in TERMINAL:
+            return record
+        await self.store.set(f"job-cancel:{record.id}", b"1", ttl_s=self.settings.job_ttl_s)
+        if await self.store.lrem(QUEUE, record.id.encode()):
+            return await self._finish(record, "cancelled")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            current = await self.get(record.id)
+            if current is None or current.status in TERMINAL:
+                return current or record
+            await asyncio.sleep(0.02)
+        return await self.get(record.id) or record
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """Every event of the job with seq > after, in order, then live ones until a terminal one.
+        Yields None-free dicts {seq, event, data}; callers add keepalives."""
+        async with self.store.subscribe(f"job:{job_id}") as live:
+            seen = after
+            for raw in await self.store.lrange(f"job-events:{job_id}", after):
+                event = json.loads(raw)
+                seen = event["seq"]
+                yield event
+                if event["event"] in TERMINAL:
+                    return
+            async for raw in live:
+                event = json.loads(raw)
+                if event["seq"] <= seen:
+                    continue  # logged before we read the history, and published after we subscribed
+                seen = event["seq"]
+                yield event
+                if event["event"] in TERMINAL:
+                    return
+
+    # -- running jobs ------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                raw = await self.store.lpop(QUEUE)
+            except Exception:  # noqa: BLE001 - a store outage must not end the worker
+                log.exception("jobs: reading the queue failed")
+                raw = None
+            if raw is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.settings.job_poll_s)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                await self._run(raw.decode())
+            except Exception:  # noqa: BLE001
+                log.exception("jobs: running %s failed", raw.decode())
+
+    async def _run(self, job_id: str) -> None:
+        record = await self.get(job_id)
+        if record is None or record.status != "queued":
+            return
+        if await self.store.get(f"job-cancel:{job_id}") is not None:
+            await self._finish(record, "cancelled")
+            return
+        record = record.model_copy(update={"status": "running", "updated_at": _now()})
+        await self._save(record)
+        self.metrics.jobs.labels(state="running").inc()
+        started = time.monotonic()
+
+        async def progress(event: Progress) -> None:
+            if await self.store.get(f"job-cancel:{job_id}") is not None:
+                raise JobCancelled()
+            elapsed = time.monotonic() - started
+            eta = elapsed / event.step * (event.steps - event.step)
+            state = JobProgress(
+                step=event.step, steps=event.steps, eta_s=round(eta, 3), elapsed_s=round(elapsed, 3)
+            )
+            data: dict[str, Any] = state.model_dump()
+            preview = None if event.previews is None else preview_data_url(event.previews)
+            await self._event(job_id, "step", data, preview=preview)
+            record.progress = state
+            record.updated_at = _now()
+            await self._save(record)
+
+        try:
+            result = await self._generate(record, progress)
+        except JobCancelled:
+            await self._finish(record, "cancelled")
+        except GatewayError as exc:
+            await self._finish(record, "failed", error=ErrorDetail(**exc.body()["error"]))
+        except Exception as exc:  # noqa: BLE001 - the job fails, the worker goes on
+            log.exception("jobs: %s failed", job_id)
+            await self._finish(record, "failed", error=ErrorDetail(type="internal_error", message=str(exc)))
+        else:
+            await self._finish(record, "completed", result=result)
+
+    async def _generate(
+        self, record: JobRecord, progress: Callable[[Progress], Awaitable[None]]
+    ) -> GenerateResponse:
+        request = record.request
+        result = await self.generator.generate([request.prompt], request, progress, request.preview)
+        if request.response_format == "url":
+            return await self.storage.with_urls(result, record.base_url)
+        return result
+
+    async def _finish(
+        self,
+        record: JobRecord,
+        status: JobStatus,
+        result: GenerateResponse | None = None,
+        error: ErrorDetail | None = None,
+    ) -> JobRecord:
+        record = record.model_copy(
+            update={"status": status, "updated_at": _now(), "result": result, "error": error}
+        )
+        await self._save(record)
+        data: dict[str, Any] = {}
+        if result is not None:
+            data["result"] = result.model_dump(mode="json")
+        if error is not None:
+            data["error"] = error.model_dump(mode="json", exclude_none=True)
+        await self._event(record.id, status, data)
+        self.metrics.jobs.labels(state=status).inc()
+        if record.webhook is not None:
+            self._spawn(self._notify(record), f"webhook-{record.id}")
+        return record
+
+    async def _notify(self, record: JobRecord) -> None:
+        assert record.webhook is not None
+        secret = self.webhook_secret(record.key_id)
+        if secret is None:  # the key was deleted since
+            log.warning("job %s: no webhook secret for key %s; not delivered", record.id, record.key_id)
+            return
+        body = json.dumps(
+            {
+                "id": record.id,
+                "status": record.status,
+                "result": None if record.result is None else record.result.model_dump(mode="json"),
+                "error": None if record.error is None else record.error.model_dump(mode="json"),
+                "created_at": record.created_at,
+                "finished_at": record.updated_at,
+            }
+        ).encode()
+        delivery = await self.webhooks.deliver(record.webhook.url, body, secret, f"job.{record.status}")
+        current = await self.get(record.id) or record
+        current.webhook = WebhookStatus(**vars(delivery))
+        await self._save(current)
+        if not delivery.delivered:
+            log.warning("job %s: webhook not delivered after %d attempts", record.id, delivery.attempts)
+
+    # -- the store ---------------------------------------------------------------------------------
+
+    async def _save(self, record: JobRecord) -> None:
+        await self.store.set(
+            f"job:{record.id}", record.model_dump_json().encode(), ttl_s=self.settings.job_ttl_s
+        )
+
+    async def _event(self, job_id: str, name: str, data: dict[str, Any], preview: str | None = None) -> None:
+        """Logged (without the preview) for late subscribers, and published live (with it)."""
+        ttl = self.settings.job_ttl_s
+        seq = await self.store.incr(f"job-seq:{job_id}", ttl_s=ttl)
+        event: dict[str, Any] = {"seq": seq, "event": name, "data": {"id": job_id, **data}}
+        await self.store.rpush(f"job-events:{job_id}", json.dumps(event).encode(), ttl_s=ttl)
+        if preview is not None:
+            event["data"]["preview"] = preview
+        await self.store.publish(f"job:{job_id}", json.dumps(event).encode())

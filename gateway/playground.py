@@ -1,0 +1,110 @@
+"""The playground: a plain HTML/JS page at `/` (files in `gateway/static/`, no build step, nothing
+from outside the gateway) and `GET /v1/info`, what the page needs to build its form from the served
+model. The page itself talks to the async jobs API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.schemas import GenerationParams
+from gateway.settings import GatewaySettings
+from gateway.triton import TritonBackend
+from sd_triton.contract import SCHEDULERS
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+# the page is small and changes with the gateway: the browser revalidates it on every load
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+router = APIRouter()
+
+
+class InfoLimits(BaseModel):
+    max_side: int = Field(..., description="largest width or height")
+    spatial_multiple: int = Field(..., description="width and height must be multiples of it")
+    max_steps: int
+    max_images: int = Field(..., description="largest num_images")
+    max_pixels: int = Field(..., description="largest width x height (the gateway's own limit)")
+    max_prompt_chars: int
+
+
+class InfoDefaults(BaseModel):
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    num_images: int
+    output_format: str
+
+
+class InfoResponse(BaseModel):
+    model: str = Field(..., examples=["sd-1.5"])
+    native_width: int
+    native_height: int
+    limits: InfoLimits
+    schedulers: list[str]
+    defaults: InfoDefaults
+
+
+def _static_file(name: str) -> Path:
+    """A file directly in `static/` with a known type; anything else (a path, a dotfile) is a 404."""
+    path = STATIC_DIR / name
+    if "/" in name or name.startswith(".") or path.suffix not in MEDIA_TYPES or not path.is_file():
+        raise StarletteHTTPException(404, f"no static file {name!r}")
+    return path
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type=MEDIA_TYPES[".html"], headers=NO_CACHE)
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def static(name: str) -> FileResponse:
+    path = _static_file(name)
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=NO_CACHE)
+
+
+@router.get("/v1/info", response_model=InfoResponse, tags=["info"])
+async def info(request: Request) -> InfoResponse:
+    """The served model, its request limits, the schedulers and the defaults: what a client needs to
+    build a form (the playground at `/` does)."""
+    backend: TritonBackend = request.app.state.backend
+    settings: GatewaySettings = backend.settings
+    served = await backend.served_model()
+    defaults = GenerationParams()  # every field has its default: the same a request without it gets
+    return InfoResponse(
+        model=served.model,
+        native_width=served.native_width,
+        native_height=served.native_height,
+        limits=InfoLimits(
+            max_side=served.limits.max_side,
+            spatial_multiple=served.spatial_multiple,
+            max_steps=served.limits.max_steps,
+            max_images=served.limits.max_num_images,
+            max_pixels=settings.max_pixels,
+            max_prompt_chars=settings.max_prompt_chars,
+        ),
+        schedulers=list(SCHEDULERS),
+        defaults=InfoDefaults(
+            width=served.native_width,
+            height=served.native_height,
+            steps=defaults.steps,
+            guidance_scale=defaults.guidance_scale,
+            scheduler=defaults.scheduler,
+            num_images=defaults.num_images,
+            output_format=defaults.output_format,
+        ),
+    )

@@ -1,0 +1,172 @@
+"""`txt2img_stream` as a Triton python model (decoupled): the whole txt2img pipeline for one request,
+streaming one response per denoising step before the final one with the images. Called directly
+over gRPC streaming, so a client that cancels its stream stops the request at the next step.
+Only importable inside Triton's python backend.
+
+Every call into the Triton stub (BLS, is_cancelled, sending responses) happens on the batcher's
+one worker thread; `execute` only hands requests over. For each request the worker
+
+1. tokenizes and encodes the prompt (BLS to `tokenizer` and `text_encoder`) when it admits it,
+2. advances it with every other active request, one UNet call per latent shape per step
+   (`ContinuousBatcher`), sending a step response (STEP, STEPS_TOTAL, PREVIEW_IMAGES when asked),
+3. decodes it (BLS to `vae_decoder`, then uint8) and sends the final response (IMAGES, truncation).
+
+Requests here batch with each other; `txt2img` requests batch in `denoise`'s own batcher.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from sd_triton import contract as c
+from sd_triton.pipeline_config import FILENAME, PipelineConfig
+from sd_triton.requests import InvalidRequest
+from sd_triton.runtime import triton_io
+from sd_triton.runtime.batching import BatchingConfig, Cancelled, ContinuousBatcher, Ticket
+from sd_triton.runtime.denoise import DenoiseJob
+from sd_triton.runtime.postprocess import to_uint8_images
+from sd_triton.runtime.preview import preview_images
+from sd_triton.triton_server import STREAM_IN_FLIGHT_METRIC as IN_FLIGHT_METRIC
+
+SAMPLE, TIMESTEP, HIDDEN = (t.name for t in c.UNET.inputs)
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _int32(value: int) -> np.ndarray:
+    return np.array([value], dtype=np.int32)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        torch.set_num_threads(1)  # see triton_denoise: the scheduler math is small
+        self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
+        params = triton_io.parameters(args)
+        self.models = {
+            name: params.get(f"{name}_model", name)
+            for name in (c.TOKENIZER.name, c.TEXT_ENCODER.name, c.UNET.name, c.VAE_DECODER.name)
+        }
+        config = BatchingConfig(
+            max_batch=int(params.get("max_batch", "16")),
+            max_wait_s=int(params.get("max_wait_us", "0")) / 1e6,
+            # a cancelled job stops at its next step: ask every request before every UNet call
+            # (a 0.1 ms round trip to the server per request)
+            cancel_check_s=0.0,
+        )
+        # requests accepted and not yet answered, for `sd-triton triton`'s drain and for ops; set on the
+        # worker thread only (a metric update is a call into the stub too)
+        self.metric_family = pb_utils.MetricFamily(
+            name=IN_FLIGHT_METRIC,
+            description="txt2img_stream requests accepted and not yet answered",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.in_flight_gauge = self.metric_family.Metric(labels={"model": c.TXT2IMG_STREAM.name})
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        sys.setswitchinterval(0.0005)
+        self.batcher = ContinuousBatcher(self._unet, config)
+        self.batcher.start()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def finalize(self) -> None:
+        self.batcher.stop()
+
+    def _count(self, change: int) -> int:
+        with self.lock:
+            self.in_flight += change
+            return self.in_flight
+
+    def _answered(self) -> None:
+        """On the worker thread, after a request's final response."""
+        self.in_flight_gauge.set(self._count(-1))
+
+    def _submit(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        try:
+            params = triton_io.generation_params(request, self.config)
+            text = {
+                c.PROMPT.name: triton_io.get_array(request, c.PROMPT),
+                c.NEGATIVE_PROMPT.name: triton_io.get_array(request, c.NEGATIVE_PROMPT),
+                c.GUIDANCE_SCALE.name: triton_io.get_array(request, c.GUIDANCE_SCALE),
+            }
+            want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
+        except (InvalidRequest, ValueError) as exc:
+            sender.send(triton_io.error_response(str(exc)), flags=FINAL)
+            return
+        if want_preview and self.config.preview_weights is None:
+            message = f"{c.PREVIEW.name}: this export has no preview map (re-export the model)"
+            sender.send(triton_io.error_response(message), flags=FINAL)
+            return
+        truncation: dict[str, np.ndarray] = {}
+        scale = self.config.vae_scale_factor
+        shape = (self.config.latent_channels, params.height // scale, params.width // scale)
+
+        self._count(+1)
+
+        def prepare() -> DenoiseJob:
+            self.in_flight_gauge.set(self._count(0))
+            inputs = {name: value for name, value in text.items() if value is not None}
+            outputs = [t.name for t in c.TOKENIZER.outputs]
+            tokens = triton_io.bls_infer_all(self.models[c.TOKENIZER.name], inputs, outputs)
+            truncation.update({name: tokens[name] for name in outputs[1:]})
+            encoder_in, encoder_out = c.TEXT_ENCODER.inputs[0].name, c.TEXT_ENCODER.outputs[0].name
+            embeds = triton_io.bls_infer(
+                self.models[c.TEXT_ENCODER.name], {encoder_in: tokens[c.INPUT_IDS.name]}, encoder_out
+            )
+            return DenoiseJob(embeds, params, self.config)
+
+        def step(index: int, steps: int) -> None:
+            tensors = [
+                pb_utils.Tensor(c.STEP.name, _int32(index + 1)),
+                pb_utils.Tensor(c.STEPS_TOTAL.name, _int32(steps)),
+            ]
+            if want_preview:
+                assert ticket.job is not None and self.config.preview_weights is not None
+                previews = preview_images(ticket.job.latents.numpy(), self.config.preview_weights)
+                tensors.append(pb_utils.Tensor(c.PREVIEW_IMAGES.name, previews))
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+
+        def done(latents: np.ndarray) -> None:
+            decoder_in, decoder_out = c.VAE_DECODER.inputs[0].name, c.VAE_DECODER.outputs[0].name
+            try:
+                decoded = triton_io.bls_infer(
+                    self.models[c.VAE_DECODER.name], {decoder_in: latents}, decoder_out
+                )
+            except RuntimeError as exc:
+                failed(exc)
+                return
+            outputs = {
+                c.IMAGES.name: to_uint8_images(decoded),
+                c.STEP.name: _int32(params.steps),
+                c.STEPS_TOTAL.name: _int32(params.steps),
+                **truncation,
+            }
+            tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+            self._answered()
+
+        def failed(exc: Exception) -> None:
+            cancelled = isinstance(exc, Cancelled)
+            code = pb_utils.TritonError.CANCELLED if cancelled else pb_utils.TritonError.INTERNAL
+            try:
+                sender.send(triton_io.error_response(f"{c.TXT2IMG_STREAM.name}: {exc}", code), flags=FINAL)
+            finally:
+                self._answered()
+
+        ticket = Ticket(
+            None, done, failed, step, is_cancelled=request.is_cancelled, prepare=prepare, latent_shape=shape
+        )
+        self.batcher.submit(ticket)
+
+    def _unet(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        inputs = {SAMPLE: sample, TIMESTEP: timestep, HIDDEN: hidden}
+        return triton_io.bls_infer(self.models[c.UNET.name], inputs, c.UNET.outputs[0].name)

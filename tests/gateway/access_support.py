@@ -1,0 +1,85 @@
+"""Helpers of the access tests (keys, limits, policy): gateways with their own settings, Triton's
+inference count, Prometheus samples, a redis-server a test may kill."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.process import GatewayProcess
+from sd_triton.triton_server import TritonServer
+from tests.conftest import free_port
+
+CHEAP = {"steps": 1, "width": 32, "height": 32}  # the cheapest generation of the tiny model
+
+
+def start_gateway(triton: TritonServer, log_file: Path, **env: str) -> GatewayProcess:
+    """A gateway of its own on a free port; `env`: SD_GATEWAY_* (and SD_TRITON_REDIS_URL) settings."""
+    env.setdefault("SD_TRITON_REDIS_URL", "")  # memory store unless a test asks for Redis
+    process = GatewayProcess(triton.grpc_url, port=free_port(), log_file=log_file, env=env)
+    return process.start()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def triton_work(client: grpcclient.InferenceServerClient) -> int:
+    """Requests every model of the Triton server has served, successes and failures (txt2img, its
+    streaming twin and their components alike)."""
+    total = 0
+    for model in client.get_inference_statistics("", as_json=True)["model_stats"]:
+        stats = model.get("inference_stats", {})
+        total += int(stats.get("success", {}).get("count", 0)) + int(stats.get("fail", {}).get("count", 0))
+    return total
+
+
+def sample(http: httpx.Client, name: str, **labels: str) -> float:
+    """One sample of the gateway's /metrics (0 when absent)."""
+    text = http.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+class RedisServer:
+    """A redis-server of one test module: it can be killed without touching the session's."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server not installed: run `make system-deps`")
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.process.kill()
+        pytest.fail("redis-server did not start within 10 s")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
