@@ -42,6 +42,30 @@ class TritonUnavailableError(GatewayError):
     kind = "backend_unavailable"
 
 
+class NotFoundError(GatewayError):
+    """An unknown (or expired, or another key's) job or stored image."""
+
+    status = 404
+    kind = "not_found"
+
+
+class BadSignatureError(GatewayError):
+    status = 403
+    kind = "forbidden"
+
+
+class StorageError(GatewayError):
+    status = 502
+    kind = "storage_error"
+
+
+class StateStoreUnavailableError(GatewayError):
+    """The shared store (Redis) cannot be reached and the request needs it (async jobs)."""
+
+    status = 503
+    kind = "state_unavailable"
+
+
 class TritonError(GatewayError):
     status = 502
     kind = "backend_error"

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.access import AccessDep
-from gateway.errors import GatewayError
+from gateway.errors import NotFoundError
 from gateway.jobs import JobManager, JobRecord, JobRequest, JobView
 from gateway.schemas import ErrorResponse
 from gateway.storage import request_base_url
@@ -26,11 +26,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class JobNotFoundError(GatewayError):
-    status = 404
-    kind = "not_found"
-
-
 def get_jobs(request: Request) -> JobManager:
     return request.app.state.jobs  # type: ignore[no-any-return]
 
@@ -42,7 +37,7 @@ async def _owned(jobs: JobManager, job_id: str, access: AccessDep) -> JobRecord:
     """The job, if the caller may see it: with API keys, only the key that submitted it."""
     record = await jobs.get(job_id)
     if record is None or record.key_id != access.ctx.key_id:
-        raise JobNotFoundError(f"job: no job {job_id!r}", field="id")
+        raise NotFoundError(f"job: no job {job_id!r}", field="id")
     return record
 
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,7 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.access import AccessControl, AccessDep, AccessMiddleware
 from gateway.cache import ResultCache
-from gateway.errors import GatewayError, InvalidRequestError, OpenAIInvalidRequestError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    OpenAIInvalidRequestError,
+    StateStoreUnavailableError,
+)
 from gateway.images import ImageEncoder
 from gateway.jobs import JobManager
 from gateway.jobs_api import router as jobs_router
@@ -39,7 +44,7 @@ from gateway.schemas import (
 )
 from gateway.service import Generator
 from gateway.settings import GatewaySettings
-from gateway.state import StateStore, make_store
+from gateway.state import StateStore, StateUnavailable, make_store
 from gateway.storage import ImageStorage, make_storage, request_base_url
 from gateway.storage import router as storage_router
 from gateway.triton import TritonBackend
@@ -81,6 +86,14 @@ def get_storage(request: Request) -> ImageStorage:
 
 
 StoreDep = Annotated[StateStore, Depends(get_store)]
+
+
+def cache_allowed(cache_control: Annotated[str | None, Header()] = None) -> bool:
+    """`Cache-Control: no-cache` asks for a fresh generation (benchmarks, a retry after a bad image)."""
+    return "no-cache" not in (cache_control or "").lower()
+
+
+CacheAllowedDep = Annotated[bool, Depends(cache_allowed)]
 GeneratorDep = Annotated[Generator, Depends(get_generator)]
 StorageDep = Annotated[ImageStorage, Depends(get_storage)]
 BackendDep = Annotated[TritonBackend, Depends(get_backend)]
@@ -107,6 +120,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StateUnavailable)
+    async def state_unavailable(request: Request, exc: StateUnavailable) -> JSONResponse:
+        # limits, quotas and the cache fail open on their own; what gets here needs the store (jobs)
+        headers = {"Retry-After": str(request.app.state.settings.retry_after_s)}
+        return await gateway_error(
+            request, StateStoreUnavailableError(f"state store: {exc}", headers=headers)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -177,6 +198,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.access = access
+    app.state.settings = settings
     app.add_middleware(RequestGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(AccessMiddleware)  # API key + rate limit of every /v1 request
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -192,22 +214,29 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         storage: StorageDep,
         request: Request,
         access: AccessDep,
+        use_cache: CacheAllowedDep,
     ) -> GenerateResponse:
-        """Images for one prompt."""
+        """Images for one prompt. A seeded request may be answered from the cache (`cache: hit`)
+        unless it sends `Cache-Control: no-cache`."""
         async with access.generation([body.prompt], body.num_images, field="prompt"):
-            result = await generator.generate([body.prompt], body)
+            result = await generator.generate([body.prompt], body, use_cache=use_cache)
         if body.response_format == "url":
             return await storage.with_urls(result, request_base_url(request))
         return result
 
     @app.post("/v1/generate/batch", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
     async def generate_batch(
-        body: BatchRequest, generator: GeneratorDep, storage: StorageDep, request: Request, access: AccessDep
+        body: BatchRequest,
+        generator: GeneratorDep,
+        storage: StorageDep,
+        request: Request,
+        access: AccessDep,
+        use_cache: CacheAllowedDep,
     ) -> GenerateResponse:
         """Images for several prompts, in prompt order (`prompt_index`); prompt j's images use seeds
         from seed + j * num_images. The prompts are sent to Triton together."""
         async with access.generation(body.prompts, body.num_images, field="prompts"):
-            result = await generator.generate(body.prompts, body)
+            result = await generator.generate(body.prompts, body, use_cache=use_cache)
         if body.response_format == "url":
             return await storage.with_urls(result, request_base_url(request))
         return result

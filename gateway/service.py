@@ -130,15 +130,17 @@ class Generator:
         request: GenerationParams,
         progress: ProgressCallback | None = None,
         preview: bool = False,
+        use_cache: bool = True,
     ) -> GenerateResponse:
         """`progress`: one prompt through Triton's txt2img_stream, the callback awaited after every
-        denoising step (with previews when `preview`); without it every prompt goes to txt2img."""
+        denoising step (with previews when `preview`); without it every prompt goes to txt2img.
+        `use_cache` False (a `Cache-Control: no-cache` request): no lookup, the fresh result is stored."""
         started = time.perf_counter()
         served = await self.backend.served_model()
         jobs = self.plan(prompts, request, served)
         # 0. A seeded request whose result is cached (same served model, same parameters): no inference.
         key = cache_key(served.fingerprint, prompts, request, jobs) if self.cache else None
-        if self.cache and (hit := await self.cache.get(key)) is not None:
+        if self.cache and use_cache and (hit := await self.cache.get(key)) is not None:
             self.metrics.images.inc(len(hit.images))
             total = _ms(time.perf_counter() - started)
             timings = Timings(queue_ms=total, inference_ms=0.0, encode_ms=0.0, total_ms=total)

@@ -34,7 +34,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from gateway.errors import GatewayError
+from gateway.errors import BadSignatureError, NotFoundError, StorageError
 from gateway.images import CONTENT_TYPES
 from gateway.schemas import GenerateResponse, Image
 from gateway.settings import GatewaySettings
@@ -44,21 +44,6 @@ log = logging.getLogger(__name__)
 EXTENSIONS = {content_type: ext for ext, content_type in CONTENT_TYPES.items()}
 NAME = re.compile(r"^[A-Za-z0-9_-]{22}\.(png|jpeg|webp)$")  # 16 random bytes, urlsafe base64
 PRESIGN_MAX_S = 7 * 24 * 3600  # S3's SigV4 limit on a presigned URL's lifetime
-
-
-class ImageNotFoundError(GatewayError):
-    status = 404
-    kind = "not_found"
-
-
-class BadSignatureError(GatewayError):
-    status = 403
-    kind = "forbidden"
-
-
-class StorageError(GatewayError):
-    status = 502
-    kind = "storage_error"
 
 
 @dataclass(frozen=True)
@@ -172,7 +157,7 @@ class LocalStorage(ImageStorage):
         if not NAME.match(name) or expires is None or not expires.isdigit() or signature is None:
             if NAME.match(name):
                 raise BadSignatureError("signature: missing or malformed; use the URL as it was handed out")
-            raise ImageNotFoundError(f"image {name!r}: no such image")
+            raise NotFoundError(f"image {name!r}: no such image")
         if not self.signer.verify(name, int(expires), signature):
             raise BadSignatureError("signature: does not match the image and expiry")
         path = self.directory / name
@@ -180,11 +165,11 @@ class LocalStorage(ImageStorage):
         try:
             file_expired = self._expired(path, now)
         except FileNotFoundError:
-            raise ImageNotFoundError(f"image {name!r}: no such image (or already deleted)") from None
+            raise NotFoundError(f"image {name!r}: no such image (or already deleted)") from None
         if file_expired:
             path.unlink(missing_ok=True)
         if file_expired or int(expires) <= now:
-            raise ImageNotFoundError(f"image {name!r}: expired")
+            raise NotFoundError(f"image {name!r}: expired")
         return path
 
     def _sweep(self) -> int:
@@ -320,7 +305,7 @@ async def stored_image(
     """A stored image by its signed link (no API key needed). Links to S3 go to the bucket instead."""
     storage: ImageStorage = request.app.state.storage
     if not isinstance(storage, LocalStorage):
-        raise ImageNotFoundError(f"image {name!r}: images are stored in S3; use the presigned URL")
+        raise NotFoundError(f"image {name!r}: images are stored in S3; use the presigned URL")
     path = await asyncio.to_thread(storage.resolve, name, expires, signature)
     max_age = max(0, int(expires or 0) - int(time.time()))
     ext = name.rsplit(".", 1)[1]

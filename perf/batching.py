@@ -26,6 +26,7 @@ import numpy as np
 from perf.compare import (
     PORTS,
     CompareSettings,
+    bench_gateway,
     http_levels,
     machine,
     request_body,
@@ -126,7 +127,6 @@ def run_batching(settings: BatchingSettings, work_dir: Path) -> dict[str, Any]:
 
     from export.checkpoint import Checkpoint
     from export.pipeline import ExportOptions, run_export
-    from gateway.process import GatewayProcess
     from sd_triton.triton_server import TritonServer
 
     urls: dict[str, tuple[str, str]] = {}  # mode -> (gateway URL, Triton metrics URL)
@@ -148,7 +148,7 @@ def run_batching(settings: BatchingSettings, work_dir: Path) -> dict[str, Any]:
                     repo, grpc_port=port["grpc"], http_port=port["http"], metrics_port=port["metrics"]
                 )
             )
-            gateway = stack.enter_context(GatewayProcess(triton.grpc_url, port=port["gateway"]))
+            gateway = stack.enter_context(bench_gateway(triton.grpc_url, port["gateway"]))
             body = request_body(settings, *size)
             warm_up(gateway.url, body)
             urls[mode] = (gateway.url, triton.metrics_url)

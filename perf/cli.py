@@ -132,10 +132,10 @@ def _perf_gateway(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         gateway_url, metrics_url = args.gateway_url, args.triton_metrics_url
         if not gateway_url:
-            from gateway.process import GatewayProcess
+            from perf.compare import bench_gateway
 
             grpc_url, metrics_url = stack.enter_context(_triton(Path(args.repo), None))
-            gateway_url = stack.enter_context(GatewayProcess(grpc_url, port=GATEWAY_PORT)).url
+            gateway_url = stack.enter_context(bench_gateway(grpc_url, GATEWAY_PORT)).url
         for concurrency in args.concurrency:
             load = Load(
                 url=gateway_url,
@@ -215,6 +215,17 @@ def _perf_batching(args: argparse.Namespace) -> int:
         max_wait_us=args.max_wait_us,
     )
     return _save(run_batching(settings, Path(args.work_dir)), args, "batching", table)
+
+
+def _perf_jobs(args: argparse.Namespace) -> int:
+    from perf.jobs import JobsBenchSettings, run_jobs_bench, table
+
+    settings = JobsBenchSettings(
+        preset=args.preset, steps=args.steps, repeats=args.repeats, preview=not args.no_preview
+    )
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return _save(run_jobs_bench(settings, work_dir), args, "jobs", table)
 
 
 def _perf_report(args: argparse.Namespace) -> int:
@@ -298,6 +309,14 @@ def add_parser(sub: Any) -> None:
     batching.add_argument("--max-wait-us", type=int, default=0, help="continuous: wait for arrivals")
     _output_args(batching, "batching")
     batching.set_defaults(run=_perf_batching)
+
+    jobs = commands.add_parser("jobs", help="async jobs: time to the first step event, SSE overhead per step")
+    jobs.add_argument("--preset", default="tiny", help="tiny, small, sd15 (random weights), demo")
+    jobs.add_argument("--steps", type=int, default=20)
+    jobs.add_argument("--repeats", type=int, default=10, help="interleaved runs of each path")
+    jobs.add_argument("--no-preview", action="store_true", help="step events without preview images")
+    _output_args(jobs, "jobs")
+    jobs.set_defaults(run=_perf_jobs)
 
     report = commands.add_parser("report", help="perf/REPORT.md and its chart from saved compare results")
     report.add_argument("results", nargs="+", help="compare result JSON files")

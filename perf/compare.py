@@ -216,10 +216,22 @@ def http_levels(
     return results
 
 
+def bench_gateway(triton_grpc_url: str, port: int) -> Any:
+    """A gateway for benchmarks: open (no API keys, whatever this checkout's keys file holds) and
+    without the result cache (the load also asks for no-cache). A GatewayProcess, not started."""
+    from gateway.process import GatewayProcess
+
+    env = {"SD_GATEWAY_KEYS_FILE": ".cache/perf/no-api-keys.json", "SD_GATEWAY_CACHE_ENABLED": "false"}
+    return GatewayProcess(triton_grpc_url, port=port, env=env)
+
+
 def warm_up(url: str, body: dict[str, Any]) -> None:
     import httpx
 
-    httpx.post(f"{url}/v1/generate", json={**body, "seed": 1}, timeout=600).raise_for_status()
+    headers = {"Cache-Control": "no-cache"}
+    httpx.post(
+        f"{url}/v1/generate", json={**body, "seed": 1}, headers=headers, timeout=600
+    ).raise_for_status()
 
 
 @dataclass(frozen=True)
@@ -238,7 +250,6 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
     from export.checkpoint import Checkpoint
     from export.pipeline import ExportOptions, run_export
     from export.repository import RepositorySettings
-    from gateway.process import GatewayProcess
     from perf.naive_service import NaiveServiceProcess
     from sd_triton.triton_server import TritonServer
 
@@ -282,7 +293,7 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
         else:
             ports = {"grpc_port": PORTS["grpc"], "http_port": PORTS["http"], "metrics_port": PORTS["metrics"]}
             with TritonServer(repo, **ports) as triton:
-                with GatewayProcess(triton.grpc_url, port=PORTS["gateway"]) as gateway:
+                with bench_gateway(triton.grpc_url, PORTS["gateway"]) as gateway:
                     warm_up(gateway.url, body)
                     results = http_levels(
                         SYSTEMS[system], gateway.url, settings, body, True, triton.metrics_url

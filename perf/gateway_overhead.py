@@ -16,7 +16,7 @@ import httpx
 import tritonclient.grpc as grpcclient
 
 from export.pipeline import ExportOptions, run_export
-from gateway.process import GatewayProcess
+from perf.compare import bench_gateway
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
 
@@ -40,7 +40,7 @@ def main() -> None:
     run_export(ExportOptions(model="tiny", repo=Path(args.repo)))
     params = {"height": args.size, "width": args.size, "steps": args.steps, "seed": 1, "scheduler": "euler"}
     with TritonServer(Path(args.repo), grpc_port=28001, http_port=28000, metrics_port=28002) as triton:
-        with GatewayProcess(triton.grpc_url, port=28080) as gateway:
+        with bench_gateway(triton.grpc_url, 28080) as gateway:
             direct, via, t0 = [], [], time.perf_counter()
             with (
                 grpcclient.InferenceServerClient(triton.grpc_url) as grpc,

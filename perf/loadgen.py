@@ -176,7 +176,11 @@ async def run_load(load: Load, triton_metrics_url: str | None = None) -> LoadRes
             images += len(response.json()["images"])
 
     limits = httpx.Limits(max_connections=load.concurrency + 2)
-    async with httpx.AsyncClient(base_url=load.url, timeout=load.timeout_s, limits=limits) as client:
+    # every request is inferred: a load test measures the serving stack, not the gateway's result cache
+    headers = {"Cache-Control": "no-cache"}
+    async with httpx.AsyncClient(
+        base_url=load.url, timeout=load.timeout_s, limits=limits, headers=headers
+    ) as client:
         metrics_url = f"{load.url}/metrics" if load.gateway_metrics else None
         gateway_before = await scrape(client, metrics_url)
         triton_before = await scrape(client, triton_metrics_url)

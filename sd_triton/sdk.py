@@ -4,12 +4,18 @@ from sd_triton.sdk import Client
 client = Client("http://localhost:8080")
 result = client.generate("a lighthouse at dawn", steps=20, seed=42)
 result.images[0].save("lighthouse.png")
+
+job = client.submit_job("a lighthouse at dawn", steps=30, preview=True)
+for event in client.job_events(job.id):  # queued, step (i / N, eta_s, preview), completed
+    print(event.event, event.data.get("step"))
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +110,94 @@ class Generation:
         )
 
 
+class JobFailedError(SDTritonError):
+    """The job ended failed or cancelled (`.status` is the job's status, `.error` its error body)."""
+
+    def __init__(self, message: str, status: str, error: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.job_status = status
+        self.error = error or {}
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str  # queued, running, completed, failed, cancelled
+    queue_position: int | None = None
+    progress: dict[str, Any] | None = None  # {step, steps, eta_s, elapsed_s}
+    result: Generation | None = None
+    error: dict[str, Any] | None = None
+    events_url: str = ""
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Job:
+        result = body.get("result")
+        return cls(
+            id=body["id"],
+            status=body["status"],
+            queue_position=body.get("queue_position"),
+            progress=body.get("progress"),
+            result=None if result is None else Generation.from_json(result),
+            error=body.get("error"),
+            events_url=body.get("events_url", ""),
+        )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One Server-Sent Event of a job: `event` is queued, step, completed, failed or cancelled."""
+
+    id: int
+    event: str
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in ("completed", "failed", "cancelled")
+
+    def generation(self) -> Generation:
+        """The result of a `completed` event; JobFailedError for `failed` and `cancelled`."""
+        if self.event == "completed":
+            return Generation.from_json(self.data["result"])
+        error = self.data.get("error") or {}
+        raise JobFailedError(
+            f"job {self.data.get('id')} {self.event}: {error.get('message', '')}", self.event, error
+        )
+
+
+class _SSEParser:
+    """Lines of a text/event-stream in, JobEvents out (comments and unknown fields skipped)."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+
+    def feed(self, line: str) -> JobEvent | None:
+        if line:
+            if not line.startswith(":"):
+                name, _, value = line.partition(":")
+                self.fields[name] = value.removeprefix(" ")
+            return None
+        fields, self.fields = self.fields, {}
+        if "data" not in fields:
+            return None
+        return JobEvent(
+            int(fields.get("id", "0")), fields.get("event", "message"), json.loads(fields["data"])
+        )
+
+
+def _parse_sse(lines: Iterable[str]) -> Iterator[JobEvent]:
+    parser = _SSEParser()
+    for line in lines:
+        if (event := parser.feed(line)) is not None:
+            yield event
+            if event.terminal:
+                return
+
+
+def _events_headers(last_event_id: int | None) -> dict[str, str]:
+    return {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+
+
 def _params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
@@ -132,13 +226,42 @@ class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
-            response = self._http.post(path, json=body)
+            response = self._http.request(method, path, json=body)
         except httpx.TransportError as exc:
             raise ServiceUnavailableError(f"gateway unreachable: {exc}") from exc
         _raise_for(response)
         return response.json()  # type: ignore[no-any-return]
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", path, body)
+
+    def submit_job(self, prompt: str, **params: Any) -> Job:
+        """The generate parameters, plus preview (step events carry a preview image) and webhook_url."""
+        return Job.from_json(self._post("/v1/jobs", {"prompt": prompt, **_params(params)}))
+
+    def get_job(self, job_id: str) -> Job:
+        return Job.from_json(self._call("GET", f"/v1/jobs/{job_id}"))
+
+    def cancel_job(self, job_id: str) -> Job:
+        return Job.from_json(self._call("DELETE", f"/v1/jobs/{job_id}"))
+
+    def job_events(self, job_id: str, last_event_id: int | None = None) -> Iterator[JobEvent]:
+        """The job's events in order (those so far first), ending with its terminal event."""
+        headers = _events_headers(last_event_id)
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+            if not response.is_success:
+                response.read()
+                _raise_for(response)
+            yield from _parse_sse(response.iter_lines())
+
+    def wait_job(self, job_id: str) -> Generation:
+        """Follow the job to its end: its result, or JobFailedError."""
+        for event in self.job_events(job_id):
+            if event.terminal:
+                return event.generation()
+        raise APIError(f"job {job_id}: the event stream ended early")
 
     def generate(self, prompt: str, **params: Any) -> Generation:
         """params: negative_prompt, width, height, steps, guidance_scale, seed, scheduler,
@@ -162,13 +285,44 @@ class AsyncClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
-            response = await self._http.post(path, json=body)
+            response = await self._http.request(method, path, json=body)
         except httpx.TransportError as exc:
             raise ServiceUnavailableError(f"gateway unreachable: {exc}") from exc
         _raise_for(response)
         return response.json()  # type: ignore[no-any-return]
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("POST", path, body)
+
+    async def submit_job(self, prompt: str, **params: Any) -> Job:
+        return Job.from_json(await self._post("/v1/jobs", {"prompt": prompt, **_params(params)}))
+
+    async def get_job(self, job_id: str) -> Job:
+        return Job.from_json(await self._call("GET", f"/v1/jobs/{job_id}"))
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return Job.from_json(await self._call("DELETE", f"/v1/jobs/{job_id}"))
+
+    async def job_events(self, job_id: str, last_event_id: int | None = None) -> AsyncIterator[JobEvent]:
+        headers = _events_headers(last_event_id)
+        async with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+            if not response.is_success:
+                await response.aread()
+                _raise_for(response)
+            parser = _SSEParser()
+            async for line in response.aiter_lines():
+                if (event := parser.feed(line)) is not None:
+                    yield event
+                    if event.terminal:
+                        return
+
+    async def wait_job(self, job_id: str) -> Generation:
+        async for event in self.job_events(job_id):
+            if event.terminal:
+                return event.generation()
+        raise APIError(f"job {job_id}: the event stream ended early")
 
     async def generate(self, prompt: str, **params: Any) -> Generation:
         return Generation.from_json(await self._post("/v1/generate", {"prompt": prompt, **_params(params)}))

@@ -143,6 +143,18 @@ def test_batching_continuous_runs_one_batcher(tiny_checkpoint) -> None:
     assert configs[c.VAE_DECODER.name].dynamic_batching.max_queue_delay_microseconds > 0
 
 
+@pytest.mark.parametrize("batching", ["none", "dynamic", "continuous"])
+def test_the_streaming_model_is_decoupled_with_its_own_batcher(tiny_checkpoint, batching: str) -> None:
+    configs = mode_configs(tiny_checkpoint, batching=batching, max_batch_rows=24, max_wait_us=300)
+    stream = configs[c.TXT2IMG_STREAM.name]
+    assert stream.model_transaction_policy.decoupled  # one response per step, then the images
+    assert stream.backend == "python" and stream.instance_group[0].count == 1
+    assert {k: v.string_value for k, v in stream.parameters.items()} == {
+        "max_batch": "24",
+        "max_wait_us": "300",
+    }
+
+
 def test_pipeline_steps_identical_across_engine_kinds(tensorrt_repo, onnxruntime_repo, exported) -> None:
     for name in (c.TXT2IMG.name, c.TOKENIZER.name, c.DENOISE.name, c.POSTPROCESS.name):
         texts = {

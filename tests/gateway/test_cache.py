@@ -61,6 +61,15 @@ def test_seeded_repeat_is_a_hit_without_triton(http: httpx.Client, client) -> No
     assert [i["seed"] for i in again["images"]] == [3, 4]
 
 
+def test_no_cache_header_asks_for_a_fresh_generation(http: httpx.Client, client) -> None:
+    body = {"prompt": unique("a fresh one"), **FAST, "seed": 5}
+    assert http.post("/v1/generate", json=body).json()["cache"] == "miss"
+    calls = triton_calls(client)
+    fresh = http.post("/v1/generate", json=body, headers={"Cache-Control": "no-cache"}).json()
+    assert fresh["cache"] == "miss" and triton_calls(client) == calls + 1
+    assert http.post("/v1/generate", json=body).json()["cache"] == "hit"  # and stored again
+
+
 def test_unseeded_never_hits(http: httpx.Client, client) -> None:
     body = {"prompt": unique("a boat"), **FAST}
     calls = triton_calls(client)

@@ -236,3 +236,32 @@ def test_two_replicas_share_jobs_through_redis(triton: TritonServer, redis_url: 
                 break
         assert b.delete(f"/v1/jobs/{long['id']}").json()["status"] == "cancelled"  # cancelled elsewhere
         assert a.get(f"/v1/jobs/{long['id']}").json()["progress"]["step"] < 150
+
+
+def test_a_cached_job_completes_without_steps(jobs_http: httpx.Client) -> None:
+    body = {"prompt": "cached job", "steps": 3, "width": 32, "height": 32, "seed": 77}
+    first = jobs_http.post("/v1/jobs", json=body).json()
+    assert [f["event"] for f in events(jobs_http, first["id"])][-1] == "completed"
+    second = jobs_http.post("/v1/jobs", json=body).json()
+    frames = list(events(jobs_http, second["id"]))
+    assert [f["event"] for f in frames] == ["queued", "completed"]  # a seeded repeat: no Triton work
+    assert frames[-1]["data"]["result"]["cache"] == "hit"
+    done = jobs_http.get(f"/v1/jobs/{first['id']}").json()["result"]
+    assert frames[-1]["data"]["result"]["images"][0]["base64"] == done["images"][0]["base64"]
+
+
+def test_jobs_fail_closed_without_redis(triton: TritonServer, tmp_path: Path) -> None:
+    """Jobs need the shared store: with Redis down they are refused 503, while /v1/generate goes on
+    (limits fail open, the cache is bypassed)."""
+    env = {
+        "SD_TRITON_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        "SD_GATEWAY_KEYS_FILE": str(tmp_path / "keys.json"),
+    }
+    with (
+        GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env) as gw,
+        httpx.Client(base_url=gw.url, timeout=60) as http,
+    ):
+        response = http.post("/v1/jobs", json={"prompt": "no store", "steps": 2})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["type"] == "state_unavailable" and response.headers["Retry-After"]
+        assert http.post("/v1/generate", json={"prompt": "still", "steps": 2, "seed": 1}).status_code == 200

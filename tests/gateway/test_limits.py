@@ -21,7 +21,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.process import GatewayProcess
 from gateway.state import MemoryStore, RedisStore
 from sd_triton.triton_server import TritonServer
-from tests.gateway.access_support import CHEAP, RedisServer, bearer, sample, start_gateway
+from tests.conftest import RedisServer
+from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
 
 INVALID = {"prompt": "a fox", "steps": 0}  # refused by the schema (422): counts, costs Triton nothing
 

@@ -147,11 +147,15 @@ class Playground:
         self.driver = driver
         self.url = url
 
-    def open(self) -> Playground:
+    def open(self, wait_for_info: bool = True) -> Playground:
         self.driver.get(self.url + "/")
-        # the form is built from /v1/info: the scheduler options appear once it is read
-        self.wait(lambda: len(self.driver.find_elements("css selector", "#scheduler option")) > 0, 30)
+        if wait_for_info:
+            self.wait(self.has_info, 30, "the form built from /v1/info")
         return self
+
+    def has_info(self) -> bool:
+        """The form is built from /v1/info: the scheduler options appear once it is read."""
+        return len(self.driver.find_elements("css selector", "#scheduler option")) > 0
 
     def el(self, element_id: str) -> Any:
         return self.driver.find_element("id", element_id)
@@ -229,8 +233,11 @@ def decode(src: str) -> np.ndarray:
 
 
 def test_generate_shows_progress_then_the_image(page: Playground, http: httpx.Client, tmp_path: Path) -> None:
-    steps = 8
-    page.fill(prompt="a red circle on a blue background", steps=steps)
+    steps, side = 8, 128  # 128 px: the tiny model's steps take long enough to be seen one by one
+    # the form came with the served model's defaults (from /v1/info)
+    form = {name: page.el(name).get_attribute("value") for name in ("width", "height", "steps", "scheduler")}
+    assert form == {"width": "64", "height": "64", "steps": "30", "scheduler": "euler_a"}
+    page.fill(prompt="a red circle on a blue background", steps=steps, width=side, height=side)
     page.start_recording()
     page.el("generate").click()
 
@@ -240,7 +247,7 @@ def test_generate_shows_progress_then_the_image(page: Playground, http: httpx.Cl
     natural = page.driver.execute_script(
         "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image
     )
-    assert natural == [64, 64]  # the tiny model's native size: the form's defaults came from /v1/info
+    assert natural == [side, side]
     assert page.text("status").startswith("Done in")
     assert page.text("details").startswith("Timings: ")
     assert page.el("generate").is_enabled() and not page.el("cancel").is_enabled()
@@ -263,7 +270,13 @@ def test_generate_shows_progress_then_the_image(page: Playground, http: httpx.Cl
     seed = int(seed_text.removeprefix("seed "))
     again = http.post(
         "/v1/generate",
-        json={"prompt": "a red circle on a blue background", "steps": steps, "seed": seed},
+        json={
+            "prompt": "a red circle on a blue background",
+            "steps": steps,
+            "seed": seed,
+            "width": side,
+            "height": side,
+        },
     ).json()["images"][0]
     np.testing.assert_array_equal(
         decode(image.get_attribute("src")), decode("data:image/png;base64," + again["base64"])
@@ -280,12 +293,15 @@ def test_generate_shows_progress_then_the_image(page: Playground, http: httpx.Cl
         assert screenshot.size[0] > 600
 
 
-def test_cancel(page: Playground, http: httpx.Client) -> None:
-    page.fill(prompt="a long one", steps=150)
+def test_cancel(page: Playground, http: httpx.Client, tmp_path: Path) -> None:
+    page.fill(prompt="a long one", steps=150, width=128, height=128)
     page.start_recording()
     page.el("generate").click()
-    # running: at least one step shown, then Cancel
-    page.wait(lambda: steps_shown(page.recorded()), 60, "the first step")
+    # running: a few steps shown (with their preview), then Cancel
+    page.wait(lambda: len(steps_shown(page.recorded())) >= 2, 60, "the first steps")
+    for path in (tmp_path / "playground-running.png", SCREENSHOT.with_name("playground-running.png")):
+        assert page.driver.save_screenshot(str(path)), path
+        log.info("playground while running: %s", path)
     page.el("cancel").click()
     page.wait(lambda: page.text("status") == "Cancelled.", 30, "the page to show cancelled")
 
@@ -293,6 +309,7 @@ def test_cancel(page: Playground, http: httpx.Client) -> None:
     assert job_id
     status = http.get(f"/v1/jobs/{job_id}").json()
     assert status["status"] == "cancelled", status
+    assert status["progress"]["step"] < 150, status
     shown = steps_shown(page.recorded())
     log.info("steps shown before the cancel: %s", shown)
     assert shown[-1][0] < 150, shown
@@ -300,13 +317,15 @@ def test_cancel(page: Playground, http: httpx.Client) -> None:
     assert page.el("generate").is_enabled() and not page.el("cancel").is_enabled()
 
 
-def test_bad_input_shows_the_gateway_message(page: Playground) -> None:
+def test_bad_input_shows_the_gateway_message(page: Playground, http: httpx.Client) -> None:
     page.fill(prompt="too wide", width=1_000_000)
     page.el("generate").click()
     error = page.wait(lambda: page.el("error").is_displayed() and page.el("error"), 30, "the error message")
     message = error.text
     log.info("error shown: %s", message)
     assert message.startswith("width") and "1000000" in message, message
+    answer = http.post("/v1/jobs", json={"prompt": "too wide", "width": 1_000_000})
+    assert answer.status_code == 422 and answer.json()["error"]["message"] == message  # the gateway's own
     assert page.el("width").get_attribute("aria-invalid") == "true"  # the field it names is marked
     assert page.text("status") == "Failed."
     assert page.el("generate").is_enabled() and not page.el("cancel").is_enabled()
@@ -364,3 +383,48 @@ def test_event_stream_parser_any_chunking(page: Playground) -> None:
     assert len(events) == len(SSE_STREAM) + 2
     for got in events:
         assert got == SSE_EVENTS
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(
+    triton: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[GatewayProcess, str]]:
+    """A second gateway with one API key configured: (the process, the key's token)."""
+    from gateway.keys import create_key
+    from tests.conftest import free_port
+
+    folder = tmp_path_factory.mktemp("keyed-gateway")
+    token = create_key(folder / "keys.json", "playground").token
+    env = {"SD_GATEWAY_KEYS_FILE": str(folder / "keys.json")}
+    process = GatewayProcess(triton.grpc_url, port=free_port(), log_file=folder / "gateway.log", env=env)
+    process.start()
+    yield process, token
+    process.stop()
+
+
+def test_with_api_keys_the_page_needs_the_key(
+    browser: Any, keyed_gateway: tuple[GatewayProcess, str]
+) -> None:
+    gateway, token = keyed_gateway
+    browser.get(gateway.url + "/")
+    browser.execute_script("localStorage.clear()")
+    page = Playground(browser, gateway.url).open(wait_for_info=False)  # the page itself needs no key
+    page.wait(lambda: "Could not read" in page.text("model-info"), 30, "the /v1/info error")
+    refused = httpx.get(gateway.url + "/v1/info")
+    assert refused.status_code == 401
+    assert page.text("model-info").endswith(refused.json()["error"]["message"]) and not page.has_info()
+
+    page.fill(prompt="a keyed request", api_key="sdk_nobody_wrong")
+    page.el("generate").click()
+    page.wait(lambda: page.el("error").is_displayed(), 30, "the 401 message")
+    refused = httpx.get(gateway.url + "/v1/info", headers={"Authorization": "Bearer sdk_nobody_wrong"})
+    assert refused.status_code == 401 and page.text("error") == refused.json()["error"]["message"]
+
+    page.fill(api_key=token)
+    page.el("prompt").click()  # leaving the key field: the form is read again, with the key
+    page.wait(page.has_info, 30, "the form built from /v1/info with the key")
+    page.fill(steps=4)
+    assert page.text("model-info").startswith("model tiny")
+    page.el("generate").click()
+    page.wait(lambda: page.driver.find_elements("css selector", "#images img.result"), 120, "the image")
+    assert not page.el("error").is_displayed()

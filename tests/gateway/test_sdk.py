@@ -6,7 +6,15 @@ import asyncio
 
 import pytest
 
-from sd_triton.sdk import AsyncClient, BadRequestError, Client, ServiceUnavailableError, decode_image, to_pil
+from sd_triton.sdk import (
+    AsyncClient,
+    BadRequestError,
+    Client,
+    JobFailedError,
+    ServiceUnavailableError,
+    decode_image,
+    to_pil,
+)
 from tests.conftest import free_port
 
 FAST = {"steps": 3, "width": 64, "height": 48}
@@ -59,3 +67,32 @@ def to_pil_from_file(path) -> tuple[int, int]:
 
     with Image.open(path) as image:
         return image.size
+
+
+def test_jobs_sync_and_async(gateway) -> None:
+    with Client(gateway.url) as client:
+        job = client.submit_job("a fox on a job", seed=9, preview=True, **FAST)
+        assert job.status == "queued" and job.id.startswith("job_")
+        events = list(client.job_events(job.id))
+        assert [e.event for e in events] == ["queued", "step", "step", "step", "completed"]
+        assert [e.data["step"] for e in events[1:-1]] == [1, 2, 3] and events[1].data["preview"]
+        result = events[-1].generation()
+        assert result.images[0].seed == 9 and result.images[0].to_pil().size == (64, 48)
+        assert client.wait_job(job.id).images[0].base64 == result.images[0].base64  # replayed
+        assert client.get_job(job.id).status == "completed"
+        long = client.submit_job("a fox", steps=150, width=32, height=32)
+        assert client.cancel_job(long.id).status == "cancelled"
+        with pytest.raises(JobFailedError) as info:
+            client.wait_job(long.id)
+        assert info.value.job_status == "cancelled"
+        with pytest.raises(BadRequestError) as missing:
+            client.get_job("job_nope")
+        assert missing.value.status == 404
+
+    async def run() -> tuple[list[str], int]:
+        async with AsyncClient(gateway.url) as client:
+            job = await client.submit_job("a hen on a job", seed=3, **FAST)
+            names = [e.event async for e in client.job_events(job.id)]
+            return names, (await client.wait_job(job.id)).images[0].seed
+
+    assert asyncio.run(run()) == (["queued", "step", "step", "step", "completed"], 3)

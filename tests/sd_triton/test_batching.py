@@ -237,3 +237,39 @@ def test_stop_fails_what_is_still_queued(local: LocalPipeline) -> None:
 def test_batching_config_names_the_bad_field(kwargs: dict, field_name: str) -> None:
     with pytest.raises(ValueError, match=field_name):
         BatchingConfig(**kwargs)
+
+
+def test_prepare_runs_on_the_worker_when_admitted_and_fails_alone(local: LocalPipeline) -> None:
+    """txt2img_stream's tickets come without a job: the batcher's thread makes it (the text
+    embeddings) when it admits them; a failing prepare fails that request only."""
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(max_batch=16))
+    (prompt, params), (_, other) = REQUESTS[0], REQUESTS[2]
+    good, bad, plain = Outcome(), Outcome(), Outcome()
+    threads: list[str] = []
+
+    def prepare() -> DenoiseJob:
+        threads.append(threading.current_thread().name)
+        return DenoiseJob(embeds(local, prompt, params), params, local.config)
+
+    def broken() -> DenoiseJob:
+        raise RuntimeError("text encoder unavailable")
+
+    def lazy(outcome: Outcome, make) -> Ticket:
+        shape = (local.config.latent_channels, params.height // 8, params.width // 8)
+        template = ticket(local, prompt, params, outcome)
+        return Ticket(None, template.on_done, template.on_error, prepare=make, latent_shape=shape)
+
+    with pytest.raises(ValueError, match="prepare and latent_shape"):
+        Ticket(None, good.done.set, bad.done.set)
+    batcher.start()
+    try:
+        for t in (lazy(good, prepare), lazy(bad, broken), ticket(local, "a green triangle", other, plain)):
+            batcher.submit(t)
+        for outcome in (good, bad, plain):
+            assert outcome.done.wait(60)
+    finally:
+        batcher.stop()
+    assert threads == ["continuous-batcher"]
+    assert isinstance(bad.error, RuntimeError) and bad.latents is None
+    assert good.error is None and plain.error is None
+    assert np.abs(images(local, good.latents) - alone(local, prompt, params)).max() <= 2
