@@ -5,7 +5,8 @@
   request state; every response to a keyed request gets the X-RateLimit-* headers, errors included.
 - `AccessDep` (a FastAPI dependency) gives a route the caller's `Access`: `generation(prompts, n)`
   checks the policy, holds a concurrency slot and charges the quota around the generation.
-- The jobs code uses the same pieces apart: `admit` at submission, `acquire_slot` while a job runs.
+- The jobs route uses `admit` at submission (policy and quota). Running jobs hold no concurrency slot:
+  they are bounded by the job queue (docs/jobs.md).
 """
 
 from __future__ import annotations
@@ -181,9 +182,6 @@ class Access:
 
     async def admit(self, prompts: Sequence[str], num_images: int, field: str | None = None) -> Charge:
         return await self.control.admit(self.ctx, prompts, num_images, field)
-
-    async def acquire_slot(self) -> Slot:
-        return await self.control.acquire_slot(self.ctx.key_id)
 
 
 def get_access_control(request: Request) -> AccessControl:

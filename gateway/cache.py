@@ -18,12 +18,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from gateway.limits import StateErrors
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import GenerateResponse, GenerationParams
 from gateway.settings import GatewaySettings
@@ -69,17 +69,11 @@ class ResultCache:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self._warned_at = -WARN_EVERY_S
+        self.errors = StateErrors(metrics, "result cache bypassed ({use})", WARN_EVERY_S, log)
 
     @property
     def enabled(self) -> bool:
         return self.settings.cache_enabled
-
-    def _unavailable(self, what: str, exc: StateUnavailable) -> None:
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_S:
-            self._warned_at = now
-            log.warning("result cache bypassed (%s): %s", what, exc)
 
     async def get(self, key: str | None) -> GenerateResponse | None:
         """The stored response for `key` (marked as a hit), or None; counts the lookup."""
@@ -88,7 +82,7 @@ class ResultCache:
         try:
             raw = await self.store.get(key)
         except StateUnavailable as exc:
-            self._unavailable("lookup", exc)
+            self.errors.record("cache lookup", exc)
             self.metrics.cache.labels(result="error").inc()
             return None
         cached = None
@@ -115,6 +109,6 @@ class ResultCache:
         try:
             await self.store.set(key, raw, ttl_s=self.settings.cache_ttl_s)
         except StateUnavailable as exc:
-            self._unavailable("store", exc)
+            self.errors.record("cache store", exc)
             return False
         return True

@@ -5,7 +5,7 @@ Everything lives in the state store (gateway/state.py), so with Redis every gate
 every job: a job queued on one replica may run on another, its events reach a subscriber on a
 third, and a cancel on any replica stops it.
 
-Keys (all expire after job_ttl_s):
+Keys (all but the queue expire after job_ttl_s):
 - `jobs:queue`            the FIFO of queued job ids
 - `job:<id>`              the job's record (JSON)
 - `job-events:<id>`       every event so far, in order, without preview images (a late subscriber
@@ -32,11 +32,12 @@ from PIL import Image as PILImage
 from pydantic import BaseModel, Field
 
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.limits import StateErrors
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import ErrorDetail, GenerateRequest, GenerateResponse
-from gateway.service import Generator
+from gateway.service import Generator, ProgressCallback
 from gateway.settings import GatewaySettings
-from gateway.state import StateStore
+from gateway.state import StateStore, StateUnavailable
 from gateway.storage import ImageStorage
 from gateway.webhooks import WebhookSender
 from sd_triton.txt2img_client import Progress
@@ -143,6 +144,8 @@ class JobManager:
             settings.webhook_max_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s
         )
         self._wake = asyncio.Event()
+        self._stopping = False
+        self.errors = StateErrors(metrics, "jobs waiting: the shared state is unavailable ({use})", 30.0, log)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -152,6 +155,17 @@ class JobManager:
             self._spawn(self._worker(), f"job-worker-{index}")
 
     async def close(self) -> None:
+        """Take no new job, let running ones finish for up to `job_drain_s`, then stop the rest
+        (they end `failed`, to be submitted again)."""
+        self._stopping = True
+        self._wake.set()
+        workers = [t for t in self._tasks if t.get_name().startswith("job-worker")]
+        if workers:
+            _, late = await asyncio.wait(workers, timeout=self.settings.job_drain_s)
+            if late:
+                log.warning(
+                    "jobs: %d still running after %.0f s; stopping them", len(late), self.settings.job_drain_s
+                )
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -251,11 +265,11 @@ class JobManager:
     # -- running jobs ------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 raw = await self.store.lpop(QUEUE)
-            except Exception:  # noqa: BLE001 - a store outage must not end the worker
-                log.exception("jobs: reading the queue failed")
+            except StateUnavailable as exc:  # an outage must not end the worker
+                self.errors.record("jobs queue", exc)
                 raw = None
             if raw is None:
                 self._wake.clear()
@@ -298,6 +312,12 @@ class JobManager:
 
         try:
             result = await self._generate(record, progress)
+        except asyncio.CancelledError:  # the gateway is stopping (past job_drain_s)
+            stopped = ErrorDetail(
+                type="backend_unavailable", message="the gateway stopped; submit the job again"
+            )
+            await asyncio.shield(self._finish(record, "failed", error=stopped))
+            raise
         except JobCancelled:
             await self._finish(record, "cancelled")
         except GatewayError as exc:
@@ -308,9 +328,7 @@ class JobManager:
         else:
             await self._finish(record, "completed", result=result)
 
-    async def _generate(
-        self, record: JobRecord, progress: Callable[[Progress], Awaitable[None]]
-    ) -> GenerateResponse:
+    async def _generate(self, record: JobRecord, progress: ProgressCallback) -> GenerateResponse:
         request = record.request
         result = await self.generator.generate([request.prompt], request, progress, request.preview)
         if request.response_format == "url":

@@ -45,11 +45,20 @@ def seconds_to_utc_midnight(now: datetime | None = None) -> float:
 
 
 class StateErrors:
-    """Counts store failures and warns about them at most once per `interval_s`."""
+    """Counts store failures by use and warns about them at most once per `interval_s`; `message`
+    (with `{use}`) says what the caller does without the store."""
 
-    def __init__(self, metrics: GatewayMetrics, interval_s: float = WARN_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        message: str = "shared state unavailable, serving without {use} limits (fail open)",
+        interval_s: float = WARN_INTERVAL_S,
+        logger: logging.Logger = log,
+    ) -> None:
         self.metrics = metrics
+        self.message = message
         self.interval_s = interval_s
+        self.log = logger
         self._warned_at = -math.inf
         self._suppressed = 0
 
@@ -60,7 +69,7 @@ class StateErrors:
             self._suppressed += 1
             return
         more = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
-        log.warning("shared state unavailable, serving without %s limits (fail open): %s%s", use, exc, more)
+        self.log.warning("%s: %s%s", self.message.format(use=use), exc, more)
         self._warned_at, self._suppressed = now, 0
 
 

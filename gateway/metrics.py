@@ -96,7 +96,7 @@ class GatewayMetrics:
             registry=self.registry,
         )  # fmt: skip
         self.state_errors = Counter(
-            "gateway_state_errors", "shared state store (Redis) calls that failed, by use; limits fail open",
+            "gateway_state_errors", "failed Redis calls by use: limits fail open, the cache is bypassed",
             ["use"], registry=self.registry,
         )  # fmt: skip
         self.registry.register(_ProductTotals(self))

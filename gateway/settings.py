@@ -40,6 +40,7 @@ class GatewaySettings(BaseSettings):
     jobs_max_running: int = Field(8, ge=1, description="jobs this gateway runs on Triton at once")
     job_ttl_s: float = Field(86400.0, gt=0, description="a job's record and events are kept this long")
     job_poll_s: float = Field(0.2, gt=0, description="idle workers look for jobs queued elsewhere this often")
+    job_drain_s: float = Field(15.0, ge=0, description="at shutdown, running jobs may finish this long")
     job_keepalive_s: float = Field(15.0, gt=0, description="an SSE comment line when no event came this long")
     webhook_secret: SecretStr | None = Field(
         None, description="signs webhooks of requests without an API key (open mode); keys have their own"

@@ -4,6 +4,7 @@ the real gateway process in front of it (over real HTTP) for the tests that need
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_api_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every gateway a test starts runs open unless the test names a keys file: the keys a developer
+    made in this checkout's default keys file must not change what the tests see."""
+    previous = os.environ.get("SD_GATEWAY_KEYS_FILE")
+    os.environ["SD_GATEWAY_KEYS_FILE"] = str(tmp_path_factory.mktemp("keys") / "no-keys.json")
+    yield
+    if previous is None:
+        os.environ.pop("SD_GATEWAY_KEYS_FILE", None)
+    else:
+        os.environ["SD_GATEWAY_KEYS_FILE"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +81,7 @@ def client(triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
 @pytest.fixture(scope="session")
 def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     log_file = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    # open (no API keys), whatever keys the default keys file of this checkout holds
-    env = {"SD_GATEWAY_KEYS_FILE": str(log_file.parent / "no-keys.json")}
-    process = GatewayProcess(triton.grpc_url, port=free_port(), log_file=log_file, env=env)
+    process = GatewayProcess(triton.grpc_url, port=free_port(), log_file=log_file)  # open: no_api_keys
     process.start()
     yield process
     process.stop()

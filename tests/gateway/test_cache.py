@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +37,25 @@ def triton_calls(client: grpcclient.InferenceServerClient) -> int:
     return int(inference["success"].get("count", 0)) + int(inference["fail"].get("count", 0))
 
 
+def calls_after(client: grpcclient.InferenceServerClient, expected: int, timeout_s: float = 5.0) -> int:
+    """Triton's txt2img count once it reaches `expected` (or after timeout_s): Triton updates an
+    ensemble's statistics a moment after the response is out."""
+    deadline = time.monotonic() + timeout_s
+    while (calls := triton_calls(client)) < expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return calls
+
+
 def unique(prompt: str) -> str:
     return f"{prompt} {uuid.uuid4().hex[:8]}"
 
 
 def test_seeded_repeat_is_a_hit_without_triton(http: httpx.Client, client) -> None:
     body = {"prompt": unique("a red fox"), **FAST, "seed": 77, "num_images": 2}
+    before = triton_calls(client)
     first = http.post("/v1/generate", json=body).json()
     assert first["cache"] == "miss"
-    calls = triton_calls(client)
+    calls = calls_after(client, before + 1)
     second = http.post("/v1/generate", json=body).json()
     assert second["cache"] == "hit"
     assert triton_calls(client) == calls  # no Triton call
@@ -54,8 +65,9 @@ def test_seeded_repeat_is_a_hit_without_triton(http: httpx.Client, client) -> No
     assert second["timings"]["inference_ms"] == 0.0
     # a batch is cached as a whole, too
     batch = {"prompts": [unique("a hen"), unique("a cow")], **FAST, "seed": 3}
+    before = triton_calls(client)
     assert http.post("/v1/generate/batch", json=batch).json()["cache"] == "miss"
-    calls = triton_calls(client)
+    calls = calls_after(client, before + 2)  # one txt2img call per prompt
     again = http.post("/v1/generate/batch", json=batch).json()
     assert again["cache"] == "hit" and triton_calls(client) == calls
     assert [i["seed"] for i in again["images"]] == [3, 4]
@@ -63,10 +75,11 @@ def test_seeded_repeat_is_a_hit_without_triton(http: httpx.Client, client) -> No
 
 def test_no_cache_header_asks_for_a_fresh_generation(http: httpx.Client, client) -> None:
     body = {"prompt": unique("a fresh one"), **FAST, "seed": 5}
+    before = triton_calls(client)
     assert http.post("/v1/generate", json=body).json()["cache"] == "miss"
-    calls = triton_calls(client)
+    calls = calls_after(client, before + 1)
     fresh = http.post("/v1/generate", json=body, headers={"Cache-Control": "no-cache"}).json()
-    assert fresh["cache"] == "miss" and triton_calls(client) == calls + 1
+    assert fresh["cache"] == "miss" and calls_after(client, calls + 1) == calls + 1
     assert http.post("/v1/generate", json=body).json()["cache"] == "hit"  # and stored again
 
 
@@ -75,7 +88,7 @@ def test_unseeded_never_hits(http: httpx.Client, client) -> None:
     calls = triton_calls(client)
     answers = [http.post("/v1/generate", json=body).json() for _ in range(2)]
     assert [a["cache"] for a in answers] == ["miss", "miss"]
-    assert triton_calls(client) == calls + 2
+    assert calls_after(client, calls + 2) == calls + 2
     # reusing the drawn seed explicitly is a new (seeded) request: a miss the first time
     seeded = http.post("/v1/generate", json={**body, "seed": answers[0]["images"][0]["seed"]}).json()
     assert seeded["cache"] == "miss" and seeded["images"][0]["base64"] == answers[0]["images"][0]["base64"]
@@ -83,8 +96,10 @@ def test_unseeded_never_hits(http: httpx.Client, client) -> None:
 
 def test_different_parameters_miss(http: httpx.Client, client) -> None:
     base = {"prompt": unique("a castle"), **FAST, "seed": 1}
+    before = triton_calls(client)
     assert http.post("/v1/generate", json=base).json()["cache"] == "miss"
     assert http.post("/v1/generate", json=base).json()["cache"] == "hit"
+    calls_after(client, before + 1)  # the miss is counted before the loop counts
     for change in (
         {"prompt": base["prompt"] + "!"},
         {"negative_prompt": "fog"},
@@ -101,7 +116,7 @@ def test_different_parameters_miss(http: httpx.Client, client) -> None:
         answer = http.post("/v1/generate", json={**base, **change})
         assert answer.status_code == 200, answer.text
         assert answer.json()["cache"] == "miss", change
-        assert triton_calls(client) == calls + 1, change
+        assert calls_after(client, calls + 1) == calls + 1, change
     # the response format is presentation only: a URL request is served from the same entry
     assert http.post("/v1/generate", json={**base, "response_format": "url"}).json()["cache"] == "hit"
 
@@ -114,9 +129,10 @@ def test_two_gateways_share_one_cache_through_redis(
     second = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "b.log", env=env)
     body = {"prompt": unique("a lighthouse"), **FAST, "seed": 42}
     with first, second, grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        before = triton_calls(client)
         stored = httpx.post(first.url + "/v1/generate", json=body, timeout=60).json()
         assert stored["cache"] == "miss"
-        calls = triton_calls(client)
+        calls = calls_after(client, before + 1)
         shared = httpx.post(second.url + "/v1/generate", json=body, timeout=60).json()
         assert shared["cache"] == "hit" and triton_calls(client) == calls
         assert shared["images"] == stored["images"]

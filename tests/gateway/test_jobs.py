@@ -3,6 +3,7 @@ a real webhook receiver, and a real redis-server for two gateway replicas."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -19,7 +20,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
+from gateway.jobs import JobRecord
 from gateway.process import GatewayProcess
+from gateway.state import RedisStore
 from gateway.webhooks import verify
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
@@ -60,10 +63,9 @@ def png(data: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def jobs_gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """Open mode (no keys), a webhook secret, fast webhook retries, one job at a time."""
+    """Open mode (no keys, tests/conftest.py), a webhook secret, fast webhook retries, one job at a time."""
     folder = tmp_path_factory.mktemp("jobs-gateway")
     env = {
-        "SD_GATEWAY_KEYS_FILE": str(folder / "keys.json"),
         "SD_GATEWAY_WEBHOOK_SECRET": SECRET,
         "SD_GATEWAY_WEBHOOK_BACKOFF_S": "0.1",
         "SD_GATEWAY_JOBS_MAX_RUNNING": "1",
@@ -217,7 +219,7 @@ def test_webhook_is_signed_and_retried(jobs_http: httpx.Client) -> None:
 
 
 def test_two_replicas_share_jobs_through_redis(triton: TritonServer, redis_url: str, tmp_path: Path) -> None:
-    env = {"SD_TRITON_REDIS_URL": redis_url, "SD_GATEWAY_KEYS_FILE": str(tmp_path / "keys.json")}
+    env = {"SD_TRITON_REDIS_URL": redis_url}
     one = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "one.log", env=env)
     two = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "two.log", env=env)
     with (
@@ -255,7 +257,6 @@ def test_jobs_fail_closed_without_redis(triton: TritonServer, tmp_path: Path) ->
     (limits fail open, the cache is bypassed)."""
     env = {
         "SD_TRITON_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
-        "SD_GATEWAY_KEYS_FILE": str(tmp_path / "keys.json"),
     }
     with (
         GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env) as gw,
@@ -265,3 +266,36 @@ def test_jobs_fail_closed_without_redis(triton: TritonServer, tmp_path: Path) ->
         assert response.status_code == 503, response.text
         assert response.json()["error"]["type"] == "state_unavailable" and response.headers["Retry-After"]
         assert http.post("/v1/generate", json={"prompt": "still", "steps": 2, "seed": 1}).status_code == 200
+
+
+def test_a_stopping_gateway_lets_running_jobs_finish_then_fails_the_rest(
+    triton: TritonServer, redis_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM: no new job is taken; running jobs get JOB_DRAIN_S to finish, the rest end `failed`
+    (read back from Redis once the gateway is gone)."""
+    env = {
+        "SD_TRITON_REDIS_URL": redis_url,
+        "SD_GATEWAY_JOB_DRAIN_S": "0.5",
+    }
+    gateway = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env).start()
+    with httpx.Client(base_url=gateway.url, timeout=60) as http:
+        long = http.post("/v1/jobs", json={"prompt": "too long", "steps": 150, "width": 64, "height": 64})
+        short = http.post("/v1/jobs", json={"prompt": "short", "steps": 3, "width": 32, "height": 32})
+        ids = {"long": long.json()["id"], "short": short.json()["id"]}
+        for name in ("long", "short"):
+            assert next(f for f in events(http, ids[name]) if f["event"] == "step")
+    gateway.stop()
+
+    async def records() -> dict[str, JobRecord]:
+        store = RedisStore(redis_url)
+        try:
+            return {
+                n: JobRecord.model_validate_json(await store.get(f"job:{i}") or b"") for n, i in ids.items()
+            }
+        finally:
+            await store.close()
+
+    found = asyncio.run(records())
+    assert found["short"].status == "completed"
+    assert found["long"].status == "failed" and "stopped" in found["long"].error.message
+    assert found["long"].progress.step < 150
