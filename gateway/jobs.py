@@ -12,6 +12,7 @@ Keys (all but the queue expire after job_ttl_s):
                           replays them); published live on channel `job:<id>` (with previews)
 - `job-seq:<id>`          the number of the job's latest event (SSE `id:`)
 - `job-cancel:<id>`       set by a cancel; the runner checks it at every step
+- channel `job-control:<id>`  a cancel, published: the runner stops the job's stream at once
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ class JobManager:
         await self.store.set(f"job-cancel:{record.id}", b"1", ttl_s=self.settings.job_ttl_s)
         if await self.store.lrem(QUEUE, record.id.encode()):
             return await self._finish(record, "cancelled")
+        await self.store.publish(f"job-control:{record.id}", b"cancel")  # the runner, on any replica
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             current = await self.get(record.id)
@@ -310,9 +312,16 @@ class JobManager:
             record.updated_at = _now()
             await self._save(record)
 
+        generation = asyncio.ensure_future(self._generate(record, progress))
+        watcher = asyncio.ensure_future(self._watch_for_cancel(job_id, generation))
         try:
-            result = await self._generate(record, progress)
-        except asyncio.CancelledError:  # the gateway is stopping (past job_drain_s)
+            result = await generation
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling() and watcher.done() and watcher.result():
+                await self._finish(record, "cancelled")  # the cancel, seen at once
+                return
+            # the gateway is stopping (past job_drain_s)
             stopped = ErrorDetail(
                 type="backend_unavailable", message="the gateway stopped; submit the job again"
             )
@@ -327,6 +336,21 @@ class JobManager:
             await self._finish(record, "failed", error=ErrorDetail(type="internal_error", message=str(exc)))
         else:
             await self._finish(record, "completed", result=result)
+        finally:
+            watcher.cancel()
+
+    async def _watch_for_cancel(self, job_id: str, generation: asyncio.Future[Any]) -> bool:
+        """Stop `generation` as soon as a cancel is published for the job (from any replica): its
+        Triton stream closes and Triton drops the request before its next UNet call. True when it
+        did; the per-step check of the cancel flag covers a store that cannot be subscribed to."""
+        try:
+            async with self.store.subscribe(f"job-control:{job_id}") as messages:
+                if await self.store.get(f"job-cancel:{job_id}") is None:  # not cancelled meanwhile
+                    await anext(messages)
+        except StateUnavailable:
+            return False
+        generation.cancel()
+        return True
 
     async def _generate(self, record: JobRecord, progress: ProgressCallback) -> GenerateResponse:
         request = record.request

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -204,12 +202,3 @@ class Limiter:
                 headers={"Retry-After": str(retry_after_s)},
             )
         return Slot(self, counter)
-
-    @asynccontextmanager
-    async def slot(self, key_id: str, limit: int | None) -> AsyncIterator[Slot]:
-        """`async with limiter.slot(key_id, limit):` hold a concurrency slot for the block."""
-        slot = await self.acquire(key_id, limit)
-        try:
-            yield slot
-        finally:
-            await slot.release()

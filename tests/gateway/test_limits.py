@@ -30,11 +30,11 @@ INVALID = {"prompt": "a fox", "steps": 0}  # refused by the schema (422): counts
 # --- the limiter alone (the API the jobs code uses) ---
 
 
-def test_slots_and_charges_for_jobs() -> None:
+def test_slots_and_charges_release_and_refund_once() -> None:
     async def run() -> None:
         limiter = Limiter(MemoryStore(), GatewayMetrics())
         slot = await limiter.acquire("k", 2)
-        async with limiter.slot("k", 2):
+        async with await limiter.acquire("k", 2):
             with pytest.raises(ConcurrencyLimitedError, match="at most 2 requests at once"):
                 await limiter.acquire("k", 2)
         await slot.release()
