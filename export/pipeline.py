@@ -20,6 +20,7 @@ from export.components import COMPONENTS, Component, Profile
 from export.onnx_export import OPSET, export_onnx
 from export.presets import PRESETS, ensure_preset_checkpoint
 from export.preview import fit_preview_weights
+from export.quantize import INT8_FILE, quantize_int8
 from export.repository import RepositorySettings, write_configs
 from sd_triton import __version__
 from sd_triton import contract as c
@@ -160,12 +161,12 @@ def _export_component(
     version.mkdir(parents=True, exist_ok=True)
     onnx_path = version / "model.onnx"
     source = sha256_tree(checkpoint.path / component.subfolder, salt=f"opset={OPSET}")
-    entry = {"engine": settings.engines[component.name], "precision": settings.precision}
-    previous = old.get(component.name)
+    entry = {"engine": settings.engines[component.name], "precision": settings.precision_of(component.name)}
+    previous = old.get(component.name) or {}
     onnx_files = [onnx_path, onnx_path.with_name("model.onnx.data")]
-    if previous and _unchanged(previous.get("onnx"), "source_sha256", source, repo):
+    if _unchanged(previous.get("onnx"), "source_sha256", source, repo):
         log.info("  %s: ONNX unchanged, reused", component.name)
-        return {**entry, "onnx": previous["onnx"]}
+        return {**entry, "onnx": previous["onnx"], **_int8(component, repo, settings, previous)}
     started = time.monotonic()
     diff = export_onnx(component, checkpoint.path, checkpoint.dims, onnx_path)
     seconds = time.monotonic() - started
@@ -176,7 +177,24 @@ def _export_component(
         "max_abs_diff_vs_pytorch": diff,
         "seconds": round(seconds, 2),
     }
-    return {**entry, "onnx": onnx_entry}
+    return {**entry, "onnx": onnx_entry, **_int8(component, repo, settings, previous)}
+
+
+def _int8(
+    component: Component, repo: Path, settings: RepositorySettings, previous: dict[str, Any]
+) -> dict[str, Any]:
+    """The INT8 graph of a component served INT8, made from its ONNX unless that is unchanged."""
+    if component.name not in settings.int8:
+        return {}
+    version = repo / component.name / "1"
+    key = sha256_file(version / "model.onnx")
+    if _unchanged(previous.get("int8"), "onnx_sha256", key, repo):
+        log.info("  %s: INT8 graph unchanged, reused", component.name)
+        return {"int8": previous["int8"]}
+    target = version / INT8_FILE
+    seconds = quantize_int8(version / "model.onnx", target)
+    artifacts = _artifacts(repo, [target])
+    return {"int8": {"onnx_sha256": key, "artifacts": artifacts, "seconds": round(seconds, 2)}}
 
 
 def _build_plan(

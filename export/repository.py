@@ -13,6 +13,7 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.quantize import INT8_COMPONENTS, INT8_FILE
 from sd_triton import contract as c
 from sd_triton.served_model import ServedModel
 
@@ -63,6 +64,7 @@ class RepositorySettings:
     denoise_instances: int = 2  # none / dynamic: request loops in flight at once
     engine_instances: int = 1
     max_queue_delay_us: int = 2000  # Triton's dynamic batching window (dynamic; text encoder and VAE)
+    int8: tuple[str, ...] = ()  # components served INT8-quantized (ONNX Runtime engines; export/quantize.py)
 
     def __post_init__(self) -> None:
         for model, kind in self.engines.items():
@@ -84,6 +86,14 @@ class RepositorySettings:
                         f"precision=fp16 needs TensorRT: engines[{model}] is {kind!r} "
                         "(use tensorrt, or onnxruntime with the TensorRT accelerator)"
                     )
+        for model in self.int8:
+            if model not in INT8_COMPONENTS:
+                raise ValueError(f"int8: {model!r} cannot be INT8; only {', '.join(INT8_COMPONENTS)}")
+            if self.engines[model] not in ("python-ort", "onnxruntime") or self.ort_tensorrt:
+                raise ValueError(
+                    f"int8: {model} runs on {self.engines[model]!r}; INT8 graphs need an ONNX Runtime engine "
+                    "(python-ort, or onnxruntime without the TensorRT accelerator)"
+                )
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
         for name in ("denoise_instances", "engine_instances", "max_batch_rows"):
@@ -92,6 +102,9 @@ class RepositorySettings:
         for name in ("max_wait_us", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def precision_of(self, model: str) -> str:
+        return "int8" if model in self.int8 else self.precision
 
     def queue_delay_us(self, model: str) -> int | None:
         """The dynamic batching window of an engine model; None: no dynamic batching."""
@@ -130,13 +143,16 @@ def engine_config(spec: c.ModelSpec, settings: RepositorySettings) -> mc.ModelCo
     if delay is not None:
         config.dynamic_batching.max_queue_delay_microseconds = delay
     count = settings.engine_instances
-    config.parameters["precision"].string_value = settings.precision
+    config.parameters["precision"].string_value = settings.precision_of(spec.name)
+    int8 = spec.name in settings.int8
     if kind == "python-ort":
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
         config.parameters["device"].string_value = "auto"
         config.parameters["intra_op_threads"].string_value = "0"
         config.parameters["allow_spinning"].string_value = "0"
+        if int8:
+            config.parameters["model_file"].string_value = INT8_FILE
         return config
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count)
     if kind == "tensorrt":
@@ -144,7 +160,7 @@ def engine_config(spec: c.ModelSpec, settings: RepositorySettings) -> mc.ModelCo
         config.default_model_filename = "model.plan"
         return config
     config.platform = "onnxruntime_onnx"
-    config.default_model_filename = "model.onnx"
+    config.default_model_filename = INT8_FILE if int8 else "model.onnx"
     if settings.ort_tensorrt:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
             name="tensorrt"

@@ -228,6 +228,15 @@ def _perf_jobs(args: argparse.Namespace) -> int:
     return _save(run_jobs_bench(settings, work_dir), args, "jobs", table)
 
 
+def _perf_int8(args: argparse.Namespace) -> int:
+    from perf.int8 import Int8Settings, run_int8, table
+
+    settings = Int8Settings(preset=args.preset, steps=args.steps, calls=args.calls)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return _save(run_int8(settings, work_dir), args, "int8", table)
+
+
 def _perf_report(args: argparse.Namespace) -> int:
     from perf.report import write_report
 
@@ -317,6 +326,13 @@ def add_parser(sub: Any) -> None:
     jobs.add_argument("--no-preview", action="store_true", help="step events without preview images")
     _output_args(jobs, "jobs")
     jobs.set_defaults(run=_perf_jobs)
+
+    int8 = commands.add_parser("int8", help="the UNet INT8 (ONNX Runtime) vs FP32: time per call, parity")
+    int8.add_argument("--preset", default="small", help="tiny, small, sd15 (random weights), demo")
+    int8.add_argument("--steps", type=int, default=20, help="steps of the parity images")
+    int8.add_argument("--calls", type=int, default=20, help="timed UNet calls per engine")
+    _output_args(int8, "int8")
+    int8.set_defaults(run=_perf_int8)
 
     report = commands.add_parser("report", help="perf/REPORT.md and its chart from saved compare results")
     report.add_argument("results", nargs="+", help="compare result JSON files")

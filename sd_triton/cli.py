@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -25,6 +26,14 @@ def parse_engines(value: str) -> dict[str, str]:
     return engines
 
 
+def _engine_list(args: argparse.Namespace) -> int:
+    from export.engines import engine_rows, table
+
+    rows = engine_rows(Path(args.repo), args.triton_http)
+    print(json.dumps(rows, indent=2) if args.json else table(rows))  # the command's output
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from export.pipeline import ExportOptions, run_export
     from export.repository import RepositorySettings
@@ -39,6 +48,7 @@ def _export(args: argparse.Namespace) -> int:
         max_batch_rows=args.max_batch_rows,
         max_wait_us=args.max_wait_us,
         max_queue_delay_us=args.max_queue_delay_us,
+        int8=tuple(name for name in args.int8.split(",") if name) if args.int8 else (),
     )
     run_export(ExportOptions(model=args.model, repo=Path(args.repo), settings=settings, limits=limits))
     return 0
@@ -202,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ex.add_argument("--ort-tensorrt", action="store_true", help="onnxruntime kind: TensorRT accelerator")
     ex.add_argument(
+        "--int8",
+        default="",
+        help="components served INT8-quantized on ONNX Runtime (CPU): unet, text_encoder (comma-separated)",
+    )
+    ex.add_argument(
         "--batching",
         choices=["none", "dynamic", "continuous"],
         default="continuous",
@@ -260,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_ in (create, keys_sub.choices["list"], revoke):
         parser_.add_argument("--keys-file", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     keys.set_defaults(run=_keys)
+
+    engine = sub.add_parser("engine", help="the repository's engines (docs: README, Export)")
+    engine_sub = engine.add_subparsers(dest="engine_command", required=True)
+    listing = engine_sub.add_parser(
+        "list", help="per component: engine kind, precision, artifact hash, loaded"
+    )
+    listing.add_argument("--repo", default="model_repository")
+    listing.add_argument(
+        "--triton-http", default=None, help="a running Triton's HTTP HOST:PORT: loaded versions"
+    )
+    listing.add_argument("--json", action="store_true", help="rows as JSON")
+    listing.set_defaults(run=_engine_list)
 
     gen = sub.add_parser("generate", help="one image from a running gateway")
     gen.add_argument("prompt")

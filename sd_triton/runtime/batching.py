@@ -216,7 +216,12 @@ class ContinuousBatcher:
             for shape, queue in list(self._waiting.items()):
                 group = self._active.get(shape, [])
                 rows = sum(t.rows for t in group)
-                while queue and (rows + queue[0].rows <= self.config.max_batch or not group):
+                # a ticket that arrived while others were prepared waits for the next iteration's prepare
+                while (
+                    queue
+                    and queue[0].job is not None
+                    and (rows + queue[0].rows <= self.config.max_batch or not group)
+                ):
                     ticket = queue.popleft()
                     group = [*group, ticket]
                     rows += ticket.rows
@@ -226,9 +231,9 @@ class ContinuousBatcher:
 
     def _advance_group(self, shape: Shape) -> None:
         group = self._active[shape]
-        inputs = [t.job.unet_inputs() for t in group]
-        batch = tuple(np.concatenate([x[i] for x in inputs]) for i in range(3))
         try:
+            inputs = [t.job.unet_inputs() for t in group]  # type: ignore[union-attr] - admitted: prepared
+            batch = tuple(np.concatenate([x[i] for x in inputs]) for i in range(3))
             noise = self.unet(*batch)
         except Exception as exc:  # noqa: BLE001 - every request of the call gets the error
             log.error("continuous batcher: UNet call for %s failed: %s", shape, exc)

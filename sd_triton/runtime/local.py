@@ -25,12 +25,20 @@ class LocalResult:
 
 
 class LocalPipeline:
-    def __init__(self, repo: str | Path, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self,
+        repo: str | Path,
+        device: str = "cpu",
+        threads: int = 0,
+        model_files: dict[str, str] | None = None,
+    ) -> None:
+        """`model_files`: a graph other than model.onnx per component (e.g. {"unet": "model.int8.onnx"})."""
         repo = Path(repo)
+        files = {name: "model.onnx" for name in c.ENGINE_MODELS} | (model_files or {})
         self.config = PipelineConfig.load(repo / c.DENOISE.name / "1" / FILENAME)
         self.tokenizer = PromptTokenizer(repo / c.TOKENIZER.name / "1" / "tokenizer")
         self.runners = {
-            name: OrtRunner(repo / name / "1" / "model.onnx", device=device, threads=threads)
+            name: OrtRunner(repo / name / "1" / files[name], device=device, threads=threads)
             for name in c.ENGINE_MODELS
         }
 

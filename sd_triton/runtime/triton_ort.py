@@ -21,7 +21,7 @@ class TritonPythonModel:
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         self.runner = OrtRunner(
-            triton_io.version_dir(args) / "model.onnx",
+            triton_io.version_dir(args) / params.get("model_file", "model.onnx"),  # model.int8.onnx: INT8
             device=params.get("device", "auto"),
             threads=int(params.get("intra_op_threads", "0")),
             spinning=params.get("allow_spinning", "1") == "1",

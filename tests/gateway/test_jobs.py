@@ -282,11 +282,16 @@ def test_a_stopping_gateway_lets_running_jobs_finish_then_fails_the_rest(
     }
     gateway = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env).start()
     with httpx.Client(base_url=gateway.url, timeout=60) as http:
-        long = http.post("/v1/jobs", json={"prompt": "too long", "steps": 150, "width": 64, "height": 64})
+        long = http.post("/v1/jobs", json={"prompt": "too long", "steps": 150, "width": 128, "height": 128})
         short = http.post("/v1/jobs", json={"prompt": "short", "steps": 3, "width": 32, "height": 32})
         ids = {"long": long.json()["id"], "short": short.json()["id"]}
         for name in ("long", "short"):
-            assert next(f for f in events(http, ids[name]) if f["event"] == "step")
+            frames = []
+            for f in events(http, ids[name]):
+                frames.append(f)
+                if f["event"] == "step":
+                    break
+            assert frames[-1]["event"] == "step", frames
     gateway.stop()
 
     async def records() -> dict[str, JobRecord]:
@@ -302,3 +307,16 @@ def test_a_stopping_gateway_lets_running_jobs_finish_then_fails_the_rest(
     assert found["short"].status == "completed"
     assert found["long"].status == "failed" and "stopped" in found["long"].error.message
     assert found["long"].progress.step < 150
+
+
+def test_jobs_submitted_together_run_together(http: httpx.Client) -> None:
+    """The session gateway runs up to 8 jobs at once: two submitted back to back (two shapes) both
+    stream every step and complete (the second once joined the batch unprepared and never advanced)."""
+    bodies = [
+        {"prompt": "together one", "steps": 30, "width": 64, "height": 64},
+        {"prompt": "together two", "steps": 3, "width": 32, "height": 32},
+    ]
+    jobs = [http.post("/v1/jobs", json=body).json() for body in bodies]
+    for job, body in zip(jobs, bodies, strict=True):
+        names = [f["event"] for f in events(http, job["id"])]
+        assert names == ["queued"] + ["step"] * body["steps"] + ["completed"], names

@@ -273,3 +273,28 @@ def test_prepare_runs_on_the_worker_when_admitted_and_fails_alone(local: LocalPi
     assert isinstance(bad.error, RuntimeError) and bad.latents is None
     assert good.error is None and plain.error is None
     assert np.abs(images(local, good.latents) - alone(local, prompt, params)).max() <= 2
+
+
+def test_a_ticket_arriving_during_a_prepare_is_prepared_before_it_joins(local: LocalPipeline) -> None:
+    """Two jobs submitted together: the second arrives while the first's prepare (its BLS calls) runs;
+    it must not join unprepared (it did once, and its shape group never advanced)."""
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(max_batch=16))
+    (p1, first), (p2, second) = REQUESTS[0], REQUESTS[2]
+    outcomes = [Outcome(), Outcome()]
+
+    def lazy(prompt: str, params: GenerationParams, outcome: Outcome, before=None) -> Ticket:
+        def prepare() -> DenoiseJob:
+            if before is not None:
+                before()
+            return DenoiseJob(embeds(local, prompt, params), params, local.config)
+
+        template = ticket(local, prompt, params, outcome)
+        shape = (local.config.latent_channels, params.height // 8, params.width // 8)
+        return Ticket(None, template.on_done, template.on_error, prepare=prepare, latent_shape=shape)
+
+    late = lazy(p2, second, outcomes[1])
+    batcher.submit(lazy(p1, first, outcomes[0], before=lambda: batcher.submit(late)))
+    batcher.run_until_idle()
+    for (prompt, params), outcome in zip((REQUESTS[0], REQUESTS[2]), outcomes, strict=True):
+        assert outcome.error is None and outcome.latents is not None
+        assert np.abs(images(local, outcome.latents) - alone(local, prompt, params)).max() <= 2
