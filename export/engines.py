@@ -1,6 +1,7 @@
-"""`sd-triton engine list`: what each engine component of a repository runs — engine kind, precision,
-the artifact file and its sha256 (from the export's manifest), the shape profile of a TensorRT plan,
-and the versions a running Triton has loaded."""
+"""`sd-triton engine list`: what each engine component of a repository runs — the live version (the one
+its config.pbtxt serves), engine kind, precision, artifact and sha256 (that version's engine.json), the
+shape profile of a TensorRT plan, the versions a running Triton has loaded, and the parity figure of
+the gate that let the version in. Also the TensorRT check `sd-triton triton` runs before it starts."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
+from export import tensorrt
 from export.repository import CONFIG_FILE, parse
 from sd_triton import contract as c
-from sd_triton.served_model import engine_info
+from sd_triton.engine_record import EngineRecord
 
 MANIFEST = "manifest.json"
 
 
-def artifact_file(config: dict[str, Any], kind: str) -> str:
-    """The file the engine loads, relative to its version folder."""
-    if kind == "python-ort":
-        return config.get("parameters", {}).get("model_file", {}).get("string_value", "model.onnx")
-    return config.get("default_model_filename") or ("model.plan" if kind == "tensorrt" else "model.onnx")
+def live_version(repo: Path, name: str) -> int:
+    """The version config.pbtxt serves (version_policy specific; 1 for a repository without one)."""
+    config = parse((repo / name / CONFIG_FILE).read_text())
+    versions = list(config.version_policy.specific.versions)
+    return int(versions[-1]) if versions else 1
+
+
+def live_records(repo: Path) -> dict[str, EngineRecord | None]:
+    return {name: EngineRecord.load(repo / name / str(live_version(repo, name))) for name in c.ENGINE_MODELS}
 
 
 def loaded_versions(triton_http: str) -> dict[str, list[str]]:
@@ -41,30 +45,31 @@ def engine_rows(repo: Path, triton_http: str | None = None) -> list[dict[str, An
     manifest = json.loads((repo / MANIFEST).read_text()).get("components", {})
     loaded = loaded_versions(triton_http) if triton_http else None
     rows = []
-    for name in c.ENGINE_MODELS:
-        config = MessageToDict(
-            parse((repo / name / CONFIG_FILE).read_text()), preserving_proto_field_name=True
-        )
-        info = engine_info(config)
-        path = f"{name}/1/{artifact_file(config, info.kind)}"
-        entry = manifest.get(name, {})
-        hashes = {
-            rel: digest
-            for part in ("onnx", "int8", "plan")
-            for rel, digest in (entry.get(part) or {}).get("artifacts", {}).items()
-        }
-        plan = entry.get("plan") or {}
+    for name, record in live_records(repo).items():
+        if record is None:
+            raise FileNotFoundError(
+                f"{repo / name}: the live version has no engine.json; re-export the repository"
+            )
+        plan = (manifest.get(name) or {}).get("plan") or {}
+        parity = record.parity or {}
         rows.append(
             {
                 "component": name,
-                "engine": info.kind,
-                "precision": info.precision,
-                "artifact": path,
-                "sha256": hashes.get(path),
-                "missing": plan.get("missing") if info.kind == "tensorrt" else None,
-                "profile": plan.get("profile"),
+                "version": record.version,
+                "engine": record.kind,
+                "precision": record.precision,
+                "artifact": f"{name}/{record.version}/{record.artifact}",
+                "sha256": record.sha256 or None,
+                "missing": plan.get("missing") if record.kind == "tensorrt" and not record.sha256 else None,
+                "profile": (record.build or {}).get("profile") or plan.get("profile"),
+                "build": record.build,
                 "loaded_versions": None if loaded is None else loaded.get(name, []),
-                "parity": entry.get("parity"),
+                "parity": {
+                    k: parity[k]
+                    for k in ("against_version", "passed", "forced", "max_abs", "min_psnr_db")
+                    if k in parity
+                }
+                or None,  # fmt: skip
             }
         )
     return rows
@@ -72,17 +77,37 @@ def engine_rows(repo: Path, triton_http: str | None = None) -> list[dict[str, An
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| component | engine | precision | artifact | sha256 | loaded | parity |",
-        "|---|---|---|---|---|---|---|",
+        "| component | version | engine | precision | artifact | sha256 | loaded | parity |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        sha = (row["sha256"] or "not in the manifest")[:12]
+        sha = (row["sha256"] or "not built")[:12]
         if row["missing"]:
             sha = f"not built: {row['missing']}"
         loaded = "-" if row["loaded_versions"] is None else ",".join(row["loaded_versions"]) or "not loaded"
-        parity = row["parity"] or "-"
-        lines.append(
-            f"| {row['component']} | {row['engine']} | {row['precision']} | {row['artifact']} | {sha} | "
-            f"{loaded} | {parity} |"
-        )
+        gate, parity = row["parity"], "-"
+        if gate:
+            verdict = "passed" if gate["passed"] else "FAILED, forced"
+            figures = f"PSNR {gate['min_psnr_db']} dB, max abs {gate['max_abs']}"
+            parity = f"vs v{gate['against_version']}: {verdict}, {figures}"
+        cells = [row[k] for k in ("component", "version", "engine", "precision", "artifact")]
+        lines.append("| " + " | ".join(str(x) for x in [*cells, sha, loaded, parity]) + " |")
     return "\n".join(lines)
+
+
+def tensorrt_problems(repo: Path, target: dict[str, str] | None = None) -> list[str]:
+    """Why Triton cannot serve the repository's live TensorRT plans on this machine: a plan not built,
+    or built for another GPU or TensorRT version. `target`: this machine's (default: asked)."""
+    problems = []
+    records = {name: r for name, r in live_records(repo).items() if r is not None and r.kind == "tensorrt"}
+    if records and target is None:
+        target = tensorrt.build_target()
+    for name, record in records.items():
+        where = f"{name}/{record.version}/{record.artifact}"
+        if not record.sha256:
+            problems.append(f"{where}: the TensorRT plan was never built (export on the GPU host)")
+            continue
+        reason = tensorrt.mismatch(record.build, target)
+        if reason:
+            problems.append(f"{where}: {reason}")
+    return problems

@@ -10,7 +10,8 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from export.repository import RepositorySettings, write_configs
 from sd_triton import __version__
 from sd_triton import contract as c
 from sd_triton.contract import UNET, Limits
+from sd_triton.engine_record import EngineRecord
 from sd_triton.pipeline_config import FILENAME as PIPELINE_FILE
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.served_model import ServedModel
@@ -77,19 +79,24 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     _step(3, "TensorRT plans")
     for name, component in COMPONENTS.items():
         if settings.engines[name] == "tensorrt":
-            components[name].update(_build_plan(component, checkpoint, repo, settings, options.limits, old))
+            components[name].update(
+                _build_plan(component, checkpoint, repo, settings, options.limits, old, options.work_dir)
+            )
 
     _step(4, "python steps: tokenizer files, pipeline.json, model.py files")
     components.update(_write_python_steps(checkpoint, repo, options.limits))
 
-    _step(5, "config.pbtxt for every model")
-    write_configs(repo, settings, served_model(options.model, checkpoint, options.limits))
+    _step(5, "config.pbtxt for every model, engine.json in every engine's version 1")
+    records = _engine_records(repo, settings, components)
+    write_configs(repo, settings, served_model(options.model, checkpoint, options.limits), records)
 
     _step(6, f"manifest {repo / MANIFEST}")
     manifest = {
         "sd_triton_version": __version__,
         "source": {"model": options.model, "path": str(checkpoint.path.resolve())},
         "limits": asdict(options.limits),
+        "settings": asdict(settings),  # what `sd-triton engine set` regenerates configs from
+        "live": dict.fromkeys(records, [1]),  # per engine model, the versions served, the live one last
         "components": components,
         "export_seconds": round(time.monotonic() - started, 2),
     }
@@ -204,6 +211,7 @@ def _build_plan(
     settings: RepositorySettings,
     limits: Limits,
     old: dict[str, Any],
+    work_dir: Path,
 ) -> dict[str, Any]:
     version = repo / component.name / "1"
     profile = engine_profile(component, checkpoint, settings, limits)
@@ -222,8 +230,48 @@ def _build_plan(
         )
         return {"plan": {"key": key, "missing": reason, "profile": profile.shapes}}
     plan = version / "model.plan"
-    tensorrt.build_engine(version / "model.onnx", plan, profile, fp16=settings.precision == "fp16")
-    return {"plan": {"key": key, "profile": profile.shapes, "artifacts": _artifacts(repo, [plan])}}
+    target = tensorrt.build_target()
+    assert target is not None  # unavailable_reason() was None
+    build = tensorrt.build_engine(
+        version / "model.onnx",
+        plan,
+        profile,
+        fp16=settings.precision == "fp16",
+        timing_cache=tensorrt.timing_cache_path(work_dir, target),
+    )
+    return {
+        "plan": {"key": key, "profile": profile.shapes, "build": build, "artifacts": _artifacts(repo, [plan])}
+    }
+
+
+def _engine_records(
+    repo: Path, settings: RepositorySettings, components: dict[str, Any]
+) -> dict[str, EngineRecord]:
+    """Version 1 of every engine model: engine.json (rewritten only when what it says changed)."""
+    records = {}
+    for name in c.ENGINE_MODELS:
+        artifact = settings.artifact_of(name)
+        hashes = {rel: digest for part in components[name].values() if isinstance(part, dict)
+                  for rel, digest in part.get("artifacts", {}).items()}  # fmt: skip
+        version_dir = repo / name / "1"
+        record = EngineRecord(
+            component=name,
+            version=1,
+            kind=settings.engines[name],
+            precision=settings.precision_of(name),
+            artifact=artifact,
+            sha256=hashes.get(f"{name}/1/{artifact}", ""),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            source_sha256=hashes.get(f"{name}/1/model.onnx", ""),
+            build=(components[name].get("plan") or {}).get("build"),
+        )
+        old = EngineRecord.load(version_dir)
+        if old is not None and replace(old, created=record.created) == record:
+            record = old
+        else:
+            record.save(version_dir)
+        records[name] = record
+    return records
 
 
 def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.quantize import INT8_COMPONENTS, INT8_FILE
 from sd_triton import contract as c
+from sd_triton.engine_record import EngineRecord
 from sd_triton.served_model import ServedModel
 
 Precision = Literal["fp32", "fp16"]
@@ -41,7 +42,7 @@ ENSEMBLE_STEPS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
     (
         c.DENOISE.name,
         {t.name: "prompt_embeds" if t is c.PROMPT_EMBEDS else t.name for t in c.DENOISE.inputs},
-        {c.LATENTS.name: "latents"},
+        {c.LATENTS.name: "latents", c.ENGINES.name: c.ENGINES.name},
     ),
     (c.VAE_DECODER.name, {"latent_sample": "latents"}, {"sample": "decoded"}),
     (c.POSTPROCESS.name, {c.DECODED.name: "decoded"}, {c.IMAGES.name: c.IMAGES.name}),
@@ -106,6 +107,12 @@ class RepositorySettings:
     def precision_of(self, model: str) -> str:
         return "int8" if model in self.int8 else self.precision
 
+    def artifact_of(self, model: str) -> str:
+        """The file the model's engine loads from its version folder."""
+        if self.engines[model] == "tensorrt":
+            return "model.plan"
+        return INT8_FILE if model in self.int8 else "model.onnx"
+
     def queue_delay_us(self, model: str) -> int | None:
         """The dynamic batching window of an engine model; None: no dynamic batching."""
         if self.batching == "none":
@@ -136,31 +143,35 @@ def _python_step(spec: c.ModelSpec, count: int = 1) -> mc.ModelConfig:
     return config
 
 
-def engine_config(spec: c.ModelSpec, settings: RepositorySettings) -> mc.ModelConfig:
+def engine_config(
+    spec: c.ModelSpec, settings: RepositorySettings, record: EngineRecord | None = None
+) -> mc.ModelConfig:
+    """`record`: the version folder Triton serves (version_policy specific) and its artifact's hash."""
     kind = settings.engines[spec.name]
     config = _base(spec, settings.max_batch.get(spec.name, c.Limits().max_unet_batch))
+    if record is not None:
+        config.version_policy.specific.versions.append(record.version)
+        config.parameters["artifact_sha256"].string_value = record.sha256
     delay = settings.queue_delay_us(spec.name)
     if delay is not None:
         config.dynamic_batching.max_queue_delay_microseconds = delay
     count = settings.engine_instances
     config.parameters["precision"].string_value = settings.precision_of(spec.name)
-    int8 = spec.name in settings.int8
     if kind == "python-ort":
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
         config.parameters["device"].string_value = "auto"
         config.parameters["intra_op_threads"].string_value = "0"
         config.parameters["allow_spinning"].string_value = "0"
-        if int8:
+        if spec.name in settings.int8:
             config.parameters["model_file"].string_value = INT8_FILE
         return config
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count)
+    config.default_model_filename = settings.artifact_of(spec.name)
     if kind == "tensorrt":
         config.platform = "tensorrt_plan"
-        config.default_model_filename = "model.plan"
         return config
     config.platform = "onnxruntime_onnx"
-    config.default_model_filename = INT8_FILE if int8 else "model.onnx"
     if settings.ort_tensorrt:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
             name="tensorrt"
@@ -180,7 +191,10 @@ def ensemble_config() -> mc.ModelConfig:
     return config
 
 
-def all_configs(settings: RepositorySettings, served: ServedModel) -> dict[str, mc.ModelConfig]:
+def all_configs(
+    settings: RepositorySettings, served: ServedModel, records: dict[str, EngineRecord] | None = None
+) -> dict[str, mc.ModelConfig]:
+    """`records`: the served version of each engine model (the export's: version 1)."""
     configs = {c.TXT2IMG.name: ensemble_config()}
     for key, value in served.to_parameters().items():
         configs[c.TXT2IMG.name].parameters[key].string_value = value
@@ -201,7 +215,7 @@ def all_configs(settings: RepositorySettings, served: ServedModel) -> dict[str, 
     configs[c.TXT2IMG_STREAM.name] = stream
     configs[c.POSTPROCESS.name] = _python_step(c.POSTPROCESS)
     for name in c.ENGINE_MODELS:
-        configs[name] = engine_config(c.MODELS[name], settings)
+        configs[name] = engine_config(c.MODELS[name], settings, (records or {}).get(name))
     return configs
 
 
@@ -213,14 +227,21 @@ def parse(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
-def write_configs(repo: Path, settings: RepositorySettings, served: ServedModel) -> list[Path]:
-    written = []
-    for name, config in all_configs(settings, served).items():
-        path = repo / name / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (path.parent / "1").mkdir(exist_ok=True)
-        text = render(config)
-        if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
-        written.append(path)
-    return written
+def write_config(repo: Path, config: mc.ModelConfig) -> Path:
+    """Write a model's config.pbtxt (unless unchanged)."""
+    path = repo / config.name / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "1").mkdir(exist_ok=True)
+    text = render(config)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def write_configs(
+    repo: Path,
+    settings: RepositorySettings,
+    served: ServedModel,
+    records: dict[str, EngineRecord] | None = None,
+) -> list[Path]:
+    return [write_config(repo, config) for config in all_configs(settings, served, records).values()]

@@ -85,6 +85,7 @@ class JobRecord(BaseModel):
     request: JobRequest
     key_id: str | None = None
     base_url: str = Field("", description="the gateway as the client saw it, for image URLs")
+    use_cache: bool = Field(True, description="False: submitted with Cache-Control: no-cache")
     progress: JobProgress | None = None
     result: GenerateResponse | None = None
     error: ErrorDetail | None = None
@@ -180,7 +181,9 @@ class JobManager:
 
     # -- the API -----------------------------------------------------------------------------------
 
-    async def submit(self, request: JobRequest, key_id: str | None, base_url: str) -> JobRecord:
+    async def submit(
+        self, request: JobRequest, key_id: str | None, base_url: str, use_cache: bool = True
+    ) -> JobRecord:
         """Checked like /v1/generate (before it is queued), then queued."""
         served = await self.generator.backend.served_model()
         self.generator.plan([request.prompt], request, served)
@@ -199,6 +202,7 @@ class JobManager:
             request=request,
             key_id=key_id,
             base_url=base_url,
+            use_cache=use_cache,
             webhook=None if request.webhook_url is None else WebhookStatus(url=request.webhook_url),
         )
         await self._save(record)
@@ -354,7 +358,9 @@ class JobManager:
 
     async def _generate(self, record: JobRecord, progress: ProgressCallback) -> GenerateResponse:
         request = record.request
-        result = await self.generator.generate([request.prompt], request, progress, request.preview)
+        result = await self.generator.generate(
+            [request.prompt], request, progress, request.preview, use_cache=record.use_cache
+        )
         if request.response_format == "url":
             return await self.storage.with_urls(result, record.base_url)
         return result

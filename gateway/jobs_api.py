@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.access import AccessDep
+from gateway.cache import CacheAllowedDep
 from gateway.errors import NotFoundError
 from gateway.jobs import JobManager, JobRecord, JobRequest, JobView
 from gateway.schemas import ErrorResponse
@@ -42,11 +43,14 @@ async def _owned(jobs: JobManager, job_id: str, access: AccessDep) -> JobRecord:
 
 
 @router.post("", status_code=202, response_model=JobView, responses=ERRORS)
-async def submit_job(body: JobRequest, jobs: JobsDep, access: AccessDep, request: Request) -> JobView:
+async def submit_job(
+    body: JobRequest, jobs: JobsDep, access: AccessDep, request: Request, use_cache: CacheAllowedDep
+) -> JobView:
     """Queue a generation (the /v1/generate body, plus `preview` and `webhook_url`). Checked now;
-    follow it at `events_url` (SSE) or `GET /v1/jobs/{id}`. Charged to the key's quota now."""
+    follow it at `events_url` (SSE) or `GET /v1/jobs/{id}`. Charged to the key's quota now.
+    `Cache-Control: no-cache` asks for a fresh generation, as on /v1/generate."""
     await access.admit([body.prompt], body.num_images, field="prompt")
-    record = await jobs.submit(body, access.ctx.key_id, request_base_url(request))
+    record = await jobs.submit(body, access.ctx.key_id, request_base_url(request), use_cache)
     return await jobs.view(record, request_base_url(request))
 
 

@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.access import AccessControl, AccessDep, AccessMiddleware
-from gateway.cache import ResultCache
+from gateway.access import Access, AccessControl, AccessDep, AccessMiddleware
+from gateway.cache import CacheAllowedDep, ResultCache
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -88,12 +88,6 @@ def get_storage(request: Request) -> ImageStorage:
 StoreDep = Annotated[StateStore, Depends(get_store)]
 
 
-def cache_allowed(cache_control: Annotated[str | None, Header()] = None) -> bool:
-    """`Cache-Control: no-cache` asks for a fresh generation (benchmarks, a retry after a bad image)."""
-    return "no-cache" not in (cache_control or "").lower()
-
-
-CacheAllowedDep = Annotated[bool, Depends(cache_allowed)]
 GeneratorDep = Annotated[Generator, Depends(get_generator)]
 StorageDep = Annotated[ImageStorage, Depends(get_storage)]
 BackendDep = Annotated[TritonBackend, Depends(get_backend)]
@@ -145,6 +139,25 @@ def install_error_handlers(app: FastAPI) -> None:
         message, field = _validation_message(exc)
         error_class = OpenAIInvalidRequestError if request.url.path == OPENAI_PATH else InvalidRequestError
         return await gateway_error(request, error_class(message, field=field))
+
+
+async def _generate(
+    prompts: list[str],
+    field: str,
+    body: GenerateRequest | BatchRequest,
+    generator: Generator,
+    storage: ImageStorage,
+    request: Request,
+    access: Access,
+    use_cache: bool,
+) -> GenerateResponse:
+    """The generate routes: admitted by the key's limits (errors name `field`), generated, then stored
+    and linked when `response_format` is `url`."""
+    async with access.generation(prompts, body.num_images, field=field):
+        result = await generator.generate(prompts, body, use_cache=use_cache)
+    if body.response_format == "url":
+        return await storage.with_urls(result, request_base_url(request))
+    return result
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -218,11 +231,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     ) -> GenerateResponse:
         """Images for one prompt. A seeded request may be answered from the cache (`cache: hit`)
         unless it sends `Cache-Control: no-cache`."""
-        async with access.generation([body.prompt], body.num_images, field="prompt"):
-            result = await generator.generate([body.prompt], body, use_cache=use_cache)
-        if body.response_format == "url":
-            return await storage.with_urls(result, request_base_url(request))
-        return result
+        return await _generate([body.prompt], "prompt", body, generator, storage, request, access, use_cache)
 
     @app.post("/v1/generate/batch", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
     async def generate_batch(
@@ -235,11 +244,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     ) -> GenerateResponse:
         """Images for several prompts, in prompt order (`prompt_index`); prompt j's images use seeds
         from seed + j * num_images. The prompts are sent to Triton together."""
-        async with access.generation(body.prompts, body.num_images, field="prompts"):
-            result = await generator.generate(body.prompts, body, use_cache=use_cache)
-        if body.response_format == "url":
-            return await storage.with_urls(result, request_base_url(request))
-        return result
+        return await _generate(body.prompts, "prompts", body, generator, storage, request, access, use_cache)
 
     @app.post(OPENAI_PATH, response_model=OpenAIImagesResponse, responses=OPENAI_ERRORS, tags=["openai"])
     async def openai_generations(

@@ -91,11 +91,20 @@ class Timings(BaseModel):
 class ComponentProvenance(BaseModel):
     engine: str = Field(..., examples=["tensorrt"])
     precision: str = Field(..., examples=["fp16"])
+    version: int | None = Field(None, description="the component's model version in Triton")
+    sha256: str | None = Field(None, description="sha256 of the engine's artifact (ONNX graph or plan)")
 
 
 class Provenance(BaseModel):
     model: str
-    components: dict[str, ComponentProvenance]
+    components: dict[str, ComponentProvenance] = Field(
+        ..., description="per component; the UNet's as Triton reported it for this response"
+    )
+    unet_engines: list[ComponentProvenance] = Field(
+        default_factory=list,
+        description="the UNet engines that ran the denoising steps, in order, as Triton reported them "
+        "with the response: two when an engine swap landed while it ran",
+    )
 
 
 class Truncation(BaseModel):

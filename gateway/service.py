@@ -25,6 +25,7 @@ from gateway.schemas import (
 )
 from gateway.settings import GatewaySettings
 from gateway.triton import TritonBackend
+from sd_triton import contract as c
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.requests import InvalidRequest, validate_params
 from sd_triton.served_model import ServedModel
@@ -195,13 +196,7 @@ class Generator:
                 encode_ms=_ms(finished - inferred),
                 total_ms=_ms(finished - started),
             ),
-            provenance=Provenance(
-                model=served.model,
-                components={
-                    name: ComponentProvenance(engine=info.kind, precision=info.precision)
-                    for name, info in served.engines.items()
-                },
-            ),
+            provenance=_provenance(served, results),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -213,3 +208,28 @@ class Generator:
         if self.cache:
             await self.cache.put(key, response)
         return response
+
+
+def _provenance(served: ServedModel, results: list[Txt2ImgResult]) -> Provenance:
+    """Each component as Triton's configs say (re-read every few seconds), the UNet as Triton reported
+    it with these results (exact: each UNet call is pinned to a version; sd_triton.runtime.triton_io)."""
+    components = {
+        name: ComponentProvenance(
+            engine=info.kind, precision=info.precision, version=info.version, sha256=info.sha256
+        )
+        for name, info in served.engines.items()
+    }
+    unet: list[ComponentProvenance] = []
+    for result in results:
+        for engine in result.engines:
+            entry = ComponentProvenance(
+                engine=engine["engine"],
+                precision=engine["precision"],
+                version=engine["version"],
+                sha256=engine["sha256"],
+            )
+            if entry not in unet:
+                unet.append(entry)
+    if unet:
+        components[c.UNET.name] = unet[-1]
+    return Provenance(model=served.model, components=components, unet_engines=unet)

@@ -123,7 +123,14 @@ class TritonBackend:
             if not isinstance(error, InvalidRequestError):
                 self._served_until = 0.0  # re-read the configs next time: the model may have changed
             raise error from None
-        return parse_result(result)
+        return self._noted(parse_result(result))
+
+    def _noted(self, result: Txt2ImgResult) -> Txt2ImgResult:
+        """A result's UNet version other than the configs said: an engine swap; re-read them next time."""
+        known = self._served.engines.get(c.UNET.name) if self._served else None
+        if result.engines and known is not None and result.engines[-1].get("version") != known.version:
+            self._served_until = 0.0
+        return result
 
     async def txt2img_stream(
         self, prompt: str, preview: bool = False, **params: Any
@@ -144,9 +151,10 @@ class TritonBackend:
                 if error is not None:
                     raise self._map(error, "txt2img_stream")
                 event = parse_stream_response(result)
-                yield event
                 if isinstance(event, Txt2ImgResult):
+                    yield self._noted(event)
                     return
+                yield event
         except InferenceServerException as exc:
             raise self._map(exc, "txt2img_stream") from None
         finally:

@@ -185,6 +185,12 @@ def _output_args(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--out", default=None, help=f"default: perf/results/{kind}-<preset>.json")
 
 
+def _work_dir(args: argparse.Namespace) -> Path:
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return work_dir
+
+
 def _load_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in _LOAD_FIELDS}
 
@@ -223,18 +229,14 @@ def _perf_jobs(args: argparse.Namespace) -> int:
     settings = JobsBenchSettings(
         preset=args.preset, steps=args.steps, repeats=args.repeats, preview=not args.no_preview
     )
-    work_dir = Path(args.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return _save(run_jobs_bench(settings, work_dir), args, "jobs", table)
+    return _save(run_jobs_bench(settings, _work_dir(args)), args, "jobs", table)
 
 
 def _perf_int8(args: argparse.Namespace) -> int:
     from perf.int8 import Int8Settings, run_int8, table
 
     settings = Int8Settings(preset=args.preset, steps=args.steps, calls=args.calls)
-    work_dir = Path(args.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return _save(run_int8(settings, work_dir), args, "int8", table)
+    return _save(run_int8(settings, _work_dir(args)), args, "int8", table)
 
 
 def _perf_report(args: argparse.Namespace) -> int:

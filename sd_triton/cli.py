@@ -34,6 +34,49 @@ def _engine_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_set(args: argparse.Namespace) -> int:
+    from export.engine_swap import EngineSwapError, GateSettings, SwapOptions, gate_table, set_engine
+    from export.parity import ParityGate
+
+    gate = GateSettings(
+        steps=args.gate_steps,
+        gate=ParityGate(min_psnr_db=args.min_psnr, max_abs=args.max_abs),
+    )
+    options = SwapOptions(
+        component=args.component,
+        kind=args.kind,
+        precision=args.precision,
+        artifact=Path(args.artifact) if args.artifact else None,
+        force=args.force,
+        gate=gate,
+        triton_http=args.triton_http,
+    )
+    try:
+        result = set_engine(Path(args.repo), options)
+    except EngineSwapError as exc:
+        log.error("%s", exc)
+        return 1
+    print(gate_table(result.report, result.failures))  # the command's output: the gate's figures
+    if not result.switched:
+        return 1
+    record = result.record
+    assert record is not None
+    print(f"{args.component}: version {record.version} live ({record.kind}, {record.precision})")
+    return 0
+
+
+def _engine_rollback(args: argparse.Namespace) -> int:
+    from export.engine_swap import EngineSwapError, rollback
+
+    try:
+        record = rollback(Path(args.repo), args.component, args.triton_http)
+    except EngineSwapError as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"{args.component}: version {record.version} live again ({record.kind}, {record.precision})")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from export.pipeline import ExportOptions, run_export
     from export.repository import RepositorySettings
@@ -55,7 +98,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _triton(args: argparse.Namespace) -> int:
+    from export.engines import tensorrt_problems
     from sd_triton.triton_server import TritonServer
+
+    problems = tensorrt_problems(Path(args.repo))
+    if problems:
+        for problem in problems:
+            log.error("%s", problem)
+        log.error("not starting Triton: its TensorRT plans cannot run on this machine")
+        return 2
 
     server = TritonServer(
         Path(args.repo),
@@ -287,6 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--json", action="store_true", help="rows as JSON")
     listing.set_defaults(run=_engine_list)
+    setting = engine_sub.add_parser(
+        "set", help="switch a component's engine: build or reuse, parity gate, new version, Triton load"
+    )
+    setting.add_argument("component", choices=list(ENGINE_MODELS))
+    setting.add_argument("kind", choices=list(ENGINE_KINDS))
+    setting.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None)
+    setting.add_argument(
+        "--artifact", default=None, help="your own ONNX graph or plan instead of a built one"
+    )
+    setting.add_argument("--force", action="store_true", help="switch even when the parity gate fails")
+    setting.add_argument("--min-psnr", type=float, default=25.0, help="gate: PSNR floor in dB (0-255 scale)")
+    setting.add_argument("--max-abs", type=int, default=None, help="gate: largest pixel difference allowed")
+    setting.add_argument("--gate-steps", type=int, default=8, help="gate: denoising steps per golden image")
+    setting.set_defaults(run=_engine_set)
+    back = engine_sub.add_parser("rollback", help="make the version live before the current one live again")
+    back.add_argument("component", choices=list(ENGINE_MODELS))
+    back.set_defaults(run=_engine_rollback)
+    for parser_ in (setting, back):
+        parser_.add_argument("--repo", default="model_repository")
+        parser_.add_argument(
+            "--triton-http", default=None, help="the running Triton's HTTP HOST:PORT to load the version into"
+        )
 
     gen = sub.add_parser("generate", help="one image from a running gateway")
     gen.add_argument("prompt")

@@ -90,6 +90,9 @@ NUM_IMAGES = _t("NUM_IMAGES", "TYPE_INT32", 1)
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
 PROMPT_TRUNCATED_TOKENS = _t("PROMPT_TRUNCATED_TOKENS", "TYPE_INT32", 1)
 NEGATIVE_PROMPT_TRUNCATED_TOKENS = _t("NEGATIVE_PROMPT_TRUNCATED_TOKENS", "TYPE_INT32", 1)
+# provenance: JSON list of the UNet engines that ran the request's steps, in order, each
+# {component, version, engine, precision, sha256} (two when an engine swap landed mid-request)
+ENGINES = _t("ENGINES", "TYPE_STRING", 1)
 
 # --- progress, streamed by txt2img_stream before its final response ---
 PREVIEW = _t("PREVIEW", "TYPE_BOOL", 1, optional=True)  # input: step responses carry PREVIEW_IMAGES
@@ -106,7 +109,7 @@ DECODED = _t("DECODED", "TYPE_FP32", -1, 3, -1, -1)  # VAE output, about [-1, 1]
 TXT2IMG = ModelSpec(
     "txt2img",
     inputs=(PROMPT, NEGATIVE_PROMPT, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES),
-    outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS),
+    outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES),
     batching=False,
     engine=False,
 )
@@ -136,7 +139,7 @@ TEXT_ENCODER = ModelSpec(
 DENOISE = ModelSpec(
     "denoise",
     inputs=(PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES),
-    outputs=(LATENTS,),
+    outputs=(LATENTS, ENGINES),
     batching=False,
     engine=False,
 )

@@ -21,6 +21,8 @@ _INT_KEYS = ("native_height", "native_width", "spatial_multiple")
 class EngineInfo:
     kind: str
     precision: str
+    version: int | None = None  # the version config.pbtxt serves (version_policy specific)
+    sha256: str | None = None  # of the artifact, as the export or `engine set` wrote it
 
 
 @dataclass(frozen=True)
@@ -87,4 +89,11 @@ def engine_info(config: dict[str, Any]) -> EngineInfo:
     kind = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}.get(platform)
     if kind is None:
         kind = "python-ort" if backend == "python" else backend or platform or "unknown"
-    return EngineInfo(kind=kind, precision=_parameters(config).get("precision", "fp32"))
+    params = _parameters(config)
+    versions = config.get("version_policy", {}).get("specific", {}).get("versions", [])
+    return EngineInfo(
+        kind=kind,
+        precision=params.get("precision", "fp32"),
+        version=int(versions[-1]) if versions else None,
+        sha256=params.get("artifact_sha256") or None,
+    )

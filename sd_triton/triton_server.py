@@ -92,6 +92,9 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            # explicit model control: `sd-triton engine set` loads a new engine version while the old serves
+            "--model-control-mode=explicit",
+            "--load-model=*",
             "--log-verbose=0",
         ]
 

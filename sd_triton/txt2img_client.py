@@ -5,7 +5,8 @@ Torch-free: the gateway, the tests and the demo share it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ class Txt2ImgResult:
     images: np.ndarray[Any, np.dtype[np.uint8]]  # [N, H, W, 3]
     prompt_truncated_tokens: int
     negative_prompt_truncated_tokens: int
+    # the UNet engines that ran it (contract.ENGINES): [{component, version, engine, precision, sha256}]
+    engines: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _array(spec: c.TensorSpec, value: Any) -> np.ndarray[Any, Any]:
@@ -66,10 +69,12 @@ def txt2img_inputs(
 
 
 def parse_result(result: grpcclient.InferResult) -> Txt2ImgResult:
+    engines = result.as_numpy(c.ENGINES.name)
     return Txt2ImgResult(
         images=result.as_numpy(c.IMAGES.name),
         prompt_truncated_tokens=int(result.as_numpy(c.PROMPT_TRUNCATED_TOKENS.name)[0]),
         negative_prompt_truncated_tokens=int(result.as_numpy(c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name)[0]),
+        engines=[] if engines is None else json.loads(engines.reshape(-1)[0]),
     )
 
 

@@ -16,13 +16,28 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from export.pipeline import ExportOptions, run_export
+from export.pipeline import DEMO_MODEL, ExportOptions, run_export
 from gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 WORK_DIR = ROOT / ".cache" / "sd-triton"  # the tiny checkpoint is shared with `make demo`
+
+
+def triton_requests(client: grpcclient.InferenceServerClient, model: str = "") -> int:
+    """Requests Triton has executed for `model` ("": every model), successes and failures, all versions."""
+    total = 0
+    for stats in client.get_inference_statistics(model, as_json=True)["model_stats"]:
+        inference = stats.get("inference_stats", {})
+        total += sum(int(inference.get(k, {}).get("count", 0)) for k in ("success", "fail"))
+    return total
+
+
+def triton_executions(client: grpcclient.InferenceServerClient, model: str) -> int:
+    """Executions (batches) of `model` so far, all versions."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    return sum(int(s.get("execution_count", 0)) for s in stats)
 
 
 def free_port() -> int:
@@ -50,6 +65,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     manifest = run_export(ExportOptions(model="tiny", repo=repo, work_dir=WORK_DIR))
     return {"repo": repo, "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained demo model exported as `make export` does it (python-ort, default settings)."""
+    if not (DEMO_MODEL / "model_index.json").is_file():
+        pytest.skip("no trained demo model in models/demo")
+    repo = tmp_path_factory.mktemp("demo") / "repo"
+    run_export(ExportOptions(model="demo", repo=repo, work_dir=WORK_DIR))
+    return repo
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,9 @@ from sd_triton import contract as c
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest
 from sd_triton.runtime import triton_io
-from sd_triton.runtime.batching import BatchingConfig, Cancelled, ContinuousBatcher, Ticket
+from sd_triton.runtime.batching import BatchingConfig, ContinuousBatcher, Ticket
 from sd_triton.runtime.denoise import DenoiseJob, denoise
 
-SAMPLE, TIMESTEP, HIDDEN = (t.name for t in c.UNET.inputs)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -37,7 +36,8 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.parameters(args)
-        self.unet_model = params.get("unet_model", c.UNET.name)
+        unet_model = params.get("unet_model", c.UNET.name)
+        self.unet = triton_io.PinnedUNet(unet_model, triton_io.version_dir(args).parents[1] / unet_model)
         self.batcher: ContinuousBatcher | None = None
         if params.get("batching") == "continuous":
             config = BatchingConfig(
@@ -47,7 +47,7 @@ class TritonPythonModel:
             # the worker and the stub's main thread (execute) hand the GIL back and forth every step;
             # Python's default 5 ms switch interval showed as a few % at one request on `tiny`
             sys.setswitchinterval(0.0005)
-            self.batcher = ContinuousBatcher(self._unet, config)
+            self.batcher = ContinuousBatcher(self.unet, config)
             self.batcher.start()
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
@@ -71,7 +71,11 @@ class TritonPythonModel:
 
     def _denoise(self, request: Any) -> triton_io.Outputs:
         params = self._params(request)
-        return {c.LATENTS.name: denoise(self._embeds(request), params, self.config, self._unet)}
+        engines = triton_io.EngineLog()
+        latents = denoise(
+            self._embeds(request), params, self.config, self.unet, lambda i, n: engines.add(self.unet.last)
+        )
+        return {c.LATENTS.name: latents, c.ENGINES.name: engines.array()}
 
     def _submit(self, request: Any) -> None:
         assert self.batcher is not None
@@ -82,20 +86,19 @@ class TritonPythonModel:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return
 
+        engines = triton_io.EngineLog()
+
+        def step(index: int, steps: int) -> None:
+            engines.add(self.unet.last)
+
         def done(latents: np.ndarray) -> None:
-            tensor = pb_utils.Tensor(c.LATENTS.name, latents)
-            sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]), flags=FINAL)
+            tensors = [
+                pb_utils.Tensor(c.LATENTS.name, latents),
+                pb_utils.Tensor(c.ENGINES.name, engines.array()),
+            ]
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
 
         def failed(exc: Exception) -> None:
-            code = (
-                pb_utils.TritonError.CANCELLED
-                if isinstance(exc, Cancelled)
-                else pb_utils.TritonError.INTERNAL
-            )
-            sender.send(triton_io.error_response(f"denoise: {exc}", code), flags=FINAL)
+            sender.send(triton_io.failure_response(c.DENOISE.name, exc), flags=FINAL)
 
-        self.batcher.submit(Ticket(job, done, failed, is_cancelled=request.is_cancelled))
-
-    def _unet(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        inputs = {SAMPLE: sample, TIMESTEP: timestep, HIDDEN: hidden}
-        return triton_io.bls_infer(self.unet_model, inputs, c.UNET.outputs[0].name)
+        self.batcher.submit(Ticket(job, done, failed, step, is_cancelled=request.is_cancelled))

@@ -28,13 +28,12 @@ from sd_triton import contract as c
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import InvalidRequest
 from sd_triton.runtime import triton_io
-from sd_triton.runtime.batching import BatchingConfig, Cancelled, ContinuousBatcher, Ticket
+from sd_triton.runtime.batching import BatchingConfig, ContinuousBatcher, Ticket
 from sd_triton.runtime.denoise import DenoiseJob
 from sd_triton.runtime.postprocess import to_uint8_images
 from sd_triton.runtime.preview import preview_images
 from sd_triton.triton_server import STREAM_IN_FLIGHT_METRIC as IN_FLIGHT_METRIC
 
-SAMPLE, TIMESTEP, HIDDEN = (t.name for t in c.UNET.inputs)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -51,6 +50,8 @@ class TritonPythonModel:
             name: params.get(f"{name}_model", name)
             for name in (c.TOKENIZER.name, c.TEXT_ENCODER.name, c.UNET.name, c.VAE_DECODER.name)
         }
+        unet_model = self.models[c.UNET.name]
+        self.unet = triton_io.PinnedUNet(unet_model, triton_io.version_dir(args).parents[1] / unet_model)
         config = BatchingConfig(
             max_batch=int(params.get("max_batch", "16")),
             max_wait_s=int(params.get("max_wait_us", "0")) / 1e6,
@@ -69,7 +70,7 @@ class TritonPythonModel:
         self.in_flight = 0
         self.lock = threading.Lock()
         sys.setswitchinterval(0.0005)
-        self.batcher = ContinuousBatcher(self._unet, config)
+        self.batcher = ContinuousBatcher(self.unet, config)
         self.batcher.start()
 
     def execute(self, requests: list[Any]) -> None:
@@ -107,6 +108,7 @@ class TritonPythonModel:
             sender.send(triton_io.error_response(message), flags=FINAL)
             return
         truncation: dict[str, np.ndarray] = {}
+        engines = triton_io.EngineLog()
         scale = self.config.vae_scale_factor
         shape = (self.config.latent_channels, params.height // scale, params.width // scale)
 
@@ -125,6 +127,7 @@ class TritonPythonModel:
             return DenoiseJob(embeds, params, self.config)
 
         def step(index: int, steps: int) -> None:
+            engines.add(self.unet.last)
             tensors = [
                 pb_utils.Tensor(c.STEP.name, _int32(index + 1)),
                 pb_utils.Tensor(c.STEPS_TOTAL.name, _int32(steps)),
@@ -148,6 +151,7 @@ class TritonPythonModel:
                 c.IMAGES.name: to_uint8_images(decoded),
                 c.STEP.name: _int32(params.steps),
                 c.STEPS_TOTAL.name: _int32(params.steps),
+                c.ENGINES.name: engines.array(),
                 **truncation,
             }
             tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
@@ -155,10 +159,8 @@ class TritonPythonModel:
             self._answered()
 
         def failed(exc: Exception) -> None:
-            cancelled = isinstance(exc, Cancelled)
-            code = pb_utils.TritonError.CANCELLED if cancelled else pb_utils.TritonError.INTERNAL
             try:
-                sender.send(triton_io.error_response(f"{c.TXT2IMG_STREAM.name}: {exc}", code), flags=FINAL)
+                sender.send(triton_io.failure_response(c.TXT2IMG_STREAM.name, exc), flags=FINAL)
             finally:
                 self._answered()
 
@@ -166,7 +168,3 @@ class TritonPythonModel:
             None, done, failed, step, is_cancelled=request.is_cancelled, prepare=prepare, latent_shape=shape
         )
         self.batcher.submit(ticket)
-
-    def _unet(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        inputs = {SAMPLE: sample, TIMESTEP: timestep, HIDDEN: hidden}
-        return triton_io.bls_infer(self.models[c.UNET.name], inputs, c.UNET.outputs[0].name)

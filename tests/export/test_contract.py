@@ -11,8 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.checkpoint import Checkpoint
 from export.components import COMPONENTS
-from export.pipeline import DEMO_MODEL, repository_settings, served_model
-from export.repository import CONFIG_FILE, ENSEMBLE_STEPS, RepositorySettings, parse, write_configs
+from export.repository import CONFIG_FILE, ENSEMBLE_STEPS, parse
 from sd_triton import contract as c
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,15 +45,12 @@ def test_config_matches_contract(exported, which: str, name: str) -> None:
     check_config_against_contract(config, c.MODELS[name])
 
 
-def test_committed_configs_are_what_export_writes(tmp_path: Path) -> None:
-    """The configs in git are what `make export` (the demo model, python-ort, default limits)
-    writes, byte for byte: nobody edited one by hand."""
-    checkpoint = Checkpoint.open(DEMO_MODEL)
-    settings = repository_settings(RepositorySettings(), checkpoint, c.Limits())
-    write_configs(tmp_path, settings, served_model("demo", checkpoint, c.Limits()))
+def test_committed_configs_are_what_export_writes(demo_repo: Path) -> None:
+    """The configs in git are what `make export` (the demo model, python-ort, default limits) writes,
+    byte for byte, artifact hashes included: nobody edited one by hand."""
     for name in c.MODELS:
         committed = (SOURCE_REPO / name / CONFIG_FILE).read_text()
-        assert committed == (tmp_path / name / CONFIG_FILE).read_text(), name
+        assert committed == (demo_repo / name / CONFIG_FILE).read_text(), name
 
 
 def test_ensemble_wiring_is_complete() -> None:

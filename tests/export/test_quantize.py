@@ -152,7 +152,7 @@ def test_engine_list_says_what_each_component_runs(int8_repo, int8_triton: Trito
     )
     assert all(row["loaded_versions"] == ["1"] for row in rows.values())
     text = table(list(rows.values()))
-    assert f"| unet | python-ort | int8 | unet/1/{INT8_FILE} | {unet['sha256'][:12]} | 1 |" in text
+    assert f"| unet | 1 | python-ort | int8 | unet/1/{INT8_FILE} | {unet['sha256'][:12]} | 1 | - |" in text
 
 
 def test_triton_serves_the_int8_graphs_and_the_provenance_says_so(int8_repo, int8_gateway) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.process import GatewayProcess
@@ -25,16 +24,6 @@ def start_gateway(triton: TritonServer, log_file: Path, **env: str) -> GatewayPr
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def triton_work(client: grpcclient.InferenceServerClient) -> int:
-    """Requests every model of the Triton server has served, successes and failures (txt2img, its
-    streaming twin and their components alike)."""
-    total = 0
-    for model in client.get_inference_statistics("", as_json=True)["model_stats"]:
-        stats = model.get("inference_stats", {})
-        total += int(stats.get("success", {}).get("count", 0)) + int(stats.get("fail", {}).get("count", 0))
-    return total
 
 
 def sample(http: httpx.Client, name: str, **labels: str) -> float:

@@ -25,23 +25,16 @@ from gateway.triton import TritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.served_model import config_fingerprint
 from sd_triton.triton_server import TritonServer
-from tests.conftest import free_port
+from tests.conftest import free_port, triton_requests
 
 FAST = {"steps": 3, "width": 64, "height": 48}
-
-
-def triton_calls(client: grpcclient.InferenceServerClient) -> int:
-    """How many txt2img requests Triton has executed (successes and failures)."""
-    stats = client.get_inference_statistics("txt2img", as_json=True)["model_stats"][0]
-    inference = stats["inference_stats"]
-    return int(inference["success"].get("count", 0)) + int(inference["fail"].get("count", 0))
 
 
 def calls_after(client: grpcclient.InferenceServerClient, expected: int, timeout_s: float = 5.0) -> int:
     """Triton's txt2img count once it reaches `expected` (or after timeout_s): Triton updates an
     ensemble's statistics a moment after the response is out."""
     deadline = time.monotonic() + timeout_s
-    while (calls := triton_calls(client)) < expected and time.monotonic() < deadline:
+    while (calls := triton_requests(client, "txt2img")) < expected and time.monotonic() < deadline:
         time.sleep(0.02)
     return calls
 
@@ -52,30 +45,30 @@ def unique(prompt: str) -> str:
 
 def test_seeded_repeat_is_a_hit_without_triton(http: httpx.Client, client) -> None:
     body = {"prompt": unique("a red fox"), **FAST, "seed": 77, "num_images": 2}
-    before = triton_calls(client)
+    before = triton_requests(client, "txt2img")
     first = http.post("/v1/generate", json=body).json()
     assert first["cache"] == "miss"
     calls = calls_after(client, before + 1)
     second = http.post("/v1/generate", json=body).json()
     assert second["cache"] == "hit"
-    assert triton_calls(client) == calls  # no Triton call
+    assert triton_requests(client, "txt2img") == calls  # no Triton call
     assert [i["base64"] for i in second["images"]] == [i["base64"] for i in first["images"]]
     assert [i["seed"] for i in second["images"]] == [77, 78]
     assert second["provenance"] == first["provenance"] and second["truncation"] == first["truncation"]
     assert second["timings"]["inference_ms"] == 0.0
     # a batch is cached as a whole, too
     batch = {"prompts": [unique("a hen"), unique("a cow")], **FAST, "seed": 3}
-    before = triton_calls(client)
+    before = triton_requests(client, "txt2img")
     assert http.post("/v1/generate/batch", json=batch).json()["cache"] == "miss"
     calls = calls_after(client, before + 2)  # one txt2img call per prompt
     again = http.post("/v1/generate/batch", json=batch).json()
-    assert again["cache"] == "hit" and triton_calls(client) == calls
+    assert again["cache"] == "hit" and triton_requests(client, "txt2img") == calls
     assert [i["seed"] for i in again["images"]] == [3, 4]
 
 
 def test_no_cache_header_asks_for_a_fresh_generation(http: httpx.Client, client) -> None:
     body = {"prompt": unique("a fresh one"), **FAST, "seed": 5}
-    before = triton_calls(client)
+    before = triton_requests(client, "txt2img")
     assert http.post("/v1/generate", json=body).json()["cache"] == "miss"
     calls = calls_after(client, before + 1)
     fresh = http.post("/v1/generate", json=body, headers={"Cache-Control": "no-cache"}).json()
@@ -85,7 +78,7 @@ def test_no_cache_header_asks_for_a_fresh_generation(http: httpx.Client, client)
 
 def test_unseeded_never_hits(http: httpx.Client, client) -> None:
     body = {"prompt": unique("a boat"), **FAST}
-    calls = triton_calls(client)
+    calls = triton_requests(client, "txt2img")
     answers = [http.post("/v1/generate", json=body).json() for _ in range(2)]
     assert [a["cache"] for a in answers] == ["miss", "miss"]
     assert calls_after(client, calls + 2) == calls + 2
@@ -96,7 +89,7 @@ def test_unseeded_never_hits(http: httpx.Client, client) -> None:
 
 def test_different_parameters_miss(http: httpx.Client, client) -> None:
     base = {"prompt": unique("a castle"), **FAST, "seed": 1}
-    before = triton_calls(client)
+    before = triton_requests(client, "txt2img")
     assert http.post("/v1/generate", json=base).json()["cache"] == "miss"
     assert http.post("/v1/generate", json=base).json()["cache"] == "hit"
     calls_after(client, before + 1)  # the miss is counted before the loop counts
@@ -112,7 +105,7 @@ def test_different_parameters_miss(http: httpx.Client, client) -> None:
         {"num_images": 2},
         {"output_format": "jpeg"},
     ):
-        calls = triton_calls(client)
+        calls = triton_requests(client, "txt2img")
         answer = http.post("/v1/generate", json={**base, **change})
         assert answer.status_code == 200, answer.text
         assert answer.json()["cache"] == "miss", change
@@ -129,12 +122,12 @@ def test_two_gateways_share_one_cache_through_redis(
     second = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "b.log", env=env)
     body = {"prompt": unique("a lighthouse"), **FAST, "seed": 42}
     with first, second, grpcclient.InferenceServerClient(triton.grpc_url) as client:
-        before = triton_calls(client)
+        before = triton_requests(client, "txt2img")
         stored = httpx.post(first.url + "/v1/generate", json=body, timeout=60).json()
         assert stored["cache"] == "miss"
         calls = calls_after(client, before + 1)
         shared = httpx.post(second.url + "/v1/generate", json=body, timeout=60).json()
-        assert shared["cache"] == "hit" and triton_calls(client) == calls
+        assert shared["cache"] == "hit" and triton_requests(client, "txt2img") == calls
         assert shared["images"] == stored["images"]
 
 

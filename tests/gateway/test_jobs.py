@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from gateway.jobs import JobRecord
@@ -27,15 +26,10 @@ from gateway.state import RedisStore
 from gateway.webhooks import verify
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
-from tests.conftest import free_port
+from tests.conftest import free_port, triton_executions
 
 SECRET = "whsec-test-secret"
 log = logging.getLogger(__name__)
-
-
-def unet_executions(client: grpcclient.InferenceServerClient) -> int:
-    stats = client.get_inference_statistics("unet", as_json=True)["model_stats"]
-    return sum(int(s.get("execution_count", 0)) for s in stats)
 
 
 def events(
@@ -120,7 +114,7 @@ def test_late_subscriber_replays_from_last_event_id(jobs_http: httpx.Client) -> 
 
 
 def test_cancel_mid_run_stops_at_the_next_step(jobs_http: httpx.Client, client) -> None:
-    before = unet_executions(client)
+    before = triton_executions(client, "unet")
     job = jobs_http.post(
         "/v1/jobs", json={"prompt": "a long one", "steps": 150, "width": 32, "height": 32}
     ).json()
@@ -134,9 +128,9 @@ def test_cancel_mid_run_stops_at_the_next_step(jobs_http: httpx.Client, client) 
     rest = [f["event"] for f in stream]
     assert rest[-1] == "cancelled" and "completed" not in rest
     time.sleep(0.3)
-    ran = unet_executions(client) - before
+    ran = triton_executions(client, "unet") - before
     time.sleep(0.5)  # Triton dropped it from the batch: no UNet call since
-    assert unet_executions(client) - before == ran
+    assert triton_executions(client, "unet") - before == ran
     log.info("cancel: the job was at step %d, the UNet ran %d times for it", at_cancel, ran)
     assert at_cancel <= ran <= at_cancel + 2 < 150, (at_cancel, ran)
     # a finished job stays as it was
@@ -282,7 +276,7 @@ def test_a_stopping_gateway_lets_running_jobs_finish_then_fails_the_rest(
     }
     gateway = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env).start()
     with httpx.Client(base_url=gateway.url, timeout=60) as http:
-        long = http.post("/v1/jobs", json={"prompt": "too long", "steps": 150, "width": 128, "height": 128})
+        long = http.post("/v1/jobs", json={"prompt": "too long", "steps": 150, "width": 256, "height": 256})
         short = http.post("/v1/jobs", json={"prompt": "short", "steps": 3, "width": 32, "height": 32})
         ids = {"long": long.json()["id"], "short": short.json()["id"]}
         for name in ("long", "short"):

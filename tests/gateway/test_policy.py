@@ -17,7 +17,8 @@ import tritonclient.grpc as grpcclient
 from gateway.keys import create_key
 from gateway.policy import Rules, check, load_policy_file
 from sd_triton.triton_server import TritonServer
-from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway, triton_work
+from tests.conftest import triton_requests
+from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
 
 # --- the rules alone ---
 
@@ -99,7 +100,7 @@ def test_refused_prompt_is_400_before_any_triton_work(
     policy_gateway: dict, client: grpcclient.InferenceServerClient
 ) -> None:
     http, headers = policy_gateway["http"], policy_gateway["plain"]
-    before_triton = triton_work(client)
+    before_triton = triton_requests(client)
     before_metric = sample(http, "gateway_rejections_total", reason="content_policy")
 
     response = http.post("/v1/generate", json={"prompt": "a FORBIDDEN fruit", **CHEAP}, headers=headers)
@@ -119,7 +120,7 @@ def test_refused_prompt_is_400_before_any_triton_work(
     assert (error["code"], error["field"]) == ("content_policy", "prompts")
     assert error["message"].startswith("prompts[1]: refused by the content policy (rule global regex")
 
-    assert triton_work(client) == before_triton  # nothing reached Triton
+    assert triton_requests(client) == before_triton  # nothing reached Triton
     assert sample(http, "gateway_rejections_total", reason="content_policy") == before_metric + 2
 
 
@@ -127,11 +128,11 @@ def test_negative_prompt_and_partial_words_pass(
     policy_gateway: dict, client: grpcclient.InferenceServerClient
 ) -> None:
     http = policy_gateway["http"]
-    before = triton_work(client)
+    before = triton_requests(client)
     body = {"prompt": "an unforbidden garden", "negative_prompt": "forbidden banned1", **CHEAP}
     response = http.post("/v1/generate", json=body, headers=policy_gateway["plain"])
     assert response.status_code == 200, response.text
-    assert triton_work(client) > before  # this one did reach Triton: the count can move
+    assert triton_requests(client) > before  # this one did reach Triton: the count can move
 
 
 def test_per_key_additions_apply_to_their_key_only(policy_gateway: dict) -> None:
@@ -151,7 +152,7 @@ def test_per_key_additions_apply_to_their_key_only(policy_gateway: dict) -> None
 def test_openai_route_answers_in_openai_shape(
     policy_gateway: dict, client: grpcclient.InferenceServerClient
 ) -> None:
-    before = triton_work(client)
+    before = triton_requests(client)
     response = policy_gateway["http"].post(
         "/v1/images/generations", json={"prompt": "forbidden fruit", "size": "64x64"},
         headers=policy_gateway["strict"],
@@ -162,4 +163,4 @@ def test_openai_route_answers_in_openai_shape(
     assert error["code"] == "content_policy_violation"
     assert error["param"] == "prompt"
     assert "refused by the content policy" in error["message"]
-    assert triton_work(client) == before
+    assert triton_requests(client) == before

@@ -33,7 +33,9 @@ def test_generate(http: httpx.Client) -> None:
     timings = body["timings"]
     assert timings["total_ms"] >= timings["inference_ms"] > 0
     assert body["provenance"]["model"] == "tiny"
-    assert body["provenance"]["components"]["unet"] == {"engine": "python-ort", "precision": "fp32"}
+    unet = body["provenance"]["components"]["unet"]
+    assert (unet["engine"], unet["precision"], unet["version"]) == ("python-ort", "fp32", 1)
+    assert len(unet["sha256"]) == 64 and body["provenance"]["unet_engines"] == [unet]  # from Triton
     assert body["truncation"] == [{"prompt_tokens_cut": 0, "negative_prompt_tokens_cut": 0}]
 
 

@@ -5,6 +5,7 @@ same images on the same folder."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +14,10 @@ import tritonclient.grpc as grpcclient
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from export.demo_data import check_image, held_in_prompts, success_rates
-from export.pipeline import DEMO_MODEL, ExportOptions, run_export
+from export.pipeline import DEMO_MODEL
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
-from tests.conftest import WORK_DIR, free_port
+from tests.conftest import free_port
 
 # the demo model's sampling settings (models/demo/README.md)
 PARAMS = {"height": 64, "width": 64, "steps": 25, "guidance_scale": 5.0, "scheduler": "ddim"}
@@ -27,12 +28,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def demo_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpcclient.InferenceServerClient]:
-    repo = tmp_path_factory.mktemp("demo") / "repo"
-    run_export(ExportOptions(model="demo", repo=repo, work_dir=WORK_DIR))
+def demo_client(demo_repo: Path) -> Iterator[grpcclient.InferenceServerClient]:
     server = TritonServer(
-        repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-        log_file=repo.parent / "triton.log",
+        demo_repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+        log_file=demo_repo.parent / "triton.log",
     )  # fmt: skip
     with server, grpcclient.InferenceServerClient(server.grpc_url) as client:
         yield client

@@ -19,7 +19,10 @@ def test_read_back_from_exported_configs(exported: dict) -> None:
     assert served.model == "tiny"
     assert (served.native_height, served.native_width, served.spatial_multiple) == (64, 64, 8)
     assert served.limits == Limits()
-    assert served.engines == dict.fromkeys(ENGINE_MODELS, EngineInfo("python-ort", "fp32"))
+    manifest = exported["manifest"]["components"]
+    for name in ENGINE_MODELS:  # version 1 serves, with the hash of its exported graph
+        sha = manifest[name]["onnx"]["artifacts"][f"{name}/1/model.onnx"]
+        assert served.engines[name] == EngineInfo("python-ort", "fp32", version=1, sha256=sha)
 
 
 def test_round_trip_and_kinds() -> None:

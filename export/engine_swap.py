@@ -1,0 +1,400 @@
+"""`sd-triton engine set` and `sd-triton engine rollback`: switch one component to another engine as a
+new version folder, behind the parity gate, through Triton's model control API (explicit mode).
+
+`engine set COMPONENT KIND`:
+
+1. checks the change (the repository settings the export recorded, with this component changed);
+2. makes the candidate in a new version folder `<component>/<N>/`: links an artifact an earlier
+   version already made from the same exported ONNX, or builds it (INT8: ONNX Runtime quantization;
+   TensorRT: a plan, on a GPU), or copies the operator's own file (`--artifact`);
+3. runs the parity gate: the golden prompts and seeds rendered with the live engine and with the
+   candidate (ONNX Runtime, in this process), max abs and PSNR on the 0-255 scale, figures printed;
+4. refused: the folder is removed and nothing else changes (`--force` switches anyway). Passed: the
+   version's engine.json, config.pbtxt (version_policy specific: N) and the manifest's history are
+   written, and Triton loads version N (`POST /v2/repository/models/<component>/load`); Triton
+   keeps serving the old version until N is ready, then unloads it. If Triton cannot load N, the
+   previous config is restored and reloaded.
+
+`engine rollback COMPONENT` makes the version that was live before the current one live again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from export import tensorrt
+from export.checkpoint import sha256_file
+from export.parity import ParityGate, ParityReport, render_parity
+from export.quantize import INT8_COMPONENTS, quantize_int8
+from export.repository import CONFIG_FILE, RepositorySettings, engine_config, parse, write_config
+from sd_triton import contract as c
+from sd_triton.engine_record import EngineRecord, versions_on_disk
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SOURCE_REPO = Path(__file__).resolve().parents[1] / "model_repository"  # the python kinds' model.py
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class EngineSwapError(RuntimeError):
+    """The swap cannot go on; nothing live changed."""
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The golden images' generation settings (size: the model's native one unless given)."""
+
+    steps: int = 8
+    scheduler: str = "ddim"
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    gate: ParityGate = field(default_factory=ParityGate)
+
+
+@dataclass(frozen=True)
+class SwapOptions:
+    component: str
+    kind: str
+    precision: str | None = None  # None: fp32, or the export's precision for tensorrt
+    artifact: Path | None = None  # the operator's own ONNX or plan instead of a built one
+    force: bool = False  # switch even when the gate fails
+    gate: GateSettings = field(default_factory=GateSettings)
+    triton_http: str | None = None  # HOST:PORT of the Triton to load it into; None: only the files
+    work_dir: Path = Path(".cache") / "sd-triton"  # TensorRT's timing cache
+
+
+@dataclass
+class SwapResult:
+    switched: bool
+    record: EngineRecord | None  # the candidate (live when switched)
+    report: ParityReport | None
+    failures: list[str]  # the gate's, one line each; empty when it passed
+    previous: EngineRecord | None = None
+    load_window: tuple[float, float] | None = None  # time.monotonic() around Triton's load call
+
+
+class Repository:
+    """An exported repository as engine swaps see it: the export's settings and each engine model's
+    history of live versions (manifest.json), and the version folders' engine.json."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise EngineSwapError(f"{path}: no {MANIFEST}; export a repository first (sd-triton export)")
+        self.manifest = json.loads(manifest_path.read_text())
+        if "settings" not in self.manifest or "live" not in self.manifest:
+            raise EngineSwapError(f"{manifest_path}: made by an older export; re-export the repository")
+        stored = self.manifest["settings"]
+        self.settings = RepositorySettings(**{**stored, "int8": tuple(stored.get("int8", ()))})
+
+    def live_version(self, component: str) -> int:
+        return int(self.manifest["live"][component][-1])
+
+    def record(self, component: str, version: int) -> EngineRecord:
+        record = EngineRecord.load(self.path / component / str(version))
+        if record is None:
+            raise EngineSwapError(f"{component}/{version}: no engine.json")
+        return record
+
+    def live_record(self, component: str) -> EngineRecord:
+        return self.record(component, self.live_version(component))
+
+    def records(self, component: str) -> list[EngineRecord]:
+        found = (
+            EngineRecord.load(self.path / component / str(v)) for v in versions_on_disk(self.path / component)
+        )
+        return [r for r in found if r is not None]
+
+    def settings_for(self, record: EngineRecord) -> RepositorySettings:
+        """The export's settings with `record`'s component switched to its kind and precision."""
+        name = record.component
+        int8 = tuple(m for m in self.settings.int8 if m != name) + (
+            (name,) if record.precision == "int8" else ()
+        )
+        return _settings(self.settings, engines={**self.settings.engines, name: record.kind}, int8=int8)
+
+    def write_live(self, record: EngineRecord, history: list[int]) -> None:
+        """config.pbtxt serving `record`, and the manifest's settings and history to match."""
+        settings = self.settings_for(record)
+        write_config(self.path, engine_config(c.MODELS[record.component], settings, record))
+        self.settings = settings
+        self.manifest["settings"] = asdict(settings)
+        self.manifest["live"][record.component] = history
+        (self.path / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+
+    def exported_onnx(self, component: str) -> Path:
+        return self.path / component / "1" / "model.onnx"
+
+
+def _settings(base: RepositorySettings, **changes: Any) -> RepositorySettings:
+    """`base` with changes, checked (ValueError names the field)."""
+    return RepositorySettings(**{**asdict(base), **changes})
+
+
+# -- 2. the candidate's artifact ----------------------------------------------------------------------
+
+
+def _link(source: Path, target: Path) -> None:
+    """Hard link (no copy of a multi-GB graph), or a copy across file systems; with external data."""
+    data = source.name + ".data"
+    for src, dst in ((source, target), (source.with_name(data), target.with_name(target.name + ".data"))):
+        if not src.is_file():
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptions) -> EngineRecord:
+    """Writes the candidate's artifact into its version folder; the record with its hash and origin."""
+    name = candidate.component
+    target = repo.path / name / str(candidate.version) / candidate.artifact
+    if options.artifact is not None:
+        if not options.artifact.is_file():
+            raise EngineSwapError(f"--artifact: {options.artifact} is not a file")
+        log.info("  %s: the operator's artifact %s", name, options.artifact)
+        _link(options.artifact, target)
+        return replace(candidate, sha256=sha256_file(target))
+    source = repo.exported_onnx(name)
+    source_sha = sha256_file(source)
+    # ONNX graphs serve python-ort and onnxruntime alike; a plan only the GPU and TensorRT it was built for
+    target_gpu = tensorrt.build_target() if candidate.kind == "tensorrt" else None
+    reusable = [
+        r
+        for r in repo.records(name)
+        if (r.source_sha256, r.precision, r.artifact) == (source_sha, candidate.precision, candidate.artifact)
+        and r.sha256
+        and (candidate.kind != "tensorrt" or tensorrt.mismatch(r.build, target_gpu) is None)
+    ]
+    for record in reusable:
+        path = repo.path / name / str(record.version) / record.artifact
+        if path.is_file() and sha256_file(path) == record.sha256:
+            log.info("  %s: reusing the artifact of version %d (%s)", name, record.version, record.artifact)
+            _link(path, target)
+            return replace(candidate, sha256=record.sha256, source_sha256=source_sha, build=record.build)
+    build = None
+    if candidate.kind == "tensorrt":
+        build = _build_plan(repo, candidate, source, target, options.work_dir)
+    elif candidate.precision == "int8":
+        quantize_int8(source, target)
+    else:
+        _link(source, target)
+    return replace(candidate, sha256=sha256_file(target), source_sha256=source_sha, build=build)
+
+
+def _build_plan(repo: Repository, candidate: EngineRecord, source: Path, target: Path, work_dir: Path) -> Any:
+    """A TensorRT plan with the component's profile (as the export builds it), on this GPU."""
+    from export.checkpoint import Checkpoint
+    from export.components import COMPONENTS
+    from export.pipeline import engine_profile
+
+    reason = tensorrt.unavailable_reason()
+    gpu = tensorrt.build_target()
+    if reason or gpu is None:
+        raise EngineSwapError(f"{candidate.component}: cannot build a TensorRT plan here: {reason}")
+    checkpoint = Checkpoint.open(Path(repo.manifest["source"]["path"]))
+    limits = c.Limits(**repo.manifest["limits"])
+    profile = engine_profile(COMPONENTS[candidate.component], checkpoint, repo.settings, limits)
+    return tensorrt.build_engine(
+        source,
+        target,
+        profile,
+        fp16=candidate.precision == "fp16",
+        timing_cache=tensorrt.timing_cache_path(work_dir, gpu),
+    )
+
+
+# -- 3. the parity gate -------------------------------------------------------------------------------
+
+
+def _native_size(repo: Path) -> tuple[int, int]:
+    config = parse((repo / c.TXT2IMG.name / CONFIG_FILE).read_text())
+    return int(config.parameters["native_height"].string_value), int(
+        config.parameters["native_width"].string_value
+    )
+
+
+def run_gate(
+    repo: Path, live: Path, candidate: Path, component: str, settings: GateSettings
+) -> tuple[ParityReport | None, list[str]]:
+    """Renders the golden images with both engines (ONNX Runtime, this process). A candidate that does
+    not load or run fails the gate with its error."""
+    from sd_triton.runtime.local import LocalPipeline  # torch: only when a gate runs
+
+    if live.suffix != ".onnx" or candidate.suffix != ".onnx":
+        return None, [f"the parity gate runs ONNX graphs on this machine, not {candidate.name} (use --force)"]
+    height, width = _native_size(repo)
+    params = {
+        "height": settings.height or height,
+        "width": settings.width or width,
+        "steps": settings.steps,
+        "scheduler": settings.scheduler,
+        "guidance_scale": settings.guidance_scale,
+    }
+    log.info("parity gate: %s live %s vs candidate %s, %s", component, live, candidate, params)
+    current = LocalPipeline(repo, model_files={component: str(live)})
+    try:
+        report = render_parity(
+            current, LocalPipeline(repo, model_files={component: str(candidate)}), **params
+        )
+    except Exception as exc:  # noqa: BLE001 - whatever a broken candidate raises refuses it
+        return None, [f"the candidate does not run: {type(exc).__name__}: {exc}"]
+    return report, settings.gate.check(report)
+
+
+def gate_table(report: ParityReport | None, failures: list[str]) -> str:
+    lines = ["| prompt | seed | max abs | PSNR dB |", "|---|---|---|---|"]
+    for image in report.images if report else []:
+        lines.append(f"| {image['prompt']} | {image['seed']} | {image['max_abs']} | {image['psnr_db']} |")
+    lines.append(
+        "gate: PASSED" if not failures else "gate: FAILED\n" + "\n".join(f"  - {f}" for f in failures)
+    )
+    return "\n".join(lines)
+
+
+# -- 4. Triton ----------------------------------------------------------------------------------------
+
+
+def triton_load(triton_http: str, model: str, timeout_s: float = 600.0) -> None:
+    """Triton's repository load API: returns once the model's new config and versions are ready."""
+    request = urllib.request.Request(
+        f"http://{triton_http}/v2/repository/models/{model}/load", data=b"{}", method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise EngineSwapError(f"Triton could not load {model}: {detail}") from exc
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise EngineSwapError(f"Triton at {triton_http} did not answer the load of {model}: {exc}") from exc
+
+
+def _go_live(
+    repo: Repository, record: EngineRecord, history: list[int], triton_http: str | None
+) -> tuple[float, float] | None:
+    """Makes `record` live; the monotonic times around Triton's load (None: no Triton named)."""
+    name = record.component
+    previous = repo.live_record(name)
+    previous_history = list(repo.manifest["live"][name])
+    repo.write_live(record, history)
+    if triton_http is None:
+        log.info("%s: version %d written; Triton serves it from its next load or start", name, record.version)
+        return None
+    started = time.monotonic()
+    try:
+        triton_load(triton_http, name)
+    except EngineSwapError:
+        log.error("%s: restoring version %d", name, previous.version)
+        repo.write_live(previous, previous_history)
+        triton_load(triton_http, name)
+        raise
+    done = time.monotonic()
+    log.info("%s: Triton serves version %d (%s, %s), loaded in %.1f s", name, record.version, record.kind,
+             record.precision, done - started)  # fmt: skip
+    return started, done
+
+
+# -- the commands -------------------------------------------------------------------------------------
+
+
+def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
+    # 1. The change, checked against the export's settings.
+    repo = Repository(repo_path)
+    name = options.component
+    if name not in c.ENGINE_MODELS:
+        raise EngineSwapError(f"component: {name!r} is not an engine model ({', '.join(c.ENGINE_MODELS)})")
+    precision = options.precision or (repo.settings.precision if options.kind == "tensorrt" else "fp32")
+    if precision not in PRECISIONS:
+        raise EngineSwapError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and name not in INT8_COMPONENTS:
+        raise EngineSwapError(f"precision: {name} cannot be int8; only {', '.join(INT8_COMPONENTS)}")
+    previous = repo.live_record(name)
+    version = max(versions_on_disk(repo.path / name)) + 1
+    candidate = EngineRecord(
+        component=name,
+        version=version,
+        kind=options.kind,
+        precision=precision,
+        artifact="",
+        sha256="",
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    try:
+        settings = repo.settings_for(candidate)
+        if precision == "fp16" and settings.precision != "fp16":
+            raise ValueError("precision: fp16 needs TensorRT and a repository exported with --precision fp16")
+    except ValueError as exc:
+        raise EngineSwapError(str(exc)) from exc
+    candidate = replace(candidate, artifact=settings.artifact_of(name))
+
+    # 2. The artifact, in the new version folder.
+    folder = repo.path / name / str(version)
+    folder.mkdir()
+    try:
+        candidate = _make_artifact(repo, candidate, options)
+        if options.kind == "python-ort":
+            shutil.copyfile(SOURCE_REPO / name / "1" / "model.py", folder / "model.py")
+
+        # 3. The parity gate against the live engine.
+        live_artifact = repo.path / name / str(previous.version) / previous.artifact
+        report, failures = run_gate(repo.path, live_artifact, folder / candidate.artifact, name, options.gate)
+        result = SwapResult(False, candidate, report, failures, previous)
+        if failures and not options.force:
+            log.error(
+                "%s: candidate refused by the parity gate; version %d stays live", name, previous.version
+            )
+            shutil.rmtree(folder)
+            return result
+        if failures:
+            log.warning("%s: the gate failed; --force switches anyway", name)
+
+        # 4. Live: engine.json, config, manifest, Triton.
+        parity = {
+            "against_version": previous.version,
+            "passed": not failures,
+            "forced": bool(failures),
+            "max_abs": report.max_abs if report else None,
+            "min_psnr_db": report.min_psnr_db if report else None,
+            "images": report.images if report else [],
+            "gate": asdict(options.gate),
+        }
+        candidate = replace(candidate, parity=parity)
+        candidate.save(folder)
+        result.load_window = _go_live(
+            repo, candidate, [*repo.manifest["live"][name], version], options.triton_http
+        )
+    except BaseException:
+        if (
+            repo.manifest["live"][name][-1] != version
+        ):  # not live: a refused or failed candidate leaves no folder
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    result.switched, result.record = True, candidate
+    return result
+
+
+def rollback(repo_path: Path, component: str, triton_http: str | None = None) -> EngineRecord:
+    """The version live before the current one, live again (no gate: it served before)."""
+    repo = Repository(repo_path)
+    history = list(repo.manifest["live"].get(component, []))
+    if len(history) < 2:
+        raise EngineSwapError(f"{component}: no earlier version to roll back to (history {history})")
+    history.pop()
+    record = repo.record(component, history[-1])
+    _go_live(repo, record, history, triton_http)
+    return record
