@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,24 @@ def sha256_tree(folder: Path, salt: str = "") -> str:
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+def artifact_sha256(path: Path) -> str:
+    """An engine artifact's hash: a file's sha256, or sha256_tree of a folder (python-torch weights)."""
+    return sha256_tree(path) if path.is_dir() else sha256_file(path)
+
+
+def link_file(source: Path, target: Path) -> None:
+    """A hard link (no copy of a multi-GB file), or a copy across file systems."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Every file of `source` linked into `target` (same relative paths)."""
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        link_file(path, target / path.relative_to(source))

@@ -11,7 +11,15 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from sd_triton.contract import TEXT_ENCODER, TOKEN_LENGTH, UNET, VAE_DECODER, Limits, ModelSpec
+from sd_triton.contract import (
+    CHECKPOINT_SUBFOLDERS,
+    TEXT_ENCODER,
+    TOKEN_LENGTH,
+    UNET,
+    VAE_DECODER,
+    Limits,
+    ModelSpec,
+)
 
 Shape = tuple[int, ...]
 
@@ -80,7 +88,7 @@ def _latent_range(dims: ModelDims, limits: Limits) -> tuple[int, int, int]:
 
 class TextEncoder(Component):
     spec = TEXT_ENCODER
-    subfolder = "text_encoder"
+    subfolder = CHECKPOINT_SUBFOLDERS[TEXT_ENCODER.name]
 
     class _Module(torch.nn.Module):
         def __init__(self, encoder: CLIPTextModel) -> None:
@@ -111,7 +119,7 @@ class TextEncoder(Component):
 
 class UNet(Component):
     spec = UNET
-    subfolder = "unet"
+    subfolder = CHECKPOINT_SUBFOLDERS[UNET.name]
 
     class _Module(torch.nn.Module):
         def __init__(self, unet: UNet2DConditionModel) -> None:
@@ -157,7 +165,7 @@ class UNet(Component):
 
 class VaeDecoder(Component):
     spec = VAE_DECODER
-    subfolder = "vae"
+    subfolder = CHECKPOINT_SUBFOLDERS[VAE_DECODER.name]
 
     class _Module(torch.nn.Module):
         def __init__(self, vae: AutoencoderKL) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 import urllib.error
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from export import tensorrt
-from export.checkpoint import sha256_file
+from export.checkpoint import artifact_sha256, link_file, link_tree, sha256_file
 from export.parity import ParityGate, ParityReport, render_parity
 from export.quantize import INT8_COMPONENTS, quantize_int8
 from export.repository import CONFIG_FILE, RepositorySettings, engine_config, parse, write_config
@@ -98,7 +97,8 @@ class Repository:
         if "settings" not in self.manifest or "live" not in self.manifest:
             raise EngineSwapError(f"{manifest_path}: made by an older export; re-export the repository")
         stored = self.manifest["settings"]
-        self.settings = RepositorySettings(**{**stored, "int8": tuple(stored.get("int8", ()))})
+        lists = {key: tuple(stored.get(key, ())) for key in ("int8", "fp16")}
+        self.settings = RepositorySettings(**{**stored, **lists})
 
     def live_version(self, component: str) -> int:
         return int(self.manifest["live"][component][-1])
@@ -121,10 +121,10 @@ class Repository:
     def settings_for(self, record: EngineRecord) -> RepositorySettings:
         """The export's settings with `record`'s component switched to its kind and precision."""
         name = record.component
-        int8 = tuple(m for m in self.settings.int8 if m != name) + (
-            (name,) if record.precision == "int8" else ()
-        )
-        return _settings(self.settings, engines={**self.settings.engines, name: record.kind}, int8=int8)
+        others = {key: tuple(m for m in getattr(self.settings, key) if m != name) for key in ("int8", "fp16")}
+        if record.precision in others and record.precision != self.settings.precision:
+            others[record.precision] += (name,)
+        return _settings(self.settings, engines={**self.settings.engines, name: record.kind}, **others)
 
     def write_live(self, record: EngineRecord, history: list[int]) -> None:
         """config.pbtxt serving `record`, and the manifest's settings and history to match."""
@@ -148,15 +148,14 @@ def _settings(base: RepositorySettings, **changes: Any) -> RepositorySettings:
 
 
 def _link(source: Path, target: Path) -> None:
-    """Hard link (no copy of a multi-GB graph), or a copy across file systems; with external data."""
-    data = source.name + ".data"
-    for src, dst in ((source, target), (source.with_name(data), target.with_name(target.name + ".data"))):
-        if not src.is_file():
-            continue
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+    """An artifact linked into a version folder: a file with its external data, or a folder."""
+    if source.is_dir():
+        link_tree(source, target)
+        return
+    data = (source.with_name(source.name + ".data"), target.with_name(target.name + ".data"))
+    for src, dst in ((source, target), data):
+        if src.is_file():
+            link_file(src, dst)
 
 
 def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptions) -> EngineRecord:
@@ -168,7 +167,7 @@ def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptio
             raise EngineSwapError(f"--artifact: {options.artifact} is not a file")
         log.info("  %s: the operator's artifact %s", name, options.artifact)
         _link(options.artifact, target)
-        return replace(candidate, sha256=sha256_file(target))
+        return replace(candidate, sha256=artifact_sha256(target))
     source = repo.exported_onnx(name)
     source_sha = sha256_file(source)
     # ONNX graphs serve python-ort and onnxruntime alike; a plan only the GPU and TensorRT it was built for
@@ -182,18 +181,20 @@ def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptio
     ]
     for record in reusable:
         path = repo.path / name / str(record.version) / record.artifact
-        if path.is_file() and sha256_file(path) == record.sha256:
+        if path.exists() and artifact_sha256(path) == record.sha256:
             log.info("  %s: reusing the artifact of version %d (%s)", name, record.version, record.artifact)
             _link(path, target)
             return replace(candidate, sha256=record.sha256, source_sha256=source_sha, build=record.build)
     build = None
     if candidate.kind == "tensorrt":
         build = _build_plan(repo, candidate, source, target, options.work_dir)
+    elif candidate.kind == "python-torch":  # the checkpoint's own weights
+        _link(Path(repo.manifest["source"]["path"]) / c.CHECKPOINT_SUBFOLDERS[name], target)
     elif candidate.precision == "int8":
         quantize_int8(source, target)
     else:
         _link(source, target)
-    return replace(candidate, sha256=sha256_file(target), source_sha256=source_sha, build=build)
+    return replace(candidate, sha256=artifact_sha256(target), source_sha256=source_sha, build=build)
 
 
 def _build_plan(repo: Repository, candidate: EngineRecord, source: Path, target: Path, work_dir: Path) -> Any:
@@ -235,8 +236,10 @@ def run_gate(
     not load or run fails the gate with its error."""
     from sd_triton.runtime.local import LocalPipeline  # torch: only when a gate runs
 
-    if live.suffix != ".onnx" or candidate.suffix != ".onnx":
-        return None, [f"the parity gate runs ONNX graphs on this machine, not {candidate.name} (use --force)"]
+    if ".plan" in (live.suffix, candidate.suffix):
+        return None, [
+            "the parity gate runs ONNX graphs and PyTorch weights, not TensorRT plans (use --force)"
+        ]
     height, width = _native_size(repo)
     params = {
         "height": settings.height or height,
@@ -318,6 +321,7 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     name = options.component
     if name not in c.ENGINE_MODELS:
         raise EngineSwapError(f"component: {name!r} is not an engine model ({', '.join(c.ENGINE_MODELS)})")
+    # unless given: FP32, or for TensorRT the export's precision
     precision = options.precision or (repo.settings.precision if options.kind == "tensorrt" else "fp32")
     if precision not in PRECISIONS:
         raise EngineSwapError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -336,8 +340,6 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     )
     try:
         settings = repo.settings_for(candidate)
-        if precision == "fp16" and settings.precision != "fp16":
-            raise ValueError("precision: fp16 needs TensorRT and a repository exported with --precision fp16")
     except ValueError as exc:
         raise EngineSwapError(str(exc)) from exc
     candidate = replace(candidate, artifact=settings.artifact_of(name))
@@ -347,7 +349,7 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     folder.mkdir()
     try:
         candidate = _make_artifact(repo, candidate, options)
-        if options.kind == "python-ort":
+        if options.kind in c.PYTHON_KINDS:
             shutil.copyfile(SOURCE_REPO / name / "1" / "model.py", folder / "model.py")
 
         # 3. The parity gate against the live engine.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from export import tensorrt
-from export.checkpoint import Checkpoint, sha256_file, sha256_tree
+from export.checkpoint import Checkpoint, artifact_sha256, link_tree, sha256_file, sha256_tree
 from export.components import COMPONENTS, Component, Profile
 from export.onnx_export import OPSET, export_onnx
 from export.presets import PRESETS, ensure_preset_checkpoint
@@ -173,18 +173,35 @@ def _export_component(
     onnx_files = [onnx_path, onnx_path.with_name("model.onnx.data")]
     if _unchanged(previous.get("onnx"), "source_sha256", source, repo):
         log.info("  %s: ONNX unchanged, reused", component.name)
-        return {**entry, "onnx": previous["onnx"], **_int8(component, repo, settings, previous)}
-    started = time.monotonic()
-    diff = export_onnx(component, checkpoint.path, checkpoint.dims, onnx_path)
-    seconds = time.monotonic() - started
-    log.info("  %s: exported in %.1f s, max abs diff vs PyTorch %.3g", component.name, seconds, diff)
-    onnx_entry = {
-        "source_sha256": source,
-        "artifacts": _artifacts(repo, onnx_files),
-        "max_abs_diff_vs_pytorch": diff,
-        "seconds": round(seconds, 2),
-    }
-    return {**entry, "onnx": onnx_entry, **_int8(component, repo, settings, previous)}
+        onnx_entry = previous["onnx"]
+    else:
+        started = time.monotonic()
+        diff = export_onnx(component, checkpoint.path, checkpoint.dims, onnx_path)
+        seconds = time.monotonic() - started
+        log.info("  %s: exported in %.1f s, max abs diff vs PyTorch %.3g", component.name, seconds, diff)
+        onnx_entry = {
+            "source_sha256": source,
+            "artifacts": _artifacts(repo, onnx_files),
+            "max_abs_diff_vs_pytorch": diff,
+            "seconds": round(seconds, 2),
+        }
+    return {**entry, "onnx": onnx_entry, **_derived(component, checkpoint, repo, settings, previous)}
+
+
+def _derived(
+    component: Component,
+    checkpoint: Checkpoint,
+    repo: Path,
+    settings: RepositorySettings,
+    previous: dict[str, Any],
+) -> dict[str, Any]:
+    """What the component's engine needs besides the ONNX: the INT8 graph, or the PyTorch weights."""
+    if settings.engines[component.name] == "python-torch":
+        target = repo / component.name / "1" / component.subfolder
+        shutil.rmtree(target, ignore_errors=True)
+        link_tree(checkpoint.path / component.subfolder, target)
+        return {"torch": {"artifacts": _artifacts(repo, sorted(p for p in target.rglob("*") if p.is_file()))}}
+    return _int8(component, repo, settings, previous)
 
 
 def _int8(
@@ -216,7 +233,8 @@ def _build_plan(
     version = repo / component.name / "1"
     profile = engine_profile(component, checkpoint, settings, limits)
     onnx_sha = sha256_file(version / "model.onnx")
-    key = json.dumps({"onnx": onnx_sha, "profile": profile.shapes, "precision": settings.precision})
+    precision = settings.precision_of(component.name)
+    key = json.dumps({"onnx": onnx_sha, "profile": profile.shapes, "precision": precision})
     previous = (old.get(component.name) or {}).get("plan")
     if _unchanged(previous, "key", key, repo):
         log.info("  %s: TensorRT plan unchanged, reused", component.name)
@@ -236,7 +254,7 @@ def _build_plan(
         version / "model.onnx",
         plan,
         profile,
-        fp16=settings.precision == "fp16",
+        fp16=precision == "fp16",
         timing_cache=tensorrt.timing_cache_path(work_dir, target),
     )
     return {
@@ -251,8 +269,6 @@ def _engine_records(
     records = {}
     for name in c.ENGINE_MODELS:
         artifact = settings.artifact_of(name)
-        hashes = {rel: digest for part in components[name].values() if isinstance(part, dict)
-                  for rel, digest in part.get("artifacts", {}).items()}  # fmt: skip
         version_dir = repo / name / "1"
         record = EngineRecord(
             component=name,
@@ -260,9 +276,9 @@ def _engine_records(
             kind=settings.engines[name],
             precision=settings.precision_of(name),
             artifact=artifact,
-            sha256=hashes.get(f"{name}/1/{artifact}", ""),
+            sha256=artifact_sha256(version_dir / artifact) if (version_dir / artifact).exists() else "",
             created=datetime.now(UTC).isoformat(timespec="seconds"),
-            source_sha256=hashes.get(f"{name}/1/model.onnx", ""),
+            source_sha256=components[name]["onnx"]["artifacts"].get(f"{name}/1/model.onnx", ""),
             build=(components[name].get("plan") or {}).get("build"),
         )
         old = EngineRecord.load(version_dir)

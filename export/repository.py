@@ -66,6 +66,7 @@ class RepositorySettings:
     engine_instances: int = 1
     max_queue_delay_us: int = 2000  # Triton's dynamic batching window (dynamic; text encoder and VAE)
     int8: tuple[str, ...] = ()  # components served INT8-quantized (ONNX Runtime engines; export/quantize.py)
+    fp16: tuple[str, ...] = ()  # components served FP16 (TensorRT) in an otherwise FP32 repository
 
     def __post_init__(self) -> None:
         for model, kind in self.engines.items():
@@ -80,13 +81,16 @@ class RepositorySettings:
             raise ValueError(f"engines: no engine kind for {', '.join(sorted(missing))}")
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
-        if self.precision == "fp16":
-            for model, kind in self.engines.items():
-                if not (kind == "tensorrt" or (kind == "onnxruntime" and self.ort_tensorrt)):
-                    raise ValueError(
-                        f"precision=fp16 needs TensorRT: engines[{model}] is {kind!r} "
-                        "(use tensorrt, or onnxruntime with the TensorRT accelerator)"
-                    )
+        for model in self.engines if self.precision == "fp16" else self.fp16:
+            kind = self.engines.get(model)
+            if not (kind == "tensorrt" or (kind == "onnxruntime" and self.ort_tensorrt)):
+                what = "precision=fp16" if self.precision == "fp16" else "fp16"
+                raise ValueError(
+                    f"{what} needs TensorRT: engines[{model}] is {kind!r} "
+                    "(use tensorrt, or onnxruntime with the TensorRT accelerator)"
+                )
+            if model in self.int8:
+                raise ValueError(f"fp16: {model} is also in int8; a component has one precision")
         for model in self.int8:
             if model not in INT8_COMPONENTS:
                 raise ValueError(f"int8: {model!r} cannot be INT8; only {', '.join(INT8_COMPONENTS)}")
@@ -105,12 +109,16 @@ class RepositorySettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def precision_of(self, model: str) -> str:
-        return "int8" if model in self.int8 else self.precision
+        if model in self.int8:
+            return "int8"
+        return "fp16" if model in self.fp16 else self.precision
 
     def artifact_of(self, model: str) -> str:
-        """The file the model's engine loads from its version folder."""
+        """The file (python-torch: the diffusers folder) the model's engine loads from its version folder."""
         if self.engines[model] == "tensorrt":
             return "model.plan"
+        if self.engines[model] == "python-torch":
+            return c.CHECKPOINT_SUBFOLDERS[model]
         return INT8_FILE if model in self.int8 else "model.onnx"
 
     def queue_delay_us(self, model: str) -> int | None:
@@ -157,11 +165,16 @@ def engine_config(
         config.dynamic_batching.max_queue_delay_microseconds = delay
     count = settings.engine_instances
     config.parameters["precision"].string_value = settings.precision_of(spec.name)
-    if kind == "python-ort":
+    if kind in c.PYTHON_KINDS:
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
         config.parameters["device"].string_value = "auto"
         config.parameters["intra_op_threads"].string_value = "0"
+        if kind == "python-torch":
+            config.parameters["engine"].string_value = kind
+            config.parameters["model_file"].string_value = settings.artifact_of(spec.name)
+            config.parameters["torch_compile"].string_value = "1"  # on a GPU: torch.compile, CUDA graphs
+            return config
         config.parameters["allow_spinning"].string_value = "0"
         if spec.name in settings.int8:
             config.parameters["model_file"].string_value = INT8_FILE
@@ -176,7 +189,7 @@ def engine_config(
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
             name="tensorrt"
         )
-        accelerator.parameters["precision_mode"] = settings.precision.upper()
+        accelerator.parameters["precision_mode"] = settings.precision_of(spec.name).upper()
         accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
     return config
 

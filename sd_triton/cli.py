@@ -91,7 +91,8 @@ def _export(args: argparse.Namespace) -> int:
         max_batch_rows=args.max_batch_rows,
         max_wait_us=args.max_wait_us,
         max_queue_delay_us=args.max_queue_delay_us,
-        int8=tuple(name for name in args.int8.split(",") if name) if args.int8 else (),
+        int8=tuple(name for name in args.int8.split(",") if name),
+        fp16=tuple(name for name in args.fp16.split(",") if name),
     )
     run_export(ExportOptions(model=args.model, repo=Path(args.repo), settings=settings, limits=limits))
     return 0
@@ -266,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8",
         default="",
         help="components served INT8-quantized on ONNX Runtime (CPU): unet, text_encoder (comma-separated)",
+    )
+    ex.add_argument(
+        "--fp16",
+        default="",
+        help="components served FP16 on TensorRT while the rest stay FP32, e.g. unet (comma-separated)",
     )
     ex.add_argument(
         "--batching",

@@ -18,8 +18,9 @@ TOKEN_LENGTH = 77  # CLIP's context length, the same for SD 1.x and 2.x
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"]
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
 
-EngineKind = Literal["python-ort", "onnxruntime", "tensorrt"]
+EngineKind = Literal["python-ort", "onnxruntime", "tensorrt", "python-torch"]
 ENGINE_KINDS: tuple[str, ...] = EngineKind.__args__  # type: ignore[attr-defined]
+PYTHON_KINDS = ("python-ort", "python-torch")  # engines run by a model.py in Triton's python backend
 
 # numpy dtype name and Triton wire datatype for each config.pbtxt data type.
 NUMPY_DTYPES = {
@@ -174,6 +175,8 @@ MODELS: dict[str, ModelSpec] = {
     for m in (TXT2IMG, TXT2IMG_STREAM, TOKENIZER, TEXT_ENCODER, DENOISE, UNET, VAE_DECODER, POSTPROCESS)
 }
 ENGINE_MODELS: tuple[str, ...] = tuple(m.name for m in MODELS.values() if m.engine)
+# where each engine model's weights live in a diffusers checkpoint (the python-torch kind loads them)
+CHECKPOINT_SUBFOLDERS = {TEXT_ENCODER.name: "text_encoder", UNET.name: "unet", VAE_DECODER.name: "vae"}
 
 
 @dataclass(frozen=True)

@@ -87,9 +87,9 @@ def _parameters(config: dict[str, Any]) -> dict[str, str]:
 def engine_info(config: dict[str, Any]) -> EngineInfo:
     platform, backend = config.get("platform", ""), config.get("backend", "")
     kind = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime"}.get(platform)
-    if kind is None:
-        kind = "python-ort" if backend == "python" else backend or platform or "unknown"
     params = _parameters(config)
+    if kind is None:
+        kind = params.get("engine", "python-ort") if backend == "python" else backend or platform or "unknown"
     versions = config.get("version_policy", {}).get("specific", {}).get("versions", [])
     return EngineInfo(
         kind=kind,

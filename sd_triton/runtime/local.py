@@ -13,7 +13,7 @@ from sd_triton import contract as c
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import validate_params
 from sd_triton.runtime.denoise import denoise
-from sd_triton.runtime.ort_runner import OrtRunner
+from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
 from sd_triton.runtime.postprocess import to_uint8_images
 from sd_triton.runtime.tokenize import PromptTokenizer
 
@@ -32,15 +32,21 @@ class LocalPipeline:
         threads: int = 0,
         model_files: dict[str, str] | None = None,
     ) -> None:
-        """`model_files`: a graph other than model.onnx per component (e.g. {"unet": "model.int8.onnx"})."""
+        """`model_files`: per component, a graph other than version 1's model.onnx (e.g. {"unet":
+        "model.int8.onnx"}, or any path), or a diffusers weights folder (python-torch, e.g. "unet")."""
         repo = Path(repo)
         files = {name: "model.onnx" for name in c.ENGINE_MODELS} | (model_files or {})
         self.config = PipelineConfig.load(repo / c.DENOISE.name / "1" / FILENAME)
         self.tokenizer = PromptTokenizer(repo / c.TOKENIZER.name / "1" / "tokenizer")
-        self.runners = {
-            name: OrtRunner(repo / name / "1" / files[name], device=device, threads=threads)
-            for name in c.ENGINE_MODELS
-        }
+        self.runners: dict[str, BatchRunner] = {}
+        for name in c.ENGINE_MODELS:
+            path = repo / name / "1" / files[name]
+            if path.is_dir():
+                from sd_triton.runtime.torch_runner import TorchRunner
+
+                self.runners[name] = TorchRunner(name, path.parent, device=device, threads=threads)
+            else:
+                self.runners[name] = OrtRunner(path, device=device, threads=threads)
 
     def _run(self, model: str, *arrays: np.ndarray) -> np.ndarray:
         spec = c.MODELS[model]

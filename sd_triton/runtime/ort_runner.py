@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,22 +28,11 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OrtRunner:
-    def __init__(
-        self, model_path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = True
-    ) -> None:
-        """`spinning`: idle intra-op threads spin (ONNX Runtime's default, best for one session alone).
-        The python-ort Triton engines turn it off: several sessions share the cores there, and the
-        spinning threads of one take the cores the others compute on."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        log.info("loaded %s with %s", model_path, self.session.get_providers())
+class BatchRunner(ABC):
+    """An engine run in a python model: `run` one batch; `run_batch` merges requests that can share one."""
 
-    def run(self, feeds: Feeds) -> Feeds:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+    @abstractmethod
+    def run(self, feeds: Feeds) -> Feeds: ...
 
     def run_batch(self, requests: Sequence[Feeds]) -> list[Feeds | Exception]:
         """Requests whose inputs agree in all but the batch dimension run as one batch. A group
@@ -66,3 +56,21 @@ class OrtRunner:
                 results[i] = {k: v[offset : offset + size] for k, v in outputs.items()}
                 offset += size
         return results
+
+
+class OrtRunner(BatchRunner):
+    def __init__(
+        self, model_path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = True
+    ) -> None:
+        """`spinning`: idle intra-op threads spin (ONNX Runtime's default, best for one session alone).
+        The python-ort Triton engines turn it off: several sessions share the cores there, and the
+        spinning threads of one take the cores the others compute on."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        log.info("loaded %s with %s", model_path, self.session.get_providers())
+
+    def run(self, feeds: Feeds) -> Feeds:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from google.protobuf.json_format import MessageToDict
 
+from export.checkpoint import sha256_tree
 from export.engine_swap import EngineSwapError, GateSettings, SwapOptions, rollback, set_engine
 from export.engines import engine_rows, live_version, tensorrt_problems
 from export.parity import GOLDEN, ParityGate
@@ -19,6 +21,7 @@ from export.repository import CONFIG_FILE, parse, render
 from export.tensorrt import mismatch
 from sd_triton.cli import main
 from sd_triton.engine_record import EngineRecord
+from sd_triton.served_model import EngineInfo, engine_info
 from tests.conftest import WORK_DIR
 
 GATE = GateSettings(steps=4)
@@ -166,12 +169,31 @@ def test_a_failed_gate_refuses_and_force_switches(repo: Path) -> None:
     assert rollback(repo, "unet").version == 2
 
 
+def test_set_python_torch_links_the_checkpoint_weights(repo: Path) -> None:
+    result = set_engine(repo, SwapOptions("unet", "python-torch", gate=GATE))
+    assert result.switched and result.record is not None and result.report is not None
+    record = result.record
+    assert (record.kind, record.precision, record.artifact) == ("python-torch", "fp32", "unet")
+    # the checkpoint's own weight files, hard-linked into the version folder
+    source = Path(json.loads((repo / "manifest.json").read_text())["source"]["path"]) / "unet"
+    linked = repo / "unet" / str(record.version) / "unet"
+    files = [p for p in source.rglob("*") if p.is_file()]
+    assert files and all((linked / f.relative_to(source)).stat().st_ino == f.stat().st_ino for f in files)
+    assert record.sha256 == sha256_tree(repo / "unet" / str(record.version) / "unet")
+    assert result.report.min_psnr_db >= 25.0  # against the live INT8 graph
+    config = MessageToDict(parse((repo / "unet" / CONFIG_FILE).read_text()), preserving_proto_field_name=True)
+    assert config["backend"] == "python" and config["parameters"]["model_file"]["string_value"] == "unet"
+    assert engine_info(config) == EngineInfo("python-torch", "fp32", record.version, record.sha256)
+    assert rollback(repo, "unet").version == 2
+
+
 @pytest.mark.parametrize(
     ("component", "kind", "precision", "words"),
     [
         ("vae_decoder", "python-ort", "int8", ["precision", "vae_decoder", "int8"]),
         ("unet", "python-ort", "fp16", ["fp16", "TensorRT"]),
         ("unet", "tensorrt", "int8", ["int8", "tensorrt"]),
+        ("unet", "python-torch", "int8", ["int8", "python-torch"]),
         ("vae", "python-ort", None, ["component", "vae"]),
     ],
 )
@@ -185,12 +207,13 @@ def test_bad_changes_name_the_problem(
     assert _snapshot(repo) == before
 
 
-def test_a_tensorrt_build_needs_a_gpu_and_says_so(repo: Path) -> None:
+@pytest.mark.parametrize("precision", [None, "fp16"])  # fp32 (the export's) or FP16 for this component alone
+def test_a_tensorrt_build_needs_a_gpu_and_says_so(repo: Path, precision: str | None) -> None:
     before = _snapshot(repo)
     with pytest.raises(
         EngineSwapError, match="cannot build a TensorRT plan here: (the tensorrt package|no CUDA GPU)"
     ):
-        set_engine(repo, SwapOptions("unet", "tensorrt", gate=GATE))
+        set_engine(repo, SwapOptions("unet", "tensorrt", precision, gate=GATE))
     assert _snapshot(repo) == before
 
 

@@ -197,6 +197,24 @@ def test_mixed_engines_from_the_command_line() -> None:
         ({"batching": "static"}, ["batching", "continuous", "'static'"]),
         ({"max_batch_rows": 0}, ["max_batch_rows", "got 0"]),
         ({"max_wait_us": -5}, ["max_wait_us", "got -5"]),
+        ({"fp16": ("unet",)}, ["fp16 needs TensorRT", "engines[unet]", "python-ort"]),
+        (
+            {
+                "engines": {**dict.fromkeys(c.ENGINE_MODELS, "onnxruntime")},
+                "int8": ("unet",),
+                "fp16": ("unet",),
+            },
+            ["fp16 needs TensorRT", "engines[unet]"],
+        ),
+        (
+            {
+                "engines": {**dict.fromkeys(c.ENGINE_MODELS, "onnxruntime")},
+                "ort_tensorrt": True,
+                "fp16": ("unet",),
+                "int8": ("unet",),
+            },
+            ["int8", "unet"],
+        ),
     ],
 )
 def test_settings_validation_names_the_field(kwargs: dict, words: list[str]) -> None:
@@ -204,3 +222,44 @@ def test_settings_validation_names_the_field(kwargs: dict, words: list[str]) -> 
         RepositorySettings(**kwargs)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+def test_python_torch_export_links_the_weights_and_records_them(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from export.checkpoint import sha256_tree
+    from sd_triton.engine_record import EngineRecord
+
+    repo = tmp_path / "repo"
+    settings = RepositorySettings(
+        engines={**dict.fromkeys(c.ENGINE_MODELS, "python-ort"), "vae_decoder": "python-torch"}
+    )
+    run_export(ExportOptions(model="tiny", repo=repo, settings=settings, work_dir=WORK_DIR))
+    config = load_config(repo, "vae_decoder")
+    check_config_against_contract(config, c.VAE_DECODER)
+    assert config.backend == "python" and list(config.version_policy.specific.versions) == [1]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert (params["engine"], params["model_file"], params["precision"]) == ("python-torch", "vae", "fp32")
+    weights = repo / "vae_decoder" / "1" / "vae"
+    assert sorted(p.name for p in weights.iterdir()) == sorted(
+        p.name for p in (tiny_checkpoint / "vae").iterdir()
+    )
+    record = EngineRecord.load(repo / "vae_decoder" / "1")
+    assert record is not None and (record.kind, record.artifact) == ("python-torch", "vae")
+    assert record.sha256 == sha256_tree(weights) == params["artifact_sha256"]
+    # idempotent: the same export again leaves the record as it was
+    run_export(ExportOptions(model="tiny", repo=repo, settings=settings, work_dir=WORK_DIR))
+    assert EngineRecord.load(repo / "vae_decoder" / "1") == record
+
+
+def test_one_component_fp16_in_an_fp32_repository(tiny_checkpoint: Path) -> None:
+    engines = {**dict.fromkeys(c.ENGINE_MODELS, "python-ort"), "unet": "tensorrt"}
+    settings = RepositorySettings(engines=engines, fp16=("unet",))  # type: ignore[arg-type]
+    assert [settings.precision_of(name) for name in c.ENGINE_MODELS] == ["fp32", "fp16", "fp32"]
+    configs = all_configs(settings, ServedModel("tiny", 64, 64, 8))
+    assert {name: configs[name].parameters["precision"].string_value for name in c.ENGINE_MODELS} == {
+        "text_encoder": "fp32", "unet": "fp16", "vae_decoder": "fp32",
+    }  # fmt: skip
+    assert (
+        configs["unet"].platform == "tensorrt_plan" and configs["unet"].default_model_filename == "model.plan"
+    )

@@ -222,3 +222,28 @@ def test_swaps_under_load_lose_nothing_and_provenance_follows_the_live_engine(st
     # Triton and `engine list` agree: version 1 live and loaded again.
     unet = next(row for row in engine_rows(repo, triton_http) if row["component"] == "unet")
     assert (unet["version"], unet["precision"], unet["loaded_versions"]) == (1, "fp32", ["1"])
+
+
+def test_the_python_torch_kind_serves_the_same_images(stack) -> None:
+    """The UNet switched to PyTorch in Triton's python backend: the gate passes, responses say
+    python-torch, and the pixels are the ONNX graph's (FP32 both)."""
+    repo, triton, gateway = stack
+    triton_http = f"localhost:{triton.http_port}"
+    result = set_engine(repo, SwapOptions("unet", "python-torch", gate=GATE, triton_http=triton_http))
+    assert result.switched and result.record is not None and result.report is not None
+    assert result.report.max_abs <= 2  # PyTorch vs the ONNX graph of the same weights
+    body = {"prompt": PROMPT, "seed": 7, **PARAMS}
+    response = httpx.post(
+        f"{gateway.url}/v1/generate", json=body, headers={"Cache-Control": "no-cache"}, timeout=120
+    )
+    assert response.status_code == 200, response.text
+    unet = response.json()["provenance"]["components"]["unet"]
+    assert (unet["engine"], unet["version"], unet["sha256"]) == (
+        "python-torch",
+        result.record.version,
+        result.record.sha256,
+    )
+    served = png(response.json()["images"][0]["base64"]).astype(int)
+    expected = LocalPipeline(repo)(PROMPT, seed=7, **PARAMS).images[0].astype(int)  # ONNX Runtime, FP32
+    assert np.abs(served - expected).max() <= 2
+    assert rollback(repo, "unet", triton_http).kind == "python-ort"

@@ -1,4 +1,5 @@
-"""Runs this folder's model.onnx with ONNX Runtime when config.pbtxt says `backend: "python"`
-(engine kind python-ort); ignored by the onnxruntime and tensorrt kinds."""
+"""Runs this version's engine when config.pbtxt says `backend: "python"`: the ONNX graph with ONNX
+Runtime (kind python-ort) or the PyTorch module from the diffusers weights (parameter
+`engine: python-torch`); ignored by the onnxruntime and tensorrt kinds."""
 
-from sd_triton.runtime.triton_ort import TritonPythonModel  # noqa: F401
+from sd_triton.runtime.triton_engine import TritonPythonModel  # noqa: F401

@@ -1,0 +1,54 @@
+"""The python engine kinds as a Triton python model, dynamically batched: `python-ort` (any ONNX graph
+with ONNX Runtime; the default) or `python-torch` (the component's PyTorch module from its diffusers
+weights), as the config's `engine` parameter says. Only importable inside Triton's python backend.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from sd_triton.runtime import triton_io
+from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
+
+
+def make_runner(args: dict[str, Any]) -> BatchRunner:
+    params = triton_io.parameters(args)
+    version = triton_io.version_dir(args)
+    device = params.get("device", "auto")
+    threads = int(params.get("intra_op_threads", "0"))
+    if params.get("engine", "python-ort") == "python-torch":
+        from sd_triton.runtime.torch_runner import TorchRunner  # torch and diffusers: only for this kind
+
+        compile_ = params.get("torch_compile", "0") == "1"
+        return TorchRunner(json.loads(args["model_config"])["name"], version, device, threads, compile_)
+    return OrtRunner(
+        version / params.get("model_file", "model.onnx"),  # model.int8.onnx: INT8
+        device=device,
+        threads=threads,
+        spinning=params.get("allow_spinning", "1") == "1",
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        self.input_names = [t["name"] for t in config["input"]]
+        self.output_names = [t["name"] for t in config["output"]]
+        self.runner = make_runner(args)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        feeds = []
+        for request in requests:
+            tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.input_names}
+            feeds.append({name: t.as_numpy() for name, t in tensors.items() if t is not None})
+        responses = []
+        for out in self.runner.run_batch(feeds):
+            if isinstance(out, Exception):
+                responses.append(triton_io.error_response(str(out)))
+                continue
+            tensors = [pb_utils.Tensor(name, out[name]) for name in self.output_names]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
