@@ -32,17 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from export import tensorrt
-from export.checkpoint import artifact_sha256, link_file, link_tree, sha256_file
+from export.checkpoint import Checkpoint, artifact_sha256, link_file, link_tree, sha256_file
+from export.components import COMPONENTS
 from export.parity import ParityGate, ParityReport, render_parity
+from export.pipeline import SOURCE_REPO, engine_profile
 from export.quantize import INT8_COMPONENTS, quantize_int8
-from export.repository import CONFIG_FILE, RepositorySettings, engine_config, parse, write_config
+from export.repository import CONFIG_FILE, MANIFEST, RepositorySettings, engine_config, parse, write_config
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord, versions_on_disk
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-SOURCE_REPO = Path(__file__).resolve().parents[1] / "model_repository"  # the python kinds' model.py
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -199,10 +199,6 @@ def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptio
 
 def _build_plan(repo: Repository, candidate: EngineRecord, source: Path, target: Path, work_dir: Path) -> Any:
     """A TensorRT plan with the component's profile (as the export builds it), on this GPU."""
-    from export.checkpoint import Checkpoint
-    from export.components import COMPONENTS
-    from export.pipeline import engine_profile
-
     reason = tensorrt.unavailable_reason()
     gpu = tensorrt.build_target()
     if reason or gpu is None:

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from export import tensorrt
-from export.repository import CONFIG_FILE, parse
+from export.repository import CONFIG_FILE, MANIFEST, parse
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord
-
-MANIFEST = "manifest.json"
 
 
 def live_version(repo: Path, name: str) -> int:

@@ -22,7 +22,7 @@ from export.onnx_export import OPSET, export_onnx
 from export.presets import PRESETS, ensure_preset_checkpoint
 from export.preview import fit_preview_weights
 from export.quantize import INT8_FILE, quantize_int8
-from export.repository import RepositorySettings, write_configs
+from export.repository import MANIFEST, RepositorySettings, write_configs
 from sd_triton import __version__
 from sd_triton import contract as c
 from sd_triton.contract import UNET, Limits
@@ -33,7 +33,6 @@ from sd_triton.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 SOURCE_REPO = Path(__file__).resolve().parents[1] / "model_repository"  # the model.py files
 DEFAULT_WORK_DIR = Path(".cache") / "sd-triton"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"  # committed, see its README

@@ -26,6 +26,7 @@ Precision = Literal["fp32", "fp16"]
 Batching = Literal["none", "dynamic", "continuous"]
 BATCHING_MODES: tuple[Batching, ...] = ("none", "dynamic", "continuous")
 CONFIG_FILE = "config.pbtxt"
+MANIFEST = "manifest.json"  # what the export made, and the live engine versions (export/pipeline.py)
 
 # The ensemble's data flow: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
 ENSEMBLE_STEPS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
