@@ -377,9 +377,8 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
             repo, candidate, [*repo.manifest["live"][name], version], options.triton_http
         )
     except BaseException:
-        if (
-            repo.manifest["live"][name][-1] != version
-        ):  # not live: a refused or failed candidate leaves no folder
+        # a candidate that did not go live (a failed build, gate or load) leaves no folder behind
+        if repo.manifest["live"][name][-1] != version:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     result.switched, result.record = True, candidate
