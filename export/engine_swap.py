@@ -286,7 +286,9 @@ def triton_load(triton_http: str, model: str, timeout_s: float = 600.0) -> None:
 def _go_live(
     repo: Repository, record: EngineRecord, history: list[int], triton_http: str | None
 ) -> tuple[float, float] | None:
-    """Makes `record` live; the monotonic times around Triton's load (None: no Triton named)."""
+    """Makes `record` live; the monotonic times around Triton's load (None: no Triton named).
+    `triton_http`: one HOST:PORT, or several comma-separated (every Triton serving the repository,
+    loaded one after the other; a failure restores the previous version on all of them)."""
     name = record.component
     previous = repo.live_record(name)
     previous_history = list(repo.manifest["live"][name])
@@ -294,13 +296,16 @@ def _go_live(
     if triton_http is None:
         log.info("%s: version %d written; Triton serves it from its next load or start", name, record.version)
         return None
+    servers = [address.strip() for address in triton_http.split(",") if address.strip()]
     started = time.monotonic()
     try:
-        triton_load(triton_http, name)
+        for server in servers:
+            triton_load(server, name)
     except EngineSwapError:
         log.error("%s: restoring version %d", name, previous.version)
         repo.write_live(previous, previous_history)
-        triton_load(triton_http, name)
+        for server in servers:
+            triton_load(server, name)
         raise
     done = time.monotonic()
     log.info("%s: Triton serves version %d (%s, %s), loaded in %.1f s", name, record.version, record.kind,

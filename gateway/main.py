@@ -172,7 +172,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backend = TritonBackend(settings)
+        backend = TritonBackend(settings, metrics)
+        backend.start()  # health checks: endpoints in and out of rotation
         encoder = ImageEncoder(settings.encode_workers)
         store = make_store(settings.redis_url)
         app.state.store = store
@@ -280,12 +281,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], responses={503: {"description": "Triton or txt2img not ready"}})
     async def readyz(backend: BackendDep) -> JSONResponse:
-        """Triton is reachable and txt2img is ready."""
-        if await backend.ready():
-            return JSONResponse({"status": "ready", "triton_url": settings.triton_url})
-        headers = {"Retry-After": str(settings.retry_after_s)}
-        body = {"status": "not ready", "triton_url": settings.triton_url}
-        return JSONResponse(body, status_code=503, headers=headers)
+        """Some Triton endpoint is reachable with txt2img ready; `endpoints` says which are in rotation."""
+        ready = await backend.ready()
+        body = {
+            "status": "ready" if ready else "not ready",
+            "triton_url": settings.triton_url,
+            "endpoints": backend.endpoint_states(),
+        }
+        if ready:
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     async def prometheus(request: Request) -> Response:

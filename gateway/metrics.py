@@ -91,6 +91,14 @@ class GatewayMetrics:
             )
             for triton_name, name in GPU_METRICS.items()
         }
+        self.triton_endpoint_up = Gauge(
+            "gateway_triton_endpoint_up", "1 while a Triton endpoint is in rotation (its txt2img ready)",
+            ["endpoint"], registry=self.registry,
+        )  # fmt: skip
+        self.triton_endpoint_in_flight = Gauge(
+            "gateway_triton_endpoint_in_flight", "calls in flight on a Triton endpoint", ["endpoint"],
+            registry=self.registry,
+        )  # fmt: skip
         self.triton_metrics_up = Gauge(
             "gateway_triton_metrics_up", "1 when the last read of Triton's metrics endpoint worked",
             registry=self.registry,
@@ -134,10 +142,12 @@ class _ProductTotals(Collector):
 
 
 def triton_metrics_url(triton_url: str, configured: str | None) -> str | None:
-    """The configured URL; unset: Triton's default metrics port on the gRPC endpoint's host; "": off."""
+    """The configured URL; unset: Triton's default metrics port on the (first) gRPC endpoint's host;
+    "": off."""
     if configured is not None:
         return configured or None
-    host = triton_url.rsplit(":", 1)[0] if ":" in triton_url else triton_url
+    first = triton_url.split(",")[0].strip().removeprefix("dns:")
+    host = first.rsplit(":", 1)[0] if ":" in first else first
     return f"http://{host}:8002/metrics"
 
 

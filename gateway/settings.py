@@ -4,9 +4,23 @@
 from __future__ import annotations
 
 import os
+import re
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENDPOINT = re.compile(r"(dns:)?[A-Za-z0-9.\-_\[\]:]+:\d{1,5}")
+
+
+def parse_endpoints(value: str) -> list[str]:
+    """`triton_url` as a list: HOST:PORT or dns:NAME:PORT entries, comma-separated."""
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    bad = [entry for entry in entries if not ENDPOINT.fullmatch(entry)]
+    if not entries or bad:
+        raise ValueError(
+            f"triton_url: expected comma-separated HOST:PORT or dns:NAME:PORT entries, got {bad or value!r}"
+        )
+    return entries
 
 
 class GatewaySettings(BaseSettings):
@@ -14,7 +28,17 @@ class GatewaySettings(BaseSettings):
         env_prefix="SD_GATEWAY_", env_file=os.environ.get("SD_GATEWAY_ENV_FILE"), extra="forbid"
     )
 
-    triton_url: str = Field("localhost:8001", description="Triton gRPC endpoint, HOST:PORT")
+    triton_url: str = Field(
+        "localhost:8001",
+        description="Triton gRPC endpoints, comma-separated HOST:PORT; dns:NAME:PORT means every address "
+        "NAME resolves to (a Kubernetes headless Service), resolved again at every health check",
+    )
+    triton_health_interval_s: float = Field(1.0, gt=0, description="probe every Triton endpoint this often")
+    triton_retries: int = Field(
+        2,
+        ge=0,
+        description="a call that failed on an endpoint (down, not ready) is sent to another, this often",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     # every Triton call has a deadline: a request never hangs on a dead server
@@ -77,3 +101,9 @@ class GatewaySettings(BaseSettings):
         None, description="Triton's Prometheus endpoint; unset: Triton's host, port 8002; empty: off"
     )
     triton_metrics_timeout_s: float = Field(0.5, gt=0)
+
+    @field_validator("triton_url")
+    @classmethod
+    def _endpoints(cls, value: str) -> str:
+        parse_endpoints(value)
+        return value

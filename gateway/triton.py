@@ -1,14 +1,25 @@
-"""The gateway's one gRPC channel to Triton (tritonclient.grpc.aio), with a deadline on every call
-and Triton's errors mapped onto the gateway's."""
+"""The gateway's gRPC channels to its Triton servers (tritonclient.grpc.aio): a deadline on every call,
+Triton's errors mapped onto the gateway's, and with several endpoints (`triton_url` "a:8001,b:8001",
+or "dns:NAME:PORT" for every address NAME resolves to) least-in-flight routing, health checks that take
+an endpoint out of rotation and back, and retries on another endpoint.
+
+Retries: a call that failed with UNAVAILABLE (connection refused, the server gone mid-call) or because
+the endpoint's txt2img is not ready is sent to another endpoint, up to `triton_retries` times. txt2img
+is a pure function of its inputs (the gateway fixes the seed before the call), so running it again is
+safe; a job's progress restarts from step 1 on the new endpoint."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import itertools
 import logging
+import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
@@ -16,7 +27,8 @@ from tritonclient.grpc import InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import InvalidRequestError, TritonError, TritonUnavailableError
-from gateway.settings import GatewaySettings
+from gateway.metrics import GatewayMetrics
+from gateway.settings import GatewaySettings, parse_endpoints
 from sd_triton import contract as c
 from sd_triton.served_model import ServedModel, config_fingerprint
 from sd_triton.txt2img_client import (
@@ -38,43 +50,203 @@ CHANNEL_ARGS = [
 ]
 UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
 INVALID = {"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"}
+NOT_READY = ("not found", "unavailable", "not ready")  # Triton's words for a model it cannot run now
+T = TypeVar("T")
+
+
+class Retryable(TritonUnavailableError):
+    """This endpoint could not run the call (down, or txt2img not ready there); another one may."""
+
+
+@dataclass(eq=False)
+class Endpoint:
+    address: str  # HOST:PORT
+    client: grpcaio.InferenceServerClient
+    in_flight: int = 0
+    healthy: bool = True  # in rotation; optimistic until the first health check
+    reason: str = ""  # why it is out of rotation
+
+
+async def resolve(entry: str) -> list[str]:
+    """HOST:PORT as is; dns:NAME:PORT -> every address NAME resolves to, with PORT."""
+    if not entry.startswith("dns:"):
+        return [entry]
+    host, port = entry.removeprefix("dns:").rsplit(":", 1)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    addresses = sorted({str(info[4][0]) for info in infos})
+    return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
 
 
 class TritonBackend:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         self.settings = settings
-        self.client = grpcaio.InferenceServerClient(settings.triton_url, channel_args=CHANNEL_ARGS)
+        self.metrics = metrics
+        self.entries = parse_endpoints(settings.triton_url)
+        self.endpoints: dict[str, Endpoint] = {}
+        for entry in self.entries:
+            if not entry.startswith("dns:"):
+                self._add(entry)
+        self._turn = itertools.count()  # breaks ties between endpoints equally in flight
+        self._health: asyncio.Task[None] | None = None
         self._served: ServedModel | None = None
         self._served_until = 0.0  # monotonic time of the next re-read
         self._served_lock = asyncio.Lock()
 
-    async def close(self) -> None:
-        await self.client.close()
+    def start(self) -> None:
+        """The health checks, every `triton_health_interval_s` (call from a running event loop)."""
+        self._health = asyncio.create_task(self._health_loop())
 
-    def _map(self, exc: InferenceServerException, what: str) -> Exception:
+    async def close(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
+        for endpoint in self.endpoints.values():
+            await endpoint.client.close()
+
+    def _add(self, address: str) -> Endpoint:
+        client = grpcaio.InferenceServerClient(address, channel_args=CHANNEL_ARGS)
+        endpoint = self.endpoints[address] = Endpoint(address, client)
+        self._report(endpoint)
+        return endpoint
+
+    def _report(self, endpoint: Endpoint) -> None:
+        if self.metrics is not None:
+            self.metrics.triton_endpoint_up.labels(endpoint=endpoint.address).set(int(endpoint.healthy))
+            self.metrics.triton_endpoint_in_flight.labels(endpoint=endpoint.address).set(endpoint.in_flight)
+
+    # -- health -----------------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.check_health()
+            except Exception:  # noqa: BLE001 - the loop outlives any one round
+                log.exception("Triton health check failed")
+            await asyncio.sleep(self.settings.triton_health_interval_s)
+
+    async def check_health(self) -> None:
+        """Resolve dns: entries again, probe every endpoint, and move endpoints in and out of rotation."""
+        wanted: list[str] = []
+        for entry in self.entries:
+            try:
+                wanted += await resolve(entry)
+            except OSError as exc:
+                log.warning("Triton endpoint %s: cannot resolve: %s", entry, exc)
+        for address in wanted:
+            if address not in self.endpoints:
+                log.info("Triton endpoint %s: discovered", address)
+                self._add(address)
+        for address in [a for a in self.endpoints if a not in wanted and wanted]:
+            endpoint = self.endpoints.pop(address)
+            log.info("Triton endpoint %s: no longer resolved; removed", address)
+            await endpoint.client.close()
+        endpoints = list(self.endpoints.values())
+        results = await asyncio.gather(*(self._probe(e) for e in endpoints))
+        for endpoint, (ready, reason) in zip(endpoints, results, strict=True):
+            if ready and not endpoint.healthy:
+                log.info("Triton endpoint %s: ready again, back in rotation", endpoint.address)
+            elif not ready and endpoint.healthy:
+                log.warning("Triton endpoint %s: out of rotation: %s", endpoint.address, reason)
+            endpoint.healthy, endpoint.reason = ready, "" if ready else reason
+            self._report(endpoint)
+
+    async def _probe(self, endpoint: Endpoint) -> tuple[bool, str]:
+        timeout = self.settings.triton_probe_timeout_s
+        try:
+            if not await endpoint.client.is_server_ready(client_timeout=timeout):
+                return False, "server not ready"
+            if not await endpoint.client.is_model_ready(c.TXT2IMG.name, client_timeout=timeout):
+                return False, "txt2img not ready"
+        except InferenceServerException as exc:
+            return False, exc.message() or str(exc)
+        return True, ""
+
+    def endpoint_states(self) -> dict[str, str]:
+        return {
+            e.address: "ready" if e.healthy else f"out of rotation: {e.reason}"
+            for e in self.endpoints.values()
+        }
+
+    # -- routing ----------------------------------------------------------------------------------
+
+    def _pick(self, tried: set[str]) -> Endpoint:
+        """The least busy endpoint in rotation not tried yet (ties in turn); with none in rotation, the
+        least busy of the others (the health check may lag behind)."""
+        untried = [e for e in self.endpoints.values() if e.address not in tried]
+        if not untried:
+            raise TritonUnavailableError(
+                f"no Triton endpoint left to try ({', '.join(self.endpoints) or self.settings.triton_url})",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        pool = [e for e in untried if e.healthy] or untried
+        turn = next(self._turn)
+        return min(pool, key=lambda e: (e.in_flight, (pool.index(e) - turn) % len(pool)))
+
+    def _out_of_rotation(self, endpoint: Endpoint, reason: str) -> None:
+        if endpoint.healthy:
+            log.warning("Triton endpoint %s: out of rotation: %s", endpoint.address, reason)
+        endpoint.healthy, endpoint.reason = False, reason
+        self._report(endpoint)
+
+    @contextlib.contextmanager
+    def _busy(self, tried: set[str]) -> Iterator[Endpoint]:
+        """The endpoint `_pick` chooses, counted in flight while the call runs."""
+        endpoint = self._pick(tried)
+        endpoint.in_flight += 1
+        self._report(endpoint)
+        try:
+            yield endpoint
+        finally:
+            endpoint.in_flight -= 1
+            self._report(endpoint)
+
+    async def _routed(self, what: str, call: Callable[[Endpoint], Awaitable[T]]) -> T:
+        """`call` on the least busy endpoint; on a Retryable failure, again on another one."""
+        tried: set[str] = set()
+        while True:
+            with self._busy(tried) as endpoint:
+                try:
+                    return await call(endpoint)
+                except InferenceServerException as exc:
+                    error = self._map(exc, what, endpoint)
+                    if not self._retry(error, endpoint, tried, what):
+                        raise error from None
+
+    def _retry(self, error: Exception, endpoint: Endpoint, tried: set[str], what: str) -> bool:
+        """After `error` on `endpoint`: True when another endpoint should take the call (and this one
+        leaves rotation until its health check passes)."""
+        if not isinstance(error, Retryable):
+            return False
+        self._out_of_rotation(endpoint, error.message)
+        tried.add(endpoint.address)
+        if len(tried) > self.settings.triton_retries or all(a in tried for a in self.endpoints):
+            return False
+        log.warning(
+            "%s failed on %s (%s); retrying on another endpoint", what, endpoint.address, error.message
+        )
+        return True
+
+    def _map(self, exc: InferenceServerException, what: str, endpoint: Endpoint | None = None) -> Exception:
         status, message = str(exc.status()), exc.message() or str(exc)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
+        where = endpoint.address if endpoint else self.settings.triton_url
+        if status == "StatusCode.UNAVAILABLE":
+            return Retryable(f"Triton at {where} unavailable ({what}): {message}", headers=retry)
         if status in UNAVAILABLE:
-            return TritonUnavailableError(
-                f"Triton at {self.settings.triton_url} unavailable ({what}): {message}", headers=retry
-            )
+            return TritonUnavailableError(f"Triton at {where} unavailable ({what}): {message}", headers=retry)
         if status in INVALID:
             return InvalidRequestError(
                 message.removeprefix("in ensemble 'txt2img', "), field=_field_of(message)
             )
-        if "not found" in message or "unavailable" in message or "not ready" in message:
-            return TritonUnavailableError(f"Triton: {message}", headers=retry)
+        if any(words in message for words in NOT_READY):
+            return Retryable(f"Triton at {where}: {message}", headers=retry)
         return TritonError(f"Triton error ({what}): {message}")
 
     async def ready(self) -> bool:
-        timeout = self.settings.triton_probe_timeout_s
-        try:
-            return bool(
-                await self.client.is_server_ready(client_timeout=timeout)
-                and await self.client.is_model_ready(c.TXT2IMG.name, client_timeout=timeout)
-            )
-        except InferenceServerException:
-            return False
+        """Some endpoint is ready now (every endpoint is probed)."""
+        await self.check_health()
+        return any(e.healthy for e in self.endpoints.values())
 
     async def served_model(self) -> ServedModel:
         """What txt2img serves, from Triton's configs: re-read every `served_model_refresh_s` and after
@@ -92,37 +264,38 @@ class TritonBackend:
             return self._served
 
     async def _read_served_model(self) -> ServedModel:
-        timeout = self.settings.triton_probe_timeout_s
-        try:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
-            versions: dict[str, list[str]] = {}
-            for model in index.get("models", []):
-                if model.get("state") == "READY":
-                    versions.setdefault(model["name"], []).append(str(model.get("version", "")))
-            names = [name for name in c.MODELS if name in versions or name == c.TXT2IMG.name]
-            responses = await asyncio.gather(
-                *(self.client.get_model_config(name, as_json=True, client_timeout=timeout) for name in names)
-            )
-        except InferenceServerException as exc:
-            raise self._map(exc, "reading model configs") from None
+        return await self._routed("reading model configs", self._read_from)
+
+    async def _read_from(self, endpoint: Endpoint) -> ServedModel:
+        timeout, client = self.settings.triton_probe_timeout_s, endpoint.client
+        index = await client.get_model_repository_index(as_json=True, client_timeout=timeout)
+        versions: dict[str, list[str]] = {}
+        for model in index.get("models", []):
+            if model.get("state") == "READY":
+                versions.setdefault(model["name"], []).append(str(model.get("version", "")))
+        names = [name for name in c.MODELS if name in versions or name == c.TXT2IMG.name]
+        responses = await asyncio.gather(
+            *(client.get_model_config(name, as_json=True, client_timeout=timeout) for name in names)
+        )
         configs = {name: response["config"] for name, response in zip(names, responses, strict=True)}
         served = ServedModel.from_configs(configs)
         return dataclasses.replace(served, fingerprint=config_fingerprint(configs, versions))
 
     async def txt2img(self, prompt: str, **params: Any) -> Txt2ImgResult:
         outputs = [InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
-        try:
-            result = await self.client.infer(
-                c.TXT2IMG.name,
-                txt2img_inputs(prompt, **params),
-                outputs=outputs,
-                client_timeout=self.settings.triton_timeout_s,
+        inputs = txt2img_inputs(prompt, **params)
+
+        async def call(endpoint: Endpoint) -> Any:
+            timeout = self.settings.triton_timeout_s
+            return await endpoint.client.infer(
+                c.TXT2IMG.name, inputs, outputs=outputs, client_timeout=timeout
             )
-        except InferenceServerException as exc:
-            error = self._map(exc, "txt2img")
-            if not isinstance(error, InvalidRequestError):
-                self._served_until = 0.0  # re-read the configs next time: the model may have changed
-            raise error from None
+
+        try:
+            result = await self._routed("txt2img", call)
+        except (TritonError, TritonUnavailableError):
+            self._served_until = 0.0  # re-read the configs next time: the model may have changed
+            raise
         return self._noted(parse_result(result))
 
     def _noted(self, result: Txt2ImgResult) -> Txt2ImgResult:
@@ -137,30 +310,44 @@ class TritonBackend:
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         """txt2img_stream over gRPC streaming: a Progress per denoising step, then the result.
         Closing the generator early (a cancelled job) cancels the stream, and Triton drops the
-        request before its next step."""
+        request before its next step. An endpoint lost mid-stream: the request starts again on
+        another one (progress from step 1)."""
         inputs = txt2img_inputs(prompt, **params)
         if preview:
             inputs.append(infer_input(c.PREVIEW, np.array([True])))
+        tried: set[str] = set()
+        while True:
+            with self._busy(tried) as endpoint:
+                try:
+                    async for event in self._stream_on(endpoint, inputs):
+                        yield event
+                    return
+                except Retryable as error:
+                    if not self._retry(error, endpoint, tried, "txt2img_stream (progress starts again)"):
+                        raise
 
+    async def _stream_on(
+        self, endpoint: Endpoint, inputs: list[Any]
+    ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": c.TXT2IMG_STREAM.name, "inputs": inputs}
 
-        stream = self.client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
+        stream = endpoint.client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
         try:
             async for result, error in stream:
                 if error is not None:
-                    raise self._map(error, "txt2img_stream")
+                    raise self._map(error, "txt2img_stream", endpoint)
                 event = parse_stream_response(result)
                 if isinstance(event, Txt2ImgResult):
                     yield self._noted(event)
                     return
                 yield event
         except InferenceServerException as exc:
-            raise self._map(exc, "txt2img_stream") from None
+            raise self._map(exc, "txt2img_stream", endpoint) from None
         finally:
             stream.cancel()
-        raise TritonUnavailableError(
-            f"Triton at {self.settings.triton_url}: txt2img_stream ended without a result",
+        raise Retryable(
+            f"Triton at {endpoint.address}: txt2img_stream ended without a result",
             headers={"Retry-After": str(self.settings.retry_after_s)},
         )
 

@@ -77,6 +77,19 @@ def _engine_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_check(args: argparse.Namespace) -> int:
+    from export.engines import tensorrt_problems
+
+    problems = tensorrt_problems(Path(args.repo))
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        log.error("Triton cannot serve %s's TensorRT plans on this machine", args.repo)
+        return 2
+    print(f"{args.repo}: every live engine can run here")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from export.pipeline import ExportOptions, run_export
     from export.repository import RepositorySettings
@@ -358,13 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--max-abs", type=int, default=None, help="gate: largest pixel difference allowed")
     setting.add_argument("--gate-steps", type=int, default=8, help="gate: denoising steps per golden image")
     setting.set_defaults(run=_engine_set)
+    check = engine_sub.add_parser(
+        "check", help="exit 2 when a live TensorRT plan was built for another GPU/TensorRT (or never built)"
+    )
+    check.add_argument("--repo", default="model_repository")
+    check.set_defaults(run=_engine_check)
     back = engine_sub.add_parser("rollback", help="make the version live before the current one live again")
     back.add_argument("component", choices=list(ENGINE_MODELS))
     back.set_defaults(run=_engine_rollback)
     for parser_ in (setting, back):
         parser_.add_argument("--repo", default="model_repository")
         parser_.add_argument(
-            "--triton-http", default=None, help="the running Triton's HTTP HOST:PORT to load the version into"
+            "--triton-http",
+            default=None,
+            help="the running Triton's HTTP HOST:PORT to load the version into (several: comma-separated)",
         )
 
     gen = sub.add_parser("generate", help="one image from a running gateway")

@@ -82,16 +82,16 @@ def tiny_checkpoint(exported: dict) -> Path:
     return Path(exported["manifest"]["source"]["path"])
 
 
+def triton_server(repo: Path, log_file: Path) -> TritonServer:
+    """A Triton server (not started) for `repo` on free ports."""
+    return TritonServer(
+        repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), log_file=log_file
+    )
+
+
 @pytest.fixture(scope="session")
 def triton(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    log_file = tmp_path_factory.mktemp("triton") / "triton.log"
-    server = TritonServer(
-        exported["repo"],
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        log_file=log_file,
-    )
+    server = triton_server(exported["repo"], tmp_path_factory.mktemp("triton") / "triton.log")
     server.start()
     yield server
     server.stop()

@@ -257,5 +257,8 @@ def test_sd_triton_triton_refuses_a_mismatched_plan(tmp_path: Path, repo: Path) 
     unbuilt = EngineRecord("unet", 2, "tensorrt", "fp16", "model.plan", "", "2026-01-01T00:00:00+00:00")
     unbuilt.save(copy / "unet" / "2")
     assert "never built" in tensorrt_problems(copy, target=dict(build))[0]
-    # on this machine (no GPU): `sd-triton triton` does not start Triton on it
+    # on this machine (no GPU): `sd-triton triton` does not start Triton on it, and the containers'
+    # entry point check (`sd-triton engine check`) stops there too; the exported repository passes it
     assert main(["triton", "--repo", str(copy)]) == 2
+    assert main(["engine", "check", "--repo", str(copy)]) == 2
+    assert main(["engine", "check", "--repo", str(repo)]) == 0

@@ -26,7 +26,7 @@ from gateway.process import GatewayProcess
 from sd_triton import contract as c
 from sd_triton.runtime.local import LocalPipeline
 from sd_triton.triton_server import TritonServer
-from tests.conftest import WORK_DIR, free_port
+from tests.conftest import WORK_DIR, free_port, triton_server
 
 INT8 = ("unet", "text_encoder")
 PARAMS = {"height": 64, "width": 64, "steps": 6, "guidance_scale": 7.5, "scheduler": "ddim"}
@@ -119,9 +119,7 @@ def test_parity_of_int8_against_fp32_and_a_broken_candidate_fails(int8_repo) -> 
 @pytest.fixture(scope="module")
 def int8_triton(int8_repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repo, _ = int8_repo
-    folder = tmp_path_factory.mktemp("int8-triton")
-    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
-    with TritonServer(repo, log_file=folder / "triton.log", **ports) as triton:
+    with triton_server(repo, tmp_path_factory.mktemp("int8-triton") / "triton.log") as triton:
         yield triton
 
 

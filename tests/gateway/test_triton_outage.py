@@ -7,18 +7,14 @@ import time
 import httpx
 
 from gateway.process import GatewayProcess
-from sd_triton.triton_server import TritonServer
-from tests.conftest import free_port
+from tests.conftest import free_port, triton_server
 
 BODY = {"prompt": "a fox", "steps": 3, "width": 64, "height": 48}
 TIMEOUT_S = 5.0
 
 
 def test_outage_and_recovery(exported: dict, tmp_path) -> None:
-    triton = TritonServer(
-        exported["repo"], grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-        log_file=tmp_path / "triton.log",
-    )  # fmt: skip
+    triton = triton_server(exported["repo"], tmp_path / "triton.log")
     env = {"SD_GATEWAY_TRITON_TIMEOUT_S": str(TIMEOUT_S), "SD_GATEWAY_TRITON_PROBE_TIMEOUT_S": "1"}
     gateway = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gateway.log", env=env)
     try:

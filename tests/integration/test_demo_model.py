@@ -15,9 +15,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from export.demo_data import check_image, held_in_prompts, success_rates
 from export.pipeline import DEMO_MODEL
-from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
-from tests.conftest import free_port
+from tests.conftest import triton_server
 
 # the demo model's sampling settings (models/demo/README.md)
 PARAMS = {"height": 64, "width": 64, "steps": 25, "guidance_scale": 5.0, "scheduler": "ddim"}
@@ -29,10 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def demo_client(demo_repo: Path) -> Iterator[grpcclient.InferenceServerClient]:
-    server = TritonServer(
-        demo_repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-        log_file=demo_repo.parent / "triton.log",
-    )  # fmt: skip
+    server = triton_server(demo_repo, demo_repo.parent / "triton.log")
     with server, grpcclient.InferenceServerClient(server.grpc_url) as client:
         yield client
 

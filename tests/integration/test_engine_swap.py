@@ -6,10 +6,8 @@ it ran, and its pixels are that engine's; a broken candidate is refused while th
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +23,13 @@ from gateway.process import GatewayProcess
 from sd_triton.engine_record import EngineRecord
 from sd_triton.runtime.local import LocalPipeline
 from sd_triton.triton_server import TritonServer
-from tests.conftest import WORK_DIR, free_port
+from tests.conftest import WORK_DIR, free_port, triton_server
 from tests.gateway.test_jobs import png
+from tests.load import Load
 
 log = logging.getLogger(__name__)
 PARAMS = {"height": 64, "width": 64, "steps": 6, "guidance_scale": 7.5, "scheduler": "ddim"}
 PROMPT = "a red circle on a blue background"
-SYNC_CLIENTS = 3  # each sends its own seed, again and again
 GATE = GateSettings(steps=4)
 
 
@@ -41,91 +39,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Trit
     work = tmp_path_factory.mktemp("swap-load")
     repo = work / "model_repository"
     run_export(ExportOptions(model="tiny", repo=repo, work_dir=WORK_DIR))
-    triton = TritonServer(
-        repo,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        log_file=work / "triton.log",
-    )
+    triton = triton_server(repo, work / "triton.log")
     with triton, GatewayProcess(triton.grpc_url, port=free_port(), log_file=work / "gateway.log") as gateway:
         yield repo, triton, gateway
-
-
-@dataclass
-class Load:
-    """Sync requests and jobs in a loop until stopped; every outcome with its start and end time."""
-
-    url: str
-    results: list[dict[str, Any]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def _sync(self, seed: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=120, headers={"Cache-Control": "no-cache"}) as http:
-            while not self.stop.is_set():
-                started = time.monotonic()
-                response = http.post("/v1/generate", json={"prompt": PROMPT, "seed": seed, **PARAMS})
-                body = response.json() if response.status_code == 200 else {"error": response.text}
-                self._record("sync", seed, started, response.status_code, body)
-
-    def _jobs(self, seed: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=120, headers={"Cache-Control": "no-cache"}) as http:
-            while not self.stop.is_set():
-                started = time.monotonic()
-                job = http.post("/v1/jobs", json={"prompt": PROMPT, "seed": seed, **PARAMS})
-                if job.status_code != 202:
-                    self._record("job", seed, started, job.status_code, {"error": job.text})
-                    continue
-                while (record := http.get(f"/v1/jobs/{job.json()['id']}").json())["status"] in (
-                    "queued",
-                    "running",
-                ):
-                    time.sleep(0.05)
-                status = 200 if record["status"] == "completed" else 500
-                self._record("job", seed, started, status, record.get("result") or record)
-
-    def _record(self, kind: str, seed: int, started: float, status: int, body: dict[str, Any]) -> None:
-        self.results.append(
-            {
-                "kind": kind,
-                "seed": seed,
-                "start": started,
-                "end": time.monotonic(),
-                "status": status,
-                "body": body,
-            }
-        )
-
-    def __enter__(self) -> Load:
-        self.threads = [threading.Thread(target=self._sync, args=(seed,)) for seed in range(SYNC_CLIENTS)]
-        self.threads.append(threading.Thread(target=self._jobs, args=(SYNC_CLIENTS,)))
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=120)
 
 
 def _versions(result: dict[str, Any]) -> list[int]:
     return [engine["version"] for engine in result["body"]["provenance"]["unet_engines"]]
 
 
-def _wait_for(load: Load, after: float, count: int) -> None:
-    """Until `count` requests started after `after` have ended (60 s at most)."""
-    deadline = time.monotonic() + 60
-    while sum(r["start"] > after for r in load.results) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 def test_swaps_under_load_lose_nothing_and_provenance_follows_the_live_engine(stack, tmp_path: Path) -> None:
     repo, triton, gateway = stack
     triton_http = f"localhost:{triton.http_port}"
     marks: dict[str, float] = {}
-    with Load(gateway.url) as load:
-        _wait_for(load, 0, 6)
+    with Load(gateway.url, {"prompt": PROMPT, **PARAMS}) as load:
+        load.wait_for(0, 6)
         # 1. FP32 -> INT8 while the load runs (the gate first, then Triton's load: the swap itself).
         to_int8 = set_engine(
             repo, SwapOptions("unet", "python-ort", "int8", gate=GATE, triton_http=triton_http)
@@ -139,7 +67,7 @@ def test_swaps_under_load_lose_nothing_and_provenance_follows_the_live_engine(st
             to_int8.report.min_psnr_db,
             to_int8.report.max_abs,
         )
-        _wait_for(load, marks["int8_live"], 6)
+        load.wait_for(marks["int8_live"], 6)
         # 2. A broken candidate: refused by the gate, the INT8 engine keeps serving.
         broken = tmp_path / "model.onnx"
         broken.write_bytes((repo / "unet" / "1" / "model.onnx").read_bytes()[:4096])
@@ -149,17 +77,16 @@ def test_swaps_under_load_lose_nothing_and_provenance_follows_the_live_engine(st
         assert not refused.switched and "does not run" in refused.failures[0]
         assert loaded_versions(triton_http)["unet"] == ["2"]
         marks["refused"] = time.monotonic()
-        _wait_for(load, marks["refused"], 4)
+        load.wait_for(marks["refused"], 4)
         # 3. Roll back to FP32.
         marks["rollback_start"] = time.monotonic()
         assert rollback(repo, "unet", triton_http).version == 1
         marks["rollback_live"] = time.monotonic()
-        _wait_for(load, marks["rollback_live"], 6)
+        load.wait_for(marks["rollback_live"], 6)
     results = load.results
 
     # Nothing failed, sync or async.
-    failures = [(r["kind"], r["status"], str(r["body"])[:300]) for r in results if r["status"] != 200]
-    assert not failures, failures
+    assert not load.failures(), load.failures()
     assert {r["kind"] for r in results} == {"sync", "job"}
     assert {r["body"]["cache"] for r in results} == {"miss"}  # Cache-Control: no-cache, jobs included
 
