@@ -40,7 +40,7 @@ from gateway.service import Generator, ProgressCallback
 from gateway.settings import GatewaySettings
 from gateway.state import StateStore, StateUnavailable
 from gateway.storage import ImageStorage
-from gateway.webhooks import WebhookSender
+from gateway.webhooks import WebhookSender, refused_target
 from sd_triton.txt2img_client import Progress
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,10 @@ class JobManager:
         self.webhook_secret = webhook_secret
         self.storage = storage
         self.webhooks = WebhookSender(
-            settings.webhook_max_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s
+            settings.webhook_max_attempts,
+            settings.webhook_backoff_s,
+            settings.webhook_timeout_s,
+            settings.webhook_allow_private,
         )
         self._wake = asyncio.Event()
         self._stopping = False
@@ -193,6 +196,10 @@ class JobManager:
                 "SD_GATEWAY_WEBHOOK_SECRET",
                 field="webhook_url",
             )
+        if request.webhook_url is not None:
+            refused = await refused_target(request.webhook_url, self.webhooks.allow_private)
+            if refused is not None:
+                raise InvalidRequestError(refused, field="webhook_url")
         now = _now()
         record = JobRecord(
             id="job_" + secrets.token_hex(12),

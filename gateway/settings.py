@@ -69,6 +69,10 @@ class GatewaySettings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="signs webhooks of requests without an API key (open mode); keys have their own"
     )
+    webhook_allow_private: bool = Field(
+        False,
+        description="allow webhook targets on loopback, private or link-local addresses (internal receivers)",
+    )
     webhook_max_attempts: int = Field(5, ge=1)
     webhook_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt")
     webhook_timeout_s: float = Field(10.0, gt=0)

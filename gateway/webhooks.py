@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
+import socket
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -67,10 +70,36 @@ class Delivery:
     last_error: str | None = None
 
 
+async def refused_target(url: str, allow_private: bool) -> str | None:
+    """Why the gateway will not POST to `url`, or None. Unless `allow_private`, a host that resolves to a
+    loopback, private, link-local (cloud metadata), multicast, reserved or unspecified address is refused:
+    a webhook must not let a caller reach the gateway's own network."""
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        return "webhook_url: no host in the URL"
+    if allow_private:
+        return None
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"webhook_url: cannot resolve {host}: {exc}"
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global or address.is_multicast:
+            return (
+                f"webhook_url: {host} is {address}, not a public address (internal receivers: set "
+                "SD_GATEWAY_WEBHOOK_ALLOW_PRIVATE=true)"
+            )
+    return None
+
+
 class WebhookSender:
-    def __init__(self, max_attempts: int, backoff_s: float, timeout_s: float) -> None:
+    def __init__(
+        self, max_attempts: int, backoff_s: float, timeout_s: float, allow_private: bool = False
+    ) -> None:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
+        self.allow_private = allow_private
         self.client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
 
     async def close(self) -> None:
@@ -82,6 +111,12 @@ class WebhookSender:
             if delivery.attempts:
                 await asyncio.sleep(self.backoff_s * 2 ** (delivery.attempts - 1))
             delivery.attempts += 1
+            # checked again at every attempt: the name may resolve elsewhere now (DNS rebinding)
+            refused = await refused_target(url, self.allow_private)
+            if refused is not None:
+                delivery.last_error = refused
+                log.warning("webhook %s: not sent: %s", url, refused)
+                break
             headers = signed_headers(secret, body, event)  # a fresh timestamp per attempt
             try:
                 response = await self.client.post(url, content=body, headers=headers)

@@ -23,7 +23,7 @@ from PIL import Image
 from gateway.jobs import JobRecord
 from gateway.process import GatewayProcess
 from gateway.state import RedisStore
-from gateway.webhooks import verify
+from gateway.webhooks import refused_target, verify
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import free_port, triton_executions
@@ -64,6 +64,7 @@ def jobs_gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory)
     env = {
         "SD_GATEWAY_WEBHOOK_SECRET": SECRET,
         "SD_GATEWAY_WEBHOOK_BACKOFF_S": "0.1",
+        "SD_GATEWAY_WEBHOOK_ALLOW_PRIVATE": "true",  # the test receiver listens on loopback
         "SD_GATEWAY_JOBS_MAX_RUNNING": "1",
         "SD_GATEWAY_STORAGE_DIR": str(folder / "images"),
     }
@@ -314,3 +315,38 @@ def test_jobs_submitted_together_run_together(http: httpx.Client) -> None:
     for job, body in zip(jobs, bodies, strict=True):
         names = [f["event"] for f in events(http, job["id"])]
         assert names == ["queued"] + ["step"] * body["steps"] + ["completed"], names
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://127.0.0.1:9/hook", "127.0.0.1"),
+        ("http://localhost/hook", "not a public address"),
+        ("http://10.1.2.3/hook", "10.1.2.3"),
+        ("https://192.168.0.10/hook", "192.168.0.10"),
+        ("http://169.254.169.254/latest/meta-data", "169.254.169.254"),  # cloud metadata
+        ("http://[::1]:8080/hook", "::1"),
+        ("http://0.0.0.0/hook", "0.0.0.0"),
+        ("http://100.64.0.1/hook", "100.64.0.1"),  # carrier-grade NAT
+        ("http://nothing.invalid/hook", "cannot resolve"),
+        ("http://8.8.8.8/hook", None),
+    ],
+)
+def test_webhook_targets_on_private_networks_are_refused(url: str, refused: str | None) -> None:
+    reason = asyncio.run(refused_target(url, allow_private=False))
+    if refused is None:
+        assert reason is None
+    else:
+        assert reason is not None and reason.startswith("webhook_url:") and refused in reason, reason
+    assert asyncio.run(refused_target(url, allow_private=True)) is None
+
+
+def test_a_private_webhook_target_is_refused_at_submission(triton: TritonServer, tmp_path: Path) -> None:
+    env = {"SD_GATEWAY_WEBHOOK_SECRET": SECRET}  # signed webhooks, private targets not allowed (the default)
+    with GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env) as gateway:
+        body = {"prompt": "x", "steps": 2, "width": 32, "height": 32}
+        for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/latest/meta-data"):
+            response = httpx.post(f"{gateway.url}/v1/jobs", json={**body, "webhook_url": url}, timeout=30)
+            assert response.status_code == 422, response.text
+            error = response.json()["error"]
+            assert error["field"] == "webhook_url" and "not a public address" in error["message"]
