@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferRequestedOutput
@@ -344,6 +345,11 @@ class TritonBackend:
                 yield event
         except InferenceServerException as exc:
             raise self._map(exc, "txt2img_stream", endpoint) from None
+        except grpc.RpcError as exc:  # tritonclient's stream iterator lets gRPC's own errors through
+            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            status = str(exc.code()) if isinstance(exc, grpc.aio.AioRpcError) else None
+            error = InferenceServerException(msg=details or str(exc), status=status)
+            raise self._map(error, "txt2img_stream", endpoint) from None
         finally:
             stream.cancel()
         raise Retryable(
