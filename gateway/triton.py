@@ -232,10 +232,9 @@ class TritonBackend:
         status, message = str(exc.status()), exc.message() or str(exc)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         where = endpoint.address if endpoint else self.settings.triton_url
-        if status == "StatusCode.UNAVAILABLE":
-            return Retryable(f"Triton at {where} unavailable ({what}): {message}", headers=retry)
-        if status in UNAVAILABLE:
-            return TritonUnavailableError(f"Triton at {where} unavailable ({what}): {message}", headers=retry)
+        if status in UNAVAILABLE:  # only UNAVAILABLE is worth another endpoint; a deadline is not
+            kind = Retryable if status == "StatusCode.UNAVAILABLE" else TritonUnavailableError
+            return kind(f"Triton at {where} unavailable ({what}): {message}", headers=retry)
         if status in INVALID:
             return InvalidRequestError(
                 message.removeprefix("in ensemble 'txt2img', "), field=_field_of(message)
@@ -345,10 +344,8 @@ class TritonBackend:
                 yield event
         except InferenceServerException as exc:
             raise self._map(exc, "txt2img_stream", endpoint) from None
-        except grpc.RpcError as exc:  # tritonclient's stream iterator lets gRPC's own errors through
-            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            status = str(exc.code()) if isinstance(exc, grpc.aio.AioRpcError) else None
-            error = InferenceServerException(msg=details or str(exc), status=status)
+        except grpc.aio.AioRpcError as exc:  # tritonclient's stream iterator lets gRPC's own errors through
+            error = InferenceServerException(msg=exc.details() or str(exc), status=str(exc.code()))
             raise self._map(error, "txt2img_stream", endpoint) from None
         finally:
             stream.cancel()
