@@ -19,10 +19,12 @@ RUN pip install --no-cache-dir --no-deps . \
 
 USER 10001
 ENV SD_GATEWAY_HOST=0.0.0.0 \
+    SD_GATEWAY_PORT=8080 \
     SD_GATEWAY_STORAGE_DIR=/data/images \
     SD_GATEWAY_KEYS_FILE=/data/api-keys.json
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 
-ENTRYPOINT ["uvicorn", "--factory", "gateway.main:create_app", "--host", "0.0.0.0", "--port", "8080"]
+# uvicorn via gateway.main.serve: SIGTERM drains (SD_GATEWAY_SHUTDOWN_GRACE_S, then SD_GATEWAY_JOB_DRAIN_S)
+ENTRYPOINT ["python", "-m", "gateway"]

@@ -42,7 +42,7 @@ ENSEMBLE_STEPS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
     (c.TEXT_ENCODER.name, {"input_ids": "input_ids"}, {"last_hidden_state": "prompt_embeds"}),
     (
         c.DENOISE.name,
-        {t.name: "prompt_embeds" if t is c.PROMPT_EMBEDS else t.name for t in c.DENOISE.inputs},
+        {t.name: "prompt_embeds" if t is c.PROMPT_EMBEDS else t.name for t in c.DENOISE_GENERATION_INPUTS},
         {c.LATENTS.name: "latents", c.ENGINES.name: c.ENGINES.name},
     ),
     (c.VAE_DECODER.name, {"latent_sample": "latents"}, {"sample": "decoded"}),

@@ -42,6 +42,13 @@ class TritonUnavailableError(GatewayError):
     kind = "backend_unavailable"
 
 
+class TritonTimeoutError(GatewayError):
+    """The call passed its deadline (`triton_timeout_s`); Triton was told and dropped the request."""
+
+    status = 504
+    kind = "timeout"
+
+
 class NotFoundError(GatewayError):
     """An unknown (or expired, or another key's) job or stored image."""
 
@@ -113,6 +120,12 @@ class QuotaExceededError(RateLimitedError):
 
 class ConcurrencyLimitedError(RateLimitedError):
     kind = "concurrency_limited"
+
+
+class OverloadedError(RateLimitedError):
+    """Every Triton endpoint has `triton_max_in_flight` requests outstanding: try again later."""
+
+    kind = "overloaded"
 
 
 class ContentPolicyError(GatewayError):

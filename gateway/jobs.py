@@ -1,5 +1,6 @@
-"""Async jobs: submit, a FIFO queue, workers that run jobs through Triton's txt2img_stream, the
-job's events (for Server-Sent Events), cancel, webhooks.
+"""Async jobs: submit, a FIFO queue, workers that run jobs through Triton's txt2img_stream (tried
+again while Triton is down or full, see `_generate`), the job's events (for Server-Sent Events),
+cancel, webhooks.
 
 Everything lives in the state store (gateway/state.py), so with Redis every gateway replica sees
 every job: a job queued on one replica may run on another, its events reach a subscriber on a
@@ -32,7 +33,7 @@ import numpy as np
 from PIL import Image as PILImage
 from pydantic import BaseModel, Field
 
-from gateway.errors import GatewayError, InvalidRequestError
+from gateway.errors import GatewayError, InvalidRequestError, OverloadedError, TritonUnavailableError
 from gateway.limits import StateErrors
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import ErrorDetail, GenerateRequest, GenerateResponse
@@ -364,10 +365,27 @@ class JobManager:
         return True
 
     async def _generate(self, record: JobRecord, progress: ProgressCallback) -> GenerateResponse:
+        """The job's images. With every Triton endpoint down or full the job is not failed: it is tried
+        again (a `retrying` event, progress from step 1) until `job_retry_s` has passed. An attempt
+        runs again only after the one before it failed, so a job completes at most once."""
         request = record.request
-        result = await self.generator.generate(
-            [request.prompt], request, progress, request.preview, use_cache=record.use_cache
-        )
+        give_up_at, attempt = time.monotonic() + self.settings.job_retry_s, 0
+        while True:
+            try:
+                result = await self.generator.generate(
+                    [request.prompt], request, progress, request.preview, use_cache=record.use_cache
+                )
+                break
+            except (TritonUnavailableError, OverloadedError) as exc:
+                attempt += 1
+                wait = min(2.0 ** (attempt - 1) * 0.5, float(self.settings.retry_after_s))
+                if time.monotonic() + wait > give_up_at:
+                    raise
+                log.warning("job %s: attempt %d: %s; trying again in %.1f s", record.id, attempt, exc, wait)
+                self.metrics.jobs.labels(state="retrying").inc()
+                retrying = {"attempt": attempt, "error": exc.message, "wait_s": wait}
+                await self._event(record.id, "retrying", retrying)
+                await asyncio.sleep(wait)
         if request.response_format == "url":
             return await self.storage.with_urls(result, record.base_url)
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -98,12 +99,12 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[
     for error in exc.errors():
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         field = ".".join(loc) or "body"
-        first_field = first_field or field
         message = error.get("msg", "invalid")
         if error.get("type") == "extra_forbidden":
             message = "unknown field"
         elif error.get("type") == "json_invalid":
             field, message = "body", f"invalid JSON: {error.get('ctx', {}).get('error', message)}"
+        first_field = first_field or field
         parts.append(f"{field}: {message}")
     return "; ".join(parts), first_field
 
@@ -129,6 +130,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
         kind = "invalid_request" if exc.status_code < 500 else "internal_error"
         body = {"error": {"type": kind, "message": message}}
+        if request.url.path == OPENAI_PATH and exc.status_code < 500:
+            field = "body" if exc.status_code == 400 else None
+            body = OpenAIInvalidRequestError(message, field=field).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -175,7 +179,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         backend = TritonBackend(settings, metrics)
         backend.start()  # health checks: endpoints in and out of rotation
         encoder = ImageEncoder(settings.encode_workers)
-        store = make_store(settings.redis_url)
+        store = make_store(settings.redis_url, settings.memory_store_max_bytes)
         app.state.store = store
         access.start(store)  # per-key limits on the shared store
         app.state.backend = backend
@@ -268,6 +272,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         except InvalidRequestError as exc:  # name the OpenAI field, not ours
             field = OPENAI_FIELDS.get(exc.field or "", exc.field)
             message = exc.message.replace(f"{exc.field}:", f"{field}:", 1)
+            if field and not message.startswith(f"{field}:"):
+                message = f"{field}: {message}"
             raise OpenAIInvalidRequestError(message, field=field) from None
         if body.response_format == "url":
             result = await storage.with_urls(result, request_base_url(request))
@@ -299,3 +305,25 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def serve(settings: GatewaySettings | None = None) -> None:
+    """Serve the app with uvicorn (`python -m gateway`, `sd-triton gateway`, the image). At SIGTERM it
+    stops accepting connections, lets the requests in flight finish for up to `shutdown_grace_s`
+    (later ones are cancelled, their Triton calls with them), lets running jobs finish for up to
+    `job_drain_s`, and exits 0."""
+    import uvicorn
+
+    def stopped(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn raises the signal it stopped on again once it is done; handled here, that is exit 0
+    signal.signal(signal.SIGTERM, stopped)
+    settings = settings or GatewaySettings()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )

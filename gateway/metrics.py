@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.middleware import DISCONNECTED
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -70,7 +72,8 @@ class GatewayMetrics:
             registry=self.registry,
         )  # fmt: skip
         self.jobs = Counter(
-            "gateway_jobs", "async jobs reaching a state (queued, running, completed, failed, cancelled)",
+            "gateway_jobs",
+            "async jobs reaching a state (queued, running, retrying, completed, failed, cancelled)",
             ["state"], registry=self.registry,
         )  # fmt: skip
         # --- the names of hosted image APIs ---
@@ -221,6 +224,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, record_status)
         finally:
+            if scope.get(DISCONNECTED):
+                status = 499  # client closed the request (nginx's code): no response was sent
             self.metrics.in_flight.dec()
             route = route_label(scope)
             elapsed = time.perf_counter() - started

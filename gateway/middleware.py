@@ -1,12 +1,19 @@
-"""Checks before a request reaches a route: JSON content type and the body size limit."""
+"""Checks before a request reaches a route: JSON content type and the body size limit; and a POST
+whose client goes away before its response is cancelled (with its Triton call, which Triton drops)."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, PayloadTooLargeError, UnsupportedMediaTypeError
+
+log = logging.getLogger(__name__)
+DISCONNECTED = "sd_triton.client_disconnected"  # set in the scope of a request cancelled that way
 
 
 class RequestGuardMiddleware:
@@ -36,16 +43,49 @@ class RequestGuardMiddleware:
                 await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
                 return
             more = message.get("more_body", False)
-        replayed = False
+        await self._cancelled_on_disconnect(scope, b"".join(chunks), receive, send)
+
+    async def _cancelled_on_disconnect(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Run the app on the body read, while watching the connection: a client gone before the
+        response ends cancels the request (its Triton call is cancelled and Triton drops the work)."""
+        gone, replayed, responded = asyncio.Event(), False, False
 
         async def replay() -> Message:
             nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
-        await self.app(scope, replay, send)
+        async def sent(message: Message) -> None:
+            nonlocal responded
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                responded = True
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        request = asyncio.ensure_future(self.app(scope, replay, sent))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({request, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not request.done() and not responded:
+                scope[DISCONNECTED] = True
+                log.info("%s %s: the client went away; request cancelled", scope["method"], scope["path"])
+                request.cancel()
+            try:
+                await request
+            except asyncio.CancelledError:
+                if not scope.get(DISCONNECTED):
+                    raise
+        finally:
+            watcher.cancel()
+            if not request.done():  # this middleware itself cancelled (server shutting down)
+                request.cancel()
 
     def _too_large(self, got: str) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"body: at most {self.max_body_bytes} bytes, got {got}", field="body")

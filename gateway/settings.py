@@ -39,10 +39,18 @@ class GatewaySettings(BaseSettings):
         ge=0,
         description="a call that failed on an endpoint (down, not ready) is sent to another, this often",
     )
+    triton_max_in_flight: int = Field(
+        32,
+        ge=1,
+        description="requests outstanding on one Triton endpoint (running and queued there); with every "
+        "endpoint at it, a request gets 429 + Retry-After instead of waiting without bound",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     # every Triton call has a deadline: a request never hangs on a dead server
-    triton_timeout_s: float = Field(120.0, gt=0, description="deadline of one txt2img call")
+    triton_timeout_s: float = Field(
+        120.0, gt=0, description="deadline of one txt2img call, sent to Triton, which drops the work past it"
+    )
     triton_probe_timeout_s: float = Field(2.0, gt=0, description="deadline of readiness/config calls")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503")
     # request limits on top of the served model's own (which come from Triton)
@@ -60,10 +68,23 @@ class GatewaySettings(BaseSettings):
         description="Redis URL; unset: limits, quotas, cache and jobs live in this process",
     )
 
+    memory_store_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="without Redis: the in-process store keeps this many bytes at most; beyond, the oldest "
+        "expiring entries (cached results first, in practice) are evicted",
+    )
+
     # --- jobs (gateway/jobs.py) ---
     jobs_max_running: int = Field(8, ge=1, description="jobs this gateway runs on Triton at once")
     job_ttl_s: float = Field(86400.0, gt=0, description="a job's record and events are kept this long")
     job_poll_s: float = Field(0.2, gt=0, description="idle workers look for jobs queued elsewhere this often")
+    shutdown_grace_s: int = Field(
+        30, ge=0, description="at SIGTERM: no new connections; requests in flight may finish this long"
+    )
+    job_retry_s: float = Field(
+        600.0, ge=0, description="a job finding every Triton endpoint down or full is tried again this long"
+    )
     job_drain_s: float = Field(15.0, ge=0, description="at shutdown, running jobs may finish this long")
     job_keepalive_s: float = Field(15.0, gt=0, description="an SSE comment line when no event came this long")
     webhook_secret: SecretStr | None = Field(

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,60 @@ class StateStore(ABC):
 
 
 class MemoryStore(StateStore):
-    """One process's state; expiry is checked when a key is read."""
+    """One process's state, bounded: expired entries are removed when read and by a sweep every
+    SWEEP_S, and past `max_bytes` of values the entries written longest ago that expire anyway
+    (cached results first, in practice) are evicted, as Redis' volatile-lru would."""
 
     kind = "memory"
+    SWEEP_S = 10.0
 
-    def __init__(self) -> None:
-        self._values: dict[str, tuple[Any, float | None]] = {}
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._values: dict[str, tuple[Any, float | None]] = {}  # in the order written
+        self._bytes = 0  # the size of every value
+        self._next_sweep = 0.0
         self._channels: dict[str, set[asyncio.Queue[bytes]]] = {}
+
+    @staticmethod
+    def _size(value: Any) -> int:
+        if isinstance(value, bytes):
+            return len(value)
+        return sum(len(item) for item in value) if isinstance(value, list) else 0
+
+    def _put(self, key: str, value: Any, deadline: float | None) -> None:
+        self._pop(key)  # written last: the last to be evicted
+        self._values[key] = (value, deadline)
+        self._bytes += self._size(value)
+        self._bound()
+
+    def _pop(self, key: str) -> None:
+        entry = self._values.pop(key, None)
+        if entry is not None:
+            self._bytes -= self._size(entry[0])
+
+    def _bound(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_S
+            for key in [
+                k for k, (_, deadline) in self._values.items() if deadline is not None and deadline <= now
+            ]:
+                self._pop(key)
+        if self._bytes > self.max_bytes:
+            evicted = 0
+            for key in [k for k, (_, deadline) in self._values.items() if deadline is not None]:
+                if self._bytes <= self.max_bytes:
+                    break
+                self._pop(key)
+                evicted += 1
+            log.warning(
+                "memory store over %d bytes: %d oldest expiring entries evicted", self.max_bytes, evicted
+            )
 
     def _live(self, key: str) -> tuple[Any, float | None] | None:
         entry = self._values.get(key)
         if entry is not None and entry[1] is not None and entry[1] <= time.monotonic():
-            del self._values[key]
+            self._pop(key)
             return None
         return entry
 
@@ -105,7 +148,7 @@ class MemoryStore(StateStore):
         entry = self._live(key)
         value, deadline = (0, self._deadline(ttl_s)) if entry is None else entry
         value = int(value) + amount
-        self._values[key] = (value, deadline)
+        self._put(key, value, deadline)
         return value
 
     async def ttl(self, key: str) -> float | None:
@@ -122,11 +165,11 @@ class MemoryStore(StateStore):
         return value if isinstance(value, bytes) else str(value).encode()
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
-        self._values[key] = (value, self._deadline(ttl_s))
+        self._put(key, value, self._deadline(ttl_s))
 
     async def delete(self, *keys: str) -> None:
         for key in keys:
-            self._values.pop(key, None)
+            self._pop(key)
 
     async def keys(self, prefix: str) -> list[str]:
         return [key for key in list(self._values) if key.startswith(prefix) and self._live(key)]
@@ -139,7 +182,7 @@ class MemoryStore(StateStore):
         entry = self._live(key)
         items, deadline = ([], None) if entry is None else entry
         items = [*items, value]
-        self._values[key] = (items, deadline if ttl_s is None else self._deadline(ttl_s))
+        self._put(key, items, deadline if ttl_s is None else self._deadline(ttl_s))
         return len(items)
 
     async def lrange(self, key: str, start: int = 0, end: int = -1) -> list[bytes]:
@@ -151,10 +194,9 @@ class MemoryStore(StateStore):
         if entry is None or not entry[0]:
             return None
         first, *rest = entry[0]
+        self._pop(key)
         if rest:
-            self._values[key] = (rest, entry[1])
-        else:
-            del self._values[key]
+            self._put(key, rest, entry[1])
         return bytes(first)
 
     async def lrem(self, key: str, value: bytes) -> int:
@@ -163,10 +205,9 @@ class MemoryStore(StateStore):
             return 0
         kept = [item for item in entry[0] if item != value]
         removed = len(entry[0]) - len(kept)
+        self._pop(key)
         if kept:
-            self._values[key] = (kept, entry[1])
-        else:
-            del self._values[key]
+            self._put(key, kept, entry[1])
         return removed
 
     async def publish(self, channel: str, message: bytes) -> None:
@@ -202,7 +243,7 @@ class RedisStore(StateStore):
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
         import redis.asyncio as redis  # only needed when configured
 
-        self.url = url
+        self.url = redacted(url)  # what messages and logs show
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=5
@@ -308,9 +349,19 @@ def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
-def make_store(redis_url: str | None) -> StateStore:
+def redacted(url: str) -> str:
+    """A URL without its password (redis://user:***@host), for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def make_store(redis_url: str | None, memory_max_bytes: int = 256 * 1024 * 1024) -> StateStore:
     if redis_url:
-        log.info("shared state in Redis at %s", redis_url)
+        log.info("shared state in Redis at %s", redacted(redis_url))
         return RedisStore(redis_url)
     log.info("state in memory: limits, quotas, cache and jobs are this process's own")
-    return MemoryStore()
+    return MemoryStore(memory_max_bytes)

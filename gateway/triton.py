@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import secrets
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -27,7 +28,13 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import InvalidRequestError, TritonError, TritonUnavailableError
+from gateway.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    TritonError,
+    TritonTimeoutError,
+    TritonUnavailableError,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings, parse_endpoints
 from sd_triton import contract as c
@@ -49,7 +56,7 @@ CHANNEL_ARGS = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
+UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 INVALID = {"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"}
 NOT_READY = ("not found", "unavailable", "not ready")  # Triton's words for a model it cannot run now
 T = TypeVar("T")
@@ -92,12 +99,15 @@ class TritonBackend:
         self._served: ServedModel | None = None
         self._served_until = 0.0  # monotonic time of the next re-read
         self._served_lock = asyncio.Lock()
+        self._drops: set[asyncio.Task[None]] = set()  # `_drop` calls under way
 
     def start(self) -> None:
         """The health checks, every `triton_health_interval_s` (call from a running event loop)."""
         self._health = asyncio.create_task(self._health_loop())
 
     async def close(self) -> None:
+        if self._drops:  # the drops of requests cancelled by the shutdown itself
+            await asyncio.wait(self._drops, timeout=self.settings.triton_probe_timeout_s)
         if self._health is not None:
             self._health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -181,6 +191,14 @@ class TritonBackend:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
         pool = [e for e in untried if e.healthy] or untried
+        limit = self.settings.triton_max_in_flight
+        pool = [e for e in pool if e.in_flight < limit]
+        if not pool:  # a bounded queue per endpoint: refuse now rather than wait without bound
+            raise OverloadedError(
+                f"overloaded: every Triton endpoint has {limit} requests in flight "
+                f"(triton_max_in_flight); try again in {self.settings.retry_after_s} s",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
         turn = next(self._turn)
         return min(pool, key=lambda e: (e.in_flight, (pool.index(e) - turn) % len(pool)))
 
@@ -232,7 +250,12 @@ class TritonBackend:
         status, message = str(exc.status()), exc.message() or str(exc)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         where = endpoint.address if endpoint else self.settings.triton_url
-        if status in UNAVAILABLE:  # only UNAVAILABLE is worth another endpoint; a deadline is not
+        if status == "StatusCode.DEADLINE_EXCEEDED":  # Triton saw the deadline pass and dropped the work
+            return TritonTimeoutError(
+                f"Triton at {where} gave no answer ({what}) within triton_timeout_s="
+                f"{self.settings.triton_timeout_s:g} s; the request was cancelled there"
+            )
+        if status in UNAVAILABLE:  # only UNAVAILABLE is worth another endpoint
             kind = Retryable if status == "StatusCode.UNAVAILABLE" else TritonUnavailableError
             return kind(f"Triton at {where} unavailable ({what}): {message}", headers=retry)
         if status in INVALID:
@@ -282,21 +305,52 @@ class TritonBackend:
         return dataclasses.replace(served, fingerprint=config_fingerprint(configs, versions))
 
     async def txt2img(self, prompt: str, **params: Any) -> Txt2ImgResult:
+        """txt2img with a deadline (`triton_timeout_s`, Triton cancels the request past it). A call
+        given up (the deadline passed, or the caller cancelled: its client went away) also has its
+        denoise loop dropped (`_drop`)."""
         outputs = [InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
         inputs = txt2img_inputs(prompt, **params)
+        request_id = f"gw-{secrets.token_hex(8)}"
 
         async def call(endpoint: Endpoint) -> Any:
             timeout = self.settings.triton_timeout_s
-            return await endpoint.client.infer(
-                c.TXT2IMG.name, inputs, outputs=outputs, client_timeout=timeout
-            )
+            try:
+                return await endpoint.client.infer(
+                    c.TXT2IMG.name, inputs, outputs=outputs, request_id=request_id, client_timeout=timeout
+                )
+            except asyncio.CancelledError:
+                self._drop_later(endpoint, request_id, "its client went away")
+                raise
+            except InferenceServerException as exc:
+                if str(exc.status()) == "StatusCode.DEADLINE_EXCEEDED":
+                    self._drop_later(endpoint, request_id, "past its deadline")
+                raise
 
         try:
             result = await self._routed("txt2img", call)
-        except (TritonError, TritonUnavailableError):
+        except (TritonError, TritonUnavailableError, TritonTimeoutError):
             self._served_until = 0.0  # re-read the configs next time: the model may have changed
             raise
         return self._noted(parse_result(result))
+
+    def _drop_later(self, endpoint: Endpoint, request_id: str, why: str) -> None:
+        task = asyncio.create_task(self._drop(endpoint, request_id, why))
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)
+
+    async def _drop(self, endpoint: Endpoint, request_id: str, why: str) -> None:
+        """Ask the endpoint's denoise model to drop a txt2img request's loop. Triton cancels an
+        ensemble request only between its steps, never inside the running denoise step, which
+        would otherwise run all its UNet steps for nobody; the request id reaches that step."""
+        drop = [infer_input(c.CANCEL, np.array([request_id.encode()], dtype=np.object_))]
+        where = f"txt2img {request_id} on {endpoint.address} ({why})"
+        timeout = self.settings.triton_probe_timeout_s
+        try:
+            await endpoint.client.infer(c.DENOISE.name, drop, client_timeout=timeout)
+        except InferenceServerException as exc:
+            log.warning("%s: could not drop it: %s", where, exc)
+            return
+        log.info("%s: dropped", where)
 
     def _noted(self, result: Txt2ImgResult) -> Txt2ImgResult:
         """A result's UNet version other than the configs said: an engine swap; re-read them next time."""

@@ -239,6 +239,27 @@ def _perf_int8(args: argparse.Namespace) -> int:
     return _save(run_int8(settings, _work_dir(args)), args, "int8", table)
 
 
+def _perf_soak(args: argparse.Namespace) -> int:
+    from perf.soak import SoakSettings, run_soak, table
+
+    settings = SoakSettings(
+        preset=args.preset,
+        minutes=args.minutes,
+        concurrency=args.concurrency,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        warmup_fraction=args.warmup_fraction,
+        windows=args.windows,
+        max_p99_drift_pct=args.max_p99_drift_pct,
+        max_rss_growth_pct=args.max_rss_growth_pct,
+        cache=args.cache,
+    )
+    document = run_soak(settings, _work_dir(args))
+    _save(document, args, "soak", table)
+    return 0 if document["passed"] else 1
+
+
 def _perf_report(args: argparse.Namespace) -> int:
     from perf.report import write_report
 
@@ -335,6 +356,21 @@ def add_parser(sub: Any) -> None:
     int8.add_argument("--calls", type=int, default=20, help="timed UNet calls per engine")
     _output_args(int8, "int8")
     int8.set_defaults(run=_perf_int8)
+
+    soak = commands.add_parser("soak", help="steady load for minutes: errors, p99 drift, RSS growth")
+    soak.add_argument("--preset", default="small", help="tiny, small, sd15 (random weights), demo")
+    soak.add_argument("--minutes", type=float, default=10.0, help="load time, warm-up included")
+    soak.add_argument("--concurrency", type=int, default=4, help="closed-loop clients")
+    soak.add_argument("--steps", type=int, default=10)
+    soak.add_argument("--height", type=int, default=None, help="default: the preset's native size")
+    soak.add_argument("--width", type=int, default=None)
+    soak.add_argument("--warmup-fraction", type=float, default=0.2, help="not judged: the first part")
+    soak.add_argument("--windows", type=int, default=4, help="windows after the warm-up (>= 2)")
+    soak.add_argument("--max-p99-drift-pct", type=float, default=10.0, help="target: last vs first window")
+    soak.add_argument("--max-rss-growth-pct", type=float, default=5.0, help="target: per process group")
+    soak.add_argument("--cache", action="store_true", help="the gateway's result cache on, as deployed")
+    _output_args(soak, "soak")
+    soak.set_defaults(run=_perf_soak)
 
     report = commands.add_parser("report", help="perf/REPORT.md and its chart from saved compare results")
     report.add_argument("results", nargs="+", help="compare result JSON files")

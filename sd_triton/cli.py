@@ -163,16 +163,14 @@ def _train_demo(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.main import create_app
+    from gateway.main import serve
     from gateway.settings import GatewaySettings
 
     overrides = {
         k: v for k, v in (("triton_url", args.triton_url), ("host", args.host), ("port", args.port)) if v
     }
     settings = GatewaySettings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    serve(settings)
     return 0
 
 

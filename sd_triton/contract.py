@@ -10,6 +10,7 @@ dimension is left out; -1 is a dimension that varies.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,9 +138,15 @@ TEXT_ENCODER = ModelSpec(
     batching=True,
     engine=True,
 )
+# A control request to `denoise` carries only CANCEL: the Triton request ids of generations to drop
+# (an ensemble's request id reaches its steps, but its cancellation does not reach a running step).
+CANCEL = _t("CANCEL", "TYPE_STRING", -1, optional=True)
+DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES)
 DENOISE = ModelSpec(
     "denoise",
-    inputs=(PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES),
+    # optional in the config so that a control request may come without them; a generation still
+    # needs every one (the model reads them with the required specs)
+    inputs=(*(dataclasses.replace(t, optional=True) for t in DENOISE_GENERATION_INPUTS), CANCEL),
     outputs=(LATENTS, ENGINES),
     batching=False,
     engine=False,

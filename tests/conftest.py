@@ -122,11 +122,11 @@ class RedisServer:
     """A real redis-server (Debian's, `make system-deps`) on a free port, no persistence; a test
     module may start its own to kill it without touching the session's."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server not installed: run `make system-deps`")
-        self.port = free_port()
+        self.port = port or free_port()
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(workdir)],

@@ -3,8 +3,10 @@ sync requests and async jobs in loops until stopped, every outcome kept with its
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,10 @@ class Load:
                 started = time.monotonic()
                 response = http.post("/v1/generate", json={**self.body, "seed": seed})
                 body = response.json() if response.status_code == 200 else {"error": response.text}
-                self._record("sync", seed, started, response.status_code, body)
+                retry_after = response.headers.get("Retry-After")
+                self._record("sync", seed, started, response.status_code, body, retry_after=retry_after)
+                if response.is_error:
+                    time.sleep(0.1)  # a refusal comes back at once: do not spin
 
     def _jobs(self, seed: int) -> None:
         with httpx.Client(base_url=self.url, timeout=120, headers=NO_CACHE) as http:
@@ -39,20 +44,37 @@ class Load:
                 started = time.monotonic()
                 job = http.post("/v1/jobs", json={**self.body, "seed": seed})
                 if job.status_code != 202:
-                    self._record("job", seed, started, job.status_code, {"error": job.text})
+                    retry_after = job.headers.get("Retry-After")
+                    self._record(
+                        "job", seed, started, job.status_code, {"error": job.text}, retry_after=retry_after
+                    )
+                    time.sleep(0.1)
                     continue
-                while (record := http.get(f"/v1/jobs/{job.json()['id']}").json())["status"] in (
-                    "queued",
-                    "running",
-                ):
-                    time.sleep(0.05)
-                status = 200 if record["status"] == "completed" else 500
-                self._record("job", seed, started, status, record.get("result") or record)
+                job_id = job.json()["id"]
+                view = self._job_end(http, job_id)
+                record = view.json() if view.status_code == 200 else {"error": view.text}
+                status = (
+                    200 if record.get("status") == "completed" else view.status_code if view.is_error else 500
+                )
+                self._record("job", seed, started, status, record.get("result") or record, job_id=job_id)
 
-    def _record(self, kind: str, seed: int, started: float, status: int, body: dict[str, Any]) -> None:
+    @staticmethod
+    def _job_end(http: httpx.Client, job_id: str) -> httpx.Response:
+        """GET the job until it ends (a 503, the store down, is asked again: the job may still end)."""
+        while True:
+            view = http.get(f"/v1/jobs/{job_id}")
+            if view.status_code != 503 and (
+                view.is_error or view.json()["status"] not in ("queued", "running")
+            ):
+                return view
+            time.sleep(0.05)
+
+    def _record(
+        self, kind: str, seed: int, started: float, status: int, body: dict[str, Any], **more: Any
+    ) -> None:
         end = time.monotonic()
         self.results.append(
-            {"kind": kind, "seed": seed, "start": started, "end": end, "status": status, "body": body}
+            {"kind": kind, "seed": seed, "start": started, "end": end, "status": status, "body": body, **more}
         )
 
     def failures(self) -> list[tuple[str, int, str]]:
@@ -78,3 +100,23 @@ class Load:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout=120)
+
+
+def job_events(
+    http: httpx.Client, job_id: str, headers: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The job's SSE stream, parsed: {'id', 'event', 'data'} per frame."""
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers or {}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frame: dict[str, Any] = {}
+        for line in response.iter_lines():
+            if not line:
+                if frame:
+                    yield frame
+                frame = {}
+            elif line.startswith(":"):
+                continue
+            else:
+                name, _, value = line.partition(": ")
+                frame[name] = json.loads(value) if name == "data" else value

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +68,7 @@ class Ticket:
     # embeddings: every call into the Triton stub stays on one thread). Needs `latent_shape`.
     prepare: Callable[[], DenoiseJob] | None = None
     latent_shape: Shape | None = None
+    request_id: str = ""  # Triton's request id: `ContinuousBatcher.drop` names requests by it
 
     def __post_init__(self) -> None:
         if self.job is None and (self.prepare is None or self.latent_shape is None):
@@ -102,12 +103,25 @@ class ContinuousBatcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._dropped: dict[str, float] = {}  # request id -> time.monotonic() of the drop
+
+    DROP_MEMORY_S = 60.0  # a drop may arrive before its request: it is remembered this long
 
     # -- any thread -------------------------------------------------------------------------------
 
     def submit(self, ticket: Ticket) -> None:
         with self._cond:
             self._waiting.setdefault(ticket.shape, deque()).append(ticket)
+            self._cond.notify()
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        """Cancel the requests with these ids (waiting, active, or arriving within DROP_MEMORY_S):
+        they leave before the next UNet call, as if their clients had cancelled them."""
+        now = time.monotonic()
+        with self._cond:
+            for request_id in [i for i, at in self._dropped.items() if now - at > self.DROP_MEMORY_S]:
+                del self._dropped[request_id]
+            self._dropped.update(dict.fromkeys(request_ids, now))
             self._cond.notify()
 
     def pending(self) -> int:
@@ -268,6 +282,8 @@ class ContinuousBatcher:
             self._active.pop(shape, None)
 
     def _cancelled(self, ticket: Ticket) -> bool:
+        if ticket.request_id and ticket.request_id in self._dropped:
+            return True
         now = time.monotonic()
         if now < ticket.next_check:
             return False

@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
-from sd_triton.requests import GenerationParams, InvalidRequest
+from sd_triton.requests import GenerationParams, InvalidRequest, decode_text
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.batching import BatchingConfig, ContinuousBatcher, Ticket
 from sd_triton.runtime.denoise import DenoiseJob, denoise
@@ -70,6 +70,8 @@ class TritonPythonModel:
         return embeds
 
     def _denoise(self, request: Any) -> triton_io.Outputs:
+        if triton_io.get_array(request, c.CANCEL) is not None:
+            raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         params = self._params(request)
         engines = triton_io.EngineLog()
         latents = denoise(
@@ -80,6 +82,15 @@ class TritonPythonModel:
     def _submit(self, request: Any) -> None:
         assert self.batcher is not None
         sender = request.get_response_sender()
+        drop = triton_io.get_array(request, c.CANCEL)
+        if drop is not None:  # a control request: generations to drop (the gateway's cancels)
+            try:
+                self.batcher.drop([decode_text(c.CANCEL.name, raw) for raw in drop.reshape(-1)])
+            except InvalidRequest as exc:
+                sender.send(triton_io.error_response(str(exc)), flags=FINAL)
+                return
+            sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
+            return
         try:
             job = DenoiseJob(self._embeds(request), self._params(request), self.config)
         except (InvalidRequest, ValueError) as exc:
@@ -101,4 +112,5 @@ class TritonPythonModel:
         def failed(exc: Exception) -> None:
             sender.send(triton_io.failure_response(c.DENOISE.name, exc), flags=FINAL)
 
-        self.batcher.submit(Ticket(job, done, failed, step, is_cancelled=request.is_cancelled))
+        cancelled, request_id = request.is_cancelled, request.request_id()
+        self.batcher.submit(Ticket(job, done, failed, step, is_cancelled=cancelled, request_id=request_id))

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -27,29 +26,10 @@ from gateway.webhooks import refused_target, verify
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import free_port, triton_executions
+from tests.load import job_events as events
 
 SECRET = "whsec-test-secret"
 log = logging.getLogger(__name__)
-
-
-def events(
-    http: httpx.Client, job_id: str, headers: dict[str, str] | None = None
-) -> Iterator[dict[str, Any]]:
-    """The job's SSE stream, parsed: {'id', 'event', 'data'} per frame."""
-    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers or {}) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        frame: dict[str, Any] = {}
-        for line in response.iter_lines():
-            if not line:
-                if frame:
-                    yield frame
-                frame = {}
-            elif line.startswith(":"):
-                continue
-            else:
-                name, _, value = line.partition(": ")
-                frame[name] = json.loads(value) if name == "data" else value
 
 
 def png(data: str) -> np.ndarray:

@@ -40,6 +40,28 @@ def test_memory_store() -> None:
     asyncio.run(_exercise(MemoryStore()))
 
 
+def test_memory_store_is_bounded() -> None:
+    """Without Redis, the store holding the result cache cannot grow without limit: expired entries
+    are swept without being read, and past max_bytes the oldest expiring entries are evicted, never
+    an entry without expiry (the job queue)."""
+
+    async def run() -> None:
+        store = MemoryStore(max_bytes=10_000)
+        store.SWEEP_S = 0.0
+        await store.rpush("jobs:queue", b"j" * 100)  # no expiry
+        for i in range(50):  # 50 kB of cached results, 1 kB each
+            await store.set(f"cache:{i}", bytes(1000), ttl_s=3600)
+        assert store._bytes <= 10_000
+        assert await store.get("cache:0") is None and await store.get("cache:49") == bytes(1000)
+        assert await store.lrange("jobs:queue") == [b"j" * 100]
+        await store.set("short", bytes(500), ttl_s=0.01)
+        await asyncio.sleep(0.02)
+        await store.set("other", b"x", ttl_s=60)  # any write sweeps: "short" goes unread
+        assert "short" not in store._values
+
+    asyncio.run(run())
+
+
 def test_redis_store(redis_url: str) -> None:
     async def run() -> None:
         store = RedisStore(redis_url)

@@ -161,6 +161,24 @@ def test_a_cancelled_request_leaves_and_the_others_are_untouched(local: LocalPip
     assert np.abs(images(local, kept.latents) - alone(local, p1, params1)).max() <= 2
 
 
+def test_dropped_request_ids_leave_before_the_next_unet_call(local: LocalPipeline) -> None:
+    """`drop` (the gateway's cancel of a txt2img request, by Triton request id): the request leaves at
+    once, whatever cancel_check_s says; another request goes on; a drop may come before its request."""
+    batcher = ContinuousBatcher(unet_of(local), BatchingConfig(cancel_check_s=60.0))
+    kept, dropped, early = Outcome(), Outcome(), Outcome()
+    (p1, params1), (p2, params2) = REQUESTS[0], REQUESTS[1]
+    batcher.submit(ticket(local, p1, params1, kept, request_id="gw-1"))
+    batcher.submit(ticket(local, p2, params2, dropped, request_id="gw-2"))
+    batcher.iterate()
+    batcher.drop(["gw-2", "gw-3"])
+    batcher.submit(ticket(local, p2, params2, early, request_id="gw-3"))
+    batcher.run_until_idle()
+    assert isinstance(dropped.error, Cancelled) and dropped.steps == [0]
+    assert isinstance(early.error, Cancelled) and early.steps == []
+    assert batcher.stats.cancelled == 2
+    assert np.abs(images(local, kept.latents) - alone(local, p1, params1)).max() <= 2
+
+
 def test_cancellation_is_asked_at_most_every_cancel_check_s(local: LocalPipeline) -> None:
     asked: list[int] = []
     batcher = ContinuousBatcher(unet_of(local), BatchingConfig(cancel_check_s=60.0))
