@@ -12,6 +12,7 @@ from sd_triton.contract import SCHEDULERS, SchedulerName
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 MAX_SEED = 2**63 - 1
+MAX_FP32 = 3.4028234663852886e38  # the largest float32: GUIDANCE_SCALE goes to Triton as TYPE_FP32
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=100_000)
 
 
@@ -24,7 +25,9 @@ class GenerationParams(BaseModel):
     width: int | None = Field(None, ge=1, description="pixels; default: the model's native width")
     height: int | None = Field(None, ge=1, description="pixels; default: the model's native height")
     steps: int = Field(30, ge=1, description="denoising steps")
-    guidance_scale: float = Field(7.5, ge=0.0, description="classifier-free guidance; <= 1 turns it off")
+    guidance_scale: float = Field(
+        7.5, ge=0.0, le=MAX_FP32, description="classifier-free guidance; <= 1 turns it off"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; drawn when absent")
     scheduler: SchedulerName = Field("euler_a", description=f"one of {', '.join(SCHEDULERS)}")
     num_images: int = Field(1, ge=1, description="images per prompt")

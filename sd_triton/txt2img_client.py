@@ -6,6 +6,7 @@ Torch-free: the gateway, the tests and the demo share it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,21 @@ class Txt2ImgResult:
 
 
 def _array(spec: c.TensorSpec, value: Any) -> np.ndarray[Any, Any]:
+    """`value` as the one element of `spec`'s tensor. A number the wire type cannot hold is refused:
+    numpy would wrap an int (2**32 + 5 steps sent as 5) or truncate a fraction, and round a finite
+    float past FP32's range to inf."""
     if spec.dtype == "TYPE_STRING":
         raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
         return np.array([raw], dtype=object)
-    return np.array([value], dtype=spec.numpy_dtype)
+    dtype = np.dtype(spec.numpy_dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max or value != int(value):
+            raise ValueError(f"{spec.name}: must be an integer from {info.min} to {info.max}, got {value!r}")
+    elif dtype.kind == "f" and math.isfinite(value) and abs(value) > np.finfo(dtype).max:
+        limit = float(np.finfo(dtype).max)
+        raise ValueError(f"{spec.name}: must be within +/-{limit} ({spec.wire_dtype}), got {value!r}")
+    return np.array([value], dtype=dtype)
 
 
 def infer_input(spec: c.TensorSpec, array: np.ndarray[Any, Any]) -> grpcclient.InferInput:

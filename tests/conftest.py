@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tritonclient.grpc as grpcclient
+from hypothesis import HealthCheck, settings
 
 from export.pipeline import DEMO_MODEL, ExportOptions, run_export
 from gateway.process import GatewayProcess
@@ -38,6 +39,16 @@ def triton_executions(client: grpcclient.InferenceServerClient, model: str) -> i
     """Executions (batches) of `model` so far, all versions."""
     stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
     return sum(int(s.get("execution_count", 0)) for s in stats)
+
+
+# Hypothesis property tests: reproducible in CI (derandomized, no example database written)
+PROPERTIES = settings(
+    max_examples=150,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def free_port() -> int:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from sd_triton.contract import PROMPT_EMBEDS, TOKEN_LENGTH
 from sd_triton.pipeline_config import PipelineConfig
-from sd_triton.requests import GenerationParams
+from sd_triton.requests import GenerationParams, InvalidRequest
 from sd_triton.runtime.schedulers import make_scheduler
 
 # (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D]) -> noise_pred [B,C,h,w]
@@ -25,12 +26,19 @@ StepCallback = Callable[[int, int], None]
 UNetInputs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _embeddings(prompt_embeds: np.ndarray, params: GenerationParams) -> torch.Tensor:
-    """Rows [uncond, cond] (or [cond]) -> one row per UNet batch item, uncond images first."""
+def _embeddings(prompt_embeds: np.ndarray, params: GenerationParams, config: PipelineConfig) -> torch.Tensor:
+    """Rows [uncond, cond] (or [cond]) -> one row per UNet batch item, uncond images first.
+
+    The shape is checked here, before the request joins a batch: embeddings of another width would
+    fail the shared UNet call of every request batched with them."""
     embeds = torch.from_numpy(np.ascontiguousarray(prompt_embeds, dtype=np.float32))
     expected = 2 if params.classifier_free_guidance else 1
     if embeds.shape[0] != expected:
-        raise ValueError(f"PROMPT_EMBEDS has {embeds.shape[0]} rows, expected {expected}")
+        raise InvalidRequest(PROMPT_EMBEDS.name, f"has {embeds.shape[0]} rows, expected {expected}")
+    width = embeds.shape[-1] if config.text_hidden_size is None else config.text_hidden_size
+    if tuple(embeds.shape[1:]) != (TOKEN_LENGTH, width):
+        shape = [expected, TOKEN_LENGTH, width]
+        raise InvalidRequest(PROMPT_EMBEDS.name, f"must have shape {shape}, got {list(embeds.shape)}")
     return embeds.repeat_interleave(params.num_images, dim=0)
 
 
@@ -61,7 +69,7 @@ class DenoiseJob:
         self.scheduler.set_timesteps(params.steps)
         self.timesteps = self.scheduler.timesteps
         # 2. Text embeddings, one row per UNet batch item.
-        self.embeds = _embeddings(prompt_embeds, params).numpy()
+        self.embeds = _embeddings(prompt_embeds, params, config).numpy()
         # 3. Initial noise: one CPU generator per image.
         generators = [torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)]
         self.latent_shape = (
