@@ -63,7 +63,7 @@ class GatewayMetrics:
         self.rejections = Counter(
             "gateway_rejections",
             "requests refused before any Triton work, by reason "
-            "(auth, rate_limit, quota, concurrency, content_policy, invalid)",
+            "(auth, rate_limit, quota, concurrency, content_policy, invalid, overloaded)",
             ["reason"],
             registry=self.registry,
         )

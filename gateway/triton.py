@@ -194,6 +194,8 @@ class TritonBackend:
         limit = self.settings.triton_max_in_flight
         pool = [e for e in pool if e.in_flight < limit]
         if not pool:  # a bounded queue per endpoint: refuse now rather than wait without bound
+            if self.metrics is not None:
+                self.metrics.rejections.labels(reason="overloaded").inc()
             raise OverloadedError(
                 f"overloaded: every Triton endpoint has {limit} requests in flight "
                 f"(triton_max_in_flight); try again in {self.settings.retry_after_s} s",

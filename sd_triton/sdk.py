@@ -40,7 +40,8 @@ class BadRequestError(SDTritonError):
 
 
 class ServiceUnavailableError(SDTritonError):
-    """503 or no connection: retry later (`retry_after` seconds, when the gateway said)."""
+    """503, 429 `overloaded` (every Triton endpoint full) or no connection: retry later (`retry_after`
+    seconds, when the gateway said)."""
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, status)
@@ -207,12 +208,13 @@ def _raise_for(response: httpx.Response) -> None:
         return
     try:
         error = response.json()["error"]
-        message, field_name = str(error["message"]), error.get("field")
+        message, field_name, error_type = str(error["message"]), error.get("field"), error.get("type")
     except (ValueError, KeyError, TypeError):
-        message, field_name = response.text or response.reason_phrase, None
-    if response.status_code == 503:
+        message, field_name, error_type = response.text or response.reason_phrase, None, None
+    overloaded = response.status_code == 429 and error_type == "overloaded"  # the servers are full
+    if response.status_code == 503 or overloaded:
         retry = response.headers.get("Retry-After")
-        raise ServiceUnavailableError(message, 503, float(retry) if retry else None)
+        raise ServiceUnavailableError(message, response.status_code, float(retry) if retry else None)
     if 400 <= response.status_code < 500:
         raise BadRequestError(message, response.status_code, field_name)
     raise APIError(message, response.status_code)

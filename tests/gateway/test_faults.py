@@ -280,6 +280,7 @@ def test_a_full_endpoint_refuses_and_a_deadline_drops_the_work(triton: TritonSer
             f"{gateway.url}/v1/generate", json={**BODY, "seed": 2}, headers=NO_CACHE, timeout=30
         )
         refused_s = time.monotonic() - started
+        assert _metric(gateway, "gateway_rejections_total", reason="overloaded") == 1
         thread.join(timeout=60)
         steps = _settled_unet_steps(triton) - before
         after = httpx.post(

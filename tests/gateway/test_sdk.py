@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from sd_triton.sdk import (
@@ -12,6 +13,7 @@ from sd_triton.sdk import (
     Client,
     JobFailedError,
     ServiceUnavailableError,
+    _raise_for,
     decode_image,
     to_pil,
 )
@@ -96,3 +98,15 @@ def test_jobs_sync_and_async(gateway) -> None:
             return names, (await client.wait_job(job.id)).images[0].seed
 
     assert asyncio.run(run()) == (["queued", "step", "step", "step", "completed"], 3)
+
+
+def test_overloaded_is_retryable_and_rate_limits_are_not() -> None:
+    """429 `overloaded` (every Triton endpoint full) is the servers' state, like a 503; a key's own
+    rate limit is the caller's."""
+    full = {"error": {"type": "overloaded", "message": "overloaded: ... (triton_max_in_flight)"}}
+    with pytest.raises(ServiceUnavailableError) as raised:
+        _raise_for(httpx.Response(429, json=full, headers={"Retry-After": "5"}))
+    assert raised.value.status == 429 and raised.value.retry_after == 5.0
+    limited = {"error": {"type": "rate_limited", "message": "rate limit: 5 per minute"}}
+    with pytest.raises(BadRequestError):
+        _raise_for(httpx.Response(429, json=limited, headers={"Retry-After": "5"}))
