@@ -112,6 +112,13 @@ class JobCancelled(Exception):
     pass
 
 
+class JobStopped(Exception):
+    """The gateway is stopping and the job's drain time is over."""
+
+
+STOPPED = ErrorDetail(type="backend_unavailable", message="the gateway stopped; submit the job again")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -151,6 +158,7 @@ class JobManager:
         )
         self._wake = asyncio.Event()
         self._stopping = False
+        self._halted = False  # past the drain: running jobs stop at their next step
         self.errors = StateErrors(metrics, "jobs waiting: the shared state is unavailable ({use})", 30.0, log)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -172,6 +180,9 @@ class JobManager:
                 log.warning(
                     "jobs: %d still running after %.0f s; stopping them", len(late), self.settings.job_drain_s
                 )
+        # A task's cancel can be lost (a client library swallowing it mid-call): the flag makes the next
+        # step stop the job regardless.
+        self._halted = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -310,6 +321,8 @@ class JobManager:
         started = time.monotonic()
 
         async def progress(event: Progress) -> None:
+            if self._halted:
+                raise JobStopped()
             if await self.store.get(f"job-cancel:{job_id}") is not None:
                 raise JobCancelled()
             elapsed = time.monotonic() - started
@@ -334,11 +347,10 @@ class JobManager:
                 await self._finish(record, "cancelled")  # the cancel, seen at once
                 return
             # the gateway is stopping (past job_drain_s)
-            stopped = ErrorDetail(
-                type="backend_unavailable", message="the gateway stopped; submit the job again"
-            )
-            await asyncio.shield(self._finish(record, "failed", error=stopped))
+            await asyncio.shield(self._finish(record, "failed", error=STOPPED))
             raise
+        except JobStopped:
+            await self._finish(record, "failed", error=STOPPED)
         except JobCancelled:
             await self._finish(record, "cancelled")
         except GatewayError as exc:
