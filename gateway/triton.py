@@ -100,6 +100,7 @@ class TritonBackend:
         self._served_until = 0.0  # monotonic time of the next re-read
         self._served_lock = asyncio.Lock()
         self._drops: set[asyncio.Task[None]] = set()  # `_drop` calls under way
+        self._health_lock = asyncio.Lock()
 
     def start(self) -> None:
         """The health checks, every `triton_health_interval_s` (call from a running event loop)."""
@@ -137,7 +138,12 @@ class TritonBackend:
             await asyncio.sleep(self.settings.triton_health_interval_s)
 
     async def check_health(self) -> None:
-        """Resolve dns: entries again, probe every endpoint, and move endpoints in and out of rotation."""
+        """Resolve dns: entries again, probe every endpoint, and move endpoints in and out of rotation.
+        One round at a time (the loop and /readyz both call it): two would add a new address twice."""
+        async with self._health_lock:
+            await self._check_health()
+
+    async def _check_health(self) -> None:
         wanted: list[str] = []
         for entry in self.entries:
             try:
