@@ -120,3 +120,12 @@ def job_events(
             else:
                 name, _, value = line.partition(": ")
                 frame[name] = json.loads(value) if name == "data" else value
+
+
+def wait_until(check: Any, what: str, timeout_s: float = 30.0, interval_s: float = 0.25) -> None:
+    """Poll `check()` until it is true; AssertionError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout_s:.0f} s")
+        time.sleep(interval_s)

@@ -20,10 +20,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from gateway.process import GatewayProcess
-from perf.loadgen import parse_metrics
 from sd_triton.triton_server import TritonServer
 from tests.conftest import RedisServer, free_port, triton_executions, triton_server
-from tests.load import NO_CACHE, Load, job_events
+from tests.gateway.access_support import sample
+from tests.load import NO_CACHE, Load, job_events, wait_until
 
 log = logging.getLogger(__name__)
 BODY = {"prompt": "a red circle on a blue background", "height": 64, "width": 64, "steps": 8}
@@ -32,16 +32,12 @@ LONG = {"prompt": "a long one", "height": 256, "width": 256, "steps": 150, "seed
 
 
 def _wait(condition, what: str, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout_s:.0f} s")
-        time.sleep(0.1)
+    wait_until(condition, what, timeout_s, interval_s=0.1)
 
 
 def _metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
-    samples = parse_metrics(httpx.get(f"{gateway.url}/metrics", timeout=10).text)
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        return sample(http, name, **labels)
 
 
 def _unet_steps(server: TritonServer) -> int:

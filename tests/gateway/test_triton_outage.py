@@ -8,6 +8,7 @@ import httpx
 
 from gateway.process import GatewayProcess
 from tests.conftest import free_port, triton_server
+from tests.load import wait_until
 
 BODY = {"prompt": "a fox", "steps": 3, "width": 64, "height": 48}
 TIMEOUT_S = 5.0
@@ -48,12 +49,3 @@ def test_outage_and_recovery(exported: dict, tmp_path) -> None:
     finally:
         gateway.stop()
         triton.stop()
-
-
-def wait_until(check, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"not {what} within {timeout_s} s")
