@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test lint demo export triton perf-tools soak audit clean
+.PHONY: setup system-deps test lint pycompat demo export triton perf-tools soak audit clean
 
 setup: $(STAMP)
 
@@ -16,10 +16,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
-lint: setup
+lint: setup pycompat
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # the layers: pyproject.toml [tool.importlinter]
+
+# Python 3.10 (the NGC Triton image's) for every module the images run, standard-library APIs included:
+# vermin knows which release added each module, function and syntax, not only the grammar.
+PYCOMPAT_PATHS ?= sd_triton export gateway perf model_repository
+pycompat:  # run by `make lint` (after setup)
+	$(VENV)/bin/vermin --target=3.10- --violations --eval-annotations --no-tips $(PYCOMPAT_PATHS)
 
 # Debian packages the tests start for real: redis-server (the shared-state backend) and chromium with
 # its driver (the playground test). Installed once; skipped when present.
@@ -42,7 +49,7 @@ audit: setup
 
 # perf_analyzer (from the tritonclient 2.41.1 wheel) and its libraries in .tools/, not in the venv
 perf-tools: setup
-	$(PY) -m perf.tools --tools-dir .tools
+	$(PY) -m sd_triton.perf.tools --tools-dir .tools
 
 export: setup
 	$(VENV)/bin/sd-triton export --model demo --engine python-ort --repo model_repository

@@ -26,5 +26,5 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 
-# uvicorn via gateway.main.serve: SIGTERM drains (SD_GATEWAY_SHUTDOWN_GRACE_S, then SD_GATEWAY_JOB_DRAIN_S)
-ENTRYPOINT ["python", "-m", "gateway"]
+# uvicorn via sd_triton.gateway.main.serve: SIGTERM drains (SD_GATEWAY_SHUTDOWN_GRACE_S, then SD_GATEWAY_JOB_DRAIN_S)
+ENTRYPOINT ["python", "-m", "sd_triton.gateway"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.components import ModelDims
+from sd_triton.export.components import ModelDims
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
@@ -37,6 +37,10 @@ class Checkpoint:
         vae = _json(path / "vae" / "config.json")
         text = _json(path / "text_encoder" / "config.json")
         scheduler = _json(path / "scheduler" / "scheduler_config.json")
+        # diffusers' from_pretrained builds the class model_index.json names (usually the config's own)
+        named = _json(path / "model_index.json").get("scheduler")
+        if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str):
+            scheduler = {**scheduler, "_class_name": named[1]}
         dims = ModelDims(
             text_hidden=int(text["hidden_size"]),
             latent_channels=int(unet.get("in_channels", 4)),

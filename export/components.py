@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
 
 from sd_triton.contract import (
     CHECKPOINT_SUBFOLDERS,
@@ -20,6 +18,7 @@ from sd_triton.contract import (
     Limits,
     ModelSpec,
 )
+from sd_triton.runtime.torch_modules import load_module
 
 Shape = tuple[int, ...]
 
@@ -63,9 +62,9 @@ class Component(ABC):
     def output_names(self) -> list[str]:
         return [t.name for t in self.spec.outputs]
 
-    @abstractmethod
     def load(self, checkpoint: Path) -> torch.nn.Module:
-        """The module to export, taking the inputs in contract order."""
+        """The module to export, taking the inputs in contract order (sd_triton.runtime.torch_modules)."""
+        return load_module(self.name, checkpoint)
 
     @abstractmethod
     def dynamic_axes(self) -> dict[str, dict[int, str]]: ...
@@ -90,18 +89,6 @@ class TextEncoder(Component):
     spec = TEXT_ENCODER
     subfolder = CHECKPOINT_SUBFOLDERS[TEXT_ENCODER.name]
 
-    class _Module(torch.nn.Module):
-        def __init__(self, encoder: CLIPTextModel) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.encoder(input_ids.long(), return_dict=False)[0]
-
-    def load(self, checkpoint: Path) -> torch.nn.Module:
-        encoder = CLIPTextModel.from_pretrained(checkpoint / self.subfolder, attn_implementation="eager")
-        return self._Module(encoder).eval()
-
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}
 
@@ -120,18 +107,6 @@ class TextEncoder(Component):
 class UNet(Component):
     spec = UNET
     subfolder = CHECKPOINT_SUBFOLDERS[UNET.name]
-
-    class _Module(torch.nn.Module):
-        def __init__(self, unet: UNet2DConditionModel) -> None:
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-            # timestep arrives as [B, 1] (Triton's batched [1]); the UNet wants [B]
-            return self.unet(sample, timestep.reshape(-1), hidden, return_dict=False)[0]
-
-    def load(self, checkpoint: Path) -> torch.nn.Module:
-        return self._Module(UNet2DConditionModel.from_pretrained(checkpoint / self.subfolder)).eval()
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         spatial = {0: "batch", 2: "height", 3: "width"}
@@ -166,17 +141,6 @@ class UNet(Component):
 class VaeDecoder(Component):
     spec = VAE_DECODER
     subfolder = CHECKPOINT_SUBFOLDERS[VAE_DECODER.name]
-
-    class _Module(torch.nn.Module):
-        def __init__(self, vae: AutoencoderKL) -> None:
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-            return self.vae.decode(latent_sample, return_dict=False)[0]
-
-    def load(self, checkpoint: Path) -> torch.nn.Module:
-        return self._Module(AutoencoderKL.from_pretrained(checkpoint / self.subfolder)).eval()
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         spatial = {0: "batch", 2: "height", 3: "width"}

@@ -27,19 +27,27 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from export import tensorrt
-from export.checkpoint import Checkpoint, artifact_sha256, link_file, link_tree, sha256_file
-from export.components import COMPONENTS
-from export.parity import ParityGate, ParityReport, render_parity
-from export.pipeline import SOURCE_REPO, engine_profile
-from export.quantize import INT8_COMPONENTS, quantize_int8
-from export.repository import CONFIG_FILE, MANIFEST, RepositorySettings, engine_config, parse, write_config
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord, versions_on_disk
+from sd_triton.export import tensorrt
+from sd_triton.export.checkpoint import Checkpoint, artifact_sha256, link_file, link_tree, sha256_file
+from sd_triton.export.components import COMPONENTS
+from sd_triton.export.parity import ParityGate, ParityReport, render_parity
+from sd_triton.export.pipeline import engine_profile
+from sd_triton.export.quantize import INT8_COMPONENTS, quantize_int8
+from sd_triton.export.repository import (
+    CONFIG_FILE,
+    MANIFEST,
+    RepositorySettings,
+    engine_config,
+    parse,
+    write_config,
+    write_model_py,
+)
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +345,7 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
         precision=precision,
         artifact="",
         sha256="",
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     try:
         settings = repo.settings_for(candidate)
@@ -351,7 +359,7 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     try:
         candidate = _make_artifact(repo, candidate, options)
         if options.kind in c.PYTHON_KINDS:
-            shutil.copyfile(SOURCE_REPO / name / "1" / "model.py", folder / "model.py")
+            write_model_py(folder, name)
 
         # 3. The parity gate against the live engine.
         live_artifact = repo.path / name / str(previous.version) / previous.artifact

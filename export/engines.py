@@ -10,10 +10,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from export import tensorrt
-from export.repository import CONFIG_FILE, MANIFEST, parse
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord
+from sd_triton.export import tensorrt
+from sd_triton.export.repository import CONFIG_FILE, MANIFEST, parse
 
 
 def live_version(repo: Path, name: str) -> int:

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.components import Component, ModelDims
+from sd_triton.export.components import Component, ModelDims
 
 log = logging.getLogger(__name__)
 

@@ -11,31 +11,38 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from export import tensorrt
-from export.checkpoint import Checkpoint, artifact_sha256, link_tree, sha256_file, sha256_tree
-from export.components import COMPONENTS, Component, Profile
-from export.onnx_export import OPSET, export_onnx
-from export.presets import PRESETS, ensure_preset_checkpoint
-from export.preview import fit_preview_weights
-from export.quantize import INT8_FILE, quantize_int8
-from export.repository import MANIFEST, RepositorySettings, write_configs
 from sd_triton import __version__
 from sd_triton import contract as c
 from sd_triton.contract import UNET, Limits
 from sd_triton.engine_record import EngineRecord
+from sd_triton.export import tensorrt
+from sd_triton.export.checkpoint import Checkpoint, artifact_sha256, link_tree, sha256_file, sha256_tree
+from sd_triton.export.components import COMPONENTS, Component, Profile
+from sd_triton.export.onnx_export import OPSET, export_onnx
+from sd_triton.export.presets import PRESETS, ensure_preset_checkpoint
+from sd_triton.export.preview import fit_preview_weights
+from sd_triton.export.quantize import INT8_FILE, quantize_int8
+from sd_triton.export.repository import (
+    MANIFEST,
+    PYTHON_MODELS,
+    RepositorySettings,
+    write_configs,
+    write_model_py,
+)
 from sd_triton.pipeline_config import FILENAME as PIPELINE_FILE
 from sd_triton.pipeline_config import PipelineConfig
+from sd_triton.runtime.schedulers import default_scheduler_class
 from sd_triton.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
-SOURCE_REPO = Path(__file__).resolve().parents[1] / "model_repository"  # the model.py files
 DEFAULT_WORK_DIR = Path(".cache") / "sd-triton"
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"  # committed, see its README
+# committed in the source tree (see its README), not in the wheel: 22 MB that only the demo uses
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 STEPS = 6
 
 
@@ -64,10 +71,16 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     elif options.model == "demo":
         path = DEMO_MODEL
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"--model demo: no trained model in {path} (sd-triton train-demo-model)")
+            raise FileNotFoundError(
+                f"--model demo: no trained model in {path}; the demo model ships with the source tree "
+                "(models/demo), not the wheel: pass its folder as --model, or train one "
+                "(sd-triton train-demo-model)"
+            )
     else:
         path = Path(options.model)
     checkpoint = Checkpoint.open(path)
+    scheduler = default_scheduler_class(checkpoint.scheduler_config).__name__  # refused here if unknown
+    log.info("requests without a scheduler run the checkpoint's own: %s", scheduler)
 
     components: dict[str, Any] = {}
     settings = repository_settings(options.settings, checkpoint, options.limits)
@@ -112,6 +125,7 @@ def served_model(model: str, checkpoint: Checkpoint, limits: Limits) -> ServedMo
         native_width=checkpoint.native_size[1],
         spatial_multiple=checkpoint.dims.vae_scale_factor,
         limits=limits,
+        default_scheduler=default_scheduler_class(checkpoint.scheduler_config).__name__,
     )
 
 
@@ -276,7 +290,7 @@ def _engine_records(
             precision=settings.precision_of(name),
             artifact=artifact,
             sha256=artifact_sha256(version_dir / artifact) if (version_dir / artifact).exists() else "",
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             source_sha256=components[name]["onnx"]["artifacts"].get(f"{name}/1/model.onnx", ""),
             build=(components[name].get("plan") or {}).get("build"),
         )
@@ -313,12 +327,9 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
     for pipeline_path in pipeline_paths:
         pipeline_path.parent.mkdir(parents=True, exist_ok=True)
         pipeline.save(pipeline_path)
-    # model.py files, when the repository is not this source tree's
-    if repo != SOURCE_REPO.resolve():
-        for model_py in SOURCE_REPO.glob("*/1/model.py"):
-            target = repo / model_py.relative_to(SOURCE_REPO)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(model_py, target)
+    # model.py files: one import of the runtime module each (export/repository.py)
+    for model in PYTHON_MODELS:
+        write_model_py(repo / model / "1", model)
     return {
         "tokenizer": {
             "artifacts": _artifacts(repo, sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()))

@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from export.tiny import SEED, build_clip_tokenizer, build_tiny_pipeline, save_pipeline, sd_pipeline
+from sd_triton.export.tiny import SEED, build_clip_tokenizer, build_tiny_pipeline, save_pipeline, sd_pipeline
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.quantize import INT8_COMPONENTS, INT8_FILE
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord
+from sd_triton.export.quantize import INT8_COMPONENTS, INT8_FILE
 from sd_triton.served_model import ServedModel
 
 Precision = Literal["fp32", "fp16"]
@@ -26,6 +26,9 @@ Precision = Literal["fp32", "fp16"]
 Batching = Literal["none", "dynamic", "continuous"]
 BATCHING_MODES: tuple[Batching, ...] = ("none", "dynamic", "continuous")
 CONFIG_FILE = "config.pbtxt"
+# an engine config's parameter: its artifact's sha256 (provenance, and the gateway's cache key); never in
+# a committed config, as the same export gives other bytes on another CPU (tests/export/test_contract.py)
+ARTIFACT_SHA256 = "artifact_sha256"
 MANIFEST = "manifest.json"  # what the export made, and the live engine versions (export/pipeline.py)
 
 # The ensemble's data flow: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
@@ -131,6 +134,57 @@ class RepositorySettings:
         return self.max_queue_delay_us
 
 
+# Every python model's `model.py` is one import of the runtime module that implements it (thin model.py
+# files over tested package code). The export writes them from this table, so an installed wheel writes
+# the same files as this checkout; the committed model_repository/*/1/model.py are what it writes.
+_ENGINE_MODEL_PY = (
+    "sd_triton.runtime.triton_engine",
+    'Runs this version\'s engine when config.pbtxt says `backend: "python"`: the ONNX graph with ONNX\n'
+    "Runtime (kind python-ort) or the PyTorch module from the diffusers weights (parameter\n"
+    "`engine: python-torch`); ignored by the onnxruntime and tensorrt kinds.",
+)
+PYTHON_MODELS: dict[str, tuple[str, str]] = {
+    c.TOKENIZER.name: (
+        "sd_triton.runtime.triton_tokenizer",
+        "Step 1 of txt2img: CLIP tokenization of prompt and negative prompt.",
+    ),
+    c.DENOISE.name: (
+        "sd_triton.runtime.triton_denoise",
+        "Step 3 of txt2img: the scheduler loop (continuous batching or one request at a time), calling\n"
+        "the `unet` model through BLS each step.",
+    ),
+    c.POSTPROCESS.name: (
+        "sd_triton.runtime.triton_postprocess",
+        "Step 5 of txt2img: VAE output to UINT8 NHWC images.",
+    ),
+    c.TXT2IMG_STREAM.name: (
+        "sd_triton.runtime.triton_stream",
+        "txt2img with one streamed response per denoising step (decoupled).",
+    ),
+    **dict.fromkeys(c.ENGINE_MODELS, _ENGINE_MODEL_PY),
+}
+MODEL_PY = "model.py"
+
+
+def model_py_text(model: str) -> str:
+    """The `model.py` of a python model (for engine models: read only by the python kinds)."""
+    module, doc = PYTHON_MODELS[model]
+    return (
+        f'"""{doc}\nThe code lives in {module} (written by `sd-triton export`)."""\n\n'
+        f"from {module} import TritonPythonModel  # noqa: F401\n"
+    )
+
+
+def write_model_py(version_dir: Path, model: str) -> Path:
+    """Write a python model's model.py into one of its version folders (unless unchanged)."""
+    path = version_dir / MODEL_PY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = model_py_text(model)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
 def _tensor(message: type, spec: c.TensorSpec) -> object:
     tensor = message(name=spec.name, data_type=mc.DataType.Value(spec.dtype), dims=list(spec.dims))
     if spec.optional:
@@ -160,7 +214,7 @@ def engine_config(
     config = _base(spec, settings.max_batch.get(spec.name, c.Limits().max_unet_batch))
     if record is not None:
         config.version_policy.specific.versions.append(record.version)
-        config.parameters["artifact_sha256"].string_value = record.sha256
+        config.parameters[ARTIFACT_SHA256].string_value = record.sha256
     delay = settings.queue_delay_us(spec.name)
     if delay is not None:
         config.dynamic_batching.max_queue_delay_microseconds = delay

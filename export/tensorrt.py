@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from export.components import Profile
+from sd_triton.export.components import Profile
 
 log = logging.getLogger(__name__)
 

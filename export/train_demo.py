@@ -30,7 +30,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from export.demo_data import (
+from sd_triton.export.demo_data import (
     COLORS,
     POSITIONS,
     SHAPES,
@@ -42,7 +42,7 @@ from export.demo_data import (
     random_scene,
     success_rates,
 )
-from export.tiny import (
+from sd_triton.export.tiny import (
     SCHEDULER_CONFIG,
     build_clip_tokenizer,
     save_pipeline,

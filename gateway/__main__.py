@@ -1,5 +1,5 @@
-"""`python -m gateway`: serve the gateway with settings from `SD_GATEWAY_*` (see gateway/settings.py)."""
+"""`python -m sd_triton.gateway`: serve the gateway with settings from `SD_GATEWAY_*` (settings.py)."""
 
-from gateway.main import serve
+from sd_triton.gateway.main import serve
 
 serve()

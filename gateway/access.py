@@ -23,13 +23,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import ContentPolicyError, GatewayError, OpenAIContentPolicyError
-from gateway.keys import ApiKey, KeyRegistry
-from gateway.limits import Charge, Limiter, RateState, Slot
-from gateway.metrics import GatewayMetrics
-from gateway.policy import Rules, check, load_policy_file
-from gateway.settings import GatewaySettings
-from gateway.state import StateStore
+from sd_triton.gateway.errors import ContentPolicyError, GatewayError, OpenAIContentPolicyError
+from sd_triton.gateway.keys import ApiKey, KeyRegistry
+from sd_triton.gateway.limits import Charge, Limiter, RateState, Slot
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.policy import Rules, check, load_policy_file
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.gateway.state import StateStore
 
 log = logging.getLogger(__name__)
 

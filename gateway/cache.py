@@ -24,11 +24,11 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Header
 from pydantic import ValidationError
 
-from gateway.limits import StateErrors
-from gateway.metrics import GatewayMetrics
-from gateway.schemas import GenerateResponse, GenerationParams
-from gateway.settings import GatewaySettings
-from gateway.state import StateStore, StateUnavailable
+from sd_triton.gateway.limits import StateErrors
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.gateway.state import StateStore, StateUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -26,22 +26,27 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image as PILImage
 from pydantic import BaseModel, Field
 
-from gateway.errors import GatewayError, InvalidRequestError, OverloadedError, TritonUnavailableError
-from gateway.limits import StateErrors
-from gateway.metrics import GatewayMetrics
-from gateway.schemas import ErrorDetail, GenerateRequest, GenerateResponse
-from gateway.service import Generator, ProgressCallback
-from gateway.settings import GatewaySettings
-from gateway.state import StateStore, StateUnavailable
-from gateway.storage import ImageStorage
-from gateway.webhooks import WebhookSender, refused_target
+from sd_triton.gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    OverloadedError,
+    TritonUnavailableError,
+)
+from sd_triton.gateway.limits import StateErrors
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.schemas import ErrorDetail, GenerateRequest, GenerateResponse
+from sd_triton.gateway.service import Generator, ProgressCallback
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.gateway.state import StateStore, StateUnavailable
+from sd_triton.gateway.storage import ImageStorage
+from sd_triton.gateway.webhooks import WebhookSender, refused_target
 from sd_triton.txt2img_client import Progress
 
 log = logging.getLogger(__name__)
@@ -120,7 +125,7 @@ STOPPED = ErrorDetail(type="backend_unavailable", message="the gateway stopped; 
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def preview_data_url(previews: np.ndarray[Any, Any]) -> str:
@@ -342,8 +347,11 @@ class JobManager:
         try:
             result = await generation
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and not task.cancelling() and watcher.done() and watcher.result():
+            # Task.cancelling() (3.11+) tells a gateway stopping apart from the job's own cancel; on 3.10
+            # the watcher's verdict decides alone (a stop racing a cancel ends the job "cancelled")
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)
+            stopping = cancelling is not None and cancelling() > 0
+            if not stopping and watcher.done() and watcher.result():
                 await self._finish(record, "cancelled")  # the cancel, seen at once
                 return
             # the gateway is stopping (past job_drain_s)

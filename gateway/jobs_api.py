@@ -11,12 +11,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import StreamingResponse
 
-from gateway.access import AccessDep
-from gateway.cache import CacheAllowedDep
-from gateway.errors import NotFoundError
-from gateway.jobs import JobManager, JobRecord, JobRequest, JobView
-from gateway.schemas import ErrorResponse
-from gateway.storage import request_base_url
+from sd_triton.gateway.access import AccessDep
+from sd_triton.gateway.cache import CacheAllowedDep
+from sd_triton.gateway.errors import NotFoundError
+from sd_triton.gateway.jobs import JobManager, JobRecord, JobRequest, JobView
+from sd_triton.gateway.schemas import ErrorResponse
+from sd_triton.gateway.storage import request_base_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -23,13 +23,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import UnauthorizedError
-from gateway.policy import Rules
+from sd_triton.gateway.errors import UnauthorizedError
+from sd_triton.gateway.policy import Rules
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def parse_token(token: str) -> tuple[str, str] | None:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class ApiKey(BaseModel):

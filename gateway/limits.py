@@ -17,11 +17,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
-from gateway.errors import ConcurrencyLimitedError, QuotaExceededError, RateLimitedError
-from gateway.metrics import GatewayMetrics
-from gateway.state import StateStore, StateUnavailable
+from sd_triton.gateway.errors import ConcurrencyLimitedError, QuotaExceededError, RateLimitedError
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.state import StateStore, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _ceil_s(seconds: float) -> int:
 
 
 def seconds_to_utc_midnight(now: datetime | None = None) -> float:
-    now = now or datetime.now(UTC)
+    now = now or datetime.now(timezone.utc)
     midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return (midnight - now).total_seconds()
 
@@ -169,7 +169,7 @@ class Limiter:
         request does not fit."""
         if limit is None:
             return Charge()
-        counter = f"quota:{key_id}:{datetime.now(UTC).date().isoformat()}"
+        counter = f"quota:{key_id}:{datetime.now(timezone.utc).date().isoformat()}"
         reset = seconds_to_utc_midnight()
         used = await self._add(counter, images, "quota", ttl_s=reset + 3600)
         if used is None:

@@ -18,21 +18,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.access import Access, AccessControl, AccessDep, AccessMiddleware
-from gateway.cache import CacheAllowedDep, ResultCache
-from gateway.errors import (
+from sd_triton import __version__
+from sd_triton.gateway.access import Access, AccessControl, AccessDep, AccessMiddleware
+from sd_triton.gateway.cache import CacheAllowedDep, ResultCache
+from sd_triton.gateway.errors import (
     GatewayError,
     InvalidRequestError,
     OpenAIInvalidRequestError,
     StateStoreUnavailableError,
 )
-from gateway.images import ImageEncoder
-from gateway.jobs import JobManager
-from gateway.jobs_api import router as jobs_router
-from gateway.metrics import GatewayMetrics, MetricsMiddleware, TritonMetricsScraper, triton_metrics_url
-from gateway.middleware import RequestGuardMiddleware
-from gateway.playground import router as playground_router
-from gateway.schemas import (
+from sd_triton.gateway.images import ImageEncoder
+from sd_triton.gateway.jobs import JobManager
+from sd_triton.gateway.jobs_api import router as jobs_router
+from sd_triton.gateway.metrics import (
+    GatewayMetrics,
+    MetricsMiddleware,
+    TritonMetricsScraper,
+    triton_metrics_url,
+)
+from sd_triton.gateway.middleware import RequestGuardMiddleware
+from sd_triton.gateway.playground import router as playground_router
+from sd_triton.gateway.schemas import (
     SIZE,
     BatchRequest,
     ErrorResponse,
@@ -43,15 +49,14 @@ from gateway.schemas import (
     OpenAIImageRequest,
     OpenAIImagesResponse,
 )
-from gateway.service import Generator
-from gateway.settings import GatewaySettings
-from gateway.state import StateStore, StateUnavailable, make_store
-from gateway.storage import ImageStorage, make_storage, request_base_url
-from gateway.storage import router as storage_router
-from gateway.triton import TritonBackend
-from sd_triton import __version__
+from sd_triton.gateway.service import Generator
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.gateway.state import StateStore, StateUnavailable, make_store
+from sd_triton.gateway.storage import ImageStorage, make_storage, request_base_url
+from sd_triton.gateway.storage import router as storage_router
+from sd_triton.gateway.triton import TritonBackend
 
-log = logging.getLogger("gateway")
+log = logging.getLogger("sd_triton.gateway")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "body over the size limit"},
@@ -308,7 +313,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
 
 def serve(settings: GatewaySettings | None = None) -> None:
-    """Serve the app with uvicorn (`python -m gateway`, `sd-triton gateway`, the image). At SIGTERM it
+    """Serve the app with uvicorn (`sd-triton gateway`, `python -m sd_triton.gateway`). At SIGTERM it
     stops accepting connections, lets the requests in flight finish for up to `shutdown_grace_s`
     (later ones are cancelled, their Triton calls with them), lets running jobs finish for up to
     `job_drain_s`, and exits 0."""

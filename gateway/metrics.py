@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.middleware import DISCONNECTED
+from sd_triton.gateway.middleware import DISCONNECTED
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import GatewayError, PayloadTooLargeError, UnsupportedMediaTypeError
+from sd_triton.gateway.errors import GatewayError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 log = logging.getLogger(__name__)
 DISCONNECTED = "sd_triton.client_disconnected"  # set in the scope of a request cancelled that way

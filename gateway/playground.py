@@ -1,20 +1,21 @@
 """The playground: a plain HTML/JS page at `/` (files in `gateway/static/`, no build step, nothing
 from outside the gateway) and `GET /v1/info`, what the page needs to build its form from the served
-model. The page itself talks to the async jobs API."""
+model, and `GET /v1/models` (the OpenAI list shape). The page itself talks to the async jobs API."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.schemas import GenerationParams
-from gateway.settings import GatewaySettings
-from gateway.triton import TritonBackend
 from sd_triton.contract import SCHEDULERS
+from sd_triton.gateway.schemas import GenerationParams
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.gateway.triton import TritonBackend
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MEDIA_TYPES = {
@@ -55,7 +56,28 @@ class InfoResponse(BaseModel):
     native_height: int
     limits: InfoLimits
     schedulers: list[str]
+    default_scheduler_class: str = Field(
+        ..., examples=["PNDMScheduler"], description="the checkpoint's own scheduler: what `default` runs"
+    )
     defaults: InfoDefaults
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models (the OpenAI list shape, with the served model's own facts)."""
+
+    id: str = Field(..., examples=["sd-1.5"])
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "sd-triton"
+    native_width: int
+    native_height: int
+    schedulers: list[str]
+    default_scheduler_class: str = Field(..., examples=["PNDMScheduler"])
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 def _static_file(name: str) -> Path:
@@ -98,6 +120,7 @@ async def info(request: Request) -> InfoResponse:
             max_prompt_chars=settings.max_prompt_chars,
         ),
         schedulers=list(SCHEDULERS),
+        default_scheduler_class=served.default_scheduler,
         defaults=InfoDefaults(
             width=served.native_width,
             height=served.native_height,
@@ -108,3 +131,19 @@ async def info(request: Request) -> InfoResponse:
             output_format=defaults.output_format,
         ),
     )
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["info"])
+async def models(request: Request) -> ModelList:
+    """The served model in the OpenAI models-list shape (`client.models.list()`), with its native size,
+    the scheduler names and the class `default` runs."""
+    backend: TritonBackend = request.app.state.backend
+    served = await backend.served_model()
+    card = ModelCard(
+        id=served.model,
+        native_width=served.native_width,
+        native_height=served.native_height,
+        schedulers=list(SCHEDULERS),
+        default_scheduler_class=served.default_scheduler,
+    )
+    return ModelList(data=[card])

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sd_triton.contract import SCHEDULERS, SchedulerName
+from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULERS, SchedulerName
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 MAX_SEED = 2**63 - 1
@@ -29,7 +29,11 @@ class GenerationParams(BaseModel):
         7.5, ge=0.0, le=MAX_FP32, description="classifier-free guidance; <= 1 turns it off"
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; drawn when absent")
-    scheduler: SchedulerName = Field("euler_a", description=f"one of {', '.join(SCHEDULERS)}")
+    scheduler: SchedulerName = Field(
+        DEFAULT_SCHEDULER,
+        description=f"one of {', '.join(SCHEDULERS)}. `{DEFAULT_SCHEDULER}`: the checkpoint's own scheduler, "
+        "class and config (GET /v1/models and /v1/info name its class)",
+    )
     num_images: int = Field(1, ge=1, description="images per prompt")
     output_format: OutputFormat = "png"
     response_format: Literal["base64", "url"] = Field(
@@ -52,7 +56,7 @@ class GenerateRequest(GenerationParams):
                     "steps": 30,
                     "guidance_scale": 7.5,
                     "seed": 42,
-                    "scheduler": "euler_a",
+                    "scheduler": "dpmpp_2m_karras",
                     "num_images": 1,
                     "output_format": "png",
                 }
@@ -98,8 +102,14 @@ class ComponentProvenance(BaseModel):
     sha256: str | None = Field(None, description="sha256 of the engine's artifact (ONNX graph or plan)")
 
 
+class SchedulerProvenance(BaseModel):
+    name: str = Field(..., examples=["default"], description="as requested (default: the checkpoint's own)")
+    class_name: str = Field(..., examples=["PNDMScheduler"], description="the diffusers class that ran")
+
+
 class Provenance(BaseModel):
     model: str
+    scheduler: SchedulerProvenance
     components: dict[str, ComponentProvenance] = Field(
         ..., description="per component; the UNet's as Triton reported it for this response"
     )

@@ -10,22 +10,23 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from gateway.cache import ResultCache, cache_key
-from gateway.errors import InvalidRequestError
-from gateway.images import CONTENT_TYPES, ImageEncoder
-from gateway.metrics import GatewayMetrics
-from gateway.schemas import (
+from sd_triton import contract as c
+from sd_triton.gateway.cache import ResultCache, cache_key
+from sd_triton.gateway.errors import InvalidRequestError
+from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.schemas import (
     ComponentProvenance,
     GenerateResponse,
     GenerationParams,
     Image,
     Provenance,
+    SchedulerProvenance,
     Timings,
     Truncation,
 )
-from gateway.settings import GatewaySettings
-from gateway.triton import TritonBackend
-from sd_triton import contract as c
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.gateway.triton import TritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.requests import InvalidRequest, validate_params
 from sd_triton.served_model import ServedModel
@@ -196,7 +197,7 @@ class Generator:
                 encode_ms=_ms(finished - inferred),
                 total_ms=_ms(finished - started),
             ),
-            provenance=_provenance(served, results),
+            provenance=_provenance(served, request.scheduler, results),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -210,7 +211,7 @@ class Generator:
         return response
 
 
-def _provenance(served: ServedModel, results: list[Txt2ImgResult]) -> Provenance:
+def _provenance(served: ServedModel, scheduler: str, results: list[Txt2ImgResult]) -> Provenance:
     """Each component as Triton's configs say (re-read every few seconds), the UNet as Triton reported
     it with these results (exact: each UNet call is pinned to a version; sd_triton.runtime.triton_io)."""
     components = {
@@ -232,4 +233,9 @@ def _provenance(served: ServedModel, results: list[Txt2ImgResult]) -> Provenance
                 unet.append(entry)
     if unet:
         components[c.UNET.name] = unet[-1]
-    return Provenance(model=served.model, components=components, unet_engines=unet)
+    return Provenance(
+        model=served.model,
+        scheduler=SchedulerProvenance(name=scheduler, class_name=served.scheduler_class(scheduler)),
+        components=components,
+        unet_engines=unet,
+    )

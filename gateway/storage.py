@@ -34,10 +34,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from gateway.errors import BadSignatureError, NotFoundError, StorageError
-from gateway.images import CONTENT_TYPES
-from gateway.schemas import GenerateResponse, Image
-from gateway.settings import GatewaySettings
+from sd_triton.gateway.errors import BadSignatureError, NotFoundError, StorageError
+from sd_triton.gateway.images import CONTENT_TYPES
+from sd_triton.gateway.schemas import GenerateResponse, Image
+from sd_triton.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 

@@ -28,16 +28,16 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import (
+from sd_triton import contract as c
+from sd_triton.gateway.errors import (
     InvalidRequestError,
     OverloadedError,
     TritonError,
     TritonTimeoutError,
     TritonUnavailableError,
 )
-from gateway.metrics import GatewayMetrics
-from gateway.settings import GatewaySettings, parse_endpoints
-from sd_triton import contract as c
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.settings import GatewaySettings, parse_endpoints
 from sd_triton.served_model import ServedModel, config_fingerprint
 from sd_triton.txt2img_client import (
     Progress,

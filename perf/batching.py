@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from perf.compare import (
+from sd_triton.perf.compare import (
     PORTS,
     CompareSettings,
     bench_gateway,
@@ -34,7 +34,7 @@ from perf.compare import (
     verdict_lines,
     warm_up,
 )
-from perf.loadgen import LoadResult
+from sd_triton.perf.loadgen import LoadResult
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class BatchingSettings(CompareSettings):
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
     def repository(self, mode: str) -> Any:
-        from export.repository import RepositorySettings
+        from sd_triton.export.repository import RepositorySettings
 
         return RepositorySettings(
             batching="dynamic" if mode == "request" else mode,  # type: ignore[arg-type]
@@ -125,8 +125,8 @@ def run_batching(settings: BatchingSettings, work_dir: Path) -> dict[str, Any]:
     then falls on every mode alike. Each level's row is the median run."""
     from contextlib import ExitStack
 
-    from export.checkpoint import Checkpoint
-    from export.pipeline import ExportOptions, run_export
+    from sd_triton.export.checkpoint import Checkpoint
+    from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.triton_server import TritonServer
 
     urls: dict[str, tuple[str, str]] = {}  # mode -> (gateway URL, Triton metrics URL)

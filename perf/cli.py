@@ -40,7 +40,7 @@ def _rates(value: str) -> tuple[float, ...]:
 
 
 def _request(args: argparse.Namespace) -> Any:
-    from perf.inputs import DEFAULT_PROMPTS, Request
+    from sd_triton.perf.inputs import DEFAULT_PROMPTS, Request
 
     return Request(
         height=args.height,
@@ -66,14 +66,14 @@ def _triton(repo: Path, url: str | None) -> Iterator[tuple[str, str]]:
 
 
 def _tools(args: argparse.Namespace) -> int:
-    from perf.tools import ensure_perf_analyzer
+    from sd_triton.perf.tools import ensure_perf_analyzer
 
     print(ensure_perf_analyzer(Path(args.tools_dir)))
     return 0
 
 
 def _inputs(args: argparse.Namespace) -> int:
-    from perf.inputs import COMPONENTS, batch_size_for, write_inputs
+    from sd_triton.perf.inputs import COMPONENTS, batch_size_for, write_inputs
 
     request = _request(args)
     written = write_inputs(Path(args.repo), Path(args.out), request, tuple(args.component or COMPONENTS))
@@ -83,9 +83,9 @@ def _inputs(args: argparse.Namespace) -> int:
 
 
 def _perf_triton(args: argparse.Namespace) -> int:
-    from perf.analyzer import Sweep, rows_as_dicts, run_sweep, table
-    from perf.inputs import batch_size_for, write_inputs
-    from perf.tools import ensure_perf_analyzer
+    from sd_triton.perf.analyzer import Sweep, rows_as_dicts, run_sweep, table
+    from sd_triton.perf.inputs import batch_size_for, write_inputs
+    from sd_triton.perf.tools import ensure_perf_analyzer
 
     # 1. The tool and the input data for the shapes asked for.
     perf_analyzer = ensure_perf_analyzer(Path(args.tools_dir))
@@ -116,7 +116,7 @@ def _perf_triton(args: argparse.Namespace) -> int:
 
 
 def _perf_gateway(args: argparse.Namespace) -> int:
-    from perf.loadgen import Load, run_load, table
+    from sd_triton.perf.loadgen import Load, run_load, table
 
     body = {
         "prompt": args.prompt[0] if args.prompt else "a red circle on a blue background",
@@ -132,7 +132,7 @@ def _perf_gateway(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         gateway_url, metrics_url = args.gateway_url, args.triton_metrics_url
         if not gateway_url:
-            from perf.compare import bench_gateway
+            from sd_triton.perf.compare import bench_gateway
 
             grpc_url, metrics_url = stack.enter_context(_triton(Path(args.repo), None))
             gateway_url = stack.enter_context(bench_gateway(grpc_url, GATEWAY_PORT)).url
@@ -155,7 +155,7 @@ def _perf_gateway(args: argparse.Namespace) -> int:
 
 
 def _perf_compare(args: argparse.Namespace) -> int:
-    from perf.compare import CompareSettings, run_compare, table
+    from sd_triton.perf.compare import CompareSettings, run_compare, table
 
     settings = CompareSettings(
         **_load_settings(args),
@@ -196,7 +196,7 @@ def _load_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _save(document: dict[str, Any], args: argparse.Namespace, kind: str, table: Any) -> int:
-    from perf.compare import save
+    from sd_triton.perf.compare import save
 
     document["command"] = "sd-triton " + " ".join(args.argv)
     out = Path(args.out or f"perf/results/{kind}-{args.preset}.json")
@@ -207,7 +207,7 @@ def _save(document: dict[str, Any], args: argparse.Namespace, kind: str, table: 
 
 
 def _perf_batching(args: argparse.Namespace) -> int:
-    from perf.batching import BatchingSettings, run_batching, table
+    from sd_triton.perf.batching import BatchingSettings, run_batching, table
 
     settings = BatchingSettings(
         **_load_settings(args),
@@ -224,7 +224,7 @@ def _perf_batching(args: argparse.Namespace) -> int:
 
 
 def _perf_jobs(args: argparse.Namespace) -> int:
-    from perf.jobs import JobsBenchSettings, run_jobs_bench, table
+    from sd_triton.perf.jobs import JobsBenchSettings, run_jobs_bench, table
 
     settings = JobsBenchSettings(
         preset=args.preset, steps=args.steps, repeats=args.repeats, preview=not args.no_preview
@@ -233,14 +233,14 @@ def _perf_jobs(args: argparse.Namespace) -> int:
 
 
 def _perf_int8(args: argparse.Namespace) -> int:
-    from perf.int8 import Int8Settings, run_int8, table
+    from sd_triton.perf.int8 import Int8Settings, run_int8, table
 
     settings = Int8Settings(preset=args.preset, steps=args.steps, calls=args.calls)
     return _save(run_int8(settings, _work_dir(args)), args, "int8", table)
 
 
 def _perf_soak(args: argparse.Namespace) -> int:
-    from perf.soak import SoakSettings, run_soak, table
+    from sd_triton.perf.soak import SoakSettings, run_soak, table
 
     settings = SoakSettings(
         preset=args.preset,
@@ -261,7 +261,7 @@ def _perf_soak(args: argparse.Namespace) -> int:
 
 
 def _perf_report(args: argparse.Namespace) -> int:
-    from perf.report import write_report
+    from sd_triton.perf.report import write_report
 
     print(write_report([Path(p) for p in args.results], Path(args.out)))
     return 0
@@ -279,9 +279,11 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: Any) -> None:
     """Register `perf` and its subcommands on the `sd-triton` parser."""
-    from perf.inputs import COMPONENTS
+    from sd_triton import contract
 
+    components = (contract.TXT2IMG.name, *contract.ENGINE_MODELS)  # perf.inputs.COMPONENTS, numpy-free
     perf = sub.add_parser("perf", help="perf_analyzer sweeps, gateway load tests, benchmarks")
+    perf.set_defaults(extra="dev")
     commands = perf.add_subparsers(dest="perf_command", required=True)
 
     tools = commands.add_parser("tools", help="install perf_analyzer into the project tool folder")
@@ -291,14 +293,14 @@ def add_parser(sub: Any) -> None:
     inputs = commands.add_parser("inputs", help="perf_analyzer --input-data files for the shapes you pick")
     inputs.add_argument("--repo", default="model_repository")
     inputs.add_argument("--out", default=".cache/perf/inputs")
-    inputs.add_argument("--component", action="append", choices=COMPONENTS, help="default: all")
+    inputs.add_argument("--component", action="append", choices=components, help="default: all")
     _request_args(inputs)
     inputs.set_defaults(run=_inputs)
 
     triton = commands.add_parser("triton", help="perf_analyzer sweep on one model of the repository")
     triton.add_argument("--repo", default="model_repository")
     triton.add_argument("--url", default=None, help="a running Triton's gRPC HOST:PORT; default: start one")
-    triton.add_argument("--model", default="txt2img", choices=COMPONENTS)
+    triton.add_argument("--model", default="txt2img", choices=components)
     triton.add_argument("--concurrency", type=_levels, default=(1, 2, 4))
     triton.add_argument("--request-rate", type=_rates, default=None, help="requests/s levels, instead")
     triton.add_argument("--batch-size", type=int, default=None, help="default: one pipeline call's batch")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from perf.loadgen import Load, LoadResult, run_load
+from sd_triton.perf.loadgen import Load, LoadResult, run_load
 from sd_triton.requests import uses_guidance
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def http_levels(
 def bench_gateway(triton_grpc_url: str, port: int) -> Any:
     """A gateway for benchmarks: open (no API keys, whatever this checkout's keys file holds) and
     without the result cache (the load also asks for no-cache). A GatewayProcess, not started."""
-    from gateway.process import GatewayProcess
+    from sd_triton.gateway.process import GatewayProcess
 
     env = {"SD_GATEWAY_KEYS_FILE": ".cache/perf/no-api-keys.json", "SD_GATEWAY_CACHE_ENABLED": "false"}
     return GatewayProcess(triton_grpc_url, port=port, env=env)
@@ -247,10 +247,10 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
     """Measure every system of `settings.systems`; return the result document."""
     import torch
 
-    from export.checkpoint import Checkpoint
-    from export.pipeline import ExportOptions, run_export
-    from export.repository import RepositorySettings
-    from perf.naive_service import NaiveServiceProcess
+    from sd_triton.export.checkpoint import Checkpoint
+    from sd_triton.export.pipeline import ExportOptions, run_export
+    from sd_triton.export.repository import RepositorySettings
+    from sd_triton.perf.naive_service import NaiveServiceProcess
     from sd_triton.triton_server import TritonServer
 
     torch.set_num_threads(os.cpu_count() or 1)

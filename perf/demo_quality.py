@@ -18,8 +18,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from export.demo_data import check_image, held_in_prompts, success_rates
-from export.pipeline import ExportOptions, run_export
+from sd_triton.export.demo_data import check_image, held_in_prompts, success_rates
+from sd_triton.export.pipeline import ExportOptions, run_export
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
 

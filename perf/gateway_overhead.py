@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import tritonclient.grpc as grpcclient
 
-from export.pipeline import ExportOptions, run_export
-from perf.compare import bench_gateway
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.perf.compare import bench_gateway
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
 
-log = logging.getLogger("perf.gateway_overhead")
+log = logging.getLogger("sd_triton.perf.gateway_overhead")
 
 
 def percentile(values: list[float], q: float) -> float:

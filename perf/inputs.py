@@ -19,7 +19,7 @@ from sd_triton import contract
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import uses_guidance
 
-COMPONENTS = ("txt2img", "text_encoder", "unet", "vae_decoder")
+COMPONENTS = (contract.TXT2IMG.name, *contract.ENGINE_MODELS)
 DEFAULT_PROMPTS = (
     "a red circle on a blue background",
     "a green square at the top left on a white background",

@@ -31,13 +31,13 @@ class Int8Settings:
 
 
 def run_int8(settings: Int8Settings, work_dir: Path) -> dict[str, Any]:
-    from export.checkpoint import Checkpoint
-    from export.parity import ParityGate, render_parity
-    from export.pipeline import ExportOptions, run_export
-    from export.quantize import INT8_FILE
-    from export.repository import RepositorySettings
-    from perf.compare import machine
     from sd_triton import contract as c
+    from sd_triton.export.checkpoint import Checkpoint
+    from sd_triton.export.parity import ParityGate, render_parity
+    from sd_triton.export.pipeline import ExportOptions, run_export
+    from sd_triton.export.quantize import INT8_FILE
+    from sd_triton.export.repository import RepositorySettings
+    from sd_triton.perf.compare import machine
     from sd_triton.runtime.local import LocalPipeline
 
     # 1. The preset exported, its UNet also as INT8.

@@ -116,9 +116,9 @@ def sync_run(http: httpx.Client, body: dict[str, Any]) -> float:
 
 
 def run_jobs_bench(settings: JobsBenchSettings, work_dir: Path) -> dict[str, Any]:
-    from export.checkpoint import Checkpoint
-    from export.pipeline import ExportOptions, run_export
-    from perf.compare import bench_gateway, machine
+    from sd_triton.export.checkpoint import Checkpoint
+    from sd_triton.export.pipeline import ExportOptions, run_export
+    from sd_triton.perf.compare import bench_gateway, machine
     from sd_triton.triton_server import TritonServer
 
     # 1. The preset exported, Triton and the gateway started.

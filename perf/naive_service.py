@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from gateway.process import GatewayProcess
+from sd_triton.gateway.process import GatewayProcess
 
 
 class Body(BaseModel):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from perf.compare import SYSTEMS, ratios_and_targets
+from sd_triton.perf.compare import SYSTEMS, ratios_and_targets
 
 VERDICTS = {True: "met", False: "**missed**", None: "not measured"}
 

@@ -277,9 +277,9 @@ def _log_progress(settings: SoakSettings, outcomes: list[Outcome], sample: Sampl
 def run_soak(settings: SoakSettings, work_dir: Path, running: Running | None = None) -> dict[str, Any]:
     """Export the preset, start Triton and the gateway (unless `running`), drive the load, and return
     the result document (`summary`)."""
-    from export.checkpoint import Checkpoint
-    from export.pipeline import ExportOptions, run_export
-    from perf.compare import bench_gateway, machine
+    from sd_triton.export.checkpoint import Checkpoint
+    from sd_triton.export.pipeline import ExportOptions, run_export
+    from sd_triton.perf.compare import bench_gateway, machine
     from sd_triton.triton_server import TritonServer
 
     # 1. The preset exported (python-ort engines, default repository settings) and the request size.

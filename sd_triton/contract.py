@@ -16,8 +16,54 @@ from typing import Literal
 
 TOKEN_LENGTH = 77  # CLIP's context length, the same for SD 1.x and 2.x
 
-SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"]
+# Scheduler names a request may give. "default" (also: no SCHEDULER input) runs the checkpoint's own
+# scheduler, class and config as its folder ships them (diffusers' behaviour); every other name is that
+# diffusers class built from the checkpoint's config plus the options the name implies (its prediction
+# type, beta schedule, timestep spacing and offsets carry over). Names follow diffusers' docs and
+# AUTOMATIC1111 (dpmpp_2m_karras = "DPM++ 2M Karras").
+SchedulerName = Literal[
+    "default",
+    "ddim",
+    "euler",
+    "euler_karras",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "dpmpp_sde",
+    "dpmpp_sde_karras",
+    "deis",
+    "lms",
+    "lms_karras",
+    "pndm",
+    "unipc",
+    "lcm",
+]
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
+DEFAULT_SCHEDULER: SchedulerName = "default"
+# the diffusers class behind each name but "default" (the gateway's provenance; torch-free, so a test
+# checks it against sd_triton.runtime.schedulers, which builds them)
+SCHEDULER_CLASSES: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_karras": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "dpmpp_sde": "DPMSolverSDEScheduler",
+    "dpmpp_sde_karras": "DPMSolverSDEScheduler",
+    "deis": "DEISMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "lms_karras": "LMSDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
+}
 
 EngineKind = Literal["python-ort", "onnxruntime", "tensorrt", "python-torch"]
 ENGINE_KINDS: tuple[str, ...] = EngineKind.__args__  # type: ignore[attr-defined]
@@ -85,7 +131,7 @@ WIDTH = _t("WIDTH", "TYPE_INT32", 1)
 STEPS = _t("STEPS", "TYPE_INT32", 1)
 GUIDANCE_SCALE = _t("GUIDANCE_SCALE", "TYPE_FP32", 1)
 SEED = _t("SEED", "TYPE_INT64", 1)
-SCHEDULER = _t("SCHEDULER", "TYPE_STRING", 1)
+SCHEDULER = _t("SCHEDULER", "TYPE_STRING", 1, optional=True)  # absent or "default": the checkpoint's
 NUM_IMAGES = _t("NUM_IMAGES", "TYPE_INT32", 1)
 
 # --- pipeline outputs ---
@@ -101,6 +147,9 @@ PREVIEW = _t("PREVIEW", "TYPE_BOOL", 1, optional=True)  # input: step responses 
 STEP = _t("STEP", "TYPE_INT32", 1)  # denoising steps done (a step response)
 STEPS_TOTAL = _t("STEPS_TOTAL", "TYPE_INT32", 1)
 PREVIEW_IMAGES = _t("PREVIEW_IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H/8, W/8, 3], cheap decode
+
+# a custom metric of Triton's /metrics: txt2img_stream requests in flight (a drain waits for zero)
+STREAM_IN_FLIGHT_METRIC = "sd_triton_stream_requests_in_flight"
 
 # --- tensors between steps ---
 INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, TOKEN_LENGTH)  # rows: [uncond,] cond

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.process import GatewayProcess
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.sdk import Client
 from sd_triton.triton_server import TritonServer
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sd_triton.contract import ENGINE_MODELS, Limits
+from sd_triton.contract import DEFAULT_SCHEDULER, ENGINE_MODELS, SCHEDULER_CLASSES, Limits
 
 _INT_KEYS = ("native_height", "native_width", "spatial_multiple")
 
@@ -32,14 +32,21 @@ class ServedModel:
     native_width: int
     spatial_multiple: int
     limits: Limits = field(default_factory=Limits)
+    # the checkpoint's own scheduler class: what a request without a scheduler (or "default") runs
+    default_scheduler: str = ""
     engines: dict[str, EngineInfo] = field(default_factory=dict)
     fingerprint: str = ""  # `config_fingerprint` of what Triton serves; "" when unknown
 
     def to_parameters(self) -> dict[str, str]:
         """txt2img's config parameters (string values, as Triton keeps them)."""
         params = {"model": self.model, **{k: str(getattr(self, k)) for k in _INT_KEYS}}
+        params["default_scheduler"] = self.default_scheduler
         params.update({k: str(v) for k, v in asdict(self.limits).items()})
         return params
+
+    def scheduler_class(self, name: str) -> str:
+        """The diffusers class a request's scheduler name runs ("" when the export did not say)."""
+        return self.default_scheduler if name == DEFAULT_SCHEDULER else SCHEDULER_CLASSES[name]
 
     @classmethod
     def from_configs(cls, configs: dict[str, dict[str, Any]]) -> ServedModel:
@@ -57,6 +64,7 @@ class ServedModel:
             native_width=int(params["native_width"]),
             spatial_multiple=int(params["spatial_multiple"]),
             limits=limits,
+            default_scheduler=params.get("default_scheduler", ""),
             engines=engines,
         )
 

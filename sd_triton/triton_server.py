@@ -21,10 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_triton.contract import TOKENIZER, TXT2IMG, TXT2IMG_STREAM
-
-# set by the txt2img_stream model (sd_triton/runtime/triton_stream.py)
-STREAM_IN_FLIGHT_METRIC = "sd_triton_stream_requests_in_flight"
+from sd_triton.contract import STREAM_IN_FLIGHT_METRIC, TOKENIZER, TXT2IMG, TXT2IMG_STREAM
 
 log = logging.getLogger(__name__)
 

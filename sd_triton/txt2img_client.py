@@ -59,7 +59,7 @@ def txt2img_inputs(
     steps: int = 30,
     guidance_scale: float = 7.5,
     seed: int = 0,
-    scheduler: str = "euler_a",
+    scheduler: str | None = None,  # None: the checkpoint's own (contract.DEFAULT_SCHEDULER)
     num_images: int = 1,
 ) -> list[grpcclient.InferInput]:
     values = {

@@ -17,8 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, settings
 
-from export.pipeline import DEMO_MODEL, ExportOptions, run_export
-from gateway.process import GatewayProcess
+from sd_triton.export.pipeline import DEMO_MODEL, ExportOptions, run_export
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 
 log = logging.getLogger(__name__)

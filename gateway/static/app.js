@@ -169,7 +169,11 @@ function applyInfo(info) {
   const select = $("scheduler");
   const chosen = select.value || defaults.scheduler;
   select.replaceChildren(
-    ...info.schedulers.map((name) => new Option(name, name, false, name === chosen))
+    ...info.schedulers.map((name) => {
+      // "default" runs the checkpoint's own scheduler: show which class that is
+      const label = name === "default" ? `default (${info.default_scheduler_class})` : name;
+      return new Option(label, name, false, name === chosen);
+    })
   );
 
   $("limits").textContent =

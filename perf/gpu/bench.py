@@ -72,7 +72,7 @@ def main() -> None:
     import torch
     from diffusers import DDIMScheduler
 
-    from export.presets import build_sd15_pipeline
+    from sd_triton.export.presets import build_sd15_pipeline
 
     started = time.monotonic()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

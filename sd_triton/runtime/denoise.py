@@ -81,6 +81,11 @@ class DenoiseJob:
             (params.num_images, *self.latent_shape), generator=generators, dtype=torch.float32
         )
         self.latents = latents * self.scheduler.init_noise_sigma
+        if hasattr(self.scheduler, "noise_sampler_seed"):
+            # DPM++ SDE draws its noise from Brownian trees seeded by the scheduler, not a generator:
+            # one tree per image, seed + i, as diffusers builds them from a list of seeds
+            seeds = [params.seed + i for i in range(params.num_images)]
+            self.scheduler.noise_sampler_seed = seeds if params.num_images > 1 else seeds[0]
         self.step_kwargs = _step_kwargs(self.scheduler, generators)
         self.step_index = 0
 

@@ -1,40 +1,88 @@
-"""diffusers schedulers by request name, built from the checkpoint's scheduler config."""
+"""diffusers schedulers by request name, built from the checkpoint's scheduler config.
+
+"default" is the checkpoint's own scheduler: the class its folder names (model_index.json, as
+diffusers' from_pretrained reads it) with its config untouched. Every other name is a diffusers class
+built from the checkpoint's config plus the options the name implies.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from sd_triton.contract import SCHEDULERS
+from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULER_CLASSES, SCHEDULERS
 
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+_KARRAS = {"use_karras_sigmas": True}
+_NO_KARRAS = {"use_karras_sigmas": False}
 
-# name -> (class, overrides on top of the checkpoint's config)
-SCHEDULER_TABLE: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {**_DPMPP_2M, "use_karras_sigmas": False}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {**_DPMPP_2M, "use_karras_sigmas": True}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
+# name -> options on top of the checkpoint's config; the class is contract.SCHEDULER_CLASSES[name]
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
+    "ddim": {},
+    "euler": _NO_KARRAS,
+    "euler_karras": _KARRAS,
+    "euler_a": {},
+    "heun": _NO_KARRAS,
+    "dpmpp_2m": {**_DPMPP_2M, **_NO_KARRAS},
+    "dpmpp_2m_karras": {**_DPMPP_2M, **_KARRAS},
+    "dpmpp_2m_sde": {**_DPMPP_2M_SDE, **_NO_KARRAS},
+    "dpmpp_2m_sde_karras": {**_DPMPP_2M_SDE, **_KARRAS},
+    "dpmpp_sde": _NO_KARRAS,
+    "dpmpp_sde_karras": _KARRAS,
+    "deis": {},
+    "lms": _NO_KARRAS,
+    "lms_karras": _KARRAS,
+    "pndm": {},
+    "unipc": {},
+    "lcm": {},
 }
-assert tuple(SCHEDULER_TABLE) == SCHEDULERS, "contract.SCHEDULERS and SCHEDULER_TABLE disagree"
+assert (DEFAULT_SCHEDULER, *SCHEDULER_OPTIONS) == SCHEDULERS, (
+    "contract.SCHEDULERS and SCHEDULER_OPTIONS disagree"
+)
+
+# The classes a checkpoint may name as its own: those of the names above, and the other diffusers
+# schedulers with the same step interface (scale_model_input, step) that SD 1.x/2.x checkpoints ship.
+DEFAULT_CLASSES = frozenset(
+    (
+        *SCHEDULER_CLASSES.values(),
+        "DDPMScheduler",
+        "DPMSolverSinglestepScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "TCDScheduler",
+    )
+)
+
+
+class UnsupportedScheduler(ValueError):
+    """The checkpoint names a scheduler class this denoising loop cannot run."""
+
+
+def default_scheduler_class(config: dict[str, Any]) -> type[SchedulerMixin]:
+    """The checkpoint's own scheduler class, from its config's `_class_name`."""
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if name not in DEFAULT_CLASSES or cls is None:
+        raise UnsupportedScheduler(
+            f"scheduler_config.json: _class_name {name!r} is not a scheduler sd-triton runs; "
+            f"it runs {', '.join(sorted(DEFAULT_CLASSES))}"
+        )
+    return cls  # type: ignore[no-any-return]
+
+
+def scheduler_class(name: str, config: dict[str, Any]) -> type[SchedulerMixin]:
+    if name == DEFAULT_SCHEDULER:
+        return default_scheduler_class(config)
+    return getattr(diffusers, SCHEDULER_CLASSES[name])  # type: ignore[no-any-return]
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
     """A fresh scheduler (they keep per-request state) that keeps the checkpoint's prediction
     type, beta schedule, timestep spacing and offsets."""
-    cls, overrides = SCHEDULER_TABLE[name]
-    return cls.from_config(config, **overrides)
+    cls = scheduler_class(name, config)
+    if name == DEFAULT_SCHEDULER:
+        return cls.from_config(config)
+    return cls.from_config(config, **SCHEDULER_OPTIONS[name])

@@ -1,5 +1,5 @@
 """The `python-torch` engine kind: a component's PyTorch module (the very module the export traces,
-export/components.py) loaded from its diffusers weights and run like OrtRunner — contract names in,
+torch_modules.py) loaded from its diffusers weights and run like OrtRunner — contract names in,
 contract names out. For components that do not export cleanly and GPUs without TensorRT.
 
 On a GPU, `compile=True` wraps the module in torch.compile with mode "reduce-overhead" (CUDA graphs
@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sd_triton import contract as c
 from sd_triton.runtime.ort_runner import BatchRunner, Feeds
+from sd_triton.runtime.torch_modules import load_module
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +35,25 @@ class TorchRunner(BatchRunner):
         self, component: str, root: Path, device: str = "auto", threads: int = 0, compile: bool = False
     ) -> None:
         """`root`: a folder holding the component's diffusers subfolder (`unet/`, `text_encoder/`, `vae/`)."""
-        from export.components import COMPONENTS  # diffusers and transformers: only for this kind
-
-        self.component = COMPONENTS[component]
+        spec = c.MODELS[component]
+        self.input_names = [t.name for t in spec.inputs]
+        self.output_names = [t.name for t in spec.outputs]
         self.device = choose_device(device)
         if threads > 0:
             torch.set_num_threads(threads)
-        module = self.component.load(root).to(self.device)
+        module = load_module(component, root).to(self.device)
         if compile and self.device == "cuda":
             module = torch.compile(module, mode="reduce-overhead")
         self.module = module
         log.info(
-            "loaded %s from %s with torch on %s", component, root / self.component.subfolder, self.device
+            "loaded %s from %s with torch on %s",
+            component,
+            root / c.CHECKPOINT_SUBFOLDERS[component],
+            self.device,
         )
 
     @torch.inference_mode()
     def run(self, feeds: Feeds) -> Feeds:
-        arrays = [np.ascontiguousarray(feeds[name]) for name in self.component.input_names]
+        arrays = [np.ascontiguousarray(feeds[name]) for name in self.input_names]
         output = self.module(*(torch.from_numpy(a).to(self.device) for a in arrays))
-        return {self.component.output_names[0]: output.float().cpu().numpy()}
+        return {self.output_names[0]: output.float().cpu().numpy()}

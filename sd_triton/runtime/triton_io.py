@@ -68,7 +68,7 @@ def generation_params(request: Any, config: PipelineConfig) -> GenerationParams:
         steps=get_scalar(request, c.STEPS),
         guidance_scale=get_scalar(request, c.GUIDANCE_SCALE),
         seed=get_scalar(request, c.SEED),
-        scheduler=get_text(request, c.SCHEDULER),
+        scheduler=get_text(request, c.SCHEDULER, default=c.DEFAULT_SCHEDULER),
         num_images=get_scalar(request, c.NUM_IMAGES),
         limits=config.limits,
         spatial_multiple=config.vae_scale_factor,

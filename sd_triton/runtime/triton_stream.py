@@ -32,7 +32,6 @@ from sd_triton.runtime.batching import BatchingConfig, ContinuousBatcher, Ticket
 from sd_triton.runtime.denoise import DenoiseJob
 from sd_triton.runtime.postprocess import to_uint8_images
 from sd_triton.runtime.preview import preview_images
-from sd_triton.triton_server import STREAM_IN_FLIGHT_METRIC as IN_FLIGHT_METRIC
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -62,7 +61,7 @@ class TritonPythonModel:
         # requests accepted and not yet answered, for `sd-triton triton`'s drain and for ops; set on the
         # worker thread only (a metric update is a call into the stub too)
         self.metric_family = pb_utils.MetricFamily(
-            name=IN_FLIGHT_METRIC,
+            name=c.STREAM_IN_FLIGHT_METRIC,
             description="txt2img_stream requests accepted and not yet answered",
             kind=pb_utils.MetricFamily.GAUGE,
         )

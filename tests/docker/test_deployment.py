@@ -8,12 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 from compose_spec import PyCompose
 from packaging.requirements import Requirement
@@ -121,24 +121,46 @@ def _pins(name: str) -> dict[str, Requirement]:
     return {r.name.lower().replace("_", "-"): r for r in reqs}
 
 
-def _project_requirements() -> dict[str, Requirement]:
+# what each image installs: the base requirements plus these extras of pyproject.toml
+IMAGE_EXTRAS = {
+    "requirements-gateway.txt": ("gateway",),
+    "requirements-triton.txt": ("runtime", "export", "gpu"),
+}
+
+
+def _project_requirements(extras: tuple[str, ...]) -> dict[str, Requirement]:
+    """The base requirements and `extras`, self-references (sd-triton[runtime]) expanded."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    lines = project["dependencies"] + project["optional-dependencies"]["gpu"]
+    lines, todo, seen = list(project["dependencies"]), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for line in project["optional-dependencies"][extra]:
+            req = Requirement(line)
+            if req.name == project["name"]:
+                todo.extend(req.extras)
+            else:
+                lines.append(line)
     reqs = [Requirement(line) for line in lines]
-    return {r.name.lower().replace("_", "-"): r for r in reqs}
+    return {r.name.lower().replace("_", "-"): r for r in reqs if r.marker is None or r.marker.evaluate()}
 
 
-@pytest.mark.parametrize("image", ["requirements-gateway.txt", "requirements-triton.txt"])
+@pytest.mark.parametrize("image", sorted(IMAGE_EXTRAS))
 def test_image_pins_match_pyproject(image: str) -> None:
-    project = _project_requirements()
-    for name, pin in _pins(image).items():
+    project = _project_requirements(IMAGE_EXTRAS[image])
+    pins = _pins(image)
+    for name, pin in pins.items():
         (spec,) = pin.specifier
         assert spec.operator == "==", f"{image}: {pin} is not pinned"
         # onnxruntime-gpu is the GPU build of pyproject's onnxruntime
         declared = project.get(name) or project.get(name.removesuffix("-gpu"))
-        assert declared is not None, f"{image}: {name} is not a dependency in pyproject.toml"
+        assert declared is not None, f"{image}: {name} is not in pyproject.toml's {IMAGE_EXTRAS[image]}"
         assert declared.specifier.contains(spec.version), f"{image}: {pin} outside pyproject's {declared}"
         assert pin.extras == declared.extras, f"{image}: {pin} extras differ from pyproject's {declared}"
+    for name in project:
+        assert name in pins or f"{name}-gpu" in pins, f"{image}: {name} (pyproject) is not pinned"
 
 
 def test_the_gateway_image_has_no_torch() -> None:
@@ -151,4 +173,4 @@ def test_the_triton_image_matches_the_tested_triton() -> None:
     """NGC 24.10 carries Triton 2.51, the server the tests run (nvidia-pytriton 0.7.0's)."""
     dockerfile = (DOCKER / "triton.Dockerfile").read_text()
     assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3" in dockerfile
-    assert str(_project_requirements()["nvidia-pytriton"].specifier) == "==0.7.0"
+    assert str(_project_requirements(("serve",))["nvidia-pytriton"].specifier) == "==0.7.0"

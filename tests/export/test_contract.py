@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.checkpoint import Checkpoint
-from export.components import COMPONENTS
-from export.repository import CONFIG_FILE, ENSEMBLE_STEPS, parse
 from sd_triton import contract as c
+from sd_triton.export.checkpoint import Checkpoint
+from sd_triton.export.components import COMPONENTS
+from sd_triton.export.repository import ARTIFACT_SHA256, CONFIG_FILE, ENSEMBLE_STEPS, MODEL_PY, parse, render
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_REPO = ROOT / "model_repository"
@@ -45,12 +45,34 @@ def test_config_matches_contract(exported, which: str, name: str) -> None:
     check_config_against_contract(config, c.MODELS[name])
 
 
+def _machine_independent(config_text: str) -> str:
+    """The config without the artifact's sha256: the same UNet exported on an AMD and an Intel CPU gave
+    ONNX files with other bytes, so no committed file may carry one."""
+    config = parse(config_text)
+    if ARTIFACT_SHA256 in config.parameters:
+        del config.parameters[ARTIFACT_SHA256]
+    return render(config)
+
+
 def test_committed_configs_are_what_export_writes(demo_repo: Path) -> None:
-    """The configs in git are what `make export` (the demo model, python-ort, default limits) writes,
-    byte for byte, artifact hashes included: nobody edited one by hand."""
+    """The configs and model.py files in git are what `make export` (the demo model, python-ort, default
+    limits) writes, byte for byte but the artifact hashes: nobody edited one by hand, and the test passes
+    on any machine."""
     for name in c.MODELS:
         committed = (SOURCE_REPO / name / CONFIG_FILE).read_text()
-        assert committed == (demo_repo / name / CONFIG_FILE).read_text(), name
+        assert ARTIFACT_SHA256 not in committed, f"{name}: a committed config holds an artifact hash"
+        assert committed == _machine_independent((demo_repo / name / CONFIG_FILE).read_text()), name
+    written = sorted(p.relative_to(demo_repo) for p in demo_repo.glob(f"*/1/{MODEL_PY}"))
+    assert written == sorted(p.relative_to(SOURCE_REPO) for p in SOURCE_REPO.glob(f"*/1/{MODEL_PY}"))
+    for path in written:
+        assert (SOURCE_REPO / path).read_text() == (demo_repo / path).read_text(), path
+
+
+def test_every_python_model_has_a_model_py(demo_repo: Path) -> None:
+    for name in c.MODELS:
+        config = parse((demo_repo / name / CONFIG_FILE).read_text())
+        if config.backend == "python":
+            assert (demo_repo / name / "1" / MODEL_PY).is_file(), name
 
 
 def test_ensemble_wiring_is_complete() -> None:

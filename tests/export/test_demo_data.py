@@ -6,7 +6,16 @@ import random
 
 import numpy as np
 
-from export.demo_data import COLORS, POSITIONS, Thing, batch, check_image, draw, held_in_prompts, random_scene
+from sd_triton.export.demo_data import (
+    COLORS,
+    POSITIONS,
+    Thing,
+    batch,
+    check_image,
+    draw,
+    held_in_prompts,
+    random_scene,
+)
 
 
 def test_scenes_are_reproducible_and_captioned() -> None:

@@ -11,16 +11,16 @@ import onnx
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from export.checkpoint import sha256_tree
-from export.engine_swap import EngineSwapError, GateSettings, SwapOptions, rollback, set_engine
-from export.engines import engine_rows, live_version, tensorrt_problems
-from export.parity import GOLDEN, ParityGate
-from export.pipeline import ExportOptions, run_export
-from export.quantize import INT8_FILE
-from export.repository import CONFIG_FILE, parse, render
-from export.tensorrt import mismatch
 from sd_triton.cli import main
 from sd_triton.engine_record import EngineRecord
+from sd_triton.export.checkpoint import sha256_tree
+from sd_triton.export.engine_swap import EngineSwapError, GateSettings, SwapOptions, rollback, set_engine
+from sd_triton.export.engines import engine_rows, live_version, tensorrt_problems
+from sd_triton.export.parity import GOLDEN, ParityGate
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.export.quantize import INT8_FILE
+from sd_triton.export.repository import CONFIG_FILE, parse, render
+from sd_triton.export.tensorrt import mismatch
 from sd_triton.served_model import EngineInfo, engine_info
 from tests.conftest import WORK_DIR
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from export.checkpoint import sha256_file
-from export.pipeline import MANIFEST, ExportOptions, run_export
 from sd_triton.cli import main
+from sd_triton.export.checkpoint import Checkpoint, sha256_file
+from sd_triton.export.pipeline import MANIFEST, ExportOptions, run_export
 from sd_triton.pipeline_config import PipelineConfig
 from tests.conftest import WORK_DIR
 
@@ -81,3 +81,37 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, caplog: pytest.LogC
     code = main(["export", "--model", str(tmp_path / "nowhere"), "--repo", str(tmp_path / "repo")])
     assert code == 2
     assert "not a diffusers checkpoint folder" in caplog.text and "nowhere" in caplog.text
+
+
+def test_a_scheduler_class_the_loop_cannot_run_is_refused_first(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint that names a scheduler this loop cannot run (a flow-matching one) is refused before
+    any ONNX work, naming the file, the class and what runs."""
+    folder = tmp_path / "flow"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "_class_name": "FlowMatchEulerDiscreteScheduler"})
+    )
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
+    )
+    code = main(["export", "--model", str(folder), "--repo", str(tmp_path / "repo")])
+    assert code == 2
+    assert "scheduler_config.json" in caplog.text and "FlowMatchEulerDiscreteScheduler" in caplog.text
+    assert "EulerDiscreteScheduler" in caplog.text  # what it runs instead
+    assert not (tmp_path / "repo" / "unet" / "1" / "model.onnx").exists()
+
+
+def test_model_index_names_the_default_scheduler_class(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """diffusers builds the scheduler class model_index.json names; the export reads the same."""
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_checkpoint, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "scheduler": ["diffusers", "DDIMScheduler"]})
+    )
+    assert Checkpoint.open(folder).scheduler_config["_class_name"] == "DDIMScheduler"
+    assert Checkpoint.open(tiny_checkpoint).scheduler_config["_class_name"] == "PNDMScheduler"

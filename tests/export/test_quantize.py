@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.engines import engine_rows, table
-from export.parity import GOLDEN, ParityGate, psnr_db, render_parity
-from export.pipeline import ExportOptions, run_export
-from export.quantize import INT8_FILE
-from export.repository import CONFIG_FILE, RepositorySettings, parse
-from gateway.process import GatewayProcess
 from sd_triton import contract as c
+from sd_triton.export.engines import engine_rows, table
+from sd_triton.export.parity import GOLDEN, ParityGate, psnr_db, render_parity
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.export.quantize import INT8_FILE
+from sd_triton.export.repository import CONFIG_FILE, RepositorySettings, parse
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.runtime.local import LocalPipeline
 from sd_triton.triton_server import TritonServer
 from tests.conftest import WORK_DIR, free_port, triton_server
@@ -65,7 +65,7 @@ def test_the_export_writes_int8_graphs_and_points_the_configs_at_them(int8_repo)
 
 
 def test_onnxruntime_kind_loads_the_int8_graph() -> None:
-    from export.repository import engine_config
+    from sd_triton.export.repository import engine_config
 
     settings = RepositorySettings(engines=dict.fromkeys(c.ENGINE_MODELS, "onnxruntime"), int8=("unet",))
     assert engine_config(c.UNET, settings).default_model_filename == INT8_FILE

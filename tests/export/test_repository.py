@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.checkpoint import Checkpoint
-from export.components import COMPONENTS
-from export.pipeline import ExportOptions, engine_profile, repository_settings, run_export
-from export.repository import CONFIG_FILE, RepositorySettings, all_configs, parse
 from sd_triton import contract as c
 from sd_triton.cli import parse_engines
+from sd_triton.export.checkpoint import Checkpoint
+from sd_triton.export.components import COMPONENTS
+from sd_triton.export.pipeline import ExportOptions, engine_profile, repository_settings, run_export
+from sd_triton.export.repository import CONFIG_FILE, RepositorySettings, all_configs, parse
 from sd_triton.served_model import ServedModel
 from tests.conftest import WORK_DIR
 from tests.export.test_contract import check_config_against_contract
@@ -227,8 +227,8 @@ def test_settings_validation_names_the_field(kwargs: dict, words: list[str]) -> 
 def test_python_torch_export_links_the_weights_and_records_them(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    from export.checkpoint import sha256_tree
     from sd_triton.engine_record import EngineRecord
+    from sd_triton.export.checkpoint import sha256_tree
 
     repo = tmp_path / "repo"
     settings = RepositorySettings(

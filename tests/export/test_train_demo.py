@@ -12,9 +12,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
-from export.demo_data import Scene, Thing, random_scene
-from export.tiny import SCHEDULER_CONFIG
-from export.train_demo import (
+from sd_triton.export.demo_data import Scene, Thing, random_scene
+from sd_triton.export.tiny import SCHEDULER_CONFIG
+from sd_triton.export.train_demo import (
     ATTRIBUTES,
     TrainConfig,
     _loss_weights,

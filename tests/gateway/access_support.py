@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.process import GatewayProcess
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port
 

@@ -50,7 +50,7 @@ CASES: list[tuple[str, str, object, dict[str, str] | None, int, list[str]]] = [
         422,
         ["seed", "between 0 and"],
     ),
-    ("scheduler-unknown", GEN, {**OK, "scheduler": "heun"}, None, 422, ["scheduler", "euler_a"]),
+    ("scheduler-unknown", GEN, {**OK, "scheduler": "k_euler"}, None, 422, ["scheduler", "euler_a"]),
     (
         "num-images-zero",
         GEN,

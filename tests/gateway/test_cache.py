@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import tritonclient.grpc as grpcclient
 
-from gateway.cache import ResultCache, cache_key
-from gateway.metrics import GatewayMetrics
-from gateway.process import GatewayProcess
-from gateway.schemas import GenerateResponse, GenerationParams
-from gateway.settings import GatewaySettings
-from gateway.state import MemoryStore
-from gateway.triton import TritonBackend
+from sd_triton.gateway.cache import ResultCache, cache_key
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.process import GatewayProcess
+from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.gateway.state import MemoryStore
+from sd_triton.gateway.triton import TritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.served_model import config_fingerprint
 from sd_triton.triton_server import TritonServer

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from gateway.process import GatewayProcess
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 from tests.conftest import RedisServer, free_port, triton_executions, triton_server
 from tests.gateway.access_support import sample

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.errors import UnauthorizedError
-from gateway.keys import KeyRegistry, create_key, parse_token, read_key_file, revoke_key
+from sd_triton.gateway.errors import UnauthorizedError
+from sd_triton.gateway.keys import KeyRegistry, create_key, parse_token, read_key_file, revoke_key
 from sd_triton.triton_server import TritonServer
 from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
 

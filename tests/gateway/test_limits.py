@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.errors import ConcurrencyLimitedError, QuotaExceededError
-from gateway.keys import CreatedKey, create_key
-from gateway.limits import Limiter
-from gateway.metrics import GatewayMetrics
-from gateway.process import GatewayProcess
-from gateway.state import MemoryStore, RedisStore
+from sd_triton.gateway.errors import ConcurrencyLimitedError, QuotaExceededError
+from sd_triton.gateway.keys import CreatedKey, create_key
+from sd_triton.gateway.limits import Limiter
+from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.process import GatewayProcess
+from sd_triton.gateway.state import MemoryStore, RedisStore
 from sd_triton.triton_server import TritonServer
 from tests.conftest import RedisServer
 from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
@@ -62,7 +62,7 @@ def test_unreachable_store_fails_open_and_warns_once(caplog: pytest.LogCaptureFi
             await slot.release()
         return metrics
 
-    with caplog.at_level(logging.WARNING, logger="gateway.limits"):
+    with caplog.at_level(logging.WARNING, logger="sd_triton.gateway.limits"):
         metrics = asyncio.run(run())
     for use in ("rate_limit", "quota", "concurrency"):
         assert metrics.state_errors.labels(use=use)._value.get() == 3

@@ -15,9 +15,9 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from gateway.process import GatewayProcess
-from gateway.settings import GatewaySettings, parse_endpoints
-from perf.loadgen import parse_metrics
+from sd_triton.gateway.process import GatewayProcess
+from sd_triton.gateway.settings import GatewaySettings, parse_endpoints
+from sd_triton.perf.loadgen import parse_metrics
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port, triton_requests, triton_server
 from tests.load import NO_CACHE, Load

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.process import GatewayProcess
 from sd_triton.contract import SCHEDULERS
+from sd_triton.gateway.process import GatewayProcess
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,14 @@ def test_static_files_are_package_data() -> None:
     """An installed gateway (not only this checkout) carries the page: pyproject's package-data globs
     cover every file in gateway/static."""
     import fnmatch
+
     import tomllib
 
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     files = [p.relative_to(ROOT / "gateway").as_posix() for p in (ROOT / "gateway" / "static").iterdir()]
     assert {"static/index.html", "static/app.js", "static/style.css"} <= set(files)
     for name in files:
-        assert any(fnmatch.fnmatch(name, pattern) for pattern in globs["gateway"]), name
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in globs["sd_triton.gateway"]), name
 
 
 # ---------- in the browser ----------
@@ -390,7 +391,7 @@ def keyed_gateway(
     triton: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[GatewayProcess, str]]:
     """A second gateway with one API key configured: (the process, the key's token)."""
-    from gateway.keys import create_key
+    from sd_triton.gateway.keys import create_key
     from tests.conftest import free_port
 
     folder = tmp_path_factory.mktemp("keyed-gateway")

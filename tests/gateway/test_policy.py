@@ -14,8 +14,8 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from gateway.keys import create_key
-from gateway.policy import Rules, check, load_policy_file
+from sd_triton.gateway.keys import create_key
+from sd_triton.gateway.policy import Rules, check, load_policy_file
 from sd_triton.triton_server import TritonServer
 from tests.conftest import triton_requests
 from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway

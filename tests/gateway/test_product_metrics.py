@@ -14,8 +14,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import parse_gpu_memory, triton_metrics_url
-from gateway.process import GatewayProcess
+from sd_triton.gateway.metrics import parse_gpu_memory, triton_metrics_url
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port
 

@@ -20,10 +20,11 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import InvalidRequestError
-from gateway.jobs import JobRequest
-from gateway.main import _validation_message
-from gateway.schemas import (
+from sd_triton import contract as c
+from sd_triton.gateway.errors import InvalidRequestError
+from sd_triton.gateway.jobs import JobRequest
+from sd_triton.gateway.main import _validation_message
+from sd_triton.gateway.schemas import (
     MAX_FP32,
     MAX_SEED,
     SIZE,
@@ -32,9 +33,8 @@ from gateway.schemas import (
     GenerationParams,
     OpenAIImageRequest,
 )
-from gateway.service import Generator
-from gateway.settings import GatewaySettings
-from sd_triton import contract as c
+from sd_triton.gateway.service import Generator
+from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.served_model import ServedModel
 from tests.conftest import PROPERTIES
 

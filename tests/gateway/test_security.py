@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.keys import create_key, parse_token
-from gateway.process import GatewayProcess
+from sd_triton.gateway.keys import create_key, parse_token
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port
 from tests.gateway.access_support import bearer

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.state import MemoryStore, RedisStore, StateStore, StateUnavailable
+from sd_triton.gateway.state import MemoryStore, RedisStore, StateStore, StateUnavailable
 
 
 async def _exercise(store: StateStore) -> None:

@@ -16,8 +16,8 @@ import boto3
 import httpx
 import pytest
 
-from gateway.process import GatewayProcess
-from gateway.storage import UrlSigner
+from sd_triton.gateway.process import GatewayProcess
+from sd_triton.gateway.storage import UrlSigner
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port
 

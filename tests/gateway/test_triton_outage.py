@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from gateway.process import GatewayProcess
+from sd_triton.gateway.process import GatewayProcess
 from tests.conftest import free_port, triton_server
 from tests.load import wait_until
 

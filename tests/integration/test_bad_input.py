@@ -22,7 +22,7 @@ CASES = [
     ("height-over", {"height": 2048}, ["HEIGHT", "1024", "got 2048"]),
     ("width-over", {"width": 1032}, ["WIDTH", "1024", "got 1032"]),
     ("width-zero", {"width": 0}, ["WIDTH", "between 8 and 1024"]),
-    ("unknown-scheduler", {"scheduler": "heun"}, ["SCHEDULER", "'heun'", "euler_a"]),
+    ("unknown-scheduler", {"scheduler": "k_euler"}, ["SCHEDULER", "'k_euler'", "euler_a"]),
     ("num-images-zero", {"num_images": 0}, ["NUM_IMAGES", "between 1 and 4", "got 0"]),
     ("num-images-over", {"num_images": 5}, ["NUM_IMAGES", "between 1 and 4", "got 5"]),
     ("guidance-negative", {"guidance_scale": -1.0}, ["GUIDANCE_SCALE", ">= 0", "-1"]),

@@ -12,8 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from perf.loadgen import parse_metrics
 from sd_triton import contract as c
+from sd_triton.perf.loadgen import parse_metrics
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import infer_input, txt2img

@@ -13,8 +13,8 @@ import torch
 import tritonclient.grpc as grpcclient
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from export.demo_data import check_image, held_in_prompts, success_rates
-from export.pipeline import DEMO_MODEL
+from sd_triton.export.demo_data import check_image, held_in_prompts, success_rates
+from sd_triton.export.pipeline import DEMO_MODEL
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import triton_server
 

@@ -15,12 +15,12 @@ import httpx
 import numpy as np
 import pytest
 
-from export.engine_swap import GateSettings, SwapOptions, rollback, set_engine
-from export.engines import engine_rows, loaded_versions
-from export.parity import psnr_db
-from export.pipeline import ExportOptions, run_export
-from gateway.process import GatewayProcess
 from sd_triton.engine_record import EngineRecord
+from sd_triton.export.engine_swap import GateSettings, SwapOptions, rollback, set_engine
+from sd_triton.export.engines import engine_rows, loaded_versions
+from sd_triton.export.parity import psnr_db
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.runtime.local import LocalPipeline
 from sd_triton.triton_server import TritonServer
 from tests.conftest import WORK_DIR, free_port, triton_server

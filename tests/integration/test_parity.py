@@ -15,9 +15,13 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -31,18 +35,29 @@ log = logging.getLogger(__name__)
 MAX_ABS_DIFF = 2  # on the 0-255 scale
 REPORT = Path(__file__).resolve().parents[2] / ".cache" / "parity.json"
 
+KARRAS = {"use_karras_sigmas": True}
+DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+# None: the pipeline's own scheduler, as from_pretrained loaded it from the checkpoint
 REFERENCE = {
+    "default": (None, {}),
     "ddim": (DDIMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, KARRAS),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, DPMPP_2M),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {**DPMPP_2M, **KARRAS}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, DPMPP_2M_SDE),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**DPMPP_2M_SDE, **KARRAS}),
+    "dpmpp_sde": (DPMSolverSDEScheduler, {}),
+    "dpmpp_sde_karras": (DPMSolverSDEScheduler, KARRAS),
+    "deis": (DEISMultistepScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
+    "lms_karras": (LMSDiscreteScheduler, KARRAS),
     "pndm": (PNDMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
 
 # (id, height, width, negative prompt, guidance, num_images)
@@ -60,6 +75,7 @@ _figures: dict[str, float] = {}
 def pipe(tiny_checkpoint: Path) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    pipe.checkpoint_scheduler = pipe.scheduler
     pipe.checkpoint_scheduler_config = dict(pipe.scheduler.config)
     return pipe
 
@@ -74,11 +90,15 @@ def report() -> object:
 
 def diffusers_images(pipe: StableDiffusionPipeline, scheduler: str, prompt: str, **kw: object) -> np.ndarray:
     cls, overrides = REFERENCE[scheduler]
-    # from the checkpoint's config every time: a previous test's scheduler config would leak
-    # its options (use_karras_sigmas, ...) into this one
-    pipe.scheduler = cls.from_config(pipe.checkpoint_scheduler_config, **overrides)
     n = int(kw.pop("num_images"))  # type: ignore[call-overload]
     seed = int(kw.pop("seed"))  # type: ignore[call-overload]
+    if cls is DPMSolverSDEScheduler:
+        # its noise comes from Brownian trees it seeds itself: one per image (seed + i), diffusers' list form
+        overrides = {**overrides, "noise_sampler_seed": seed if n == 1 else [seed + i for i in range(n)]}
+    # from the checkpoint's config every time: a previous test's scheduler config would leak
+    # its options (use_karras_sigmas, ...) into this one
+    cls = cls or type(pipe.checkpoint_scheduler)
+    pipe.scheduler = cls.from_config(pipe.checkpoint_scheduler_config, **overrides)
     out = pipe(
         prompt,
         num_images_per_prompt=n,
@@ -106,7 +126,9 @@ def test_triton_matches_diffusers(
     client, pipe, scheduler, case, height, width, negative, guidance, n
 ) -> None:
     common = dict(negative_prompt=negative, height=height, width=width, guidance_scale=guidance, seed=1234)
-    ours = txt2img(client, PROMPT, steps=STEPS, scheduler=scheduler, num_images=n, **common).images
+    # "default" is also what a request without a SCHEDULER input runs: it goes without one
+    named = None if scheduler == "default" else scheduler
+    ours = txt2img(client, PROMPT, steps=STEPS, scheduler=named, num_images=n, **common).images
     theirs = diffusers_images(pipe, scheduler, PROMPT, num_inference_steps=STEPS, num_images=n, **common)
     assert ours.shape == (n, height, width, 3)
     assert ours.std() > 5, "a flat image would make the comparison meaningless"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from perf.analyzer import Sweep, parse_csv, run_sweep, table
-from perf.inputs import Request, batch_size_for, write_inputs
-from perf.tools import ensure_perf_analyzer
+from sd_triton.perf.analyzer import Sweep, parse_csv, run_sweep, table
+from sd_triton.perf.inputs import Request, batch_size_for, write_inputs
+from sd_triton.perf.tools import ensure_perf_analyzer
 from sd_triton.triton_server import TritonServer
 from tests.perf.test_tools import ROOT
 

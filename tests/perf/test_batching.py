@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from export.repository import RepositorySettings
-from perf.batching import BatchingSettings, _median_row, ratios_and_targets, run_batching, table
+from sd_triton.export.repository import RepositorySettings
+from sd_triton.perf.batching import BatchingSettings, _median_row, ratios_and_targets, run_batching, table
 from tests.conftest import WORK_DIR
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.process import GatewayProcess
-from perf.compare import CompareSettings, Running, ratios_and_targets, run_compare, table
-from perf.report import load, write_report
+from sd_triton.gateway.process import GatewayProcess
+from sd_triton.perf.compare import CompareSettings, Running, ratios_and_targets, run_compare, table
+from sd_triton.perf.report import load, write_report
 from sd_triton.triton_server import TritonServer
 from tests.conftest import WORK_DIR
 

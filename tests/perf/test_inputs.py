@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from perf.inputs import COMPONENTS, Request, batch_size_for, load_pipeline, write_inputs
 from sd_triton import contract
+from sd_triton.perf.inputs import COMPONENTS, Request, batch_size_for, load_pipeline, write_inputs
 
 
 def test_every_component_gets_data_with_the_contract_names_and_the_asked_shapes(

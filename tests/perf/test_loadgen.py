@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.process import GatewayProcess
-from perf.loadgen import Load, gateway_split, parse_metrics, run_load, table, triton_split
+from sd_triton.gateway.process import GatewayProcess
+from sd_triton.perf.loadgen import Load, gateway_split, parse_metrics, run_load, table, triton_split
 from sd_triton.triton_server import TritonServer
 
 BODY = {"prompt": "a red circle", "height": 64, "width": 64, "steps": 2, "seed": 5, "scheduler": "ddim"}

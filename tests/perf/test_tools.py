@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from perf.tools import ensure_perf_analyzer, perf_analyzer_path, works
+from sd_triton.perf.tools import ensure_perf_analyzer, perf_analyzer_path, works
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.preview import fit_preview_weights
 from sd_triton import contract as c
+from sd_triton.export.preview import fit_preview_weights
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.runtime.local import LocalPipeline
 from sd_triton.runtime.postprocess import to_uint8_images

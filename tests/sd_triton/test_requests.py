@@ -70,3 +70,21 @@ def test_limits_validated() -> None:
         "pndm",
         "unipc",
     }
+
+
+def test_the_contract_names_the_class_runtime_builds_for_each_scheduler() -> None:
+    """contract.SCHEDULER_CLASSES (the gateway's provenance, torch-free) is what the runtime builds, and
+    every name but `default` adds options a test in tests/integration/test_parity.py checks."""
+    from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULER_CLASSES
+    from sd_triton.runtime.schedulers import make_scheduler
+
+    config = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "num_train_timesteps": 1000, "steps_offset": 1, "skip_prk_steps": True}  # fmt: skip
+    assert set(SCHEDULER_CLASSES) == set(SCHEDULERS) - {DEFAULT_SCHEDULER}
+    for name in SCHEDULERS:
+        built = type(make_scheduler(name, config)).__name__
+        assert built == SCHEDULER_CLASSES.get(name, "PNDMScheduler"), name
+    karras = make_scheduler("euler_karras", {**config, "use_karras_sigmas": False})
+    assert karras.config.use_karras_sigmas is True, "a name's options win over the checkpoint's"
+    own = make_scheduler(DEFAULT_SCHEDULER, {**config, "_class_name": "LCMScheduler"})
+    assert type(own).__name__ == "LCMScheduler"

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from export.repository import CONFIG_FILE, parse
 from sd_triton.contract import ENGINE_MODELS, Limits
+from sd_triton.export.repository import CONFIG_FILE, parse
 from sd_triton.served_model import EngineInfo, ServedModel, engine_info
 
 

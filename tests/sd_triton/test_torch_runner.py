@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.checkpoint import Checkpoint
-from export.components import COMPONENTS
+from sd_triton.export.checkpoint import Checkpoint
+from sd_triton.export.components import COMPONENTS
 from sd_triton.runtime.ort_runner import OrtRunner
 from sd_triton.runtime.torch_runner import TorchRunner, choose_device
 

@@ -1,4 +1,5 @@
 """Step 3 of txt2img: the scheduler loop (continuous batching or one request at a time), calling
-the `unet` model through BLS each step. The code lives in sd_triton.runtime.triton_denoise."""
+the `unet` model through BLS each step.
+The code lives in sd_triton.runtime.triton_denoise (written by `sd-triton export`)."""
 
 from sd_triton.runtime.triton_denoise import TritonPythonModel  # noqa: F401

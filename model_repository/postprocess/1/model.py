@@ -1,13 +1,4 @@
-"""Step 5 of txt2img: VAE output to UINT8 NHWC images."""
+"""Step 5 of txt2img: VAE output to UINT8 NHWC images.
+The code lives in sd_triton.runtime.triton_postprocess (written by `sd-triton export`)."""
 
-from sd_triton import contract as c
-from sd_triton.runtime import triton_io
-from sd_triton.runtime.postprocess import to_uint8_images
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return triton_io.respond(requests, c.POSTPROCESS, self._postprocess)
-
-    def _postprocess(self, request):
-        return {c.IMAGES.name: to_uint8_images(triton_io.get_array(request, c.DECODED))}
+from sd_triton.runtime.triton_postprocess import TritonPythonModel  # noqa: F401

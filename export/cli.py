@@ -1,0 +1,234 @@
+"""`sd-triton export`, `sd-triton train-demo-model` and `sd-triton engine ...`: registered on the
+`sd-triton` parser by `add_parser`. Light at import (argparse and the contract): the work is imported
+when a command runs, so `sd-triton --help` works without the [export] extra."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sd_triton.contract import ENGINE_KINDS, ENGINE_MODELS, Limits
+
+log = logging.getLogger("sd_triton")
+
+
+def parse_engines(value: str) -> dict[str, str]:
+    """`KIND` for every engine model, or `model=KIND,...` over a default of python-ort."""
+    engines = dict.fromkeys(ENGINE_MODELS, "python-ort")
+    if "=" not in value:
+        return dict.fromkeys(ENGINE_MODELS, value)
+    for part in value.split(","):
+        model, _, kind = part.partition("=")
+        engines[model.strip()] = kind.strip()
+    return engines
+
+
+def _engine_list(args: argparse.Namespace) -> int:
+    from sd_triton.export.engines import engine_rows, table
+
+    rows = engine_rows(Path(args.repo), args.triton_http)
+    print(json.dumps(rows, indent=2) if args.json else table(rows))  # the command's output
+    return 0
+
+
+def _engine_set(args: argparse.Namespace) -> int:
+    from sd_triton.export.engine_swap import (
+        EngineSwapError,
+        GateSettings,
+        SwapOptions,
+        gate_table,
+        set_engine,
+    )
+    from sd_triton.export.parity import ParityGate
+
+    gate = GateSettings(
+        steps=args.gate_steps,
+        gate=ParityGate(min_psnr_db=args.min_psnr, max_abs=args.max_abs),
+    )
+    options = SwapOptions(
+        component=args.component,
+        kind=args.kind,
+        precision=args.precision,
+        artifact=Path(args.artifact) if args.artifact else None,
+        force=args.force,
+        gate=gate,
+        triton_http=args.triton_http,
+    )
+    try:
+        result = set_engine(Path(args.repo), options)
+    except EngineSwapError as exc:
+        log.error("%s", exc)
+        return 1
+    print(gate_table(result.report, result.failures))  # the command's output: the gate's figures
+    if not result.switched:
+        return 1
+    record = result.record
+    assert record is not None
+    print(f"{args.component}: version {record.version} live ({record.kind}, {record.precision})")
+    return 0
+
+
+def _engine_rollback(args: argparse.Namespace) -> int:
+    from sd_triton.export.engine_swap import EngineSwapError, rollback
+
+    try:
+        record = rollback(Path(args.repo), args.component, args.triton_http)
+    except EngineSwapError as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"{args.component}: version {record.version} live again ({record.kind}, {record.precision})")
+    return 0
+
+
+def _engine_check(args: argparse.Namespace) -> int:
+    from sd_triton.export.engines import tensorrt_problems
+
+    problems = tensorrt_problems(Path(args.repo))
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        log.error("Triton cannot serve %s's TensorRT plans on this machine", args.repo)
+        return 2
+    print(f"{args.repo}: every live engine can run here")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sd_triton.export.pipeline import ExportOptions, run_export
+    from sd_triton.export.repository import RepositorySettings
+
+    limits = Limits(max_steps=args.max_steps, max_side=args.max_side, max_num_images=args.max_images)
+    settings = RepositorySettings(
+        engines=parse_engines(args.engine),  # type: ignore[arg-type]
+        precision=args.precision,
+        ort_tensorrt=args.ort_tensorrt,
+        denoise_instances=args.denoise_instances,
+        batching=args.batching,
+        max_batch_rows=args.max_batch_rows,
+        max_wait_us=args.max_wait_us,
+        max_queue_delay_us=args.max_queue_delay_us,
+        int8=tuple(name for name in args.int8.split(",") if name),
+        fp16=tuple(name for name in args.fp16.split(",") if name),
+    )
+    run_export(ExportOptions(model=args.model, repo=Path(args.repo), settings=settings, limits=limits))
+    return 0
+
+
+def _train_demo(args: argparse.Namespace) -> int:
+    from sd_triton.export.train_demo import TrainConfig, refine_decoder, train_demo_model
+
+    config = TrainConfig(
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        unet_lr=args.unet_lr,
+        seed=args.seed,
+        vae_from=args.vae_from,
+        decoder_steps=args.decoder_steps,
+    )
+    if args.refine_decoder_of:
+        refine_decoder(Path(args.refine_decoder_of), Path(args.out), config)
+    else:
+        train_demo_model(Path(args.out), config)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """Register `export`, `train-demo-model` and `engine` (list, set, check, rollback)."""
+    ex = sub.add_parser("export", help="diffusers checkpoint -> ONNX/TensorRT -> Triton model repository")
+    ex.add_argument(
+        "--model",
+        required=True,
+        help="a diffusers checkpoint folder, a preset with random weights (tiny, small, sd15) or 'demo'",
+    )
+    ex.add_argument(
+        "--engine",
+        default="python-ort",
+        help=f"engine kind for every component ({'|'.join(ENGINE_KINDS)}), or per component: "
+        "unet=tensorrt,text_encoder=onnxruntime (others python-ort)",
+    )
+    ex.add_argument("--repo", default="model_repository")
+    ex.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    ex.add_argument("--ort-tensorrt", action="store_true", help="onnxruntime kind: TensorRT accelerator")
+    ex.add_argument(
+        "--int8",
+        default="",
+        help="components served INT8-quantized on ONNX Runtime (CPU): unet, text_encoder (comma-separated)",
+    )
+    ex.add_argument(
+        "--fp16",
+        default="",
+        help="components served FP16 on TensorRT while the rest stay FP32, e.g. unet (comma-separated)",
+    )
+    ex.add_argument(
+        "--batching",
+        choices=["none", "dynamic", "continuous"],
+        default="continuous",
+        help="how requests share UNet calls (docs/batching.md)",
+    )
+    ex.add_argument("--max-batch-rows", type=int, default=16, help="continuous: UNet rows per call")
+    ex.add_argument("--max-wait-us", type=int, default=0, help="continuous: wait for arrivals before a step")
+    ex.add_argument("--denoise-instances", type=int, default=2, help="none / dynamic: loops in flight")
+    ex.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton's dynamic batching window")
+    defaults = Limits()
+    ex.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    ex.add_argument("--max-side", type=int, default=defaults.max_side)
+    ex.add_argument("--max-images", type=int, default=defaults.max_num_images)
+    ex.set_defaults(run=_export, extra="export")
+
+    train = sub.add_parser("train-demo-model", help="train the small demo model on synthetic shapes (CPU)")
+    train.add_argument("--out", default="models/demo")
+    train.add_argument("--vae-steps", type=int, default=600)
+    train.add_argument("--unet-steps", type=int, default=4000)
+    train.add_argument("--unet-lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vae-from", default=None, help="reuse the VAE of a folder this command saved")
+    train.add_argument("--decoder-steps", type=int, default=600)
+    train.add_argument(
+        "--refine-decoder-of", default=None, help="a folder this command saved: only its decoder stage"
+    )
+    train.set_defaults(run=_train_demo, extra="export")
+
+    engine = sub.add_parser("engine", help="the repository's engines (docs: README, Export)")
+    engine.set_defaults(extra="export")
+    engine_sub = engine.add_subparsers(dest="engine_command", required=True)
+    listing = engine_sub.add_parser(
+        "list", help="per component: engine kind, precision, artifact hash, loaded"
+    )
+    listing.add_argument("--repo", default="model_repository")
+    listing.add_argument(
+        "--triton-http", default=None, help="a running Triton's HTTP HOST:PORT: loaded versions"
+    )
+    listing.add_argument("--json", action="store_true", help="rows as JSON")
+    listing.set_defaults(run=_engine_list)
+    setting = engine_sub.add_parser(
+        "set", help="switch a component's engine: build or reuse, parity gate, new version, Triton load"
+    )
+    setting.add_argument("component", choices=list(ENGINE_MODELS))
+    setting.add_argument("kind", choices=list(ENGINE_KINDS))
+    setting.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None)
+    setting.add_argument(
+        "--artifact", default=None, help="your own ONNX graph or plan instead of a built one"
+    )
+    setting.add_argument("--force", action="store_true", help="switch even when the parity gate fails")
+    setting.add_argument("--min-psnr", type=float, default=25.0, help="gate: PSNR floor in dB (0-255 scale)")
+    setting.add_argument("--max-abs", type=int, default=None, help="gate: largest pixel difference allowed")
+    setting.add_argument("--gate-steps", type=int, default=8, help="gate: denoising steps per golden image")
+    setting.set_defaults(run=_engine_set)
+    check = engine_sub.add_parser(
+        "check", help="exit 2 when a live TensorRT plan was built for another GPU/TensorRT (or never built)"
+    )
+    check.add_argument("--repo", default="model_repository")
+    check.set_defaults(run=_engine_check)
+    back = engine_sub.add_parser("rollback", help="make the version live before the current one live again")
+    back.add_argument("component", choices=list(ENGINE_MODELS))
+    back.set_defaults(run=_engine_rollback)
+    for parser_ in (setting, back):
+        parser_.add_argument("--repo", default="model_repository")
+        parser_.add_argument(
+            "--triton-http",
+            default=None,
+            help="the running Triton's HTTP HOST:PORT to load the version into (several: comma-separated)",
+        )

@@ -1,0 +1,37 @@
+"""Step 1 of txt2img: CLIP tokenization of prompt and negative prompt.
+
+Only importable inside Triton's python backend; the repository's `tokenizer/1/model.py` imports
+`TritonPythonModel` from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sd_triton import contract as c
+from sd_triton.requests import check_guidance_scale, uses_guidance
+from sd_triton.runtime import triton_io
+from sd_triton.runtime.tokenize import PromptTokenizer
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.tokenizer = PromptTokenizer(triton_io.version_dir(args) / "tokenizer")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return triton_io.respond(requests, c.TOKENIZER, self._tokenize)
+
+    def _tokenize(self, request: Any) -> dict[str, np.ndarray]:
+        prompt = triton_io.get_text(request, c.PROMPT)
+        negative_prompt = triton_io.get_text(request, c.NEGATIVE_PROMPT, default="")
+        guidance = uses_guidance(check_guidance_scale(triton_io.get_scalar(request, c.GUIDANCE_SCALE)))
+        out = self.tokenizer.tokenize(prompt, negative_prompt, guidance)
+        return {
+            c.INPUT_IDS.name: out.input_ids,
+            c.PROMPT_TRUNCATED_TOKENS.name: np.array([out.prompt_truncated_tokens], np.int32),
+            c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: np.array(
+                [out.negative_prompt_truncated_tokens], np.int32
+            ),
+        }
