@@ -8,6 +8,7 @@ WORKDIR /app
 COPY docker/requirements-gateway.txt ./
 RUN pip install --no-cache-dir -r requirements-gateway.txt
 
+# sd_triton/ links export/, gateway/ and perf/ in: all four are copied for the wheel build
 COPY pyproject.toml README.md ./
 COPY sd_triton ./sd_triton
 COPY export ./export

@@ -9,7 +9,8 @@ WORKDIR /opt/sd-triton
 COPY docker/requirements-triton.txt ./
 RUN pip install --no-cache-dir -r requirements-triton.txt
 
-# the package only (its dependencies are the pinned ones above)
+# the package only (its dependencies are the pinned ones above); the image's Python is 3.10 (Ubuntu
+# 22.04), the one its python backend stub is built for: the package supports 3.10+ (make pycompat)
 COPY pyproject.toml README.md ./
 COPY sd_triton ./sd_triton
 COPY export ./export

@@ -9,8 +9,8 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sd_triton import contract as c
-from sd_triton.cli import parse_engines
 from sd_triton.export.checkpoint import Checkpoint
+from sd_triton.export.cli import parse_engines
 from sd_triton.export.components import COMPONENTS
 from sd_triton.export.pipeline import ExportOptions, engine_profile, repository_settings, run_export
 from sd_triton.export.repository import CONFIG_FILE, RepositorySettings, all_configs, parse

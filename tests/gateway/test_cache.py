@@ -211,7 +211,11 @@ def test_fingerprint_change_misses_and_large_results_are_skipped() -> None:
         {
             "images": [{"base64": "aGk=", "seed": 5, "width": 64, "height": 64, "content_type": "image/png"}],
             "timings": {"queue_ms": 1, "inference_ms": 2, "encode_ms": 3, "total_ms": 6},
-            "provenance": {"model": "tiny", "components": {}},
+            "provenance": {
+                "model": "tiny",
+                "scheduler": {"name": "default", "class_name": "PNDMScheduler"},
+                "components": {},
+            },
             "truncation": [{"prompt_tokens_cut": 0, "negative_prompt_tokens_cut": 0}],
         }
     )

@@ -86,7 +86,9 @@ def test_events_are_queued_then_every_step_then_completed(jobs_http: httpx.Clien
 
 
 def test_late_subscriber_replays_from_last_event_id(jobs_http: httpx.Client) -> None:
-    job = jobs_http.post("/v1/jobs", json={"prompt": "a dot", "steps": 3, "width": 32, "height": 32}).json()
+    job = jobs_http.post(
+        "/v1/jobs", json={"prompt": "a dot", "steps": 3, "width": 32, "height": 32, "scheduler": "ddim"}
+    ).json()
     assert [f["event"] for f in events(jobs_http, job["id"])][-1] == "completed"
     replay = list(events(jobs_http, job["id"]))  # after the end: the whole history again
     assert [f["event"] for f in replay] == ["queued", "step", "step", "step", "completed"]
@@ -206,7 +208,9 @@ def test_two_replicas_share_jobs_through_redis(triton: TritonServer, redis_url: 
         httpx.Client(base_url=one.url, timeout=60) as a,
         httpx.Client(base_url=two.url, timeout=60) as b,
     ):
-        job = a.post("/v1/jobs", json={"prompt": "shared", "steps": 4, "width": 32, "height": 32}).json()
+        job = a.post(
+            "/v1/jobs", json={"prompt": "shared", "steps": 4, "width": 32, "height": 32, "scheduler": "ddim"}
+        ).json()
         names = [f["event"] for f in events(b, job["id"])]  # followed on the other replica
         assert names == ["queued", "step", "step", "step", "step", "completed"]
         assert b.get(f"/v1/jobs/{job['id']}").json()["status"] == "completed"
@@ -290,8 +294,8 @@ def test_jobs_submitted_together_run_together(http: httpx.Client) -> None:
     """The session gateway runs up to 8 jobs at once: two submitted back to back (two shapes) both
     stream every step and complete (the second once joined the batch unprepared and never advanced)."""
     bodies = [
-        {"prompt": "together one", "steps": 30, "width": 64, "height": 64},
-        {"prompt": "together two", "steps": 3, "width": 32, "height": 32},
+        {"prompt": "together one", "steps": 30, "width": 64, "height": 64, "scheduler": "ddim"},
+        {"prompt": "together two", "steps": 3, "width": 32, "height": 32, "scheduler": "ddim"},
     ]
     jobs = [http.post("/v1/jobs", json=body).json() for body in bodies]
     for job, body in zip(jobs, bodies, strict=True):

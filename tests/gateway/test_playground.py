@@ -92,11 +92,16 @@ def test_info_has_the_served_model_limits_and_defaults(http: httpx.Client, clien
         "height": 64,
         "steps": 30,
         "guidance_scale": 7.5,
-        "scheduler": "euler_a",
+        "scheduler": "default",  # the checkpoint's own, named below
         "num_images": 1,
         "output_format": "png",
     }
+    assert info["default_scheduler_class"] == "PNDMScheduler"  # the tiny checkpoint's scheduler_config.json
     assert "/v1/info" in http.get("/openapi.json").json()["paths"]
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [info["model"]]
+    assert models["data"][0]["default_scheduler_class"] == "PNDMScheduler"
+    assert models["data"][0]["schedulers"] == list(SCHEDULERS)
 
 
 def test_static_files_are_package_data() -> None:
@@ -237,8 +242,11 @@ def test_generate_shows_progress_then_the_image(page: Playground, http: httpx.Cl
     steps, side = 8, 128  # 128 px: the tiny model's steps take long enough to be seen one by one
     # the form came with the served model's defaults (from /v1/info)
     form = {name: page.el(name).get_attribute("value") for name in ("width", "height", "steps", "scheduler")}
-    assert form == {"width": "64", "height": "64", "steps": "30", "scheduler": "euler_a"}
+    assert form == {"width": "64", "height": "64", "steps": "30", "scheduler": "default"}
     page.fill(prompt="a red circle on a blue background", steps=steps, width=side, height=side)
+    from selenium.webdriver.support.select import Select
+
+    Select(page.el("scheduler")).select_by_value("ddim")  # one UNet call per step (PNDM, the default: N + 1)
     page.start_recording()
     page.el("generate").click()
 
@@ -277,6 +285,7 @@ def test_generate_shows_progress_then_the_image(page: Playground, http: httpx.Cl
             "seed": seed,
             "width": side,
             "height": side,
+            "scheduler": "ddim",
         },
     ).json()["images"][0]
     np.testing.assert_array_equal(

@@ -152,3 +152,20 @@ def test_openapi_complete(http: httpx.Client) -> None:
         )
     docs = http.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_no_scheduler_field_runs_the_checkpoints_own_and_provenance_names_it(http: httpx.Client) -> None:
+    """No `scheduler`: the tiny checkpoint's PNDMScheduler with its config as shipped, which is what
+    `pndm` builds too (no options on top) and not what `euler_karras` builds."""
+    body = {"prompt": "a lighthouse", **FAST, "seed": 21}
+    own = http.post("/v1/generate", json=body, headers={"Cache-Control": "no-cache"}).json()
+    assert own["provenance"]["scheduler"] == {"name": "default", "class_name": "PNDMScheduler"}
+    pndm = http.post("/v1/generate", json={**body, "scheduler": "pndm"}).json()
+    assert pndm["provenance"]["scheduler"] == {"name": "pndm", "class_name": "PNDMScheduler"}
+    assert pndm["images"][0]["base64"] == own["images"][0]["base64"]
+    karras = http.post("/v1/generate", json={**body, "scheduler": "euler_karras"}).json()
+    assert karras["provenance"]["scheduler"] == {
+        "name": "euler_karras",
+        "class_name": "EulerDiscreteScheduler",
+    }
+    assert karras["images"][0]["base64"] != own["images"][0]["base64"]

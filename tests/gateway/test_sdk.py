@@ -19,7 +19,7 @@ from sd_triton.sdk import (
 )
 from tests.conftest import free_port
 
-FAST = {"steps": 3, "width": 64, "height": 48}
+FAST = {"steps": 3, "width": 64, "height": 48, "scheduler": "ddim"}  # ddim: one UNet call per step
 
 
 def test_sync_client(gateway) -> None:

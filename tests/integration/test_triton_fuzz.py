@@ -44,7 +44,8 @@ HUGE_TEXT = ("a red fox in the snow " * 50_000)[: 1 << 20].encode()
 LARGE_TEXT = HUGE_TEXT[: 64 << 10]
 NOT_UTF8 = b"a cat \xff\xfe\xc3\x28"
 UNKNOWN_INPUT = "NOT_A_REAL_INPUT"
-OPTIONAL_INPUTS = {c.NEGATIVE_PROMPT.name, c.PREVIEW.name}  # a generation may leave them out
+# a generation may leave them out (SCHEDULER: the checkpoint's own runs)
+OPTIONAL_INPUTS = {c.NEGATIVE_PROMPT.name, c.SCHEDULER.name, c.PREVIEW.name}
 # for a wrong-dtype case: the wire types to send instead of the one the contract says
 WRONG_DTYPES = {
     "TYPE_FP32": ("INT32", "FP64", "FP16", "BYTES"),

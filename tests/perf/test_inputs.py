@@ -24,7 +24,8 @@ def test_every_component_gets_data_with_the_contract_names_and_the_asked_shapes(
     assert [e["PROMPT"]["content"] for e in data["txt2img"]] == [["a red circle"], ["a blue square"]]
     assert [e["SEED"]["content"] for e in data["txt2img"]] == [[request.seed], [request.seed + 1]]
     assert data["txt2img"][0]["HEIGHT"]["content"] == [48] and data["txt2img"][0]["STEPS"]["content"] == [3]
-    assert set(data["txt2img"][0]) == {t.name for t in contract.TXT2IMG.inputs if not t.optional}
+    required = {t.name for t in contract.TXT2IMG.inputs if not t.optional}
+    assert set(data["txt2img"][0]) == required | {contract.SCHEDULER.name}  # the one asked for, named
 
     unet = data["unet"][0]
     assert unet["sample"]["shape"] == latent and len(unet["sample"]["content"]) == latent[0] * 48 * 80 // 64

@@ -78,8 +78,15 @@ def test_the_contract_names_the_class_runtime_builds_for_each_scheduler() -> Non
     from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULER_CLASSES
     from sd_triton.runtime.schedulers import make_scheduler
 
-    config = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-              "beta_end": 0.012, "num_train_timesteps": 1000, "steps_offset": 1, "skip_prk_steps": True}  # fmt: skip
+    config = {
+        "_class_name": "PNDMScheduler",
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "num_train_timesteps": 1000,
+        "steps_offset": 1,
+        "skip_prk_steps": True,
+    }
     assert set(SCHEDULER_CLASSES) == set(SCHEDULERS) - {DEFAULT_SCHEDULER}
     for name in SCHEDULERS:
         built = type(make_scheduler(name, config)).__name__
