@@ -69,6 +69,10 @@ class TritonServer:
     metrics_port: int = 8002
     log_file: Path | None = None
     exit_timeout_s: int = 30
+    # how long `stop` waits for txt2img requests in flight (None: exit_timeout_s). The count comes from
+    # the tokenizer's statistics, so a direct call to the tokenizer (perf_analyzer -m tokenizer) looks
+    # like a request in flight until the server stops, and the drain then waits this long.
+    drain_timeout_s: float | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -172,7 +176,7 @@ class TritonServer:
         single-model ones in flight (up to exit_timeout_s)."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
-        self.drain(self.exit_timeout_s)
+        self.drain(self.exit_timeout_s if self.drain_timeout_s is None else self.drain_timeout_s)
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=self.exit_timeout_s + 15)

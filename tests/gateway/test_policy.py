@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from sd_triton.gateway.keys import create_key
 from sd_triton.gateway.policy import Rules, check, load_policy_file
 from sd_triton.triton_server import TritonServer
-from tests.conftest import triton_requests
+from tests.conftest import settled_triton_requests, triton_requests
 from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
 
 # --- the rules alone ---
@@ -100,7 +100,7 @@ def test_refused_prompt_is_400_before_any_triton_work(
     policy_gateway: dict, client: grpcclient.InferenceServerClient
 ) -> None:
     http, headers = policy_gateway["http"], policy_gateway["plain"]
-    before_triton = triton_requests(client)
+    before_triton = settled_triton_requests(client)
     before_metric = sample(http, "gateway_rejections_total", reason="content_policy")
 
     response = http.post("/v1/generate", json={"prompt": "a FORBIDDEN fruit", **CHEAP}, headers=headers)
@@ -152,7 +152,7 @@ def test_per_key_additions_apply_to_their_key_only(policy_gateway: dict) -> None
 def test_openai_route_answers_in_openai_shape(
     policy_gateway: dict, client: grpcclient.InferenceServerClient
 ) -> None:
-    before = triton_requests(client)
+    before = settled_triton_requests(client)
     response = policy_gateway["http"].post(
         "/v1/images/generations", json={"prompt": "forbidden fruit", "size": "64x64"},
         headers=policy_gateway["strict"],

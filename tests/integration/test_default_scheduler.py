@@ -3,30 +3,34 @@
 1.5's (another class, v_prediction, trailing spacing, zero-SNR betas, LCM, SDE noise).
 
 Each variant is the tiny checkpoint with its weights linked and another `scheduler/` (and the class
-named in model_index.json). One Triton serves them in turn: the export of each variant reuses the ONNX
-graphs (same weights) and rewrites the scheduler config, then Triton reloads the python steps.
+named in model_index.json), exported into one repository in turn (the ONNX graphs are reused: same
+weights; the scheduler config is rewritten) and run by the exported files in-process
+(`sd_triton.runtime.local`: the denoising loop Triton's `denoise` runs, without a server to reload per
+variant). The path of a request without SCHEDULER through Triton and the gateway is checked on the
+tiny checkpoint (tests/integration/test_parity.py "default", tests/gateway/test_routes.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 from diffusers import StableDiffusionPipeline
 
 from sd_triton import contract as c
 from sd_triton.export.pipeline import ExportOptions, run_export
-from sd_triton.triton_server import TritonServer
-from sd_triton.txt2img_client import txt2img
-from tests.conftest import WORK_DIR, triton_server
+from sd_triton.export.repository import CONFIG_FILE, parse
+from sd_triton.runtime.local import LocalPipeline
+from tests.conftest import WORK_DIR
+
+log = logging.getLogger(__name__)
 
 MAX_ABS_DIFF = 2  # on the 0-255 scale, as the parity suite
 PROMPT = "a watercolor painting of a lighthouse at dawn"
@@ -79,67 +83,63 @@ def _link_large(src: str, dst: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(
+def variants(
     exported: dict, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[TritonServer, Path, dict[str, Path]]]:
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("default-scheduler")
-    variants = {
+    return {
         name: make_variant(tiny_checkpoint, root / name, cls, changes)
         for name, (cls, changes, _, _) in VARIANTS.items()
     }
-    repo = root / "repo"
-    shutil.copytree(exported["repo"], repo, copy_function=_link_large)
-    server = triton_server(repo, root / "triton.log")
-    server.start()
-    yield server, repo, variants
-    server.stop()
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_no_scheduler_field_runs_the_checkpoints_own(served, variant: str) -> None:
-    server, repo, variants = served
-    cls, _, steps, guidance = VARIANTS[variant]
-    folder = variants[variant]
-    # 1. The variant's export: ONNX reused (same weights), the scheduler config rewritten.
-    manifest = run_export(ExportOptions(model=str(folder), repo=repo, work_dir=WORK_DIR))
-    assert all(manifest["components"][m]["onnx"]["source_sha256"] for m in c.ENGINE_MODELS)
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        for model in (c.DENOISE.name, c.TXT2IMG.name):
-            client.load_model(model)  # the new pipeline.json and txt2img's default_scheduler parameter
-        params = client.get_model_config(c.TXT2IMG.name, as_json=True)["config"]["parameters"]
-        assert params["default_scheduler"]["string_value"] == cls
+@pytest.fixture(scope="module")
+def repo(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's tiny export: each variant's export reuses its ONNX graphs."""
+    target = tmp_path_factory.mktemp("default-scheduler-repo") / "repo"
+    shutil.copytree(exported["repo"], target, copy_function=_link_large)
+    return target
 
-        # 2. Ours without a SCHEDULER input, and diffusers' pipeline as it loads the folder.
-        common = dict(height=64, width=64, guidance_scale=guidance, seed=99)
-        ours = txt2img(client, PROMPT, steps=steps, num_images=2, **common).images
+
+def diffusers_images(folder: Path, steps: int, guidance: float, seed: int, n: int) -> np.ndarray:
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
-    assert type(pipe.scheduler).__name__ == cls
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
+    images = pipe(
         PROMPT,
         num_inference_steps=steps,
-        num_images_per_prompt=2,
-        generator=[torch.Generator().manual_seed(99 + i) for i in range(2)],
+        num_images_per_prompt=n,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
         output_type="np",
         height=64,
         width=64,
         guidance_scale=guidance,
     ).images
-    theirs = (theirs * 255).round().astype(np.uint8)
-    assert ours.shape == theirs.shape == (2, 64, 64, 3)
+    return (images * 255).round().astype(np.uint8)
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_no_scheduler_runs_the_checkpoints_own(variants: dict[str, Path], repo: Path, variant: str) -> None:
+    cls, _, steps, guidance = VARIANTS[variant]
+    # 1. The variant's export: ONNX reused (same weights), its scheduler written for denoise and txt2img.
+    manifest = run_export(ExportOptions(model=str(variants[variant]), repo=repo, work_dir=WORK_DIR))
+    assert manifest["source"]["path"] == str(variants[variant].resolve())
+    config = parse((repo / c.TXT2IMG.name / CONFIG_FILE).read_text())
+    assert config.parameters["default_scheduler"].string_value == cls  # what the gateway shows
+    # 2. The denoising loop with the default scheduler, and diffusers' pipeline as it loads the folder.
+    local = LocalPipeline(repo)
+    request = dict(height=64, width=64, steps=steps, guidance_scale=guidance, seed=99, num_images=2)
+    ours = local(PROMPT, scheduler=c.DEFAULT_SCHEDULER, **request).images
+    theirs = diffusers_images(variants[variant], steps, guidance, seed=99, n=2)
+    assert ours.shape == (2, 64, 64, 3)
     assert ours.std() > 5, "a flat image would make the comparison meaningless"
-    diff = int(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)).max())
+    diff = max_abs_diff(ours, theirs)
+    log.info("%s (%s): max abs diff %d vs diffusers", variant, cls, diff)
     assert diff <= MAX_ABS_DIFF, f"{variant}: max abs diff {diff}"
-
-
-def test_the_variants_differ_from_each_other(served) -> None:
-    """The comparison above can fail: the same request under two of the checkpoints' schedulers gives
-    other images (so a loop that ignored the checkpoint's scheduler would not match diffusers)."""
-    server, repo, variants = served
-    images = []
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        for name in ("euler-vpred-trailing", "ddim-vpred-zero-snr"):
-            run_export(ExportOptions(model=str(variants[name]), repo=repo, work_dir=WORK_DIR))
-            client.load_model(c.DENOISE.name)
-            images.append(txt2img(client, PROMPT, height=64, width=64, steps=6, seed=5).images)
-    assert int(np.abs(images[0].astype(np.int16) - images[1].astype(np.int16)).max()) > 2 * MAX_ABS_DIFF
+    # 3. The comparison can fail: the tiny checkpoint's own scheduler (PNDM) gives other images here.
+    pndm = local(PROMPT, scheduler="pndm", **request).images
+    assert max_abs_diff(ours, pndm) > 2 * MAX_ABS_DIFF, f"{variant} runs like PNDM"
