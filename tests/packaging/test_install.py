@@ -12,8 +12,11 @@ Installs use pip's cache (the packages `make setup` fetched) and `--no-compile` 
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +33,16 @@ OPEN_CLIP = "open-clip-torch==3.3.0"  # the CLIP vocabulary of the tiny model (M
 HEAVY = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "nvidia-pytriton", "tritonclient")
 
 
+def find_python(version: str) -> str | None:
+    """An interpreter of `version` on this machine (on PATH, or pyenv's), or None."""
+    pattern = os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")
+    for candidate in filter(None, [shutil.which(f"python{version}"), *sorted(glob.glob(pattern))]):
+        done = subprocess.run([candidate, "--version"], capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.startswith(f"Python {version}."):
+            return candidate
+    return None
+
+
 def run(
     command: list[str], cwd: Path, timeout: float = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
@@ -43,8 +56,10 @@ def run(
     return result
 
 
-def make_venv(folder: Path, *requirements: str, no_deps: tuple[str, ...] = ()) -> Path:
-    run([sys.executable, "-m", "venv", str(folder)], cwd=folder.parent)
+def make_venv(
+    folder: Path, *requirements: str, no_deps: tuple[str, ...] = (), python: str = sys.executable
+) -> Path:
+    run([python, "-m", "venv", str(folder)], cwd=folder.parent)
     pip = [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile"]
     run([*pip, *requirements], cwd=folder.parent)
     if no_deps:
@@ -84,7 +99,11 @@ def test_wheel_has_one_namespace_and_its_data(wheel: Path) -> None:
 
 
 def test_base_install_is_the_sdk_without_torch(wheel: Path, tmp_path: Path, outside: Path, gateway) -> None:
-    bin_dir = make_venv(tmp_path / "base", str(wheel))
+    """On the oldest Python supported (3.10, the NGC Triton image's) when this machine has one."""
+    python = find_python("3.10") or sys.executable
+    bin_dir = make_venv(tmp_path / "base", str(wheel), python=python)
+    version = run([str(bin_dir / "python"), "--version"], cwd=outside).stdout.strip()
+    logging.getLogger(__name__).info("base install on %s", version)
     packages = installed(bin_dir, outside)
     assert not packages & set(HEAVY), f"the base install pulled {sorted(packages & set(HEAVY))}"
     assert "httpx" in packages
@@ -104,6 +123,21 @@ def test_base_install_is_the_sdk_without_torch(wheel: Path, tmp_path: Path, outs
     run([str(bin_dir / "sd-triton"), "generate", "a lighthouse", "-o", str(out), "--gateway-url", gateway.url,
          "--steps", "2", "--seed", "3"], cwd=outside)  # fmt: skip
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.12"])
+def test_every_module_compiles_on(wheel: Path, tmp_path: Path, version: str) -> None:
+    """The grammar of every module in the wheel on the oldest and newest Python supported (vermin in
+    `make lint` checks the standard-library APIs; this runs the real compilers)."""
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"no Python {version} on this machine (looked on PATH and in ~/.pyenv/versions)")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "unpacked")
+    sources = sorted(str(p) for p in (tmp_path / "unpacked" / "sd_triton").rglob("*.py"))
+    assert len(sources) > 50
+    script = "import py_compile, sys\nfor path in sys.argv[1:]:\n    py_compile.compile(path, doraise=True)\n"
+    run([python, "-W", "error::SyntaxWarning", "-c", script, *sources], cwd=tmp_path)
 
 
 class Served:
