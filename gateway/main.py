@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd_triton import __version__
 from sd_triton.gateway.access import Access, AccessControl, AccessDep, AccessMiddleware
+from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.cache import CacheAllowedDep, ResultCache
 from sd_triton.gateway.errors import (
     GatewayError,
@@ -54,7 +55,7 @@ from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import StateStore, StateUnavailable, make_store
 from sd_triton.gateway.storage import ImageStorage, make_storage, request_base_url
 from sd_triton.gateway.storage import router as storage_router
-from sd_triton.gateway.triton import TritonBackend
+from sd_triton.gateway.triton import GrpcTritonBackend
 
 log = logging.getLogger("sd_triton.gateway")
 
@@ -169,7 +170,15 @@ async def _generate(
     return result
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    backend: TritonBackend | None = None,
+    store: StateStore | None = None,
+) -> FastAPI:
+    """The gateway. `backend`: what answers for Triton (default: gRPC to `settings.triton_url`);
+    `store`: the shared state (default: Redis when `redis_url` is set, else memory). Both are made,
+    started and closed in the app's lifespan."""
     settings = settings or GatewaySettings()
     metrics = GatewayMetrics()
     access = AccessControl(settings, metrics)  # a bad keys or policy file stops the startup here
@@ -181,13 +190,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backend = TritonBackend(settings, metrics)
-        backend.start()  # health checks: endpoints in and out of rotation
+        triton = backend or GrpcTritonBackend(settings, metrics)
+        triton.start()  # health checks: endpoints in and out of rotation
         encoder = ImageEncoder(settings.encode_workers)
-        store = make_store(settings.redis_url, settings.memory_store_max_bytes)
-        app.state.store = store
-        access.start(store)  # per-key limits on the shared store
-        app.state.backend = backend
+        state = store or make_store(settings.redis_url, settings.memory_store_max_bytes)
+        app.state.store = state
+        access.start(state)  # per-key limits on the shared store
+        app.state.backend = triton
         storage = make_storage(settings)
         app.state.storage = storage
         cleanup = asyncio.create_task(storage.run_cleanup(settings.storage_cleanup_interval_s))
@@ -195,9 +204,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.triton_metrics = TritonMetricsScraper(
             scraper_url, settings.triton_metrics_timeout_s, metrics
         )
-        cache = ResultCache(store, settings, metrics)
-        app.state.generator = Generator(backend, encoder, settings, metrics, cache)
-        jobs = JobManager(store, app.state.generator, settings, metrics, webhook_secret, storage)
+        cache = ResultCache(state, settings, metrics)
+        app.state.generator = Generator(triton, encoder, settings, metrics, cache)
+        jobs = JobManager(state, app.state.generator, settings, metrics, webhook_secret, storage)
         app.state.jobs = jobs
         jobs.start()
         log.info("gateway up; Triton at %s", settings.triton_url)
@@ -211,8 +220,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await storage.close()
             await app.state.triton_metrics.close()
             encoder.close()
-            await backend.close()
-            await store.close()
+            await triton.close()
+            await state.close()
 
     app = FastAPI(
         title="sd-triton gateway",

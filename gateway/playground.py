@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd_triton.contract import SCHEDULERS
+from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.schemas import GenerationParams
 from sd_triton.gateway.settings import GatewaySettings
-from sd_triton.gateway.triton import TritonBackend
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MEDIA_TYPES = {
@@ -104,7 +104,7 @@ async def info(request: Request) -> InfoResponse:
     """The served model, its request limits, the schedulers and the defaults: what a client needs to
     build a form (the playground at `/` does)."""
     backend: TritonBackend = request.app.state.backend
-    settings: GatewaySettings = backend.settings
+    settings: GatewaySettings = request.app.state.settings
     served = await backend.served_model()
     defaults = GenerationParams()  # every field has its default: the same a request without it gets
     return InfoResponse(

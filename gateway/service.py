@@ -11,6 +11,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from sd_triton import contract as c
+from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.errors import InvalidRequestError
 from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder
@@ -26,7 +27,6 @@ from sd_triton.gateway.schemas import (
     Truncation,
 )
 from sd_triton.gateway.settings import GatewaySettings
-from sd_triton.gateway.triton import TritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.requests import InvalidRequest, validate_params
 from sd_triton.served_model import ServedModel

@@ -85,7 +85,9 @@ async def resolve(entry: str) -> list[str]:
     return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
 
 
-class TritonBackend:
+class GrpcTritonBackend:
+    """The TritonBackend (gateway/backend.py) over gRPC to one or more Triton servers."""
+
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics

@@ -21,7 +21,7 @@ from sd_triton.gateway.process import GatewayProcess
 from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import MemoryStore
-from sd_triton.gateway.triton import TritonBackend
+from sd_triton.gateway.triton import GrpcTritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.served_model import config_fingerprint
 from sd_triton.triton_server import TritonServer
@@ -243,7 +243,9 @@ def test_served_model_refresh_rereads_triton(triton: TritonServer) -> None:
     refresh_s = 0.2
 
     async def run() -> None:
-        backend = TritonBackend(GatewaySettings(triton_url=triton.grpc_url, served_model_refresh_s=refresh_s))
+        backend = GrpcTritonBackend(
+            GatewaySettings(triton_url=triton.grpc_url, served_model_refresh_s=refresh_s)
+        )
         try:
             first = await backend.served_model()
             assert await backend.served_model() is first  # within the refresh interval: the same read
