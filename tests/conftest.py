@@ -35,20 +35,6 @@ def triton_requests(client: grpcclient.InferenceServerClient, model: str = "") -
     return total
 
 
-def settled_triton_requests(
-    client: grpcclient.InferenceServerClient, quiet_s: float = 0.5, timeout_s: float = 10.0
-) -> int:
-    """`triton_requests` once it stops moving: Triton counts an ensemble's last steps just after the client
-    has its answer, so a count read right after another test's request can still grow."""
-    last, since, deadline = triton_requests(client), time.monotonic(), time.monotonic() + timeout_s
-    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = triton_requests(client)
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
-
-
 def triton_executions(client: grpcclient.InferenceServerClient, model: str) -> int:
     """Executions (batches) of `model` so far, all versions."""
     stats = client.get_inference_statistics(model, as_json=True)["model_stats"]

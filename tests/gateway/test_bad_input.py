@@ -1,11 +1,15 @@
-"""Malformed requests: each gets a 4xx naming the field, never a 5xx, and the gateway keeps serving."""
+"""Malformed requests: each gets a 4xx naming the field, never a 5xx, and the gateway keeps serving.
+Validation is the gateway's own: it runs in-process over a fake Triton with the tiny export's limits."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import httpx
 import pytest
+
+from tests.gateway.inprocess import gateway_client
 
 OK = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64}
 GEN, BATCH, OPENAI = "/v1/generate", "/v1/generate/batch", "/v1/images/generations"
@@ -100,6 +104,12 @@ CASES: list[tuple[str, str, object, dict[str, str] | None, int, list[str]]] = [
     ("openai-n-over", OPENAI, {"prompt": "a", "n": 9, "size": "64x64"}, None, 400, ["n", "between 1 and 4"]),
     ("openai-unknown-field", OPENAI, {"prompt": "a", "foo": 1}, None, 400, ["foo"]),
 ]
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with gateway_client() as client:
+        yield client
 
 
 def send(http: httpx.Client, route: str, body: object, headers: dict[str, str] | None) -> httpx.Response:

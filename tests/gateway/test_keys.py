@@ -1,9 +1,10 @@
-"""API keys: the registry file, the `sd-triton keys` command, and authentication over real HTTP
-against the real gateway (open without keys; a key created or revoked while it runs applies)."""
+"""API keys: the registry file, the `sd-triton keys` command, and authentication by the gateway in-process
+(open without keys; a key created or revoked while it runs applies)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -17,8 +18,8 @@ import pytest
 
 from sd_triton.gateway.errors import UnauthorizedError
 from sd_triton.gateway.keys import KeyRegistry, create_key, parse_token, read_key_file, revoke_key
-from sd_triton.triton_server import TritonServer
-from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
+from tests.gateway.access_support import CHEAP, bearer, sample
+from tests.gateway.inprocess import gateway_client
 
 # --- the registry ---
 
@@ -166,37 +167,30 @@ def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> No
     raise AssertionError(f"not {what} within {timeout_s} s")
 
 
-def test_open_without_keys_until_one_is_created(triton: TritonServer, tmp_path: Path) -> None:
+def test_open_without_keys_until_one_is_created(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "keys.json"  # no file: no keys
-    gateway = start_gateway(triton, tmp_path / "gateway.log", SD_GATEWAY_KEYS_FILE=str(path))
-    try:
-        with httpx.Client(base_url=gateway.url, timeout=60) as http:
-            # 1. Open: served without a key, and the log says so.
-            response = http.post("/v1/generate", json={"prompt": "a fox", **CHEAP})
-            assert response.status_code == 200, response.text
-            assert "X-RateLimit-Limit" not in response.headers
-            assert "WARNING" in gateway.log_tail(200) and "runs OPEN" in gateway.log_tail(200)
+    with caplog.at_level(logging.WARNING), gateway_client(keys_file=str(path)) as http:
+        # 1. Open: served without a key, and the log says so.
+        response = http.post("/v1/generate", json={"prompt": "a fox", **CHEAP})
+        assert response.status_code == 200, response.text
+        assert "X-RateLimit-Limit" not in response.headers
+        assert any(r.levelname == "WARNING" and "runs OPEN" in r.getMessage() for r in caplog.records)
 
-            # 2. A key created while it runs closes it, without a restart.
-            created = sd_triton("create", "--name", "first", keys_file=path)
-            assert created.returncode == 0, created.stderr
-            token = created_fields(created.stdout)["token"]
-            wait_for(lambda: http.post("/v1/generate", json={"prompt": "x"}).status_code == 401, "closed")
-            response = http.post("/v1/generate", json={"prompt": "a fox", **CHEAP}, headers=bearer(token))
-            assert response.status_code == 200, response.text
-    finally:
-        gateway.stop()
+        # 2. A key created while it runs closes it, without a restart.
+        created = sd_triton("create", "--name", "first", keys_file=path)
+        assert created.returncode == 0, created.stderr
+        token = created_fields(created.stdout)["token"]
+        wait_for(lambda: http.post("/v1/generate", json={"prompt": "x"}).status_code == 401, "closed")
+        response = http.post("/v1/generate", json={"prompt": "a fox", **CHEAP}, headers=bearer(token))
+        assert response.status_code == 200, response.text
 
 
 @pytest.fixture(scope="module")
-def keyed(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    tmp = tmp_path_factory.mktemp("keys")
-    path = tmp / "keys.json"
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    path = tmp_path_factory.mktemp("keys") / "keys.json"
     live, doomed = create_key(path, "live"), create_key(path, "doomed")
-    gateway = start_gateway(triton, tmp / "gateway.log", SD_GATEWAY_KEYS_FILE=str(path))
-    with httpx.Client(base_url=gateway.url, timeout=60) as http:
+    with gateway_client(keys_file=str(path)) as http:
         yield {"http": http, "path": path, "live": live, "doomed": doomed}
-    gateway.stop()
 
 
 def assert_401(response: httpx.Response, message: str) -> None:

@@ -1,6 +1,5 @@
-"""Per-key rate limits, quotas and concurrency over real HTTP against the real gateway and Triton:
-exactly at the limit, with their headers; shared by two gateways on one Redis; failing open when
-Redis dies."""
+"""Per-key rate limits, quotas and concurrency, by the gateway in-process over a fake Triton: exactly at
+the limit, with their headers; shared by two gateways on one real Redis; failing open when Redis dies."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,11 +16,10 @@ from sd_triton.gateway.errors import ConcurrencyLimitedError, QuotaExceededError
 from sd_triton.gateway.keys import CreatedKey, create_key
 from sd_triton.gateway.limits import Limiter
 from sd_triton.gateway.metrics import GatewayMetrics
-from sd_triton.gateway.process import GatewayProcess
 from sd_triton.gateway.state import MemoryStore, RedisStore
-from sd_triton.triton_server import TritonServer
 from tests.conftest import RedisServer
-from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
+from tests.gateway.access_support import CHEAP, bearer, sample
+from tests.gateway.inprocess import FakeTriton, gateway_client
 
 INVALID = {"prompt": "a fox", "steps": 0}  # refused by the schema (422): counts, costs Triton nothing
 
@@ -72,19 +69,16 @@ def test_unreachable_store_fails_open_and_warns_once(caplog: pytest.LogCaptureFi
 
 
 @pytest.fixture(scope="module")
-def limited(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """One gateway (memory store) and a key per limit."""
-    tmp = tmp_path_factory.mktemp("limits")
-    path = tmp / "keys.json"
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One gateway (memory store) and a key per limit; each denoising step takes 20 ms."""
+    path = tmp_path_factory.mktemp("limits") / "keys.json"
     keys = {
         "rate": create_key(path, "rate", rate_limit_per_min=3),
         "quota": create_key(path, "quota", images_per_day=3),
         "concurrency": create_key(path, "concurrency", max_concurrency=1),
     }
-    gateway = start_gateway(triton, tmp / "gateway.log", SD_GATEWAY_KEYS_FILE=str(path))
-    with httpx.Client(base_url=gateway.url, timeout=60) as http:
-        yield {"http": http, "gateway": gateway, **{name: bearer(k.token) for name, k in keys.items()}}
-    gateway.stop()
+    with gateway_client(FakeTriton(step_s=0.02), keys_file=str(path), redis_url=None) as http:
+        yield {"http": http, **{name: bearer(k.token) for name, k in keys.items()}}
 
 
 def rate_headers(response: httpx.Response) -> tuple[int, int, int]:
@@ -149,9 +143,9 @@ def test_quota_exactly_at_the_limit(limited: dict) -> None:
 
 def test_concurrency_limit(limited: dict) -> None:
     http, headers = limited["http"], limited["concurrency"]
-    slow = {"prompt": "a slow fox", "steps": 60, "num_images": 4, "width": 64, "height": 64}  # ~1.5 s
-    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=limited["gateway"].url, timeout=60) as other:
-        first = pool.submit(other.post, "/v1/generate", json=slow, headers=headers)
+    slow = {"prompt": "a slow fox", "steps": 60, "num_images": 4, "width": 64, "height": 64}  # 1.2 s
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(http.post, "/v1/generate", json=slow, headers=headers)
         deadline = time.monotonic() + 10
         while sample(http, "gateway_in_flight_requests") < 2:  # the slow one and this /metrics call
             assert time.monotonic() < deadline, "the slow request never showed in flight"
@@ -172,7 +166,7 @@ def test_concurrency_limit(limited: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def redis_pair(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def redis_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("redis-limits")
     redis = RedisServer(tmp)
     path = tmp / "keys.json"
@@ -181,19 +175,11 @@ def redis_pair(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -
         "quota": create_key(path, "quota", images_per_day=2),
         "all": create_key(path, "all", rate_limit_per_min=1, images_per_day=1, max_concurrency=1),
     }
-    env = {"SD_GATEWAY_KEYS_FILE": str(path), "SD_TRITON_REDIS_URL": redis.url}
-    gateways: list[GatewayProcess] = []
+    settings = {"keys_file": str(path), "redis_url": redis.url}
     try:
-        for name in ("a", "b"):
-            gateways.append(start_gateway(triton, tmp / f"gateway-{name}.log", **env))
-        with (
-            httpx.Client(base_url=gateways[0].url, timeout=60) as a,
-            httpx.Client(base_url=gateways[1].url, timeout=60) as b,
-        ):
-            yield {"a": a, "b": b, "redis": redis, "gateway_a": gateways[0], "keys": keys}
+        with gateway_client(**settings) as a, gateway_client(**settings) as b:
+            yield {"a": a, "b": b, "redis": redis, "keys": keys}
     finally:
-        for gateway in gateways:
-            gateway.stop()
         redis.kill()
 
 
@@ -217,7 +203,7 @@ def test_two_gateways_share_one_quota(redis_pair: dict) -> None:
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "quota_exceeded"
 
 
-def test_redis_outage_fails_open(redis_pair: dict) -> None:
+def test_redis_outage_fails_open(redis_pair: dict, caplog: pytest.LogCaptureFixture) -> None:
     """Run last in this module: it kills the module's Redis."""
     a, token = redis_pair["a"], redis_pair["keys"]["all"].token
     body = {"prompt": "a fox", **CHEAP}
@@ -236,6 +222,9 @@ def test_redis_outage_fails_open(redis_pair: dict) -> None:
         for use in ("rate_limit", "quota", "concurrency")
     }
     assert errors == {"rate_limit": 3, "quota": 3, "concurrency": 3}  # one failed call per limit and request
-    log = Path(redis_pair["gateway_a"].log_file).read_text()
-    warnings = [line for line in log.splitlines() if "WARNING" in line and "shared state unavailable" in line]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "shared state unavailable" in r.getMessage()
+    ]
     assert len(warnings) == 1, warnings  # at most one warning per 30 s, however many errors

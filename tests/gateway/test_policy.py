@@ -1,5 +1,5 @@
-"""The prompt content policy: the rules alone, then over real HTTP against the real gateway and
-Triton (a refused prompt costs Triton nothing)."""
+"""The prompt content policy: the rules alone, then by the gateway in-process over a fake Triton (a
+refused prompt costs Triton nothing)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-import tritonclient.grpc as grpcclient
 
 from sd_triton.gateway.keys import create_key
 from sd_triton.gateway.policy import Rules, check, load_policy_file
-from sd_triton.triton_server import TritonServer
-from tests.conftest import settled_triton_requests, triton_requests
-from tests.gateway.access_support import CHEAP, bearer, sample, start_gateway
+from tests.gateway.access_support import CHEAP, bearer, sample
+from tests.gateway.inprocess import FakeTriton, gateway_client
 
 # --- the rules alone ---
 
@@ -81,26 +78,23 @@ def test_bad_regex_stops_the_gateway_at_startup(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def policy_gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def policy_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("policy")
     policy = tmp / "policy.json"
     policy.write_text(json.dumps({"words": ["forbidden"], "regexes": [r"b[a4]nned\d+"]}))
     keys = tmp / "keys.json"
     strict = create_key(keys, "strict", block_words=["kale"], block_regexes=[r"^draw"])
     plain = create_key(keys, "plain")
-    gateway = start_gateway(
-        triton, tmp / "gateway.log", SD_GATEWAY_POLICY_FILE=str(policy), SD_GATEWAY_KEYS_FILE=str(keys)
-    )
-    with httpx.Client(base_url=gateway.url, timeout=60) as http:
-        yield {"http": http, "strict": bearer(strict.token), "plain": bearer(plain.token)}
-    gateway.stop()
+    backend = FakeTriton()
+    with gateway_client(backend, policy_file=str(policy), keys_file=str(keys)) as http:
+        yield {"http": http, "backend": backend, "strict": bearer(strict.token), "plain": bearer(plain.token)}
 
 
 def test_refused_prompt_is_400_before_any_triton_work(
-    policy_gateway: dict, client: grpcclient.InferenceServerClient
+    policy_gateway: dict,
 ) -> None:
     http, headers = policy_gateway["http"], policy_gateway["plain"]
-    before_triton = settled_triton_requests(client)
+    before_triton = len(policy_gateway["backend"].calls)
     before_metric = sample(http, "gateway_rejections_total", reason="content_policy")
 
     response = http.post("/v1/generate", json={"prompt": "a FORBIDDEN fruit", **CHEAP}, headers=headers)
@@ -120,19 +114,19 @@ def test_refused_prompt_is_400_before_any_triton_work(
     assert (error["code"], error["field"]) == ("content_policy", "prompts")
     assert error["message"].startswith("prompts[1]: refused by the content policy (rule global regex")
 
-    assert triton_requests(client) == before_triton  # nothing reached Triton
+    assert len(policy_gateway["backend"].calls) == before_triton  # nothing reached Triton
     assert sample(http, "gateway_rejections_total", reason="content_policy") == before_metric + 2
 
 
 def test_negative_prompt_and_partial_words_pass(
-    policy_gateway: dict, client: grpcclient.InferenceServerClient
+    policy_gateway: dict,
 ) -> None:
     http = policy_gateway["http"]
-    before = triton_requests(client)
+    before = len(policy_gateway["backend"].calls)
     body = {"prompt": "an unforbidden garden", "negative_prompt": "forbidden banned1", **CHEAP}
     response = http.post("/v1/generate", json=body, headers=policy_gateway["plain"])
     assert response.status_code == 200, response.text
-    assert triton_requests(client) > before  # this one did reach Triton: the count can move
+    assert len(policy_gateway["backend"].calls) > before  # this one did reach Triton: the count can move
 
 
 def test_per_key_additions_apply_to_their_key_only(policy_gateway: dict) -> None:
@@ -150,9 +144,9 @@ def test_per_key_additions_apply_to_their_key_only(policy_gateway: dict) -> None
 
 
 def test_openai_route_answers_in_openai_shape(
-    policy_gateway: dict, client: grpcclient.InferenceServerClient
+    policy_gateway: dict,
 ) -> None:
-    before = settled_triton_requests(client)
+    before = len(policy_gateway["backend"].calls)
     response = policy_gateway["http"].post(
         "/v1/images/generations", json={"prompt": "forbidden fruit", "size": "64x64"},
         headers=policy_gateway["strict"],
@@ -163,4 +157,4 @@ def test_openai_route_answers_in_openai_shape(
     assert error["code"] == "content_policy_violation"
     assert error["param"] == "prompt"
     assert "refused by the content policy" in error["message"]
-    assert triton_requests(client) == before
+    assert len(policy_gateway["backend"].calls) == before
