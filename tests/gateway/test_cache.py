@@ -1,23 +1,22 @@
-"""The seed-aware result cache: over real HTTP against the real gateway and Triton (Triton's own
-inference statistics show whether a request reached it), shared through a real Redis by two gateway
-processes, bypassed when Redis is down; the key and the fingerprint at unit level."""
+"""The seed-aware result cache: the gateway in-process over a fake Triton that counts its calls, shared
+through a real Redis by two gateways, bypassed when Redis is down; the key and the fingerprint at unit
+level; the served model re-read from a real Triton."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import time
+import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-import tritonclient.grpc as grpcclient
+import pytest
 
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.metrics import GatewayMetrics
-from sd_triton.gateway.process import GatewayProcess
 from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import MemoryStore
@@ -25,74 +24,73 @@ from sd_triton.gateway.triton import GrpcTritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.served_model import config_fingerprint
 from sd_triton.triton_server import TritonServer
-from tests.conftest import free_port, triton_requests
+from tests.conftest import free_port
+from tests.gateway.inprocess import FakeTriton, gateway_client
 
 FAST = {"steps": 3, "width": 64, "height": 48}
 
 
-def calls_after(client: grpcclient.InferenceServerClient, expected: int, timeout_s: float = 5.0) -> int:
-    """Triton's txt2img count once it reaches `expected` (or after timeout_s): Triton updates an
-    ensemble's statistics a moment after the response is out."""
-    deadline = time.monotonic() + timeout_s
-    while (calls := triton_requests(client, "txt2img")) < expected and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return calls
+@pytest.fixture(scope="module")
+def cached() -> Iterator[tuple[httpx.Client, FakeTriton]]:
+    """The gateway in-process with its memory cache, over a fake Triton that counts its calls."""
+    backend = FakeTriton()
+    with gateway_client(backend, redis_url=None) as http:
+        yield http, backend
 
 
 def unique(prompt: str) -> str:
     return f"{prompt} {uuid.uuid4().hex[:8]}"
 
 
-def test_seeded_repeat_is_a_hit_without_triton(http: httpx.Client, client) -> None:
+def test_seeded_repeat_is_a_hit_without_triton(cached) -> None:
+    http, backend = cached
     body = {"prompt": unique("a red fox"), **FAST, "seed": 77, "num_images": 2}
-    before = triton_requests(client, "txt2img")
+    before = len(backend.calls)
     first = http.post("/v1/generate", json=body).json()
-    assert first["cache"] == "miss"
-    calls = calls_after(client, before + 1)
+    assert first["cache"] == "miss" and len(backend.calls) == before + 1
     second = http.post("/v1/generate", json=body).json()
     assert second["cache"] == "hit"
-    assert triton_requests(client, "txt2img") == calls  # no Triton call
+    assert len(backend.calls) == before + 1  # no Triton call
     assert [i["base64"] for i in second["images"]] == [i["base64"] for i in first["images"]]
     assert [i["seed"] for i in second["images"]] == [77, 78]
     assert second["provenance"] == first["provenance"] and second["truncation"] == first["truncation"]
     assert second["timings"]["inference_ms"] == 0.0
     # a batch is cached as a whole, too
     batch = {"prompts": [unique("a hen"), unique("a cow")], **FAST, "seed": 3}
-    before = triton_requests(client, "txt2img")
     assert http.post("/v1/generate/batch", json=batch).json()["cache"] == "miss"
-    calls = calls_after(client, before + 2)  # one txt2img call per prompt
+    calls = len(backend.calls)  # one txt2img call per prompt
     again = http.post("/v1/generate/batch", json=batch).json()
-    assert again["cache"] == "hit" and triton_requests(client, "txt2img") == calls
+    assert again["cache"] == "hit" and len(backend.calls) == calls == before + 3
     assert [i["seed"] for i in again["images"]] == [3, 4]
 
 
-def test_no_cache_header_asks_for_a_fresh_generation(http: httpx.Client, client) -> None:
+def test_no_cache_header_asks_for_a_fresh_generation(cached) -> None:
+    http, backend = cached
     body = {"prompt": unique("a fresh one"), **FAST, "seed": 5}
-    before = triton_requests(client, "txt2img")
     assert http.post("/v1/generate", json=body).json()["cache"] == "miss"
-    calls = calls_after(client, before + 1)
+    calls = len(backend.calls)
     fresh = http.post("/v1/generate", json=body, headers={"Cache-Control": "no-cache"}).json()
-    assert fresh["cache"] == "miss" and calls_after(client, calls + 1) == calls + 1
+    assert fresh["cache"] == "miss" and len(backend.calls) == calls + 1
     assert http.post("/v1/generate", json=body).json()["cache"] == "hit"  # and stored again
 
 
-def test_unseeded_never_hits(http: httpx.Client, client) -> None:
+def test_unseeded_never_hits(cached) -> None:
+    http, backend = cached
     body = {"prompt": unique("a boat"), **FAST}
-    calls = triton_requests(client, "txt2img")
+    calls = len(backend.calls)
     answers = [http.post("/v1/generate", json=body).json() for _ in range(2)]
     assert [a["cache"] for a in answers] == ["miss", "miss"]
-    assert calls_after(client, calls + 2) == calls + 2
+    assert len(backend.calls) == calls + 2
     # reusing the drawn seed explicitly is a new (seeded) request: a miss the first time
     seeded = http.post("/v1/generate", json={**body, "seed": answers[0]["images"][0]["seed"]}).json()
     assert seeded["cache"] == "miss" and seeded["images"][0]["base64"] == answers[0]["images"][0]["base64"]
 
 
-def test_different_parameters_miss(http: httpx.Client, client) -> None:
+def test_different_parameters_miss(cached) -> None:
+    http, backend = cached
     base = {"prompt": unique("a castle"), **FAST, "seed": 1}
-    before = triton_requests(client, "txt2img")
     assert http.post("/v1/generate", json=base).json()["cache"] == "miss"
     assert http.post("/v1/generate", json=base).json()["cache"] == "hit"
-    calls_after(client, before + 1)  # the miss is counted before the loop counts
     for change in (
         {"prompt": base["prompt"] + "!"},
         {"negative_prompt": "fog"},
@@ -105,45 +103,42 @@ def test_different_parameters_miss(http: httpx.Client, client) -> None:
         {"num_images": 2},
         {"output_format": "jpeg"},
     ):
-        calls = triton_requests(client, "txt2img")
+        calls = len(backend.calls)
         answer = http.post("/v1/generate", json={**base, **change})
         assert answer.status_code == 200, answer.text
         assert answer.json()["cache"] == "miss", change
-        assert calls_after(client, calls + 1) == calls + 1, change
+        assert len(backend.calls) == calls + 1, change
     # the response format is presentation only: a URL request is served from the same entry
     assert http.post("/v1/generate", json={**base, "response_format": "url"}).json()["cache"] == "hit"
 
 
-def test_two_gateways_share_one_cache_through_redis(
-    triton: TritonServer, redis_url: str, tmp_path: Path
-) -> None:
-    env = {"SD_TRITON_REDIS_URL": redis_url}
-    first = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "a.log", env=env)
-    second = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "b.log", env=env)
+def test_two_gateways_share_one_cache_through_redis(redis_url: str) -> None:
     body = {"prompt": unique("a lighthouse"), **FAST, "seed": 42}
-    with first, second, grpcclient.InferenceServerClient(triton.grpc_url) as client:
-        before = triton_requests(client, "txt2img")
-        stored = httpx.post(first.url + "/v1/generate", json=body, timeout=60).json()
-        assert stored["cache"] == "miss"
-        calls = calls_after(client, before + 1)
-        shared = httpx.post(second.url + "/v1/generate", json=body, timeout=60).json()
-        assert shared["cache"] == "hit" and triton_requests(client, "txt2img") == calls
+    one, two = FakeTriton(), FakeTriton()
+    with gateway_client(one, redis_url=redis_url) as a, gateway_client(two, redis_url=redis_url) as b:
+        stored = a.post("/v1/generate", json=body).json()
+        assert stored["cache"] == "miss" and len(one.calls) == 1
+        shared = b.post("/v1/generate", json=body).json()
+        assert shared["cache"] == "hit" and two.calls == []
         assert shared["images"] == stored["images"]
 
 
-def test_redis_down_bypasses_the_cache(triton: TritonServer, tmp_path: Path) -> None:
-    env = {"SD_TRITON_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    log_file = tmp_path / "gw.log"
+def test_redis_down_bypasses_the_cache(caplog: pytest.LogCaptureFixture) -> None:
     body = {"prompt": unique("a mill"), **FAST, "seed": 8}
-    with GatewayProcess(triton.grpc_url, port=free_port(), log_file=log_file, env=env) as gateway:
-        answers = [httpx.post(gateway.url + "/v1/generate", json=body, timeout=60) for _ in range(3)]
+    backend = FakeTriton()
+    with (
+        caplog.at_level(logging.WARNING),
+        gateway_client(backend, redis_url=f"redis://127.0.0.1:{free_port()}/0") as http,
+    ):
+        answers = [http.post("/v1/generate", json=body) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 200]
         assert [a.json()["cache"] for a in answers] == ["miss", "miss", "miss"]
-        metrics = httpx.get(gateway.url + "/metrics").text
+        assert len(backend.calls) == 3
+        metrics = http.get("/metrics").text
         assert 'gateway_cache_lookups_total{result="error"} 3.0' in metrics
-    warnings = [line for line in log_file.read_text().splitlines() if "result cache bypassed" in line]
+    warnings = [r for r in caplog.records if "result cache bypassed" in r.getMessage()]
     assert len(warnings) == 1  # rate-limited: once a minute, not once a request
-    assert "WARNING" in warnings[0]
+    assert warnings[0].levelname == "WARNING"
 
 
 # --- unit level: the key, the fingerprint, the size limit ---
