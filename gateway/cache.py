@@ -76,6 +76,14 @@ class ResultCache:
     def enabled(self) -> bool:
         return self.settings.cache_enabled
 
+    def bypass(self, key: str | None) -> bool:
+        """A request that could have been answered from the cache asked for a fresh generation
+        (`Cache-Control: no-cache`): counted (result "bypass"), and its response says so."""
+        if key is None or not self.enabled:
+            return False
+        self.metrics.cache.labels(result="bypass").inc()
+        return True
+
     async def get(self, key: str | None) -> GenerateResponse | None:
         """The stored response for `key` (marked as a hit), or None; counts the lookup."""
         if key is None or not self.enabled:
@@ -116,7 +124,8 @@ class ResultCache:
 
 
 def cache_allowed(cache_control: Annotated[str | None, Header()] = None) -> bool:
-    """`Cache-Control: no-cache` asks for a fresh generation (benchmarks, a retry after a bad image)."""
+    """`Cache-Control: no-cache` asks for a fresh generation (benchmarks, a retry after a bad image): no
+    lookup, the fresh result stored; the response says `cache: "bypass"`."""
     return "no-cache" not in (cache_control or "").lower()
 
 

@@ -122,6 +122,8 @@ class JobStopped(Exception):
 
 
 STOPPED = ErrorDetail(type="backend_unavailable", message="the gateway stopped; submit the job again")
+# the one way a job ends cancelled: a client's DELETE (jobs_api.py), seen by whichever replica runs it
+CANCELLED = "cancelled by a client (DELETE /v1/jobs/{id})"
 
 
 def _now() -> str:
@@ -417,6 +419,8 @@ class JobManager:
         result: GenerateResponse | None = None,
         error: ErrorDetail | None = None,
     ) -> JobRecord:
+        if status == "cancelled" and error is None:
+            error = ErrorDetail(type="cancelled", message=CANCELLED.format(id=record.id))
         record = record.model_copy(
             update={"status": status, "updated_at": _now(), "result": result, "error": error}
         )

@@ -68,7 +68,7 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.cache = Counter(
-            "gateway_cache_lookups", "result cache lookups by result (hit, miss)", ["result"],
+            "gateway_cache_lookups", "result cache lookups by result (hit, miss, bypass, error)", ["result"],
             registry=self.registry,
         )  # fmt: skip
         self.jobs = Counter(
@@ -134,6 +134,12 @@ class _ProductTotals(Collector):
             ("images_generated", "images returned, generated or from the cache", m.images, {}),
             ("cache_hits", "seeded requests answered from the result cache", m.cache, {"result": "hit"}),
             ("cache_misses", "seeded requests not in the result cache", m.cache, {"result": "miss"}),
+            (
+                "cache_bypasses",
+                "seeded requests that asked for a fresh generation (no-cache)",
+                m.cache,
+                {"result": "bypass"},
+            ),  # fmt: skip
         ):
             yield CounterMetricFamily(name, doc, value=_total(counter, **labels) if with_values else None)
 

@@ -130,8 +130,10 @@ class GenerateResponse(BaseModel):
     timings: Timings
     provenance: Provenance
     truncation: list[Truncation] = Field(..., description="one entry per prompt")
-    cache: Literal["hit", "miss"] = Field(
-        "miss", description="hit: a stored result of the same seeded request and served model; no inference"
+    cache: Literal["hit", "miss", "bypass"] = Field(
+        "miss",
+        description="hit: a stored result of the same seeded request and served model, no inference; "
+        "bypass: a seeded request sent with Cache-Control: no-cache (generated, then stored)",
     )
 
 

@@ -142,6 +142,7 @@ class Generator:
         jobs = self.plan(prompts, request, served)
         # 0. A seeded request whose result is cached (same served model, same parameters): no inference.
         key = cache_key(served.fingerprint, prompts, request, jobs) if self.cache else None
+        bypass = self.cache is not None and not use_cache and self.cache.bypass(key)
         if self.cache and use_cache and (hit := await self.cache.get(key)) is not None:
             self.metrics.images.inc(len(hit.images))
             total = _ms(time.perf_counter() - started)
@@ -208,7 +209,7 @@ class Generator:
         )
         if self.cache:
             await self.cache.put(key, response)
-        return response
+        return response.model_copy(update={"cache": "bypass"}) if bypass else response
 
 
 def _provenance(served: ServedModel, scheduler: str, results: list[Txt2ImgResult]) -> Provenance:

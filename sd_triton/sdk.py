@@ -25,31 +25,55 @@ import httpx
 DEFAULT_TIMEOUT_S = 300.0
 
 
-class SDTritonError(Exception):
-    """An error answer from the gateway (or none at all)."""
+class APIError(Exception):
+    """Every error of this SDK: an error answer from the gateway (or none at all). `status` is the HTTP
+    status (None without an answer), `type` the gateway's error type, `field` the request field at fault."""
 
-    def __init__(self, message: str, status: int | None = None, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, field: str | None = None, type: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.field = field
+        self.type = type
 
 
-class BadRequestError(SDTritonError):
-    """4xx: the request was wrong; `field` names the culprit."""
+SDTritonError = APIError  # the base's name before the hierarchy below
 
 
-class ServiceUnavailableError(SDTritonError):
-    """503, 429 `overloaded` (every Triton endpoint full) or no connection: retry later (`retry_after`
-    seconds, when the gateway said)."""
+class _RetryLater(APIError):
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message, status, type=type)
+        self.retry_after = retry_after  # seconds, when the gateway said (Retry-After)
 
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
-        super().__init__(message, status)
-        self.retry_after = retry_after
+
+class BadRequestError(APIError):
+    """4xx but 401 and 429: the request was wrong (422 a field out of its limits, 400 the body or the
+    content policy, 404, 413, 415); `field` names the culprit."""
 
 
-class APIError(SDTritonError):
-    """Any other failure of the gateway or of Triton behind it."""
+class AuthenticationError(APIError):
+    """401: no API key, or a wrong or revoked one."""
+
+
+class RateLimitError(_RetryLater):
+    """429 for this API key: `type` is rate_limited, quota_exceeded or concurrency_limited; retry after
+    `retry_after` seconds."""
+
+
+class ServiceUnavailableError(_RetryLater):
+    """503, 429 `overloaded` (every Triton endpoint full) or no connection: retry later."""
+
+
+class InternalServerError(APIError):
+    """Another 5xx: Triton answered with an error (502), or the deadline passed (504)."""
 
 
 def decode_image(b64: str) -> bytes:
@@ -100,6 +124,7 @@ class Generation:
     timings: dict[str, float]
     provenance: dict[str, Any]
     truncation: list[dict[str, int]] = field(default_factory=list)
+    cache: str = "miss"  # hit: answered from the gateway's cache; bypass: asked not to be (no-cache)
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Generation:
@@ -108,16 +133,18 @@ class Generation:
             timings=body["timings"],
             provenance=body["provenance"],
             truncation=body.get("truncation", []),
+            cache=body.get("cache", "miss"),
         )
 
 
-class JobFailedError(SDTritonError):
-    """The job ended failed or cancelled (`.status` is the job's status, `.error` its error body)."""
+class JobFailedError(APIError):
+    """The job ended failed or cancelled: `job_id`, `job_status` ("failed" or "cancelled"), `error` (the
+    job's error body, {type, message}; `type` and `message` are also the exception's own)."""
 
-    def __init__(self, message: str, status: str, error: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.job_status = status
-        self.error = error or {}
+    def __init__(self, job_id: str, job_status: str, error: dict[str, Any] | None = None) -> None:
+        self.job_id, self.job_status, self.error = job_id, job_status, error or {}
+        detail = self.error.get("message") or job_status
+        super().__init__(f"job {job_id} {job_status}: {detail}", type=self.error.get("type"))
 
 
 @dataclass(frozen=True)
@@ -160,10 +187,7 @@ class JobEvent:
         """The result of a `completed` event; JobFailedError for `failed` and `cancelled`."""
         if self.event == "completed":
             return Generation.from_json(self.data["result"])
-        error = self.data.get("error") or {}
-        raise JobFailedError(
-            f"job {self.data.get('id')} {self.event}: {error.get('message', '')}", self.event, error
-        )
+        raise JobFailedError(str(self.data.get("id", "")), self.event, self.data.get("error"))
 
 
 class _SSEParser:
@@ -211,13 +235,17 @@ def _raise_for(response: httpx.Response) -> None:
         message, field_name, error_type = str(error["message"]), error.get("field"), error.get("type")
     except (ValueError, KeyError, TypeError):
         message, field_name, error_type = response.text or response.reason_phrase, None, None
-    overloaded = response.status_code == 429 and error_type == "overloaded"  # the servers are full
-    if response.status_code == 503 or overloaded:
-        retry = response.headers.get("Retry-After")
-        raise ServiceUnavailableError(message, response.status_code, float(retry) if retry else None)
-    if 400 <= response.status_code < 500:
-        raise BadRequestError(message, response.status_code, field_name)
-    raise APIError(message, response.status_code)
+    status, retry = response.status_code, response.headers.get("Retry-After")
+    retry_after = float(retry) if retry else None
+    if status == 503 or (status == 429 and error_type == "overloaded"):  # the servers are full or away
+        raise ServiceUnavailableError(message, status, retry_after, type=error_type)
+    if status == 429:
+        raise RateLimitError(message, status, retry_after, type=error_type)
+    if status == 401:
+        raise AuthenticationError(message, status, field_name, error_type)
+    if 400 <= status < 500:
+        raise BadRequestError(message, status, field_name, error_type)
+    raise InternalServerError(message, status, field_name, error_type)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

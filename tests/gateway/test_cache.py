@@ -25,6 +25,7 @@ from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.served_model import config_fingerprint
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port
+from tests.gateway.access_support import sample
 from tests.gateway.inprocess import FakeTriton, gateway_client
 
 FAST = {"steps": 3, "width": 64, "height": 48}
@@ -69,9 +70,16 @@ def test_no_cache_header_asks_for_a_fresh_generation(cached) -> None:
     body = {"prompt": unique("a fresh one"), **FAST, "seed": 5}
     assert http.post("/v1/generate", json=body).json()["cache"] == "miss"
     calls = len(backend.calls)
+    bypassed = sample(http, "gateway_cache_lookups_total", result="bypass")
     fresh = http.post("/v1/generate", json=body, headers={"Cache-Control": "no-cache"}).json()
-    assert fresh["cache"] == "miss" and len(backend.calls) == calls + 1
+    assert fresh["cache"] == "bypass" and len(backend.calls) == calls + 1
+    assert sample(http, "gateway_cache_lookups_total", result="bypass") == bypassed + 1
+    assert sample(http, "cache_bypasses_total") == bypassed + 1  # the product total, same count
     assert http.post("/v1/generate", json=body).json()["cache"] == "hit"  # and stored again
+    # an unseeded request is never a cache candidate: no-cache changes nothing for it
+    unseeded = {k: v for k, v in body.items() if k != "seed"}
+    answer = http.post("/v1/generate", json=unseeded, headers={"Cache-Control": "no-cache"}).json()
+    assert answer["cache"] == "miss"
 
 
 def test_unseeded_never_hits(cached) -> None:

@@ -8,10 +8,15 @@ import httpx
 import pytest
 
 from sd_triton.sdk import (
+    APIError,
     AsyncClient,
+    AuthenticationError,
     BadRequestError,
     Client,
+    InternalServerError,
     JobFailedError,
+    RateLimitError,
+    SDTritonError,
     ServiceUnavailableError,
     _raise_for,
     decode_image,
@@ -33,6 +38,8 @@ def test_sync_client(gateway) -> None:
         assert [image.prompt_index for image in batch.images] == [0, 1]
         assert batch.images[0].base64 == result.images[0].base64
         assert result.provenance["model"] == "tiny" and result.timings["total_ms"] > 0
+        assert result.cache in ("miss", "hit")  # seeded: cached after the first run of this test
+        assert client.generate("a fox", seed=5, num_images=2, **FAST).cache == "hit"
 
 
 def test_async_client(gateway) -> None:
@@ -86,7 +93,11 @@ def test_jobs_sync_and_async(gateway) -> None:
         assert client.cancel_job(long.id).status == "cancelled"
         with pytest.raises(JobFailedError) as info:
             client.wait_job(long.id)
-        assert info.value.job_status == "cancelled"
+        assert info.value.job_status == "cancelled" and info.value.job_id == long.id
+        assert f"job {long.id} cancelled: cancelled by a client (DELETE /v1/jobs/{long.id})" == str(
+            info.value
+        )
+        assert info.value.type == "cancelled" and isinstance(info.value, APIError)
         with pytest.raises(BadRequestError) as missing:
             client.get_job("job_nope")
         assert missing.value.status == 404
@@ -108,5 +119,30 @@ def test_overloaded_is_retryable_and_rate_limits_are_not() -> None:
         _raise_for(httpx.Response(429, json=full, headers={"Retry-After": "5"}))
     assert raised.value.status == 429 and raised.value.retry_after == 5.0
     limited = {"error": {"type": "rate_limited", "message": "rate limit: 5 per minute"}}
-    with pytest.raises(BadRequestError):
-        _raise_for(httpx.Response(429, json=limited, headers={"Retry-After": "5"}))
+    with pytest.raises(RateLimitError) as refused:
+        _raise_for(httpx.Response(429, json=limited, headers={"Retry-After": "7"}))
+    assert (refused.value.type, refused.value.retry_after) == ("rate_limited", 7.0)
+    assert not isinstance(refused.value, ServiceUnavailableError)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "expected"),
+    [
+        (401, "unauthorized", AuthenticationError),
+        (400, "content_policy", BadRequestError),
+        (404, "not_found", BadRequestError),
+        (422, "invalid_request", BadRequestError),
+        (429, "quota_exceeded", RateLimitError),
+        (429, "concurrency_limited", RateLimitError),
+        (502, "triton_error", InternalServerError),
+        (504, "timeout", InternalServerError),
+        (503, "backend_unavailable", ServiceUnavailableError),
+    ],
+)
+def test_one_error_hierarchy_under_api_error(status: int, kind: str, expected: type[APIError]) -> None:
+    body = {"error": {"type": kind, "message": f"{kind}: what went wrong", "field": "prompt"}}
+    with pytest.raises(expected) as raised:
+        _raise_for(httpx.Response(status, json=body))
+    assert isinstance(raised.value, APIError) and raised.value.status == status
+    assert raised.value.type == kind and raised.value.message == f"{kind}: what went wrong"
+    assert SDTritonError is APIError  # the former base name still catches everything
