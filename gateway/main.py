@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -223,7 +224,9 @@ def create_app(
             await triton.close()
             await state.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc with their scripts and styles served by the gateway itself (under
+    # /static-offline-docs), not from a CDN: they render on a machine without internet
+    app = FastAPIOffline(
         title="sd-triton gateway",
         version=__version__,
         description="Text-to-image over NVIDIA Triton: JSON prompts in, images out.",

@@ -136,6 +136,8 @@ def browser() -> Iterator[Any]:
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
         options.add_argument(argument)
+    # the network off: no host but this machine resolves (a page that needs a CDN stays blank)
+    options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
     # the console (JavaScript errors) and the network events (the request headers the page sends)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     # the chromedriver path given explicitly: Selenium Manager never looks for one on the network
@@ -438,3 +440,17 @@ def test_with_api_keys_the_page_needs_the_key(
     page.el("generate").click()
     page.wait(lambda: page.driver.find_elements("css selector", "#images img.result"), 120, "the image")
     assert not page.el("error").is_displayed()
+
+
+@pytest.mark.parametrize(("path", "rendered"), [("/docs", ".opblock"), ("/redoc", "[data-section-id]")])
+def test_api_docs_render_with_the_network_off(browser: Any, gateway, path: str, rendered: str) -> None:
+    """Swagger UI and ReDoc come from the gateway itself (no CDN): with every host but this machine
+    unresolvable, the pages draw the routes."""
+    browser.get(gateway.url + path)
+    deadline = time.monotonic() + 30
+    while len(found := browser.find_elements("css selector", rendered)) < 5:
+        assert time.monotonic() < deadline, f"{path} drew {len(found)} routes within 30 s"
+        time.sleep(0.2)
+    assert "/v1/generate" in browser.find_element("tag name", "body").text
+    scripts = [s.get_attribute("src") for s in browser.find_elements("tag name", "script")]
+    assert all(src.startswith(gateway.url) for src in scripts if src), scripts
