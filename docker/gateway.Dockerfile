@@ -21,8 +21,7 @@ RUN pip install --no-cache-dir --no-deps . \
 USER 10001
 ENV SD_GATEWAY_HOST=0.0.0.0 \
     SD_GATEWAY_PORT=8080 \
-    SD_GATEWAY_STORAGE_DIR=/data/images \
-    SD_GATEWAY_KEYS_FILE=/data/api-keys.json
+    SD_TRITON_STATE_DIR=/data
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]

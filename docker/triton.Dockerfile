@@ -18,6 +18,8 @@ COPY gateway ./gateway
 COPY perf ./perf
 RUN pip install --no-cache-dir --no-deps .
 
+# the state directory: the export's work files (TensorRT's timing cache), the logs
+ENV SD_TRITON_STATE_DIR=/var/lib/sd-triton
 VOLUME ["/models"]
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \

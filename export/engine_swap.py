@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_triton import contract as c
+from sd_triton import paths
 from sd_triton.engine_record import EngineRecord, versions_on_disk
 from sd_triton.export import tensorrt
 from sd_triton.export.checkpoint import Checkpoint, artifact_sha256, link_file, link_tree, sha256_file
@@ -79,7 +80,7 @@ class SwapOptions:
     force: bool = False  # switch even when the gate fails
     gate: GateSettings = field(default_factory=GateSettings)
     triton_http: str | None = None  # HOST:PORT of the Triton to load it into; None: only the files
-    work_dir: Path = Path(".cache") / "sd-triton"  # TensorRT's timing cache
+    work_dir: Path = field(default_factory=paths.work_dir)  # TensorRT's timing cache
 
 
 @dataclass

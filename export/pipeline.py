@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sd_triton import __version__
+from sd_triton import __version__, paths
 from sd_triton import contract as c
 from sd_triton.contract import UNET, Limits
 from sd_triton.engine_record import EngineRecord
@@ -40,7 +40,6 @@ from sd_triton.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORK_DIR = Path(".cache") / "sd-triton"
 # committed in the source tree (see its README), not in the wheel: 22 MB that only the demo uses
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 STEPS = 6
@@ -52,7 +51,7 @@ class ExportOptions:
     repo: Path
     settings: RepositorySettings = field(default_factory=RepositorySettings)
     limits: Limits = field(default_factory=Limits)
-    work_dir: Path = DEFAULT_WORK_DIR
+    work_dir: Path = field(default_factory=paths.work_dir)  # presets, TensorRT timing cache
 
 
 def _step(n: int, what: str) -> None:

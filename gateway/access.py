@@ -82,11 +82,12 @@ class AccessControl:
         if self.registry.open:
             log.warning(
                 "no API keys in %s: the gateway runs OPEN, /v1 requests need no key "
-                "(create one with `sd-triton keys create --name NAME`)",
-                self.registry.path,
+                "(create one with `sd-triton keys create --name NAME --keys-file %s`)",
+                self.registry.path.resolve(),
+                self.registry.path.resolve(),
             )
         else:
-            log.info("API keys required (%s)", self.registry.path)
+            log.info("API keys required (%s)", self.registry.path.resolve())
 
     @property
     def limiter(self) -> Limiter:

@@ -31,7 +31,8 @@ def _keys(args: argparse.Namespace) -> int:
     else:
         from sd_triton.gateway.settings import GatewaySettings
 
-        path = Path(GatewaySettings().keys_file)  # SD_GATEWAY_KEYS_FILE, or the default
+        path = Path(GatewaySettings().keys_file)  # SD_GATEWAY_KEYS_FILE, or the state directory's
+    path = path.resolve()
     if args.keys_command == "create":
         created = create_key(
             path,
@@ -48,7 +49,13 @@ def _keys(args: argparse.Namespace) -> int:
         print(f"name: {key.name}")
         print(f"token: {created.token}")
         print(f"webhook_secret: {key.webhook_secret}")
+        print(f"keys_file: {path}")
         log.info("created key %s in %s; the token is not shown again", key.id, path)
+        log.info(
+            "a gateway reads this file when it runs with SD_GATEWAY_KEYS_FILE=%s (or the same "
+            "SD_TRITON_STATE_DIR); from now on it refuses /v1 requests without a key",
+            path,
+        )
     elif args.keys_command == "list":
         keys = read_key_file(path).keys
         print("id            name                 created_at                 revoked_at                 "
@@ -84,7 +91,12 @@ def add_parser(sub: Any) -> None:
     gw.set_defaults(run=_gateway, extra="gateway")
 
     keys = sub.add_parser("keys", help="the gateway's API keys: create, list, revoke (docs/access.md)")
-    keys.add_argument("--keys-file", default=None, help="default: SD_GATEWAY_KEYS_FILE or the gateway's")
+    where = (
+        "the registry file; default: SD_GATEWAY_KEYS_FILE, else api-keys.json in the state directory "
+        "(SD_TRITON_STATE_DIR, else ~/.local/state/sd-triton), the file a gateway with the same settings "
+        "reads"
+    )
+    keys.add_argument("--keys-file", default=None, help=where)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="a new key; prints its token and webhook secret once")
     create.add_argument("--name", required=True)
@@ -97,5 +109,5 @@ def add_parser(sub: Any) -> None:
     revoke = keys_sub.add_parser("revoke", help="revoke a key (the running gateway notices within 1 s)")
     revoke.add_argument("id")
     for parser_ in (create, keys_sub.choices["list"], revoke):
-        parser_.add_argument("--keys-file", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser_.add_argument("--keys-file", default=argparse.SUPPRESS, help=where)
     keys.set_defaults(run=_keys, extra="gateway")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from sd_triton import paths
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,7 @@ class GatewayProcess:
 
     def start(self, timeout_s: float = 60.0, wait_ready: bool = True) -> GatewayProcess:
         command = self.command()
-        self.log_file = self.log_file or Path(".cache") / "sd-triton" / f"gateway-{self.port}.log"
+        self.log_file = self.log_file or paths.logs_dir() / f"gateway-{self.port}.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting the gateway on %s; log: %s", self.url, self.log_file)
         with open(self.log_file, "wb") as out:

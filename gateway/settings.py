@@ -9,6 +9,8 @@ import re
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sd_triton import paths
+
 ENDPOINT = re.compile(r"(dns:)?[A-Za-z0-9.\-_\[\]:]+:\d{1,5}")
 
 
@@ -100,15 +102,19 @@ class GatewaySettings(BaseSettings):
 
     # --- API keys, limits, content policy (gateway/keys.py, gateway/limits.py, gateway/policy.py) ---
     keys_file: str = Field(
-        ".cache/sd-triton/api-keys.json",
-        description="API key registry (`sd-triton keys`); no keys in it: the gateway runs open",
+        default_factory=lambda: str(paths.keys_file()),
+        description="API key registry (`sd-triton keys`); no keys in it: the gateway runs open. "
+        "Default: api-keys.json in the state directory (SD_TRITON_STATE_DIR, ~/.local/state/sd-triton)",
     )
     policy_file: str | None = Field(
         None, description='prompt policy JSON {"words": [...], "regexes": [...]}; unset: no global rules'
     )
 
     # --- storage, cache, metrics (gateway/storage.py, gateway/cache.py, gateway/metrics.py) ---
-    storage_dir: str = Field(".cache/sd-triton/images", description="local image folder (no S3 bucket)")
+    storage_dir: str = Field(
+        default_factory=lambda: str(paths.images_dir()),
+        description="local image folder (no S3 bucket); default: images/ in the state directory",
+    )
     storage_ttl_s: float = Field(86400.0, gt=0, description="stored images and their URLs expire after")
     storage_cleanup_interval_s: float = Field(300.0, gt=0, description="how often expired images are deleted")
     s3_bucket: str | None = Field(None, description="store images in this S3 bucket instead of storage_dir")

@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--grpc-port", type=int, default=8001)
     tr.add_argument("--http-port", type=int, default=8000)
     tr.add_argument("--metrics-port", type=int, default=8002)
-    tr.add_argument("--log-file", default=None, help="default: .cache/sd-triton/triton-<grpc port>.log")
+    tr.add_argument(
+        "--log-file",
+        default=None,
+        help="default: logs/triton-<grpc port>.log in the state directory (SD_TRITON_STATE_DIR)",
+    )
     tr.set_defaults(run=_triton, extra="serve")
 
     add_gateway_parser(sub)

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd_triton import paths
 from sd_triton.contract import STREAM_IN_FLIGHT_METRIC, TOKENIZER, TXT2IMG, TXT2IMG_STREAM
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class TritonServer:
 
     def start(self, timeout_s: float = 180.0) -> TritonServer:
         if self.log_file is None:
-            self.log_file = Path(".cache") / "sd-triton" / f"triton-{self.grpc_port}.log"
+            self.log_file = paths.logs_dir() / f"triton-{self.grpc_port}.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info(
             "starting Triton on gRPC :%d, HTTP :%d; log: %s", self.grpc_port, self.http_port, self.log_file

@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, settings
 
 from sd_triton.export.pipeline import DEMO_MODEL, ExportOptions, run_export
 from sd_triton.gateway.process import GatewayProcess
+from sd_triton.paths import STATE_DIR_ENV
 from sd_triton.triton_server import TritonServer
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-WORK_DIR = ROOT / ".cache" / "sd-triton"  # the tiny checkpoint is shared with `make demo`
+WORK_DIR = ROOT / ".cache" / "sd-triton"  # the tiny checkpoint, kept between the test runs of this checkout
 
 
 def triton_requests(client: grpcclient.InferenceServerClient, model: str = "") -> int:
@@ -59,15 +60,19 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_api_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Every gateway a test starts runs open unless the test names a keys file: the keys a developer
-    made in this checkout's default keys file must not change what the tests see."""
-    previous = os.environ.get("SD_GATEWAY_KEYS_FILE")
+    """Every gateway a test starts runs open unless the test names a keys file, and every default
+    (keys, images, logs, the export's work files) lands in a state directory of the session's: the
+    keys and files of the developer's own state directory must not change what the tests see."""
+    names = ("SD_GATEWAY_KEYS_FILE", STATE_DIR_ENV)
+    previous = {name: os.environ.get(name) for name in names}
     os.environ["SD_GATEWAY_KEYS_FILE"] = str(tmp_path_factory.mktemp("keys") / "no-keys.json")
+    os.environ[STATE_DIR_ENV] = str(tmp_path_factory.mktemp("state"))
     yield
-    if previous is None:
-        os.environ.pop("SD_GATEWAY_KEYS_FILE", None)
-    else:
-        os.environ["SD_GATEWAY_KEYS_FILE"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -250,3 +250,36 @@ def test_revoked_key_is_refused_without_restart(keyed: dict) -> None:
     assert time.monotonic() - started < 2.5  # the file's mtime is looked at once a second
     assert_401(http.post("/v1/generate", json=body, headers=bearer(doomed.token)), "was revoked at")
     assert http.post("/v1/generate", json=body, headers=bearer(keyed["live"].token)).status_code == 422
+
+
+def test_keys_made_in_one_folder_close_a_gateway_started_in_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No keys file named anywhere: `keys create` and the gateway both use the state directory's, whatever
+    folder each runs from, and both say which file that is."""
+    state, here, there = tmp_path / "state", tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    monkeypatch.setenv("SD_TRITON_STATE_DIR", str(state))
+    monkeypatch.delenv("SD_GATEWAY_KEYS_FILE")
+    done = subprocess.run(
+        [sys.executable, "-m", "sd_triton.cli", "keys", "create", "--name", "ops"],
+        cwd=here, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    path = state / "api-keys.json"
+    assert created_fields(done.stdout)["keys_file"] == str(path) and path.is_file()
+    assert f"SD_GATEWAY_KEYS_FILE={path}" in done.stderr  # what a gateway elsewhere needs
+    monkeypatch.chdir(there)
+    with caplog.at_level(logging.INFO), gateway_client() as http:
+        refused = http.post("/v1/generate", json={"prompt": "a fox", **CHEAP})
+        assert refused.status_code == 401, refused.text  # closed: it found the keys
+    assert f"API keys required ({path})" in caplog.text
+
+
+def test_keys_commands_show_the_keys_file_option() -> None:
+    for command in ("create", "list", "revoke"):
+        shown = subprocess.run(
+            [sys.executable, "-m", "sd_triton.cli", "keys", command, "--help"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "--keys-file" in shown.stdout and "SD_TRITON_STATE_DIR" in shown.stdout, command
