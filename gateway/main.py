@@ -39,6 +39,7 @@ from sd_triton.gateway.metrics import (
     triton_metrics_url,
 )
 from sd_triton.gateway.middleware import RequestGuardMiddleware
+from sd_triton.gateway.openapi import with_served_limits
 from sd_triton.gateway.playground import router as playground_router
 from sd_triton.gateway.schemas import (
     SIZE,
@@ -296,6 +297,19 @@ def create_app(
             result = await storage.with_urls(result, request_base_url(request))
         data = [OpenAIImage(b64_json=image.base64, url=image.url) for image in result.images]
         return OpenAIImagesResponse(created=int(time.time()), data=data)
+
+    # the OpenAPI document with the served model's limits (gateway/openapi.py) in place of FastAPI's
+    # static one, which stays the answer while Triton cannot say what it serves
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != app.openapi_url]
+
+    @app.get(app.openapi_url or "/openapi.json", include_in_schema=False)
+    async def openapi_document(backend: BackendDep) -> JSONResponse:
+        schema = app.openapi()
+        try:
+            served = await backend.served_model()
+        except GatewayError:
+            return JSONResponse(schema)
+        return JSONResponse(with_served_limits(schema, served, settings))
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -171,12 +171,16 @@ def parse_gpu_memory(text: str) -> dict[str, dict[str, float]]:
 
 
 class TritonMetricsScraper:
-    """Reads Triton's metrics endpoint (with a short timeout) into the GPU memory gauges."""
+    """Reads Triton's metrics endpoint (with a short timeout) into the GPU memory gauges. When it cannot,
+    `gateway_triton_metrics_up` is 0 and a WARNING names the URL (at most once every WARN_EVERY_S)."""
+
+    WARN_EVERY_S = 300.0
 
     def __init__(self, url: str | None, timeout_s: float, metrics: GatewayMetrics) -> None:
         self.url = url
         self.metrics = metrics
         self.client = httpx.AsyncClient(timeout=timeout_s)
+        self._warned_at: float | None = None
 
     async def scrape(self) -> None:
         if self.url is None:
@@ -186,7 +190,14 @@ class TritonMetricsScraper:
             response.raise_for_status()
             found = parse_gpu_memory(response.text)
         except (httpx.HTTPError, ValueError) as exc:
-            log.debug("Triton metrics at %s unreadable: %s", self.url, exc)
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= self.WARN_EVERY_S:
+                self._warned_at = now
+                log.warning(
+                    "Triton's metrics at %s cannot be read (%s): no GPU memory gauges; set "
+                    "SD_GATEWAY_TRITON_METRICS_URL to Triton's metrics port, or empty to turn this off",
+                    self.url, exc or type(exc).__name__,
+                )  # fmt: skip
             found, up = {}, 0
         else:
             up = 1

@@ -4,6 +4,7 @@ the Grafana dashboard / Prometheus config: every metric name they use is one a r
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import Iterator
@@ -14,10 +15,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from sd_triton.gateway.metrics import parse_gpu_memory, triton_metrics_url
+from sd_triton.gateway.metrics import INFERENCE_ROUTES, parse_gpu_memory, triton_metrics_url
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port
+from tests.gateway.inprocess import gateway_client
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "sd-triton-dashboard.json"
@@ -81,12 +83,25 @@ def test_product_metrics_count_requests(metered: GatewayProcess) -> None:
     assert not [name for name, _ in after if name.startswith("gpu_memory")]
 
 
-def test_triton_metrics_unreachable_is_reported(triton: TritonServer, tmp_path: Path) -> None:
-    env = {"SD_GATEWAY_TRITON_METRICS_URL": f"http://127.0.0.1:{free_port()}/metrics"}
-    with GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env) as gateway:
-        response = httpx.get(gateway.url + "/metrics")
-        assert response.status_code == 200
-        assert value(samples(response.text), "gateway_triton_metrics_up") == 0
+def test_triton_metrics_unreachable_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"http://127.0.0.1:{free_port()}/metrics"
+    with caplog.at_level(logging.WARNING), gateway_client(triton_metrics_url=url) as http:
+        for _ in range(3):
+            response = http.get("/metrics")
+            assert response.status_code == 200
+            assert value(samples(response.text), "gateway_triton_metrics_up") == 0
+    warnings = [
+        r.getMessage() for r in caplog.records if "metrics" in r.getMessage() and r.levelname == "WARNING"
+    ]
+    assert len(warnings) == 1 and url in warnings[0], warnings  # named, and once (not per scrape)
+
+
+def test_the_docs_name_every_route_the_inference_counters_count() -> None:
+    row = next(
+        line for line in (ROOT / "docs" / "storage-cache-metrics.md").read_text().splitlines()
+        if line.startswith("| `inference_requests_total`")
+    )  # fmt: skip
+    assert set(re.findall(r"`(?:POST )?(/v1/[a-z/]+)`", row)) == INFERENCE_ROUTES
 
 
 def test_gpu_memory_parsed_from_triton_format() -> None:
