@@ -3,7 +3,7 @@
 - `AccessMiddleware` authenticates every /v1 request (except stored image URLs, which carry their own
   signature), counts it against the key's rate limit, and puts the caller's `KeyContext` into the
   request state; every response to a keyed request gets the X-RateLimit-* headers, errors included.
-- `AccessDep` (a FastAPI dependency) gives a route the caller's `Access`: `generation(prompts, n)`
+- `AccessDep` (gateway/deps.py) gives a route the caller's `Access`: `generation(prompts, n)`
   checks the policy, holds a concurrency slot and charges the quota around the generation.
 - The jobs route uses `admit` at submission (policy and quota). Running jobs hold no concurrency slot:
   they are bounded by the job queue (docs/jobs.md).
@@ -15,9 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Request
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.routing import Match
@@ -185,22 +184,10 @@ class Access:
         return await self.control.admit(self.ctx, prompts, num_images, field)
 
 
-def get_access_control(request: Request) -> AccessControl:
-    return request.app.state.access  # type: ignore[no-any-return]
-
-
-def get_key_context(request: Request) -> KeyContext:
+def key_context(request: Request) -> KeyContext:
     """The caller, as `AccessMiddleware` found it (routes outside /v1: no key)."""
     ctx = getattr(request.state, "access", None)
     return ctx if isinstance(ctx, KeyContext) else KeyContext(openai=request.url.path in OPENAI_IMAGE_ROUTES)
-
-
-def get_access(request: Request) -> Access:
-    return Access(get_access_control(request), get_key_context(request))
-
-
-AccessDep = Annotated[Access, Depends(get_access)]
-KeyContextDep = Annotated[KeyContext, Depends(get_key_context)]
 
 
 class AccessMiddleware:

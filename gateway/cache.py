@@ -19,9 +19,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
-from fastapi import Depends, Header
 from pydantic import ValidationError
 
 from sd_triton.gateway.limits import StateErrors
@@ -121,12 +120,3 @@ class ResultCache:
             self.errors.record("cache store", exc)
             return False
         return True
-
-
-def cache_allowed(cache_control: Annotated[str | None, Header()] = None) -> bool:
-    """`Cache-Control: no-cache` asks for a fresh generation (benchmarks, a retry after a bad image): no
-    lookup, the fresh result stored; the response says `cache: "bypass"`."""
-    return "no-cache" not in (cache_control or "").lower()
-
-
-CacheAllowedDep = Annotated[bool, Depends(cache_allowed)]

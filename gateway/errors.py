@@ -1,8 +1,10 @@
-"""One error hierarchy, mapped to HTTP statuses in one place (`main.install_error_handlers`)."""
+"""One error hierarchy, mapped to HTTP statuses in one place (gateway/api/errors.py)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+OPENAI_PATH = "/v1/images/generations"  # errors on this route take OpenAI's shape
 
 
 class GatewayError(Exception):

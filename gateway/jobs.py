@@ -307,7 +307,7 @@ class JobManager:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.settings.job_poll_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # its own class on Python 3.10, TimeoutError from 3.11
                     pass
                 continue
             try:

@@ -29,10 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from typing import Any
 
 from sd_triton.gateway.errors import BadSignatureError, NotFoundError, StorageError
 from sd_triton.gateway.images import CONTENT_TYPES
@@ -277,38 +274,3 @@ def make_storage(settings: GatewaySettings) -> ImageStorage:
     directory = Path(settings.storage_dir)
     log.info("images stored in %s for %.0f s", directory.resolve(), settings.storage_ttl_s)
     return LocalStorage(directory, settings.storage_ttl_s, UrlSigner(secret), settings.public_url)
-
-
-def request_base_url(request: Request) -> str:
-    return str(request.base_url)
-
-
-router = APIRouter()
-
-
-@router.get(
-    "/v1/images/{name}",
-    tags=["images"],
-    response_class=FileResponse,
-    responses={
-        200: {"content": {t: {} for t in CONTENT_TYPES.values()}, "description": "the image"},
-        403: {"description": "signature missing or wrong"},
-        404: {"description": "no such image, or expired"},
-    },
-)
-async def stored_image(
-    request: Request,
-    name: str,
-    expires: Annotated[str | None, Query(description="unix seconds, as in the handed-out URL")] = None,
-    signature: Annotated[str | None, Query(description="HMAC of name and expiry")] = None,
-) -> FileResponse:
-    """A stored image by its signed link (no API key needed). Links to S3 go to the bucket instead."""
-    storage: ImageStorage = request.app.state.storage
-    if not isinstance(storage, LocalStorage):
-        raise NotFoundError(f"image {name!r}: images are stored in S3; use the presigned URL")
-    path = await asyncio.to_thread(storage.resolve, name, expires, signature)
-    max_age = max(0, int(expires or 0) - int(time.time()))
-    ext = name.rsplit(".", 1)[1]
-    return FileResponse(
-        path, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": f"private, max-age={max_age}"}
-    )

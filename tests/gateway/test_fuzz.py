@@ -31,7 +31,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from sd_triton.gateway.main import OPENAI_PATH
+from sd_triton.gateway.errors import OPENAI_PATH
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port

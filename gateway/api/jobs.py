@@ -8,15 +8,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
-from sd_triton.gateway.access import AccessDep
-from sd_triton.gateway.cache import CacheAllowedDep
+from sd_triton.gateway.deps import AccessDep, BaseUrlDep, CacheAllowedDep, JobsDep
 from sd_triton.gateway.errors import NotFoundError
 from sd_triton.gateway.jobs import JobManager, JobRecord, JobRequest, JobView
 from sd_triton.gateway.schemas import ErrorResponse
-from sd_triton.gateway.storage import request_base_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -25,13 +23,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "a field out of its limits; the message names both"},
     503: {"model": ErrorResponse, "description": "Triton unreachable or not ready; see Retry-After"},
 }
-
-
-def get_jobs(request: Request) -> JobManager:
-    return request.app.state.jobs  # type: ignore[no-any-return]
-
-
-JobsDep = Annotated[JobManager, Depends(get_jobs)]
 
 
 async def _owned(jobs: JobManager, job_id: str, access: AccessDep) -> JobRecord:
@@ -44,28 +35,28 @@ async def _owned(jobs: JobManager, job_id: str, access: AccessDep) -> JobRecord:
 
 @router.post("", status_code=202, response_model=JobView, responses=ERRORS)
 async def submit_job(
-    body: JobRequest, jobs: JobsDep, access: AccessDep, request: Request, use_cache: CacheAllowedDep
+    body: JobRequest, jobs: JobsDep, access: AccessDep, base_url: BaseUrlDep, use_cache: CacheAllowedDep
 ) -> JobView:
     """Queue a generation (the /v1/generate body, plus `preview` and `webhook_url`). Checked now;
     follow it at `events_url` (SSE) or `GET /v1/jobs/{id}`. Charged to the key's quota now.
     `Cache-Control: no-cache` asks for a fresh generation, as on /v1/generate."""
     await access.admit([body.prompt], body.num_images, field="prompt")
-    record = await jobs.submit(body, access.ctx.key_id, request_base_url(request), use_cache)
-    return await jobs.view(record, request_base_url(request))
+    record = await jobs.submit(body, access.ctx.key_id, base_url, use_cache)
+    return await jobs.view(record, base_url)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=ERRORS)
-async def get_job(job_id: str, jobs: JobsDep, access: AccessDep, request: Request) -> JobView:
+async def get_job(job_id: str, jobs: JobsDep, access: AccessDep, base_url: BaseUrlDep) -> JobView:
     """Status, queue position, progress, and the result once completed."""
-    return await jobs.view(await _owned(jobs, job_id, access), request_base_url(request))
+    return await jobs.view(await _owned(jobs, job_id, access), base_url)
 
 
 @router.delete("/{job_id}", response_model=JobView, responses=ERRORS)
-async def cancel_job(job_id: str, jobs: JobsDep, access: AccessDep, request: Request) -> JobView:
+async def cancel_job(job_id: str, jobs: JobsDep, access: AccessDep, base_url: BaseUrlDep) -> JobView:
     """Cancel: a queued job at once, a running one at its next denoising step (Triton drops it
     from the batch). A finished job is returned unchanged."""
     record = await jobs.cancel(await _owned(jobs, job_id, access))
-    return await jobs.view(record, request_base_url(request))
+    return await jobs.view(record, base_url)
 
 
 @router.get(
@@ -76,7 +67,6 @@ async def job_events(
     job_id: str,
     jobs: JobsDep,
     access: AccessDep,
-    request: Request,
     last_event_id: Annotated[int | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: `queued` {position}, one `step` {step, steps, eta_s, elapsed_s,
@@ -105,7 +95,7 @@ async def _sse(events: AsyncIterator[dict[str, Any]], keepalive_s: float) -> Asy
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), keepalive_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # its own class on Python 3.10, TimeoutError from 3.11
                 yield ": keepalive\n\n"
                 continue
             if event is None:

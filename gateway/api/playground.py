@@ -7,17 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd_triton.contract import SCHEDULERS
-from sd_triton.gateway.backend import TritonBackend
+from sd_triton.gateway.deps import BackendDep, SettingsDep
 from sd_triton.gateway.schemas import GenerationParams
-from sd_triton.gateway.settings import GatewaySettings
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # gateway/static: package data
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -100,11 +99,9 @@ async def static(name: str) -> FileResponse:
 
 
 @router.get("/v1/info", response_model=InfoResponse, tags=["info"])
-async def info(request: Request) -> InfoResponse:
+async def info(backend: BackendDep, settings: SettingsDep) -> InfoResponse:
     """The served model, its request limits, the schedulers and the defaults: what a client needs to
     build a form (the playground at `/` does)."""
-    backend: TritonBackend = request.app.state.backend
-    settings: GatewaySettings = request.app.state.settings
     served = await backend.served_model()
     defaults = GenerationParams()  # every field has its default: the same a request without it gets
     return InfoResponse(
@@ -134,10 +131,9 @@ async def info(request: Request) -> InfoResponse:
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["info"])
-async def models(request: Request) -> ModelList:
+async def models(backend: BackendDep) -> ModelList:
     """The served model in the OpenAI models-list shape (`client.models.list()`), with its native size,
     the scheduler names and the class `default` runs."""
-    backend: TritonBackend = request.app.state.backend
     served = await backend.served_model()
     card = ModelCard(
         id=served.model,
