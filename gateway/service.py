@@ -46,8 +46,7 @@ class Job:
 
 
 def _invalid(exc: InvalidRequest) -> InvalidRequestError:
-    field = exc.field.lower()  # Triton's input names are the JSON field names, upper-cased
-    return InvalidRequestError(f"{field}: {str(exc).split(': ', 1)[1]}", field=field)
+    return InvalidRequestError(f"{exc.json_field}: {exc.detail}", field=exc.json_field)
 
 
 def _ms(seconds: float) -> float:

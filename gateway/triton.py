@@ -38,6 +38,7 @@ from sd_triton.gateway.errors import (
 )
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.settings import GatewaySettings, parse_endpoints
+from sd_triton.requests import InvalidRequest
 from sd_triton.served_model import ServedModel, config_fingerprint
 from sd_triton.txt2img_client import (
     Progress,
@@ -59,6 +60,7 @@ CHANNEL_ARGS = [
 UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 INVALID = {"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"}
 NOT_READY = ("not found", "unavailable", "not ready")  # Triton's words for a model it cannot run now
+INPUT_NAMES = [t.name for t in c.TXT2IMG_STREAM.inputs]  # what an INVALID_ARG message may name
 T = TypeVar("T")
 
 
@@ -269,9 +271,13 @@ class GrpcTritonBackend:
             kind = Retryable if status == "StatusCode.UNAVAILABLE" else TritonUnavailableError
             return kind(f"Triton at {where} unavailable ({what}): {message}", headers=retry)
         if status in INVALID:
-            return InvalidRequestError(
-                message.removeprefix("in ensemble 'txt2img', "), field=_field_of(message)
-            )
+            parsed = InvalidRequest.parse(message, INPUT_NAMES)  # a python step's "FIELD: detail"
+            if parsed is not None:
+                return InvalidRequestError(f"{parsed.json_field}: {parsed.detail}", field=parsed.json_field)
+            # Triton's own checks name an input in quotes ("missing required input(s) ['PROMPT']")
+            named = next((name for name in INPUT_NAMES if f"'{name}'" in message), None)
+            field = None if named is None else named.lower()
+            return InvalidRequestError(message.removeprefix("in ensemble 'txt2img', "), field=field)
         if any(words in message for words in NOT_READY):
             return Retryable(f"Triton at {where}: {message}", headers=retry)
         return TritonError(f"Triton error ({what}): {message}")
@@ -417,11 +423,3 @@ class GrpcTritonBackend:
             f"Triton at {endpoint.address}: txt2img_stream ended without a result",
             headers={"Retry-After": str(self.settings.retry_after_s)},
         )
-
-
-def _field_of(message: str) -> str | None:
-    """The JSON field behind a Triton input named in an INVALID_ARG message."""
-    for spec in c.TXT2IMG.inputs:
-        if f"{spec.name}:" in message or f"'{spec.name}'" in message:
-            return spec.name.lower()
-    return None

@@ -6,17 +6,36 @@ Every error names the input (as the ensemble calls it) and the limit it broke.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sd_triton.contract import SCHEDULERS, Limits
 
 
 class InvalidRequest(ValueError):
-    """A request input is out of its limits; Triton answers INVALID_ARG, the gateway 422."""
+    """A request input is out of its limits; Triton answers INVALID_ARG, the gateway 422. `field` is the
+    input as the contract names it (PROMPT, HEIGHT, ...), `detail` what is wrong with it; its text,
+    "FIELD: detail", is what Triton's error message carries (`parse` reads it back)."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
         self.field = field
+        self.detail = detail
+
+    @property
+    def json_field(self) -> str:
+        """The gateway's JSON field for the input: the contract's names are the JSON names upper-cased."""
+        return self.field.lower()
+
+    @classmethod
+    def parse(cls, message: str, fields: Iterable[str]) -> InvalidRequest | None:
+        """The error an INVALID_ARG message from Triton carries ("FIELD: detail" after Triton's own
+        prefix, e.g. "in ensemble 'txt2img', "), for one of `fields`; None when it names none of them."""
+        for field in fields:
+            _, found, detail = message.partition(f"{field}: ")
+            if found:
+                return cls(field, detail)
+        return None
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,12 @@ def test_the_contract_names_the_class_runtime_builds_for_each_scheduler() -> Non
     assert karras.config.use_karras_sigmas is True, "a name's options win over the checkpoint's"
     own = make_scheduler(DEFAULT_SCHEDULER, {**config, "_class_name": "LCMScheduler"})
     assert type(own).__name__ == "LCMScheduler"
+
+
+def test_an_invalid_request_round_trips_through_its_message() -> None:
+    """Triton carries a python step's InvalidRequest as text; `parse` gives back its field and detail."""
+    error = InvalidRequest("HEIGHT", "must be a multiple of 8 between 8 and 1024, got 70")
+    assert (error.field, error.json_field, error.detail) == ("HEIGHT", "height", error.detail)
+    parsed = InvalidRequest.parse(f"in ensemble 'txt2img', {error}", ["PROMPT", "HEIGHT", "WIDTH"])
+    assert parsed is not None and (parsed.field, parsed.detail) == (error.field, error.detail)
+    assert InvalidRequest.parse("in ensemble 'txt2img', something else went wrong", ["HEIGHT"]) is None
