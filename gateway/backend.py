@@ -1,4 +1,4 @@
-"""What the gateway needs from Triton, as an interface: `GrpcTritonBackend` (gateway/triton.py) talks to
+"""What the gateway needs from Triton, as an interface: `GrpcTritonBackend` (gateway/triton/) talks to
 real servers; the tests pass an in-memory one to `create_app(backend=...)`.
 
 Errors are the gateway's own (sd_triton.gateway.errors): `TritonUnavailableError` (503, retry later),

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from sd_triton.gateway.limits import StateErrors
+from sd_triton.gateway.access.limits import StateErrors
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
 from sd_triton.gateway.settings import GatewaySettings

@@ -24,7 +24,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from sd_triton.gateway.keys import create_key, read_key_file, revoke_key
+    from sd_triton.gateway.access.keys import create_key, read_key_file, revoke_key
 
     if args.keys_file:
         path = Path(args.keys_file)

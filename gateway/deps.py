@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from sd_triton.gateway.access import Access, AccessControl, key_context
+from sd_triton.gateway.access.control import Access, AccessControl, key_context
 from sd_triton.gateway.backend import TritonBackend
-from sd_triton.gateway.jobs import JobManager
+from sd_triton.gateway.jobs.manager import JobManager
 from sd_triton.gateway.service import Generator
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.storage import ImageStorage

@@ -96,7 +96,7 @@ class OpenAIInvalidRequestError(InvalidRequestError):
         }
 
 
-# --- API keys, limits, content policy (gateway/access.py) ---
+# --- API keys, limits, content policy (gateway/access/) ---
 
 
 class UnauthorizedError(GatewayError):

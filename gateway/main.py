@@ -14,13 +14,13 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from sd_triton import __version__
-from sd_triton.gateway.access import AccessControl, AccessMiddleware
+from sd_triton.gateway.access.control import AccessControl, AccessMiddleware
 from sd_triton.gateway.api import generate, images, jobs, openai, ops, playground
 from sd_triton.gateway.api.errors import install_error_handlers
 from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.cache import ResultCache
 from sd_triton.gateway.images import ImageEncoder
-from sd_triton.gateway.jobs import JobManager
+from sd_triton.gateway.jobs.manager import JobManager
 from sd_triton.gateway.metrics import (
     GatewayMetrics,
     MetricsMiddleware,
@@ -32,7 +32,7 @@ from sd_triton.gateway.service import Generator
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import StateStore, make_store
 from sd_triton.gateway.storage import make_storage
-from sd_triton.gateway.triton import GrpcTritonBackend
+from sd_triton.gateway.triton.backend import GrpcTritonBackend
 
 log = logging.getLogger("sd_triton.gateway")
 

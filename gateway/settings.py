@@ -77,7 +77,7 @@ class GatewaySettings(BaseSettings):
         "expiring entries (cached results first, in practice) are evicted",
     )
 
-    # --- jobs (gateway/jobs.py) ---
+    # --- jobs (gateway/jobs/) ---
     jobs_max_running: int = Field(8, ge=1, description="jobs this gateway runs on Triton at once")
     job_ttl_s: float = Field(86400.0, gt=0, description="a job's record and events are kept this long")
     job_poll_s: float = Field(0.2, gt=0, description="idle workers look for jobs queued elsewhere this often")
@@ -100,7 +100,7 @@ class GatewaySettings(BaseSettings):
     webhook_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt")
     webhook_timeout_s: float = Field(10.0, gt=0)
 
-    # --- API keys, limits, content policy (gateway/keys.py, gateway/limits.py, gateway/policy.py) ---
+    # --- API keys, limits, content policy (gateway/access/) ---
     keys_file: str = Field(
         default_factory=lambda: str(paths.keys_file()),
         description="API key registry (`sd-triton keys`); no keys in it: the gateway runs open. "

@@ -1,4 +1,4 @@
-"""The /v1/jobs routes: submit, status, Server-Sent Events, cancel (gateway/jobs.py does the work)."""
+"""The /v1/jobs routes: submit, status, Server-Sent Events, cancel (gateway/jobs/ does the work)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from fastapi.responses import StreamingResponse
 
 from sd_triton.gateway.deps import AccessDep, BaseUrlDep, CacheAllowedDep, JobsDep
 from sd_triton.gateway.errors import NotFoundError
-from sd_triton.gateway.jobs import JobManager, JobRecord, JobRequest, JobView
+from sd_triton.gateway.jobs.manager import JobManager
+from sd_triton.gateway.jobs.models import JobRecord, JobRequest, JobView
 from sd_triton.gateway.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -20,7 +20,7 @@ from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import MemoryStore
-from sd_triton.gateway.triton import GrpcTritonBackend
+from sd_triton.gateway.triton.backend import GrpcTritonBackend
 from sd_triton.requests import GenerationParams as CheckedParams
 from sd_triton.served_model import config_fingerprint
 from sd_triton.triton_server import TritonServer

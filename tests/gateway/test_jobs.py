@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_triton.gateway.jobs import JobRecord
+from sd_triton.gateway.jobs.models import JobRecord
+from sd_triton.gateway.jobs.webhooks import refused_target, verify
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.gateway.state import RedisStore
-from sd_triton.gateway.webhooks import refused_target, verify
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import free_port, triton_executions

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sd_triton.gateway.access.keys import KeyRegistry, create_key, parse_token, read_key_file, revoke_key
 from sd_triton.gateway.errors import UnauthorizedError
-from sd_triton.gateway.keys import KeyRegistry, create_key, parse_token, read_key_file, revoke_key
 from tests.gateway.access_support import CHEAP, bearer, sample
 from tests.gateway.inprocess import gateway_client
 

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from sd_triton.gateway.access.keys import CreatedKey, create_key
+from sd_triton.gateway.access.limits import Limiter
 from sd_triton.gateway.errors import ConcurrencyLimitedError, QuotaExceededError
-from sd_triton.gateway.keys import CreatedKey, create_key
-from sd_triton.gateway.limits import Limiter
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.state import MemoryStore, RedisStore
 from tests.conftest import RedisServer
@@ -59,7 +59,7 @@ def test_unreachable_store_fails_open_and_warns_once(caplog: pytest.LogCaptureFi
             await slot.release()
         return metrics
 
-    with caplog.at_level(logging.WARNING, logger="sd_triton.gateway.limits"):
+    with caplog.at_level(logging.WARNING, logger="sd_triton.gateway.access.limits"):
         metrics = asyncio.run(run())
     for use in ("rate_limit", "quota", "concurrency"):
         assert metrics.state_errors.labels(use=use)._value.get() == 3

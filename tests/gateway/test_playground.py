@@ -402,7 +402,7 @@ def keyed_gateway(
     triton: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[GatewayProcess, str]]:
     """A second gateway with one API key configured: (the process, the key's token)."""
-    from sd_triton.gateway.keys import create_key
+    from sd_triton.gateway.access.keys import create_key
     from tests.conftest import free_port
 
     folder = tmp_path_factory.mktemp("keyed-gateway")

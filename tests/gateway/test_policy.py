@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_triton.gateway.keys import create_key
-from sd_triton.gateway.policy import Rules, check, load_policy_file
+from sd_triton.gateway.access.keys import create_key
+from sd_triton.gateway.access.policy import Rules, check, load_policy_file
 from tests.gateway.access_support import CHEAP, bearer, sample
 from tests.gateway.inprocess import FakeTriton, gateway_client
 

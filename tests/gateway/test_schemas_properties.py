@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from sd_triton import contract as c
 from sd_triton.gateway.api.errors import _validation_message
 from sd_triton.gateway.errors import InvalidRequestError
-from sd_triton.gateway.jobs import JobRequest
+from sd_triton.gateway.jobs.models import JobRequest
 from sd_triton.gateway.schemas import (
     MAX_FP32,
     MAX_SEED,

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sd_triton.gateway.keys import create_key, parse_token
+from sd_triton.gateway.access.keys import create_key, parse_token
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port

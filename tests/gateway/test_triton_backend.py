@@ -12,7 +12,7 @@ from sd_triton.gateway.errors import (
     TritonUnavailableError,
 )
 from sd_triton.gateway.settings import GatewaySettings
-from sd_triton.gateway.triton import GrpcTritonBackend
+from sd_triton.gateway.triton.backend import GrpcTritonBackend
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sd_triton.gateway.access.policy import Rules
 from sd_triton.gateway.errors import UnauthorizedError
-from sd_triton.gateway.policy import Rules
 
 log = logging.getLogger(__name__)
 

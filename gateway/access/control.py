@@ -22,11 +22,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sd_triton.gateway.access.keys import ApiKey, KeyRegistry
+from sd_triton.gateway.access.limits import Charge, Limiter, RateState, Slot
+from sd_triton.gateway.access.policy import Rules, check, load_policy_file
 from sd_triton.gateway.errors import ContentPolicyError, GatewayError, OpenAIContentPolicyError
-from sd_triton.gateway.keys import ApiKey, KeyRegistry
-from sd_triton.gateway.limits import Charge, Limiter, RateState, Slot
 from sd_triton.gateway.metrics import GatewayMetrics
-from sd_triton.gateway.policy import Rules, check, load_policy_file
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import StateStore
 

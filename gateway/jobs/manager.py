@@ -27,90 +27,39 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from pydantic import BaseModel, Field
 
+from sd_triton.gateway.access.limits import StateErrors
 from sd_triton.gateway.errors import (
     GatewayError,
     InvalidRequestError,
     OverloadedError,
     TritonUnavailableError,
 )
-from sd_triton.gateway.limits import StateErrors
+from sd_triton.gateway.jobs.models import (
+    TERMINAL,
+    JobProgress,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    JobView,
+    WebhookStatus,
+)
+from sd_triton.gateway.jobs.webhooks import WebhookSender, refused_target
 from sd_triton.gateway.metrics import GatewayMetrics
-from sd_triton.gateway.schemas import ErrorDetail, GenerateRequest, GenerateResponse
+from sd_triton.gateway.schemas import ErrorDetail, GenerateResponse
 from sd_triton.gateway.service import Generator, ProgressCallback
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import StateStore, StateUnavailable
 from sd_triton.gateway.storage import ImageStorage
-from sd_triton.gateway.webhooks import WebhookSender, refused_target
 from sd_triton.txt2img_client import Progress
 
 log = logging.getLogger(__name__)
 
-JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 QUEUE = "jobs:queue"
-
-
-class JobRequest(GenerateRequest):
-    """The /v1/generate body, plus what only a job has."""
-
-    preview: bool = Field(False, description="step events carry a small preview image of the latents")
-    webhook_url: str | None = Field(
-        None,
-        max_length=2048,
-        pattern=r"^https?://[^\s]+$",
-        description="POSTed the finished job (signed, see docs/jobs.md); retried with backoff",
-    )
-
-
-class JobProgress(BaseModel):
-    step: int
-    steps: int
-    eta_s: float | None = Field(None, description="seconds left, from the mean step time so far")
-    elapsed_s: float
-
-
-class WebhookStatus(BaseModel):
-    url: str
-    attempts: int = 0
-    delivered: bool = False
-    last_status: int | None = None
-    last_error: str | None = None
-
-
-class JobRecord(BaseModel):
-    id: str
-    status: JobStatus
-    created_at: str
-    updated_at: str
-    request: JobRequest
-    key_id: str | None = None
-    base_url: str = Field("", description="the gateway as the client saw it, for image URLs")
-    use_cache: bool = Field(True, description="False: submitted with Cache-Control: no-cache")
-    progress: JobProgress | None = None
-    result: GenerateResponse | None = None
-    error: ErrorDetail | None = None
-    webhook: WebhookStatus | None = None
-
-
-class JobView(BaseModel):
-    """What `GET /v1/jobs/{id}` answers."""
-
-    id: str
-    status: JobStatus
-    queue_position: int | None = Field(None, description="1 = next to run; null once it runs")
-    progress: JobProgress | None = None
-    result: GenerateResponse | None = Field(None, description="the /v1/generate response, once completed")
-    error: ErrorDetail | None = None
-    created_at: str
-    updated_at: str
-    events_url: str
-    webhook: WebhookStatus | None = None
 
 
 class JobCancelled(Exception):
@@ -122,7 +71,7 @@ class JobStopped(Exception):
 
 
 STOPPED = ErrorDetail(type="backend_unavailable", message="the gateway stopped; submit the job again")
-# the one way a job ends cancelled: a client's DELETE (jobs_api.py), seen by whichever replica runs it
+# the one way a job ends cancelled: a client's DELETE (api/jobs.py), seen by whichever replica runs it
 CANCELLED = "cancelled by a client (DELETE /v1/jobs/{id})"
 
 
