@@ -21,12 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sd_triton.perf.compare import (
-    PORTS,
     CompareSettings,
-    bench_gateway,
     http_levels,
     machine,
     request_body,
@@ -35,6 +31,7 @@ from sd_triton.perf.compare import (
     warm_up,
 )
 from sd_triton.perf.loadgen import LoadResult
+from sd_triton.perf.stats import latency_percentiles
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +107,7 @@ def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["images_per_s"])
     row = {k: v for k, v in ordered[len(ordered) // 2].items() if k != "latencies_ms"}
     pooled = [ms for r in runs for ms in r["latencies_ms"]]
-    for q in (50, 95, 99):
-        row[f"p{q}_ms"] = round(float(np.percentile(pooled, q)), 1)
+    row.update(latency_percentiles(pooled))
     row["requests"] = len(pooled)
     row["repeats"] = [{k: r[k] for k in ("images_per_s", "p50_ms")} for r in runs]
     return row
@@ -127,13 +123,13 @@ def run_batching(settings: BatchingSettings, work_dir: Path) -> dict[str, Any]:
 
     from sd_triton.export.checkpoint import Checkpoint
     from sd_triton.export.pipeline import ExportOptions, run_export
-    from sd_triton.triton_server import TritonServer
+    from sd_triton.perf.stack import serving
 
     urls: dict[str, tuple[str, str]] = {}  # mode -> (gateway URL, Triton metrics URL)
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with ExitStack() as stack:
         # 1. One repository per mode (the ONNX export is cached), its Triton and gateway, warmed up.
-        for number, mode in enumerate(settings.modes):
+        for mode in settings.modes:
             log.info("[1/2] mode %s: export and start", mode)
             repo = work_dir / f"batching-{settings.preset}-{mode}"
             options = ExportOptions(
@@ -142,16 +138,10 @@ def run_batching(settings: BatchingSettings, work_dir: Path) -> dict[str, Any]:
             manifest = run_export(options)
             native_h, native_w = Checkpoint.open(Path(manifest["source"]["path"])).native_size
             size = (settings.height or native_h, settings.width or native_w)
-            port = {k: v + 10 * number for k, v in PORTS.items()}
-            triton = stack.enter_context(
-                TritonServer(
-                    repo, grpc_port=port["grpc"], http_port=port["http"], metrics_port=port["metrics"]
-                )
-            )
-            gateway = stack.enter_context(bench_gateway(triton.grpc_url, port["gateway"]))
+            served = stack.enter_context(serving(repo))
             body = request_body(settings, *size)
-            warm_up(gateway.url, body)
-            urls[mode] = (gateway.url, triton.metrics_url)
+            warm_up(served.gateway_url, body)
+            urls[mode] = (served.gateway_url, served.triton.metrics_url)
 
         # 2. Level by level, mode after mode (rotating the order), `repeats` times.
         for repeat in range(settings.repeats):

@@ -17,9 +17,6 @@ from typing import Any
 
 log = logging.getLogger("sd_triton.perf")
 
-GRPC_PORT, HTTP_PORT, METRICS_PORT = 28001, 28000, 28002
-GATEWAY_PORT = 28080
-
 
 def _positive_list(value: str, convert: type[int] | type[float], kind: str, rule: str) -> tuple[Any, ...]:
     try:
@@ -59,10 +56,10 @@ def _triton(repo: Path, url: str | None) -> Iterator[tuple[str, str]]:
     if url:
         yield url, ""
         return
-    from sd_triton.triton_server import TritonServer
+    from sd_triton.perf.stack import serving
 
-    with TritonServer(repo, grpc_port=GRPC_PORT, http_port=HTTP_PORT, metrics_port=METRICS_PORT) as server:
-        yield server.grpc_url, server.metrics_url
+    with serving(repo, gateway=False) as stack:
+        yield stack.triton.grpc_url, stack.triton.metrics_url
 
 
 def _tools(args: argparse.Namespace) -> int:
@@ -132,10 +129,10 @@ def _perf_gateway(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         gateway_url, metrics_url = args.gateway_url, args.triton_metrics_url
         if not gateway_url:
-            from sd_triton.perf.compare import bench_gateway
+            from sd_triton.perf.stack import serving
 
-            grpc_url, metrics_url = stack.enter_context(_triton(Path(args.repo), None))
-            gateway_url = stack.enter_context(bench_gateway(grpc_url, GATEWAY_PORT)).url
+            served = stack.enter_context(serving(Path(args.repo)))
+            gateway_url, metrics_url = served.gateway_url, served.triton.metrics_url
         for concurrency in args.concurrency:
             load = Load(
                 url=gateway_url,

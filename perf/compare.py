@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sd_triton.perf.loadgen import Load, LoadResult, run_load
+from sd_triton.perf.stats import latency_percentiles
 from sd_triton.requests import uses_guidance
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,6 @@ SYSTEMS = {
     "c": "naive FastAPI + diffusers",
     "d": "gateway + Triton (this stack)",
 }
-PORTS = {"grpc": 28101, "http": 28100, "metrics": 28102, "gateway": 28180, "naive": 28190}
 
 
 @dataclass(frozen=True)
@@ -80,9 +78,7 @@ def _summary(
         "concurrency": concurrency,
         "requests": len(latencies_ms),
         "images_per_s": round(images / seconds, 4) if seconds > 0 else 0.0,
-        "p50_ms": round(float(np.percentile(latencies_ms, 50)), 1),
-        "p95_ms": round(float(np.percentile(latencies_ms, 95)), 1),
-        "p99_ms": round(float(np.percentile(latencies_ms, 99)), 1),
+        **latency_percentiles(latencies_ms),
         "errors": 0,
     }
 
@@ -216,15 +212,6 @@ def http_levels(
     return results
 
 
-def bench_gateway(triton_grpc_url: str, port: int) -> Any:
-    """A gateway for benchmarks: open (no API keys, whatever this checkout's keys file holds) and
-    without the result cache (the load also asks for no-cache). A GatewayProcess, not started."""
-    from sd_triton.gateway.process import GatewayProcess
-
-    env = {"SD_GATEWAY_KEYS_FILE": ".cache/perf/no-api-keys.json", "SD_GATEWAY_CACHE_ENABLED": "false"}
-    return GatewayProcess(triton_grpc_url, port=port, env=env)
-
-
 def warm_up(url: str, body: dict[str, Any]) -> None:
     import httpx
 
@@ -251,7 +238,7 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
     from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.export.repository import RepositorySettings
     from sd_triton.perf.naive_service import NaiveServiceProcess
-    from sd_triton.triton_server import TritonServer
+    from sd_triton.perf.stack import free_port, serving
 
     torch.set_num_threads(os.cpu_count() or 1)
     # 1. The model, exported once (python-ort engines) into the work folder.
@@ -282,7 +269,7 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
             generate(settings.seed)  # warm-up
             rows += [measure_in_process(system, generate, settings, c) for c in settings.concurrency]
         elif system == "c":
-            with NaiveServiceProcess(checkpoint, PORTS["naive"]) as naive:
+            with NaiveServiceProcess(checkpoint, free_port()) as naive:
                 warm_up(naive.url, body)
                 results = http_levels(SYSTEMS[system], naive.url, settings, body, False, None)
         elif running:
@@ -291,13 +278,11 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
                 SYSTEMS[system], running.gateway_url, settings, body, True, running.triton_metrics_url
             )
         else:
-            ports = {"grpc_port": PORTS["grpc"], "http_port": PORTS["http"], "metrics_port": PORTS["metrics"]}
-            with TritonServer(repo, **ports) as triton:
-                with bench_gateway(triton.grpc_url, PORTS["gateway"]) as gateway:
-                    warm_up(gateway.url, body)
-                    results = http_levels(
-                        SYSTEMS[system], gateway.url, settings, body, True, triton.metrics_url
-                    )
+            with serving(repo) as stack:
+                warm_up(stack.gateway_url, body)
+                results = http_levels(
+                    SYSTEMS[system], stack.gateway_url, settings, body, True, stack.triton.metrics_url
+                )
         rows += [_load_result(system, r) for r in results]
 
     # 3. The document: settings, machine, rows, ratios and targets.

@@ -20,7 +20,7 @@ from PIL import Image
 
 from sd_triton.export.demo_data import check_image, held_in_prompts, success_rates
 from sd_triton.export.pipeline import ExportOptions, run_export
-from sd_triton.triton_server import TritonServer
+from sd_triton.perf.stack import serving
 from sd_triton.txt2img_client import txt2img
 
 TARGET = 0.8
@@ -41,8 +41,8 @@ def main() -> None:
     run_export(ExportOptions(model="demo", repo=Path(args.repo)))
     params = {"height": 64, "width": 64, "steps": args.steps, "guidance_scale": args.guidance}
     results, images, checks = [], [], []
-    with TritonServer(Path(args.repo), grpc_port=29001, http_port=29000, metrics_port=29002) as triton:
-        with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+    with serving(Path(args.repo), gateway=False) as stack:
+        with grpcclient.InferenceServerClient(stack.triton.grpc_url) as client:
             # 2. The fixed prompts and seeds, each image checked.
             for scene, seed in held_in_prompts(20):
                 image = txt2img(client, scene.caption, seed=seed, scheduler=args.scheduler, **params).images[

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -16,15 +15,11 @@ import httpx
 import tritonclient.grpc as grpcclient
 
 from sd_triton.export.pipeline import ExportOptions, run_export
-from sd_triton.perf.compare import bench_gateway
-from sd_triton.triton_server import TritonServer
+from sd_triton.perf.stack import serving
+from sd_triton.perf.stats import percentile
 from sd_triton.txt2img_client import txt2img
 
 log = logging.getLogger("sd_triton.perf.gateway_overhead")
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def main() -> None:
@@ -39,35 +34,34 @@ def main() -> None:
     # 1. The tiny model, Triton, the gateway.
     run_export(ExportOptions(model="tiny", repo=Path(args.repo)))
     params = {"height": args.size, "width": args.size, "steps": args.steps, "seed": 1, "scheduler": "euler"}
-    with TritonServer(Path(args.repo), grpc_port=28001, http_port=28000, metrics_port=28002) as triton:
-        with bench_gateway(triton.grpc_url, 28080) as gateway:
-            direct, via, t0 = [], [], time.perf_counter()
-            with (
-                grpcclient.InferenceServerClient(triton.grpc_url) as grpc,
-                httpx.Client(base_url=gateway.url, timeout=120) as http,
-            ):
-                # 2. Warm-up, then interleaved pairs so drift hits both sides alike.
-                txt2img(grpc, "warm up", **params)
-                http.post("/v1/generate", json={"prompt": "warm up", **params}).raise_for_status()
-                for i in range(args.requests):
-                    started = time.perf_counter()
-                    txt2img(grpc, f"a lighthouse {i}", **params)
-                    direct.append(time.perf_counter() - started)
-                    started = time.perf_counter()
-                    http.post(
-                        "/v1/generate", json={"prompt": f"a lighthouse {i}", **params}
-                    ).raise_for_status()
-                    via.append(time.perf_counter() - started)
-                    if (i + 1) % 10 == 0:
-                        log.info("%d/%d pairs (%.0f s)", i + 1, args.requests, time.perf_counter() - t0)
+    direct: list[float] = []
+    via: list[float] = []
+    t0 = time.perf_counter()
+    with (
+        serving(Path(args.repo)) as stack,
+        grpcclient.InferenceServerClient(stack.triton.grpc_url) as grpc,
+        httpx.Client(base_url=stack.gateway_url, timeout=120) as http,
+    ):
+        # 2. Warm-up, then interleaved pairs so drift hits both sides alike.
+        txt2img(grpc, "warm up", **params)
+        http.post("/v1/generate", json={"prompt": "warm up", **params}).raise_for_status()
+        for i in range(args.requests):
+            started = time.perf_counter()
+            txt2img(grpc, f"a lighthouse {i}", **params)
+            direct.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            http.post("/v1/generate", json={"prompt": f"a lighthouse {i}", **params}).raise_for_status()
+            via.append((time.perf_counter() - started) * 1000)
+            if (i + 1) % 10 == 0:
+                log.info("%d/%d pairs (%.0f s)", i + 1, args.requests, time.perf_counter() - t0)
 
     # 3. Report.
-    p50_direct, p50_via = statistics.median(direct) * 1000, statistics.median(via) * 1000
+    p50_direct, p50_via = percentile(direct, 50), percentile(via, 50)
     print(
         f"{args.requests} request pairs, {args.size}x{args.size}, {args.steps} steps, tiny model, CPU Triton"
     )
-    print(f"direct Triton gRPC : p50 {p50_direct:8.1f} ms   p90 {percentile(direct, 90) * 1000:8.1f} ms")
-    print(f"through the gateway: p50 {p50_via:8.1f} ms   p90 {percentile(via, 90) * 1000:8.1f} ms")
+    print(f"direct Triton gRPC : p50 {p50_direct:8.1f} ms   p90 {percentile(direct, 90):8.1f} ms")
+    print(f"through the gateway: p50 {p50_via:8.1f} ms   p90 {percentile(via, 90):8.1f} ms")
     print(f"gateway overhead   : p50 {p50_via - p50_direct:8.1f} ms   ratio {p50_via / p50_direct:.3f}")
 
 

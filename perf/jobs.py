@@ -32,8 +32,6 @@ from sd_triton.txt2img_client import infer_input, txt2img_inputs
 
 log = logging.getLogger(__name__)
 
-PORTS = {"grpc": 28201, "http": 28200, "metrics": 28202, "gateway": 28280}
-
 
 @dataclass(frozen=True)
 class JobsBenchSettings:
@@ -118,8 +116,8 @@ def sync_run(http: httpx.Client, body: dict[str, Any]) -> float:
 def run_jobs_bench(settings: JobsBenchSettings, work_dir: Path) -> dict[str, Any]:
     from sd_triton.export.checkpoint import Checkpoint
     from sd_triton.export.pipeline import ExportOptions, run_export
-    from sd_triton.perf.compare import bench_gateway, machine
-    from sd_triton.triton_server import TritonServer
+    from sd_triton.perf.compare import machine
+    from sd_triton.perf.stack import serving
 
     # 1. The preset exported, Triton and the gateway started.
     log.info("[1/3] export %s, start Triton and the gateway", settings.preset)
@@ -135,12 +133,9 @@ def run_jobs_bench(settings: JobsBenchSettings, work_dir: Path) -> dict[str, Any
     }
     runs: dict[str, list[Any]] = {"direct": [], "job": [], "sync": []}
     with (
-        TritonServer(
-            repo, grpc_port=PORTS["grpc"], http_port=PORTS["http"], metrics_port=PORTS["metrics"]
-        ) as triton,
-        bench_gateway(triton.grpc_url, PORTS["gateway"]) as gateway,
-        grpcclient.InferenceServerClient(triton.grpc_url) as client,
-        httpx.Client(base_url=gateway.url, timeout=600) as http,
+        serving(repo) as stack,
+        grpcclient.InferenceServerClient(stack.triton.grpc_url) as client,
+        httpx.Client(base_url=stack.gateway_url, timeout=600) as http,
     ):
         # 2. Warm-up: every path once.
         log.info("[2/3] warm-up")

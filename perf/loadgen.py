@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import numpy as np
+
+from sd_triton.perf.stats import percentile
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class LoadResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+        return percentile(self.latencies_ms, q)
 
     def summary(self) -> dict[str, Any]:
         return {

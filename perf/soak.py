@@ -53,12 +53,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
+
+from sd_triton.perf.stats import latency_percentiles, percentile
 
 log = logging.getLogger(__name__)
 
-PORTS = {"grpc": 28301, "http": 28300, "metrics": 28302, "gateway": 28380}
 NO_CACHE = {"Cache-Control": "no-cache"}  # every request a fresh generation
 GROUPS = ("gateway", "triton")
 MB = 1024 * 1024
@@ -269,7 +269,7 @@ def _log_progress(settings: SoakSettings, outcomes: list[Outcome], sample: Sampl
         len(outcomes),
         sum(o.error is not None for o in outcomes),
         settings.progress_s,
-        float(np.percentile(recent, 50)) if recent else float("nan"),
+        percentile(recent, 50),
         rss,
     )
 
@@ -279,8 +279,8 @@ def run_soak(settings: SoakSettings, work_dir: Path, running: Running | None = N
     the result document (`summary`)."""
     from sd_triton.export.checkpoint import Checkpoint
     from sd_triton.export.pipeline import ExportOptions, run_export
-    from sd_triton.perf.compare import bench_gateway, machine
-    from sd_triton.triton_server import TritonServer
+    from sd_triton.perf.compare import machine
+    from sd_triton.perf.stack import serving
 
     # 1. The preset exported (python-ort engines, default repository settings) and the request size.
     repo = running.repo if running else work_dir / f"soak-{settings.preset}"
@@ -298,15 +298,9 @@ def run_soak(settings: SoakSettings, work_dir: Path, running: Running | None = N
             url, pids = running.gateway_url, running.pids
         else:
             log.info("[2/3] start Triton and the gateway")
-            server = TritonServer(
-                repo, grpc_port=PORTS["grpc"], http_port=PORTS["http"], metrics_port=PORTS["metrics"]
-            )
-            triton = stack.enter_context(server)
-            gateway = bench_gateway(triton.grpc_url, PORTS["gateway"])
-            if settings.cache:
-                gateway.env["SD_GATEWAY_CACHE_ENABLED"] = "true"
-            stack.enter_context(gateway)
-            assert triton.process is not None and gateway.process is not None  # started
+            served = stack.enter_context(serving(repo, cache=settings.cache))
+            triton, gateway = served.triton, served.gateway
+            assert triton.process is not None and gateway is not None and gateway.process is not None
             url, pids = gateway.url, {"gateway": gateway.process.pid, "triton": triton.process.pid}
         # 3. The untimed rounds, then the soak.
         log.info(
@@ -337,10 +331,6 @@ def _quiet(logger: str) -> Iterator[None]:
         yield
     finally:
         target.setLevel(level)
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 1) if values else None
 
 
 def _pct_change(before: float | None, after: float | None) -> float | None:
@@ -375,8 +365,7 @@ def _windows(settings: SoakSettings, outcomes: list[Outcome], samples: list[Samp
                 "end_s": round(end, 1),
                 "requests": len(inside),
                 "errors": sum(o.error is not None for o in inside),
-                "p50_ms": _percentile(latencies, 50),
-                "p99_ms": _percentile(latencies, 99),
+                **latency_percentiles(latencies, (50, 99)),
                 "rss_mb": rss_mb,
                 "cpu_cores": _cpu_cores(in_window),
             }

@@ -10,8 +10,8 @@ import logging
 import pytest
 
 from sd_triton.perf.cli import add_parser
-from sd_triton.perf.compare import bench_gateway
 from sd_triton.perf.soak import MB, Outcome, Running, Sample, SoakSettings, run_soak, summary, table
+from sd_triton.perf.stack import bench_gateway
 from sd_triton.triton_server import TritonServer
 from tests.conftest import WORK_DIR, free_port
 
