@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord
 from sd_triton.export.quantize import INT8_COMPONENTS, INT8_FILE
+from sd_triton.model_params import BatchingParams, DenoiseParams, EngineParams
 from sd_triton.served_model import ServedModel
 
 Precision = Literal["fp32", "fp16"]
@@ -219,21 +220,14 @@ def engine_config(
     if delay is not None:
         config.dynamic_batching.max_queue_delay_microseconds = delay
     count = settings.engine_instances
-    config.parameters["precision"].string_value = settings.precision_of(spec.name)
+    precision = settings.precision_of(spec.name)
     if kind in c.PYTHON_KINDS:
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
-        config.parameters["device"].string_value = "auto"
-        config.parameters["intra_op_threads"].string_value = "0"
-        if kind == "python-torch":
-            config.parameters["engine"].string_value = kind
-            config.parameters["model_file"].string_value = settings.artifact_of(spec.name)
-            config.parameters["torch_compile"].string_value = "1"  # on a GPU: torch.compile, CUDA graphs
-            return config
-        config.parameters["allow_spinning"].string_value = "0"
-        if spec.name in settings.int8:
-            config.parameters["model_file"].string_value = INT8_FILE
+        params = EngineParams(precision=precision, engine=kind, model_file=settings.artifact_of(spec.name))
+        _set_parameters(config, params.to_parameters())
         return config
+    config.parameters["precision"].string_value = precision
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count)
     config.default_model_filename = settings.artifact_of(spec.name)
     if kind == "tensorrt":
@@ -247,6 +241,11 @@ def engine_config(
         accelerator.parameters["precision_mode"] = settings.precision_of(spec.name).upper()
         accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
     return config
+
+
+def _set_parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = value
 
 
 def ensemble_config() -> mc.ModelConfig:
@@ -264,22 +263,17 @@ def all_configs(
 ) -> dict[str, mc.ModelConfig]:
     """`records`: the served version of each engine model (the export's: version 1)."""
     configs = {c.TXT2IMG.name: ensemble_config()}
-    for key, value in served.to_parameters().items():
-        configs[c.TXT2IMG.name].parameters[key].string_value = value
+    _set_parameters(configs[c.TXT2IMG.name], served.to_parameters())
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
     continuous = settings.batching == "continuous"
     denoise = _python_step(c.DENOISE, 1 if continuous else settings.denoise_instances)
-    denoise.parameters["unet_model"].string_value = c.UNET.name
-    denoise.parameters["batching"].string_value = settings.batching
-    if continuous:
-        denoise.parameters["max_batch"].string_value = str(settings.max_batch_rows)
-        denoise.parameters["max_wait_us"].string_value = str(settings.max_wait_us)
+    batcher = BatchingParams(max_batch=settings.max_batch_rows, max_wait_us=settings.max_wait_us)
+    _set_parameters(denoise, DenoiseParams(**vars(batcher), batching=settings.batching).to_parameters())
     configs[c.DENOISE.name] = denoise
     # the streaming entry point (async jobs): decoupled, its own continuous batcher whatever the mode
     stream = _python_step(c.TXT2IMG_STREAM)
     stream.model_transaction_policy.decoupled = True
-    stream.parameters["max_batch"].string_value = str(settings.max_batch_rows)
-    stream.parameters["max_wait_us"].string_value = str(settings.max_wait_us)
+    _set_parameters(stream, batcher.to_parameters())
     configs[c.TXT2IMG_STREAM.name] = stream
     configs[c.POSTPROCESS.name] = _python_step(c.POSTPROCESS)
     for name in c.ENGINE_MODELS:

@@ -20,6 +20,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
+from sd_triton.model_params import DenoiseParams
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, decode_text
 from sd_triton.runtime import triton_io
@@ -35,15 +36,12 @@ class TritonPythonModel:
         # the UNet computes on (CPU engines) and never help (GPU engines).
         torch.set_num_threads(1)
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
-        params = triton_io.parameters(args)
-        unet_model = params.get("unet_model", c.UNET.name)
-        self.unet = triton_io.PinnedUNet(unet_model, triton_io.version_dir(args).parents[1] / unet_model)
+        params = triton_io.model_params(args, DenoiseParams)
+        unet = params.unet_model
+        self.unet = triton_io.PinnedUNet(unet, triton_io.version_dir(args).parents[1] / unet)
         self.batcher: ContinuousBatcher | None = None
-        if params.get("batching") == "continuous":
-            config = BatchingConfig(
-                max_batch=int(params.get("max_batch", "16")),
-                max_wait_s=int(params.get("max_wait_us", "0")) / 1e6,
-            )
+        if params.batching == "continuous":
+            config = BatchingConfig(max_batch=params.max_batch, max_wait_s=params.max_wait_us / 1e6)
             # the worker and the stub's main thread (execute) hand the GIL back and forth every step;
             # Python's default 5 ms switch interval showed as a few % at one request on `tiny`
             sys.setswitchinterval(0.0005)

@@ -10,25 +10,24 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from sd_triton.model_params import EngineParams
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
 
 
 def make_runner(args: dict[str, Any]) -> BatchRunner:
-    params = triton_io.parameters(args)
+    params = triton_io.model_params(args, EngineParams)
     version = triton_io.version_dir(args)
-    device = params.get("device", "auto")
-    threads = int(params.get("intra_op_threads", "0"))
-    if params.get("engine", "python-ort") == "python-torch":
+    if params.engine == "python-torch":
         from sd_triton.runtime.torch_runner import TorchRunner  # torch and diffusers: only for this kind
 
-        compile_ = params.get("torch_compile", "0") == "1"
-        return TorchRunner(json.loads(args["model_config"])["name"], version, device, threads, compile_)
+        name = json.loads(args["model_config"])["name"]
+        return TorchRunner(name, version, params.device, params.intra_op_threads, params.torch_compile)
     return OrtRunner(
-        version / params.get("model_file", "model.onnx"),  # model.int8.onnx: INT8
-        device=device,
-        threads=threads,
-        spinning=params.get("allow_spinning", "1") == "1",
+        version / params.model_file,  # model.int8.onnx: INT8
+        device=params.device,
+        threads=params.intra_op_threads,
+        spinning=params.allow_spinning,
     )
 
 

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,6 +18,7 @@ import triton_python_backend_utils as pb_utils
 from sd_triton import contract as c
 from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import EngineRecord, versions_on_disk
+from sd_triton.model_params import ModelParams
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, decode_text, validate_params
 
@@ -26,13 +27,16 @@ log = logging.getLogger("sd_triton.triton")
 Outputs = dict[str, np.ndarray]
 
 
+P = TypeVar("P", bound=ModelParams)
+
+
 def version_dir(args: dict[str, Any]) -> Path:
     return Path(args["model_repository"]) / args["model_version"]
 
 
-def parameters(args: dict[str, Any]) -> dict[str, str]:
-    config = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+def model_params(args: dict[str, Any], kind: type[P]) -> P:
+    """The model's typed config parameters (sd_triton.model_params), defaults for those absent."""
+    return kind.from_model_config(json.loads(args["model_config"]))
 
 
 def get_array(request: Any, spec: TensorSpec) -> np.ndarray | None:

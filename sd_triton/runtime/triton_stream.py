@@ -25,6 +25,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
+from sd_triton.model_params import BatchingParams
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import InvalidRequest
 from sd_triton.runtime import triton_io
@@ -44,16 +45,12 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         torch.set_num_threads(1)  # see triton_denoise: the scheduler math is small
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
-        params = triton_io.parameters(args)
-        self.models = {
-            name: params.get(f"{name}_model", name)
-            for name in (c.TOKENIZER.name, c.TEXT_ENCODER.name, c.UNET.name, c.VAE_DECODER.name)
-        }
-        unet_model = self.models[c.UNET.name]
-        self.unet = triton_io.PinnedUNet(unet_model, triton_io.version_dir(args).parents[1] / unet_model)
+        params = triton_io.model_params(args, BatchingParams)
+        unet = params.unet_model
+        self.unet = triton_io.PinnedUNet(unet, triton_io.version_dir(args).parents[1] / unet)
         config = BatchingConfig(
-            max_batch=int(params.get("max_batch", "16")),
-            max_wait_s=int(params.get("max_wait_us", "0")) / 1e6,
+            max_batch=params.max_batch,
+            max_wait_s=params.max_wait_us / 1e6,
             # a cancelled job stops at its next step: ask every request before every UNet call
             # (a 0.1 ms round trip to the server per request)
             cancel_check_s=0.0,
@@ -117,11 +114,11 @@ class TritonPythonModel:
             self.in_flight_gauge.set(self._count(0))
             inputs = {name: value for name, value in text.items() if value is not None}
             outputs = [t.name for t in c.TOKENIZER.outputs]
-            tokens = triton_io.bls_infer_all(self.models[c.TOKENIZER.name], inputs, outputs)
+            tokens = triton_io.bls_infer_all(c.TOKENIZER.name, inputs, outputs)
             truncation.update({name: tokens[name] for name in outputs[1:]})
             encoder_in, encoder_out = c.TEXT_ENCODER.inputs[0].name, c.TEXT_ENCODER.outputs[0].name
             embeds = triton_io.bls_infer(
-                self.models[c.TEXT_ENCODER.name], {encoder_in: tokens[c.INPUT_IDS.name]}, encoder_out
+                c.TEXT_ENCODER.name, {encoder_in: tokens[c.INPUT_IDS.name]}, encoder_out
             )
             return DenoiseJob(embeds, params, self.config)
 
@@ -140,9 +137,7 @@ class TritonPythonModel:
         def done(latents: np.ndarray) -> None:
             decoder_in, decoder_out = c.VAE_DECODER.inputs[0].name, c.VAE_DECODER.outputs[0].name
             try:
-                decoded = triton_io.bls_infer(
-                    self.models[c.VAE_DECODER.name], {decoder_in: latents}, decoder_out
-                )
+                decoded = triton_io.bls_infer(c.VAE_DECODER.name, {decoder_in: latents}, decoder_out)
             except RuntimeError as exc:
                 failed(exc)
                 return

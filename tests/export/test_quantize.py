@@ -52,7 +52,7 @@ def test_the_export_writes_int8_graphs_and_points_the_configs_at_them(int8_repo)
             assert (repo / name / "1" / INT8_FILE).is_file()
             assert list(entry["int8"]["artifacts"]) == [f"{name}/1/{INT8_FILE}"]
         else:
-            assert "model_file" not in config.parameters and "int8" not in entry
+            assert config.parameters["model_file"].string_value == "model.onnx" and "int8" not in entry
             assert config.parameters["precision"].string_value == "fp32"
     # idempotent: the same export again reuses the INT8 graphs (same artifact, not rewritten)
     unet_int8 = repo / "unet" / "1" / INT8_FILE

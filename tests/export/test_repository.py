@@ -136,7 +136,7 @@ def test_batching_continuous_runs_one_batcher(tiny_checkpoint) -> None:
         "batching": "continuous",
         "max_batch": "32",
         "max_wait_us": "700",
-    }
+    }  # sd_triton.model_params.DenoiseParams
     unet = configs[c.UNET.name]
     assert unet.max_batch_size == 32 and not unet.HasField("dynamic_batching")
     # the VAE still batches requests that finish in the same iteration
@@ -150,9 +150,10 @@ def test_the_streaming_model_is_decoupled_with_its_own_batcher(tiny_checkpoint, 
     assert stream.model_transaction_policy.decoupled  # one response per step, then the images
     assert stream.backend == "python" and stream.instance_group[0].count == 1
     assert {k: v.string_value for k, v in stream.parameters.items()} == {
+        "unet_model": "unet",
         "max_batch": "24",
         "max_wait_us": "300",
-    }
+    }  # sd_triton.model_params.BatchingParams
 
 
 def test_pipeline_steps_identical_across_engine_kinds(tensorrt_repo, onnxruntime_repo, exported) -> None:

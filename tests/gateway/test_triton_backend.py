@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -32,7 +34,13 @@ from sd_triton.gateway.triton.backend import GrpcTritonBackend
     ],
 )  # fmt: skip
 def test_triton_errors_become_the_gateways(status, message, expected, field, text) -> None:
-    backend = GrpcTritonBackend(GatewaySettings(triton_url="localhost:1"))
-    error = backend._map(InferenceServerException(msg=message, status=status), "txt2img")
+    async def mapped() -> Exception:
+        backend = GrpcTritonBackend(GatewaySettings(triton_url="localhost:1"))  # its channels need a loop
+        try:
+            return backend._map(InferenceServerException(msg=message, status=status), "txt2img")
+        finally:
+            await backend.close()
+
+    error = asyncio.run(mapped())
     assert type(error) is expected and error.field == field
     assert text in error.message
