@@ -1,2 +1,2 @@
 """Async jobs: their data (models.py), the queue and the runners (manager.py), the signed webhooks
-(webhooks.py). The routes are gateway/api/jobs.py."""
+(webhooks.py), their keys in the state store (store.py). The routes are gateway/api/jobs.py."""

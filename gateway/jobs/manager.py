@@ -2,18 +2,7 @@
 again while Triton is down or full, see `_generate`), the job's events (for Server-Sent Events),
 cancel, webhooks.
 
-Everything lives in the state store (gateway/state.py), so with Redis every gateway replica sees
-every job: a job queued on one replica may run on another, its events reach a subscriber on a
-third, and a cancel on any replica stops it.
-
-Keys (all but the queue expire after job_ttl_s):
-- `jobs:queue`            the FIFO of queued job ids
-- `job:<id>`              the job's record (JSON)
-- `job-events:<id>`       every event so far, in order, without preview images (a late subscriber
-                          replays them); published live on channel `job:<id>` (with previews)
-- `job-seq:<id>`          the number of the job's latest event (SSE `id:`)
-- `job-cancel:<id>`       set by a cancel; the runner checks it at every step
-- channel `job-control:<id>`  a cancel, published: the runner stops the job's stream at once
+Where jobs live in the shared state store, and their keys: store.py.
 """
 
 from __future__ import annotations
@@ -48,6 +37,7 @@ from sd_triton.gateway.jobs.models import (
     JobView,
     WebhookStatus,
 )
+from sd_triton.gateway.jobs.store import JobStore
 from sd_triton.gateway.jobs.webhooks import WebhookSender, refused_target
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.schemas import ErrorDetail, GenerateResponse
@@ -58,8 +48,6 @@ from sd_triton.gateway.storage import ImageStorage
 from sd_triton.txt2img_client import Progress
 
 log = logging.getLogger(__name__)
-
-QUEUE = "jobs:queue"
 
 
 class JobCancelled(Exception):
@@ -100,7 +88,7 @@ class JobManager:
         webhook_secret: SecretLookup,
         storage: ImageStorage,
     ) -> None:
-        self.store = store
+        self.jobs = JobStore(store, settings.job_ttl_s)
         self.generator = generator
         self.settings = settings
         self.metrics = metrics
@@ -180,24 +168,19 @@ class JobManager:
             use_cache=use_cache,
             webhook=None if request.webhook_url is None else WebhookStatus(url=request.webhook_url),
         )
-        await self._save(record)
+        await self.jobs.save(record)
         # the event first: once queued, a worker may start it (and log its steps) at once
-        position = len(await self.store.lrange(QUEUE)) + 1
-        await self._event(record.id, "queued", {"position": position})
-        await self.store.rpush(QUEUE, record.id.encode())
+        await self.jobs.event(record.id, "queued", {"position": await self.jobs.queue_length() + 1})
+        await self.jobs.enqueue(record.id)
         self.metrics.jobs.labels(state="queued").inc()
         self._wake.set()
         return record
 
     async def get(self, job_id: str) -> JobRecord | None:
-        raw = await self.store.get(f"job:{job_id}")
-        return None if raw is None else JobRecord.model_validate_json(raw)
+        return await self.jobs.get(job_id)
 
     async def view(self, record: JobRecord, base_url: str) -> JobView:
-        position = None
-        if record.status == "queued":
-            queue = await self.store.lrange(QUEUE)
-            position = queue.index(record.id.encode()) + 1 if record.id.encode() in queue else None
+        position = await self.jobs.position(record.id) if record.status == "queued" else None
         return JobView(
             **record.model_dump(include={"id", "status", "progress", "result", "error", "webhook"}),
             created_at=record.created_at,
@@ -211,10 +194,10 @@ class JobManager:
         wait_s). A finished job is returned as it is."""
         if record.status in TERMINAL:
             return record
-        await self.store.set(f"job-cancel:{record.id}", b"1", ttl_s=self.settings.job_ttl_s)
-        if await self.store.lrem(QUEUE, record.id.encode()):
+        await self.jobs.mark_cancelled(record.id)
+        if await self.jobs.unqueue(record.id):
             return await self._finish(record, "cancelled")
-        await self.store.publish(f"job-control:{record.id}", b"cancel")  # the runner, on any replica
+        await self.jobs.announce_cancel(record.id)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             current = await self.get(record.id)
@@ -223,36 +206,21 @@ class JobManager:
             await asyncio.sleep(0.02)
         return await self.get(record.id) or record
 
-    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+    def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
         """Every event of the job with seq > after, in order, then live ones until a terminal one.
-        Yields None-free dicts {seq, event, data}; callers add keepalives."""
-        async with self.store.subscribe(f"job:{job_id}") as live:
-            seen = after
-            for raw in await self.store.lrange(f"job-events:{job_id}", after):
-                event = json.loads(raw)
-                seen = event["seq"]
-                yield event
-                if event["event"] in TERMINAL:
-                    return
-            async for raw in live:
-                event = json.loads(raw)
-                if event["seq"] <= seen:
-                    continue  # logged before we read the history, and published after we subscribed
-                seen = event["seq"]
-                yield event
-                if event["event"] in TERMINAL:
-                    return
+        Yields {seq, event, data}; callers add keepalives."""
+        return self.jobs.events(job_id, after)
 
     # -- running jobs ------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
         while not self._stopping:
             try:
-                raw = await self.store.lpop(QUEUE)
+                job_id = await self.jobs.next()
             except StateUnavailable as exc:  # an outage must not end the worker
                 self.errors.record("jobs queue", exc)
-                raw = None
-            if raw is None:
+                job_id = None
+            if job_id is None:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.settings.job_poll_s)
@@ -260,26 +228,26 @@ class JobManager:
                     pass
                 continue
             try:
-                await self._run(raw.decode())
+                await self._run(job_id)
             except Exception:  # noqa: BLE001
-                log.exception("jobs: running %s failed", raw.decode())
+                log.exception("jobs: running %s failed", job_id)
 
     async def _run(self, job_id: str) -> None:
         record = await self.get(job_id)
         if record is None or record.status != "queued":
             return
-        if await self.store.get(f"job-cancel:{job_id}") is not None:
+        if await self.jobs.cancelled(job_id):
             await self._finish(record, "cancelled")
             return
         record = record.model_copy(update={"status": "running", "updated_at": _now()})
-        await self._save(record)
+        await self.jobs.save(record)
         self.metrics.jobs.labels(state="running").inc()
         started = time.monotonic()
 
         async def progress(event: Progress) -> None:
             if self._halted:
                 raise JobStopped()
-            if await self.store.get(f"job-cancel:{job_id}") is not None:
+            if await self.jobs.cancelled(job_id):
                 raise JobCancelled()
             elapsed = time.monotonic() - started
             eta = elapsed / event.step * (event.steps - event.step)
@@ -288,10 +256,10 @@ class JobManager:
             )
             data: dict[str, Any] = state.model_dump()
             preview = None if event.previews is None else preview_data_url(event.previews)
-            await self._event(job_id, "step", data, preview=preview)
+            await self.jobs.event(job_id, "step", data, preview=preview)
             record.progress = state
             record.updated_at = _now()
-            await self._save(record)
+            await self.jobs.save(record)
 
         generation = asyncio.ensure_future(self._generate(record, progress))
         watcher = asyncio.ensure_future(self._watch_for_cancel(job_id, generation))
@@ -327,8 +295,8 @@ class JobManager:
         Triton stream closes and Triton drops the request before its next UNet call. True when it
         did; the per-step check of the cancel flag covers a store that cannot be subscribed to."""
         try:
-            async with self.store.subscribe(f"job-control:{job_id}") as messages:
-                if await self.store.get(f"job-cancel:{job_id}") is None:  # not cancelled meanwhile
+            async with self.jobs.cancel_announcements(job_id) as messages:
+                if not await self.jobs.cancelled(job_id):  # not cancelled meanwhile
                     await anext(messages)
         except StateUnavailable:
             return False
@@ -355,7 +323,7 @@ class JobManager:
                 log.warning("job %s: attempt %d: %s; trying again in %.1f s", record.id, attempt, exc, wait)
                 self.metrics.jobs.labels(state="retrying").inc()
                 retrying = {"attempt": attempt, "error": exc.message, "wait_s": wait}
-                await self._event(record.id, "retrying", retrying)
+                await self.jobs.event(record.id, "retrying", retrying)
                 await asyncio.sleep(wait)
         if request.response_format == "url":
             return await self.storage.with_urls(result, record.base_url)
@@ -373,13 +341,13 @@ class JobManager:
         record = record.model_copy(
             update={"status": status, "updated_at": _now(), "result": result, "error": error}
         )
-        await self._save(record)
+        await self.jobs.save(record)
         data: dict[str, Any] = {}
         if result is not None:
             data["result"] = result.model_dump(mode="json")
         if error is not None:
             data["error"] = error.model_dump(mode="json", exclude_none=True)
-        await self._event(record.id, status, data)
+        await self.jobs.event(record.id, status, data)
         self.metrics.jobs.labels(state=status).inc()
         if record.webhook is not None:
             self._spawn(self._notify(record), f"webhook-{record.id}")
@@ -404,23 +372,6 @@ class JobManager:
         delivery = await self.webhooks.deliver(record.webhook.url, body, secret, f"job.{record.status}")
         current = await self.get(record.id) or record
         current.webhook = WebhookStatus(**vars(delivery))
-        await self._save(current)
+        await self.jobs.save(current)
         if not delivery.delivered:
             log.warning("job %s: webhook not delivered after %d attempts", record.id, delivery.attempts)
-
-    # -- the store ---------------------------------------------------------------------------------
-
-    async def _save(self, record: JobRecord) -> None:
-        await self.store.set(
-            f"job:{record.id}", record.model_dump_json().encode(), ttl_s=self.settings.job_ttl_s
-        )
-
-    async def _event(self, job_id: str, name: str, data: dict[str, Any], preview: str | None = None) -> None:
-        """Logged (without the preview) for late subscribers, and published live (with it)."""
-        ttl = self.settings.job_ttl_s
-        seq = await self.store.incr(f"job-seq:{job_id}", ttl_s=ttl)
-        event: dict[str, Any] = {"seq": seq, "event": name, "data": {"id": job_id, **data}}
-        await self.store.rpush(f"job-events:{job_id}", json.dumps(event).encode(), ttl_s=ttl)
-        if preview is not None:
-            event["data"]["preview"] = preview
-        await self.store.publish(f"job:{job_id}", json.dumps(event).encode())
