@@ -20,7 +20,6 @@ new version folder, behind the parity gate, through Triton's model control API (
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -34,15 +33,15 @@ from typing import Any
 from sd_triton import contract as c
 from sd_triton import paths
 from sd_triton.engine_record import EngineRecord, versions_on_disk
-from sd_triton.export import tensorrt
-from sd_triton.export.checkpoint import Checkpoint, artifact_sha256, link_file, link_tree, sha256_file
+from sd_triton.export.artifacts import ArtifactSource, ArtifactUnavailable, link, make_artifact
+from sd_triton.export.checkpoint import Checkpoint, artifact_sha256, sha256_file
 from sd_triton.export.components import COMPONENTS
+from sd_triton.export.manifest import Manifest, ManifestError
 from sd_triton.export.parity import ParityGate, ParityReport, render_parity
 from sd_triton.export.pipeline import engine_profile
-from sd_triton.export.quantize import INT8_COMPONENTS, quantize_int8
+from sd_triton.export.quantize import INT8_COMPONENTS
 from sd_triton.export.repository import (
     CONFIG_FILE,
-    MANIFEST,
     RepositorySettings,
     engine_config,
     parse,
@@ -94,23 +93,22 @@ class SwapResult:
 
 
 class Repository:
-    """An exported repository as engine swaps see it: the export's settings and each engine model's
-    history of live versions (manifest.json), and the version folders' engine.json."""
+    """An exported repository as engine swaps see it: its manifest (the export's settings and each
+    engine model's history of live versions) and the version folders' engine.json."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise EngineSwapError(f"{path}: no {MANIFEST}; export a repository first (sd-triton export)")
-        self.manifest = json.loads(manifest_path.read_text())
-        if "settings" not in self.manifest or "live" not in self.manifest:
-            raise EngineSwapError(f"{manifest_path}: made by an older export; re-export the repository")
-        stored = self.manifest["settings"]
-        lists = {key: tuple(stored.get(key, ())) for key in ("int8", "fp16")}
-        self.settings = RepositorySettings(**{**stored, **lists})
+        try:
+            self.manifest = Manifest.load(path)
+        except ManifestError as exc:
+            raise EngineSwapError(str(exc)) from exc
 
-    def live_version(self, component: str) -> int:
-        return int(self.manifest["live"][component][-1])
+    @property
+    def settings(self) -> RepositorySettings:
+        return self.manifest.settings
+
+    def history(self, component: str) -> list[int]:
+        return list(self.manifest.live.get(component, []))
 
     def record(self, component: str, version: int) -> EngineRecord:
         record = EngineRecord.load(self.path / component / str(version))
@@ -119,13 +117,7 @@ class Repository:
         return record
 
     def live_record(self, component: str) -> EngineRecord:
-        return self.record(component, self.live_version(component))
-
-    def records(self, component: str) -> list[EngineRecord]:
-        found = (
-            EngineRecord.load(self.path / component / str(v)) for v in versions_on_disk(self.path / component)
-        )
-        return [r for r in found if r is not None]
+        return self.record(component, self.manifest.live_version(component))
 
     def settings_for(self, record: EngineRecord) -> RepositorySettings:
         """The export's settings with `record`'s component switched to its kind and precision."""
@@ -139,13 +131,25 @@ class Repository:
         """config.pbtxt serving `record`, and the manifest's settings and history to match."""
         settings = self.settings_for(record)
         write_config(self.path, engine_config(c.MODELS[record.component], settings, record))
-        self.settings = settings
-        self.manifest["settings"] = asdict(settings)
-        self.manifest["live"][record.component] = history
-        (self.path / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+        self.manifest.settings = settings
+        self.manifest.live[record.component] = history
+        self.manifest.save(self.path)
 
-    def exported_onnx(self, component: str) -> Path:
-        return self.path / component / "1" / "model.onnx"
+    def artifact_source(self, component: str, work_dir: Path, kind: str) -> ArtifactSource:
+        """What the component's artifacts are made from: the export's ONNX and checkpoint (and the
+        export's profile, for a TensorRT plan)."""
+        checkpoint = self.manifest.checkpoint
+        profile = None
+        if kind == "tensorrt":
+            opened = Checkpoint.open(checkpoint)
+            profile = engine_profile(COMPONENTS[component], opened, self.settings, self.manifest.limits)
+        return ArtifactSource(
+            component=component,
+            onnx=self.path / component / "1" / "model.onnx",
+            weights=checkpoint / c.CHECKPOINT_SUBFOLDERS[component],
+            profile=profile,
+            work_dir=work_dir,
+        )
 
 
 def _settings(base: RepositorySettings, **changes: Any) -> RepositorySettings:
@@ -156,71 +160,35 @@ def _settings(base: RepositorySettings, **changes: Any) -> RepositorySettings:
 # -- 2. the candidate's artifact ----------------------------------------------------------------------
 
 
-def _link(source: Path, target: Path) -> None:
-    """An artifact linked into a version folder: a file with its external data, or a folder."""
-    if source.is_dir():
-        link_tree(source, target)
-        return
-    data = (source.with_name(source.name + ".data"), target.with_name(target.name + ".data"))
-    for src, dst in ((source, target), data):
-        if src.is_file():
-            link_file(src, dst)
-
-
 def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptions) -> EngineRecord:
-    """Writes the candidate's artifact into its version folder; the record with its hash and origin."""
+    """Writes the candidate's artifact into its version folder (the operator's file, or the builder of
+    its engine kind: export/artifacts.py); the record with its hash and origin."""
     name = candidate.component
-    target = repo.path / name / str(candidate.version) / candidate.artifact
     if options.artifact is not None:
         if not options.artifact.is_file():
             raise EngineSwapError(f"--artifact: {options.artifact} is not a file")
         log.info("  %s: the operator's artifact %s", name, options.artifact)
-        _link(options.artifact, target)
+        target = repo.path / name / str(candidate.version) / candidate.artifact
+        link(options.artifact, target)
         return replace(candidate, sha256=artifact_sha256(target))
-    source = repo.exported_onnx(name)
-    source_sha = sha256_file(source)
-    # ONNX graphs serve python-ort and onnxruntime alike; a plan only the GPU and TensorRT it was built for
-    target_gpu = tensorrt.build_target() if candidate.kind == "tensorrt" else None
-    reusable = [
-        r
-        for r in repo.records(name)
-        if (r.source_sha256, r.precision, r.artifact) == (source_sha, candidate.precision, candidate.artifact)
-        and r.sha256
-        and (candidate.kind != "tensorrt" or tensorrt.mismatch(r.build, target_gpu) is None)
-    ]
-    for record in reusable:
-        path = repo.path / name / str(record.version) / record.artifact
-        if path.exists() and artifact_sha256(path) == record.sha256:
-            log.info("  %s: reusing the artifact of version %d (%s)", name, record.version, record.artifact)
-            _link(path, target)
-            return replace(candidate, sha256=record.sha256, source_sha256=source_sha, build=record.build)
-    build = None
-    if candidate.kind == "tensorrt":
-        build = _build_plan(repo, candidate, source, target, options.work_dir)
-    elif candidate.kind == "python-torch":  # the checkpoint's own weights
-        _link(Path(repo.manifest["source"]["path"]) / c.CHECKPOINT_SUBFOLDERS[name], target)
-    elif candidate.precision == "int8":
-        quantize_int8(source, target)
-    else:
-        _link(source, target)
-    return replace(candidate, sha256=artifact_sha256(target), source_sha256=source_sha, build=build)
-
-
-def _build_plan(repo: Repository, candidate: EngineRecord, source: Path, target: Path, work_dir: Path) -> Any:
-    """A TensorRT plan with the component's profile (as the export builds it), on this GPU."""
-    reason = tensorrt.unavailable_reason()
-    gpu = tensorrt.build_target()
-    if reason or gpu is None:
-        raise EngineSwapError(f"{candidate.component}: cannot build a TensorRT plan here: {reason}")
-    checkpoint = Checkpoint.open(Path(repo.manifest["source"]["path"]))
-    limits = c.Limits(**repo.manifest["limits"])
-    profile = engine_profile(COMPONENTS[candidate.component], checkpoint, repo.settings, limits)
-    return tensorrt.build_engine(
-        source,
-        target,
-        profile,
-        fp16=candidate.precision == "fp16",
-        timing_cache=tensorrt.timing_cache_path(work_dir, gpu),
+    source = repo.artifact_source(name, options.work_dir, candidate.kind)
+    try:
+        made = make_artifact(
+            repo.path / name,
+            candidate.version,
+            candidate.kind,
+            candidate.precision,
+            candidate.artifact,
+            source,
+        )
+    except ArtifactUnavailable as exc:
+        raise EngineSwapError(str(exc)) from exc
+    return replace(
+        candidate,
+        sha256=made.sha256,
+        source_sha256=sha256_file(source.onnx),
+        build=made.build,
+        artifact_key=made.key,
     )
 
 
@@ -300,7 +268,7 @@ def _go_live(
     loaded one after the other; a failure restores the previous version on all of them)."""
     name = record.component
     previous = repo.live_record(name)
-    previous_history = list(repo.manifest["live"][name])
+    previous_history = repo.history(name)
     repo.write_live(record, history)
     if triton_http is None:
         log.info("%s: version %d written; Triton serves it from its next load or start", name, record.version)
@@ -387,12 +355,10 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
         }
         candidate = replace(candidate, parity=parity)
         candidate.save(folder)
-        result.load_window = _go_live(
-            repo, candidate, [*repo.manifest["live"][name], version], options.triton_http
-        )
+        result.load_window = _go_live(repo, candidate, [*repo.history(name), version], options.triton_http)
     except BaseException:
         # a candidate that did not go live (a failed build, gate or load) leaves no folder behind
-        if repo.manifest["live"][name][-1] != version:
+        if repo.history(name)[-1] != version:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     result.switched, result.record = True, candidate
@@ -402,7 +368,7 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
 def rollback(repo_path: Path, component: str, triton_http: str | None = None) -> EngineRecord:
     """The version live before the current one, live again (no gate: it served before)."""
     repo = Repository(repo_path)
-    history = list(repo.manifest["live"].get(component, []))
+    history = repo.history(component)
     if len(history) < 2:
         raise EngineSwapError(f"{component}: no earlier version to roll back to (history {history})")
     history.pop()

@@ -13,18 +13,18 @@ from typing import Any
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord
 from sd_triton.export import tensorrt
-from sd_triton.export.repository import CONFIG_FILE, MANIFEST, parse
-
-
-def live_version(repo: Path, name: str) -> int:
-    """The version config.pbtxt serves (version_policy specific; 1 for a repository without one)."""
-    config = parse((repo / name / CONFIG_FILE).read_text())
-    versions = list(config.version_policy.specific.versions)
-    return int(versions[-1]) if versions else 1
+from sd_triton.export.manifest import Manifest
 
 
 def live_records(repo: Path) -> dict[str, EngineRecord | None]:
-    return {name: EngineRecord.load(repo / name / str(live_version(repo, name))) for name in c.ENGINE_MODELS}
+    """The live version's engine.json of each engine model (the manifest says which is live); none for a
+    repository never exported."""
+    manifest = Manifest.find(repo)
+    if manifest is None:
+        return {}
+    return {
+        name: EngineRecord.load(repo / name / str(manifest.live_version(name))) for name in c.ENGINE_MODELS
+    }
 
 
 def loaded_versions(triton_http: str) -> dict[str, list[str]]:
@@ -40,7 +40,7 @@ def loaded_versions(triton_http: str) -> dict[str, list[str]]:
 
 
 def engine_rows(repo: Path, triton_http: str | None = None) -> list[dict[str, Any]]:
-    manifest = json.loads((repo / MANIFEST).read_text()).get("components", {})
+    manifest = Manifest.load(repo).components
     loaded = loaded_versions(triton_http) if triton_http else None
     rows = []
     for name, record in live_records(repo).items():

@@ -6,7 +6,6 @@ settings) hashes the same as the manifest says and the artifact itself is unchan
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -15,17 +14,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sd_triton import __version__, paths
 from sd_triton import contract as c
+from sd_triton import paths
 from sd_triton.contract import UNET, Limits
 from sd_triton.engine_record import EngineRecord
-from sd_triton.export import tensorrt
-from sd_triton.export.checkpoint import Checkpoint, artifact_sha256, link_tree, sha256_file, sha256_tree
+from sd_triton.export.artifacts import BUILDERS, Artifact, ArtifactSource, ArtifactUnavailable, make_artifact
+from sd_triton.export.checkpoint import Checkpoint, sha256_file, sha256_tree
 from sd_triton.export.components import COMPONENTS, Component, Profile
+from sd_triton.export.manifest import Manifest, ManifestError
 from sd_triton.export.onnx_export import OPSET, export_onnx
 from sd_triton.export.presets import PRESETS, ensure_preset_checkpoint
 from sd_triton.export.preview import fit_preview_weights
-from sd_triton.export.quantize import INT8_FILE, quantize_int8
 from sd_triton.export.repository import (
     MANIFEST,
     PYTHON_MODELS,
@@ -87,33 +86,31 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
         _step(2, f"{name}: ONNX ({settings.engines[name]})")
         components[name] = _export_component(component, checkpoint, repo, settings, old)
 
-    _step(3, "TensorRT plans")
+    _step(3, "engine artifacts: INT8 graphs, PyTorch weights, TensorRT plans (export/artifacts.py)")
+    artifacts: dict[str, Artifact] = {}
     for name, component in COMPONENTS.items():
-        if settings.engines[name] == "tensorrt":
-            components[name].update(
-                _build_plan(component, checkpoint, repo, settings, options.limits, old, options.work_dir)
-            )
+        artifacts[name], entry = _engine_artifact(component, checkpoint, repo, settings, options)
+        components[name].update(entry)
 
     _step(4, "python steps: tokenizer files, pipeline.json, model.py files")
     components.update(_write_python_steps(checkpoint, repo, options.limits))
 
     _step(5, "config.pbtxt for every model, engine.json in every engine's version 1")
-    records = _engine_records(repo, settings, components)
+    records = _engine_records(repo, settings, components, artifacts)
     write_configs(repo, settings, served_model(options.model, checkpoint, options.limits), records)
 
     _step(6, f"manifest {repo / MANIFEST}")
-    manifest = {
-        "sd_triton_version": __version__,
-        "source": {"model": options.model, "path": str(checkpoint.path.resolve())},
-        "limits": asdict(options.limits),
-        "settings": asdict(settings),  # what `sd-triton engine set` regenerates configs from
-        "live": dict.fromkeys(records, [1]),  # per engine model, the versions served, the live one last
-        "components": components,
-        "export_seconds": round(time.monotonic() - started, 2),
-    }
-    (repo / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info("export done in %.1f s -> %s", manifest["export_seconds"], repo)
-    return manifest
+    manifest = Manifest(
+        source={"model": options.model, "path": str(checkpoint.path.resolve())},
+        limits=options.limits,
+        settings=settings,
+        live={name: [1] for name in records},  # a re-export serves version 1 again
+        components=components,
+        export_seconds=round(time.monotonic() - started, 2),
+    )
+    manifest.save(repo)
+    log.info("export done in %.1f s -> %s", manifest.export_seconds, repo)
+    return manifest.to_json()
 
 
 def served_model(model: str, checkpoint: Checkpoint, limits: Limits) -> ServedModel:
@@ -152,8 +149,12 @@ def repository_settings(
 
 
 def _load_manifest(repo: Path) -> dict[str, Any]:
-    path = repo / MANIFEST
-    return json.loads(path.read_text()).get("components", {}) if path.is_file() else {}
+    """The components of the repository's last export, if it was one this version reads."""
+    try:
+        manifest = Manifest.find(repo)
+    except ManifestError:
+        return {}  # an older export's: everything is made again
+    return manifest.components if manifest else {}
 
 
 def _artifacts(repo: Path, files: list[Path]) -> dict[str, str]:
@@ -185,113 +186,72 @@ def _export_component(
     onnx_files = [onnx_path, onnx_path.with_name("model.onnx.data")]
     if _unchanged(previous.get("onnx"), "source_sha256", source, repo):
         log.info("  %s: ONNX unchanged, reused", component.name)
-        onnx_entry = previous["onnx"]
-    else:
-        started = time.monotonic()
-        diff = export_onnx(component, checkpoint.path, checkpoint.dims, onnx_path)
-        seconds = time.monotonic() - started
-        log.info("  %s: exported in %.1f s, max abs diff vs PyTorch %.3g", component.name, seconds, diff)
-        onnx_entry = {
-            "source_sha256": source,
-            "artifacts": _artifacts(repo, onnx_files),
-            "max_abs_diff_vs_pytorch": diff,
-            "seconds": round(seconds, 2),
-        }
-    return {**entry, "onnx": onnx_entry, **_derived(component, checkpoint, repo, settings, previous)}
-
-
-def _derived(
-    component: Component,
-    checkpoint: Checkpoint,
-    repo: Path,
-    settings: RepositorySettings,
-    previous: dict[str, Any],
-) -> dict[str, Any]:
-    """What the component's engine needs besides the ONNX: the INT8 graph, or the PyTorch weights."""
-    if settings.engines[component.name] == "python-torch":
-        target = repo / component.name / "1" / component.subfolder
-        shutil.rmtree(target, ignore_errors=True)
-        link_tree(checkpoint.path / component.subfolder, target)
-        return {"torch": {"artifacts": _artifacts(repo, sorted(p for p in target.rglob("*") if p.is_file()))}}
-    return _int8(component, repo, settings, previous)
-
-
-def _int8(
-    component: Component, repo: Path, settings: RepositorySettings, previous: dict[str, Any]
-) -> dict[str, Any]:
-    """The INT8 graph of a component served INT8, made from its ONNX unless that is unchanged."""
-    if component.name not in settings.int8:
-        return {}
-    version = repo / component.name / "1"
-    key = sha256_file(version / "model.onnx")
-    if _unchanged(previous.get("int8"), "onnx_sha256", key, repo):
-        log.info("  %s: INT8 graph unchanged, reused", component.name)
-        return {"int8": previous["int8"]}
-    target = version / INT8_FILE
-    seconds = quantize_int8(version / "model.onnx", target)
-    artifacts = _artifacts(repo, [target])
-    return {"int8": {"onnx_sha256": key, "artifacts": artifacts, "seconds": round(seconds, 2)}}
-
-
-def _build_plan(
-    component: Component,
-    checkpoint: Checkpoint,
-    repo: Path,
-    settings: RepositorySettings,
-    limits: Limits,
-    old: dict[str, Any],
-    work_dir: Path,
-) -> dict[str, Any]:
-    version = repo / component.name / "1"
-    profile = engine_profile(component, checkpoint, settings, limits)
-    onnx_sha = sha256_file(version / "model.onnx")
-    precision = settings.precision_of(component.name)
-    key = json.dumps({"onnx": onnx_sha, "profile": profile.shapes, "precision": precision})
-    previous = (old.get(component.name) or {}).get("plan")
-    if _unchanged(previous, "key", key, repo):
-        log.info("  %s: TensorRT plan unchanged, reused", component.name)
-        return {"plan": previous}
-    reason = tensorrt.unavailable_reason()
-    if reason:
-        log.warning(
-            "  %s: TensorRT plan NOT built: %s. Rerun this export on the GPU host to build it.",
-            component.name,
-            reason,
-        )
-        return {"plan": {"key": key, "missing": reason, "profile": profile.shapes}}
-    plan = version / "model.plan"
-    target = tensorrt.build_target()
-    assert target is not None  # unavailable_reason() was None
-    build = tensorrt.build_engine(
-        version / "model.onnx",
-        plan,
-        profile,
-        fp16=precision == "fp16",
-        timing_cache=tensorrt.timing_cache_path(work_dir, target),
-    )
-    return {
-        "plan": {"key": key, "profile": profile.shapes, "build": build, "artifacts": _artifacts(repo, [plan])}
+        return {**entry, "onnx": previous["onnx"]}
+    started = time.monotonic()
+    diff = export_onnx(component, checkpoint.path, checkpoint.dims, onnx_path)
+    seconds = time.monotonic() - started
+    log.info("  %s: exported in %.1f s, max abs diff vs PyTorch %.3g", component.name, seconds, diff)
+    onnx_entry = {
+        "source_sha256": source,
+        "artifacts": _artifacts(repo, onnx_files),
+        "max_abs_diff_vs_pytorch": diff,
+        "seconds": round(seconds, 2),
     }
+    return {**entry, "onnx": onnx_entry}
+
+
+def _engine_artifact(
+    component: Component,
+    checkpoint: Checkpoint,
+    repo: Path,
+    settings: RepositorySettings,
+    options: ExportOptions,
+) -> tuple[Artifact, dict[str, Any]]:
+    """Version 1's artifact (export/artifacts.py: the builder of the component's engine kind), and what
+    the manifest says of it besides the ONNX: the INT8 graph, the PyTorch weights or the TensorRT plan."""
+    name = component.name
+    kind, precision, file = settings.engines[name], settings.precision_of(name), settings.artifact_of(name)
+    profile = engine_profile(component, checkpoint, settings, options.limits) if kind == "tensorrt" else None
+    source = ArtifactSource(
+        component=name,
+        onnx=repo / name / "1" / "model.onnx",
+        weights=checkpoint.path / component.subfolder,
+        profile=profile,
+        work_dir=options.work_dir,
+    )
+    label = BUILDERS[kind].label
+    try:
+        made = make_artifact(repo / name, 1, kind, precision, file, source)
+    except ArtifactUnavailable as exc:
+        log.warning("  %s NOT built. Rerun this export on the GPU host to build it.", exc)
+        assert profile is not None  # only a TensorRT plan cannot be built here
+        return Artifact(key="", sha256=""), {label: {"missing": str(exc), "profile": profile.shapes}}
+    if file == "model.onnx":
+        return made, {}  # the exported graph itself
+    entry: dict[str, Any] = {"key": made.key, "artifacts": {f"{name}/1/{file}": made.sha256}}
+    if profile is not None:
+        entry.update(profile=profile.shapes, build=made.build)
+    return made, {label: entry}
 
 
 def _engine_records(
-    repo: Path, settings: RepositorySettings, components: dict[str, Any]
+    repo: Path, settings: RepositorySettings, components: dict[str, Any], artifacts: dict[str, Artifact]
 ) -> dict[str, EngineRecord]:
     """Version 1 of every engine model: engine.json (rewritten only when what it says changed)."""
     records = {}
     for name in c.ENGINE_MODELS:
-        artifact = settings.artifact_of(name)
         version_dir = repo / name / "1"
         record = EngineRecord(
             component=name,
             version=1,
             kind=settings.engines[name],
             precision=settings.precision_of(name),
-            artifact=artifact,
-            sha256=artifact_sha256(version_dir / artifact) if (version_dir / artifact).exists() else "",
+            artifact=settings.artifact_of(name),
+            sha256=artifacts[name].sha256,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             source_sha256=components[name]["onnx"]["artifacts"].get(f"{name}/1/model.onnx", ""),
-            build=(components[name].get("plan") or {}).get("build"),
+            build=artifacts[name].build,
+            artifact_key=artifacts[name].key,
         )
         old = EngineRecord.load(version_dir)
         if old is not None and replace(old, created=record.created) == record:

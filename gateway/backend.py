@@ -31,7 +31,7 @@ class TritonBackend(Protocol):
         """What txt2img serves: name, sizes, limits, engines, default scheduler, fingerprint."""
 
     async def txt2img(self, prompt: str, **params: Any) -> Txt2ImgResult:
-        """One prompt's images. `params`: negative_prompt and sd_triton.requests.GenerationParams' fields."""
+        """One prompt's images. `params`: negative_prompt and sd_triton.requests.GenerationOptions' fields."""
 
     def txt2img_stream(
         self, prompt: str, preview: bool = False, **params: Any

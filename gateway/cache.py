@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from sd_triton.gateway.access.limits import StateErrors
 from sd_triton.gateway.metrics import GatewayMetrics
-from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
+from sd_triton.gateway.schemas import GenerateResponse, GenerationOptions
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import StateStore, StateUnavailable
 
@@ -41,7 +41,7 @@ class _PlannedJob(Protocol):  # service.Job, without importing the service
 
 
 def cache_key(
-    fingerprint: str, prompts: Sequence[str], request: GenerationParams, jobs: Sequence[_PlannedJob]
+    fingerprint: str, prompts: Sequence[str], request: GenerationOptions, jobs: Sequence[_PlannedJob]
 ) -> str | None:
     """The cache key of a planned generation, or None when it is not deterministic (no seed)."""
     if request.seed is None or not jobs:

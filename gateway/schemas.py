@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULERS, SchedulerName
+from sd_triton.requests import DEFAULTS
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 MAX_SEED = 2**63 - 1
@@ -16,32 +17,36 @@ MAX_FP32 = 3.4028234663852886e38  # the largest float32: GUIDANCE_SCALE goes to 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=100_000)
 
 
-class GenerationParams(BaseModel):
-    """Parameters shared by single and batch generation."""
+class GenerationOptions(BaseModel):
+    """Parameters shared by single and batch generation: sd_triton.requests.GenerationParams (its defaults;
+    size and seed left to the served model and the gateway) and the response's form."""
 
     model_config = STRICT
 
     negative_prompt: str | None = Field(None, description="what to steer away from; empty = unconditional")
     width: int | None = Field(None, ge=1, description="pixels; default: the model's native width")
     height: int | None = Field(None, ge=1, description="pixels; default: the model's native height")
-    steps: int = Field(30, ge=1, description="denoising steps")
+    steps: int = Field(DEFAULTS.steps, ge=1, description="denoising steps")
     guidance_scale: float = Field(
-        7.5, ge=0.0, le=MAX_FP32, description="classifier-free guidance; <= 1 turns it off"
+        DEFAULTS.guidance_scale,
+        ge=0.0,
+        le=MAX_FP32,
+        description="classifier-free guidance; <= 1 turns it off",
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; drawn when absent")
     scheduler: SchedulerName = Field(
-        DEFAULT_SCHEDULER,
+        DEFAULTS.scheduler,  # type: ignore[arg-type]
         description=f"one of {', '.join(SCHEDULERS)}. `{DEFAULT_SCHEDULER}`: the checkpoint's own scheduler, "
         "class and config (GET /v1/models and /v1/info name its class)",
     )
-    num_images: int = Field(1, ge=1, description="images per prompt")
+    num_images: int = Field(DEFAULTS.num_images, ge=1, description="images per prompt")
     output_format: OutputFormat = "png"
     response_format: Literal["base64", "url"] = Field(
         "base64", description="url: images are stored and each carries a signed, expiring `url` instead"
     )
 
 
-class GenerateRequest(GenerationParams):
+class GenerateRequest(GenerationOptions):
     prompt: str = Field(..., min_length=1, description="what to draw")
 
     model_config = ConfigDict(
@@ -65,7 +70,7 @@ class GenerateRequest(GenerationParams):
     )
 
 
-class BatchRequest(GenerationParams):
+class BatchRequest(GenerationOptions):
     prompts: list[str] = Field(..., min_length=1, description="images come back in prompt order")
 
     model_config = ConfigDict(

@@ -19,7 +19,7 @@ from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.schemas import (
     ComponentProvenance,
     GenerateResponse,
-    GenerationParams,
+    GenerationOptions,
     Image,
     Provenance,
     SchedulerProvenance,
@@ -27,8 +27,7 @@ from sd_triton.gateway.schemas import (
     Truncation,
 )
 from sd_triton.gateway.settings import GatewaySettings
-from sd_triton.requests import GenerationParams as CheckedParams
-from sd_triton.requests import InvalidRequest, validate_params
+from sd_triton.requests import GenerationParams, InvalidRequest, validate_params
 from sd_triton.served_model import ServedModel
 from sd_triton.txt2img_client import Progress, Txt2ImgResult
 
@@ -42,7 +41,7 @@ class Job:
     """One Triton call: a prompt and its checked parameters (seed: its first image's)."""
 
     prompt: str
-    params: CheckedParams
+    params: GenerationParams
 
 
 def _invalid(exc: InvalidRequest) -> InvalidRequestError:
@@ -69,7 +68,7 @@ class Generator:
         self.cache = cache
 
     async def _streamed(
-        self, jobs: list[Job], request: GenerationParams, progress: ProgressCallback, preview: bool
+        self, jobs: list[Job], request: GenerationOptions, progress: ProgressCallback, preview: bool
     ) -> Txt2ImgResult:
         if len(jobs) != 1:
             raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
@@ -84,7 +83,7 @@ class Generator:
                 await progress(event)
         raise AssertionError("txt2img_stream yields its result last")
 
-    def plan(self, prompts: list[str], request: GenerationParams, served: ServedModel) -> list[Job]:
+    def plan(self, prompts: list[str], request: GenerationOptions, served: ServedModel) -> list[Job]:
         """Check every field against the gateway's and the served model's limits; one job per prompt."""
         settings = self.settings
         if len(prompts) > settings.max_batch_prompts:
@@ -128,7 +127,7 @@ class Generator:
     async def generate(
         self,
         prompts: list[str],
-        request: GenerationParams,
+        request: GenerationOptions,
         progress: ProgressCallback | None = None,
         preview: bool = False,
         use_cache: bool = True,

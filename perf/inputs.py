@@ -9,7 +9,7 @@ UNet step with classifier-free guidance).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from sd_triton import contract
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
-from sd_triton.requests import uses_guidance
+from sd_triton.requests import GenerationParams, uses_guidance
 
 COMPONENTS = (contract.TXT2IMG.name, *contract.ENGINE_MODELS)
 DEFAULT_PROMPTS = (
@@ -29,15 +29,15 @@ DEFAULT_PROMPTS = (
 
 
 @dataclass(frozen=True)
-class Request:
-    """The request whose shapes the data describes."""
+class Request(GenerationParams):
+    """The request whose shapes the data describes: the generation parameters (the perf tools' defaults:
+    the tiny model's size, 10 DDIM steps, a fixed seed) and the prompts, image i of prompt j seeded
+    seed + j."""
 
     height: int = 64
     width: int = 64
     steps: int = 10
-    guidance_scale: float = 7.5
     scheduler: str = "ddim"
-    num_images: int = 1
     seed: int = 1234
     prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS)
     negative_prompt: str = ""
@@ -72,16 +72,10 @@ def txt2img_data(request: Request) -> list[dict[str, Any]]:
     """One entry per prompt, with seeds seed, seed+1, ...; perf_analyzer cycles through them."""
     entries = []
     for i, prompt in enumerate(request.prompts):
-        entry: dict[str, Any] = {
-            contract.PROMPT.name: _bytes(prompt),
-            contract.HEIGHT.name: _tensor(np.array([request.height], np.int32)),
-            contract.WIDTH.name: _tensor(np.array([request.width], np.int32)),
-            contract.STEPS.name: _tensor(np.array([request.steps], np.int32)),
-            contract.GUIDANCE_SCALE.name: _tensor(np.array([request.guidance_scale], np.float32)),
-            contract.SEED.name: _tensor(np.array([request.seed + i], np.int64)),
-            contract.SCHEDULER.name: _bytes(request.scheduler),
-            contract.NUM_IMAGES.name: _tensor(np.array([request.num_images], np.int32)),
-        }
+        entry: dict[str, Any] = {contract.PROMPT.name: _bytes(prompt)}
+        for spec, value in replace(request, seed=request.seed + i).inputs().items():
+            is_text = spec.dtype == "TYPE_STRING"
+            entry[spec.name] = _bytes(value) if is_text else _tensor(np.array([value], spec.numpy_dtype))
         if request.negative_prompt:
             entry[contract.NEGATIVE_PROMPT.name] = _bytes(request.negative_prompt)
         entries.append(entry)

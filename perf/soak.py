@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import statistics
 import time
@@ -278,18 +277,17 @@ def run_soak(settings: SoakSettings, work_dir: Path, running: Running | None = N
     """Export the preset, start Triton and the gateway (unless `running`), drive the load, and return
     the result document (`summary`)."""
     from sd_triton.export.checkpoint import Checkpoint
+    from sd_triton.export.manifest import Manifest
     from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.perf.compare import machine
     from sd_triton.perf.stack import serving
 
     # 1. The preset exported (python-ort engines, default repository settings) and the request size.
     repo = running.repo if running else work_dir / f"soak-{settings.preset}"
-    if running:
-        manifest = json.loads((running.repo / "manifest.json").read_text())
-    else:
+    if not running:
         log.info("[1/3] export %s", settings.preset)
-        manifest = run_export(ExportOptions(settings.preset, repo, work_dir=work_dir))
-    native_h, native_w = Checkpoint.open(Path(manifest["source"]["path"])).native_size
+        run_export(ExportOptions(settings.preset, repo, work_dir=work_dir))
+    native_h, native_w = Checkpoint.open(Manifest.load(repo).checkpoint).native_size
     height, width = settings.height or native_h, settings.width or native_w
     body = request_body(settings, height, width)
     with contextlib.ExitStack() as stack:

@@ -27,6 +27,7 @@ class EngineRecord:
     source_sha256: str = ""  # the exported ONNX it was made from ("": brought by an operator)
     parity: dict[str, Any] | None = None  # the gate's figures against the engine it replaced
     build: dict[str, Any] | None = None  # TensorRT: the GPU and TensorRT version it was built for
+    artifact_key: str = ""  # what the artifact was made from (export/artifacts.py); "": never reused
 
     def provenance(self) -> dict[str, Any]:
         """What a response says about the engine that produced it."""

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
-from sd_triton.contract import SCHEDULERS, Limits
+from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULERS, TXT2IMG, Limits, TensorSpec
 
 
 class InvalidRequest(ValueError):
@@ -40,17 +41,31 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class GenerationParams:
-    height: int
-    width: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    scheduler: str
-    num_images: int
+    """The scalar inputs of one txt2img request, named as the JSON API names them (the contract's input
+    names lower-cased), with their defaults. The one list of them: validation (`validate_params`), the
+    gateway's schema defaults and mapping, the SDK's parameter check, the Triton client's inputs and the
+    perf tools' request files all go through it. Unchecked until `validate_params`."""
+
+    height: int = 512  # the gateway's default is the served model's native size
+    width: int = 512
+    steps: int = 30
+    guidance_scale: float = 7.5
+    seed: int = 0
+    scheduler: str = DEFAULT_SCHEDULER  # the checkpoint's own
+    num_images: int = 1
+
+    def inputs(self) -> dict[TensorSpec, Any]:
+        """The ensemble's input of each parameter, with its value."""
+        return {INPUTS[name]: getattr(self, name) for name in PARAM_NAMES}
 
     @property
     def classifier_free_guidance(self) -> bool:
         return uses_guidance(self.guidance_scale)
+
+
+PARAM_NAMES: tuple[str, ...] = tuple(f.name for f in fields(GenerationParams))
+INPUTS: dict[str, TensorSpec] = {name: TXT2IMG.input(name.upper()) for name in PARAM_NAMES}
+DEFAULTS = GenerationParams()
 
 
 def uses_guidance(guidance_scale: float) -> bool:

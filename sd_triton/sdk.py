@@ -294,8 +294,9 @@ class Client:
         raise APIError(f"job {job_id}: the event stream ended early")
 
     def generate(self, prompt: str, **params: Any) -> Generation:
-        """params: negative_prompt, width, height, steps, guidance_scale, seed, scheduler,
-        num_images, output_format."""
+        """params: the JSON fields of /v1/generate: sd_triton.requests.GenerationParams' names
+        (width, height, steps, guidance_scale, seed, scheduler, num_images), negative_prompt,
+        output_format, response_format. An unknown one is the gateway's 422 naming it."""
         return Generation.from_json(self._post("/v1/generate", {"prompt": prompt, **_params(params)}))
 
     def generate_batch(self, prompts: list[str], **params: Any) -> Generation:

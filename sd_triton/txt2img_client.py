@@ -14,6 +14,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from sd_triton import contract as c
+from sd_triton.requests import GenerationParams
 
 
 @dataclass(frozen=True)
@@ -51,28 +52,14 @@ def infer_input(spec: c.TensorSpec, array: np.ndarray[Any, Any]) -> grpcclient.I
 
 
 def txt2img_inputs(
-    prompt: str | bytes,
-    *,
-    negative_prompt: str | bytes | None = None,
-    height: int = 512,
-    width: int = 512,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
-    scheduler: str | None = None,  # None: the checkpoint's own (contract.DEFAULT_SCHEDULER)
-    num_images: int = 1,
+    prompt: str | bytes, *, negative_prompt: str | bytes | None = None, **params: Any
 ) -> list[grpcclient.InferInput]:
-    values = {
-        c.PROMPT: prompt,
-        c.NEGATIVE_PROMPT: negative_prompt,
-        c.HEIGHT: height,
-        c.WIDTH: width,
-        c.STEPS: steps,
-        c.GUIDANCE_SCALE: guidance_scale,
-        c.SEED: seed,
-        c.SCHEDULER: scheduler,
-        c.NUM_IMAGES: num_images,
-    }
+    """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
+    rest; scheduler None: left out, the checkpoint's own). Values are not checked against the model's
+    limits (Triton does that), only against what the wire type can hold."""
+    if params.get("scheduler") is None:
+        params.pop("scheduler", None)
+    values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
     return [
         infer_input(spec, _array(spec, value))
         for spec, value in values.items()

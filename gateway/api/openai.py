@@ -12,7 +12,7 @@ from sd_triton.gateway.deps import AccessDep, BaseUrlDep, GeneratorDep, StorageD
 from sd_triton.gateway.errors import OPENAI_PATH, InvalidRequestError, OpenAIInvalidRequestError
 from sd_triton.gateway.schemas import (
     SIZE,
-    GenerationParams,
+    GenerationOptions,
     OpenAIImage,
     OpenAIImageRequest,
     OpenAIImagesResponse,
@@ -41,7 +41,7 @@ async def openai_generations(
         match = SIZE.match(body.size)
         assert match is not None  # checked by the schema
         width, height = int(match.group(1)), int(match.group(2))
-    params = GenerationParams(width=width, height=height, num_images=body.n)
+    params = GenerationOptions(width=width, height=height, num_images=body.n)
     try:
         async with access.generation([body.prompt], body.n, field="prompt"):
             result = await generator.generate([body.prompt], params)

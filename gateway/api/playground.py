@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd_triton.contract import SCHEDULERS
 from sd_triton.gateway.deps import BackendDep, SettingsDep
-from sd_triton.gateway.schemas import GenerationParams
+from sd_triton.gateway.schemas import GenerationOptions
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # gateway/static: package data
 MEDIA_TYPES = {
@@ -103,7 +103,7 @@ async def info(backend: BackendDep, settings: SettingsDep) -> InfoResponse:
     """The served model, its request limits, the schedulers and the defaults: what a client needs to
     build a form (the playground at `/` does)."""
     served = await backend.served_model()
-    defaults = GenerationParams()  # every field has its default: the same a request without it gets
+    defaults = GenerationOptions()  # every field has its default: the same a request without it gets
     return InfoResponse(
         model=served.model,
         native_width=served.native_width,

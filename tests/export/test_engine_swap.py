@@ -15,7 +15,8 @@ from sd_triton.cli import main
 from sd_triton.engine_record import EngineRecord
 from sd_triton.export.checkpoint import sha256_tree
 from sd_triton.export.engine_swap import EngineSwapError, GateSettings, SwapOptions, rollback, set_engine
-from sd_triton.export.engines import engine_rows, live_version, tensorrt_problems
+from sd_triton.export.engines import engine_rows, tensorrt_problems
+from sd_triton.export.manifest import Manifest
 from sd_triton.export.parity import GOLDEN, ParityGate
 from sd_triton.export.pipeline import ExportOptions, run_export
 from sd_triton.export.quantize import INT8_FILE
@@ -32,6 +33,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("swap") / "model_repository"
     run_export(ExportOptions(model="tiny", repo=path, work_dir=WORK_DIR))
     return path
+
+
+def live_version(repo: Path, name: str) -> int:
+    """The live version as the manifest records it, checked against the version config.pbtxt serves."""
+    served = list(parse((repo / name / CONFIG_FILE).read_text()).version_policy.specific.versions)
+    live = Manifest.load(repo).live_version(name)
+    assert served[-1:] in ([], [live]), f"{name}: config.pbtxt serves {served}, the manifest says {live}"
+    return live
 
 
 def _snapshot(repo: Path) -> dict[str, str]:
@@ -246,6 +255,9 @@ def test_sd_triton_triton_refuses_a_mismatched_plan(tmp_path: Path, repo: Path) 
     del config.version_policy.specific.versions[:]
     config.version_policy.specific.versions.append(2)
     (copy / "unet" / CONFIG_FILE).write_text(render(config))
+    manifest = Manifest.load(repo)
+    manifest.live["unet"] = [1, 2]
+    manifest.save(copy)
     build = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.3.0"}
     plan = EngineRecord(
         "unet", 2, "tensorrt", "fp16", "model.plan", "ab" * 32, "2026-01-01T00:00:00+00:00", build=build

@@ -17,7 +17,7 @@ import pytest
 
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.metrics import GatewayMetrics
-from sd_triton.gateway.schemas import GenerateResponse, GenerationParams
+from sd_triton.gateway.schemas import GenerateResponse, GenerationOptions
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import MemoryStore
 from sd_triton.gateway.triton.backend import GrpcTritonBackend
@@ -162,7 +162,7 @@ class _Job:
     params: CheckedParams
 
 
-def _jobs(request: GenerationParams, n: int = 1) -> list[_Job]:
+def _jobs(request: GenerationOptions, n: int = 1) -> list[_Job]:
     assert request.seed is not None
     params = CheckedParams(
         height=64,
@@ -198,15 +198,15 @@ def test_fingerprint_follows_the_served_engines() -> None:
 
 
 def test_key_needs_a_seed_and_covers_the_fingerprint() -> None:
-    seeded = GenerationParams(seed=5)
-    assert cache_key("f", ["a"], GenerationParams(), _jobs(seeded)) is None
+    seeded = GenerationOptions(seed=5)
+    assert cache_key("f", ["a"], GenerationOptions(), _jobs(seeded)) is None
     key = cache_key("f", ["a"], seeded, _jobs(seeded))
     assert key is not None and key == cache_key("f", ["a"], seeded, _jobs(seeded))
     assert key != cache_key("g", ["a"], seeded, _jobs(seeded))
     assert key != cache_key("f", ["a", "b"], seeded, _jobs(seeded, 2))
-    assert key == cache_key("f", ["a"], GenerationParams(seed=5, response_format="url"), _jobs(seeded))
+    assert key == cache_key("f", ["a"], GenerationOptions(seed=5, response_format="url"), _jobs(seeded))
     # absent and empty negative prompts are the same (unconditional) generation
-    assert key == cache_key("f", ["a"], GenerationParams(seed=5, negative_prompt=""), _jobs(seeded))
+    assert key == cache_key("f", ["a"], GenerationOptions(seed=5, negative_prompt=""), _jobs(seeded))
 
 
 def test_fingerprint_change_misses_and_large_results_are_skipped() -> None:
@@ -222,7 +222,7 @@ def test_fingerprint_change_misses_and_large_results_are_skipped() -> None:
             "truncation": [{"prompt_tokens_cut": 0, "negative_prompt_tokens_cut": 0}],
         }
     )
-    request = GenerationParams(seed=5)
+    request = GenerationOptions(seed=5)
 
     async def run() -> None:
         metrics = GatewayMetrics()

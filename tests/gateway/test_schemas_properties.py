@@ -30,7 +30,7 @@ from sd_triton.gateway.schemas import (
     SIZE,
     BatchRequest,
     GenerateRequest,
-    GenerationParams,
+    GenerationOptions,
     OpenAIImageRequest,
 )
 from sd_triton.gateway.service import Generator
@@ -277,7 +277,7 @@ NEAR_LIMITS = {
 }
 
 
-def first_violation(prompts: list[str], request: GenerationParams, seed: int) -> tuple[str, str] | None:
+def first_violation(prompts: list[str], request: GenerationOptions, seed: int) -> tuple[str, str] | None:
     """The field the gateway must refuse first and the limit its message must state (None: accept)."""
     limits, multiple = SERVED.limits, SERVED.spatial_multiple
     if len(prompts) > SETTINGS.max_batch_prompts:
@@ -335,7 +335,7 @@ def _at(prompts: int = 1, chars: int = 5, **fields: Any) -> Any:
 def test_plan_accepts_exactly_the_requests_within_the_limits(
     prompts: list[str], fields: dict[str, Any]
 ) -> None:
-    request = GenerationParams.model_validate(fields)
+    request = GenerationOptions.model_validate(fields)
     generator = Generator(None, None, SETTINGS, None)  # type: ignore[arg-type] - plan needs the settings alone
     expected = first_violation(prompts, request, request.seed or 0)  # a drawn seed is below 2**32
     try:
