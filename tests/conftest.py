@@ -101,7 +101,9 @@ def tiny_checkpoint(exported: dict) -> Path:
 def triton_server(repo: Path, log_file: Path) -> TritonServer:
     """A Triton server (not started) for `repo` on free ports. Its stop drains for 5 s at most: a test
     leaves nothing in flight, but the tokenizer and component calls the tests make alone look like
-    requests in flight to the drain (sd_triton.triton_server), which would wait its full 30 s."""
+    requests in flight to the drain (sd_triton.triton_server), which would wait its full 30 s. Triton's
+    own exit timeout is 10 s: after a session that cancelled streams, txt2img_stream can stay "live"
+    at shutdown until the timeout runs out (docs/RELIABILITY.md), which is 30 s by default."""
     return TritonServer(
         repo,
         grpc_port=free_port(),
@@ -109,6 +111,7 @@ def triton_server(repo: Path, log_file: Path) -> TritonServer:
         metrics_port=free_port(),
         log_file=log_file,
         drain_timeout_s=5,
+        exit_timeout_s=10,
     )
 
 

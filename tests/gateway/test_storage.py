@@ -1,5 +1,6 @@
-"""Images as URLs over real HTTP: local storage behind signed links, and an S3-compatible store
-(moto_server, an S3 emulator from PyPI, run here on a free port) behind presigned URLs."""
+"""Images as URLs: local storage behind signed links (in-process, over the in-memory Triton), and an
+S3-compatible store (moto_server, an S3 emulator from PyPI, run here on a free port) behind presigned
+URLs, over real HTTP."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import boto3
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.gateway.storage import UrlSigner
 from sd_triton.triton_server import TritonServer
 from tests.conftest import free_port
+from tests.gateway.inprocess import gateway_client
 
 FAST = {"steps": 3, "width": 64, "height": 48}
 SECRET = "test-signing-secret"
@@ -33,87 +36,86 @@ def with_query(url: str, **changes: str) -> str:
 
 
 @pytest.fixture
-def local_gateway(triton: TritonServer, tmp_path: Path) -> Iterator[tuple[GatewayProcess, Path]]:
+def local_gateway(tmp_path: Path) -> Iterator[tuple[TestClient, Path]]:
+    """In-process (tests/gateway/inprocess.py): storage and links are the gateway's own logic."""
     images = tmp_path / "images"
-    env = {
-        "SD_GATEWAY_STORAGE_DIR": str(images),
-        "SD_GATEWAY_STORAGE_TTL_S": str(TTL_S),
-        "SD_GATEWAY_STORAGE_CLEANUP_INTERVAL_S": "0.5",
-        "SD_GATEWAY_URL_SIGNING_SECRET": SECRET,
+    settings = {
+        "storage_dir": str(images),
+        "storage_ttl_s": TTL_S,
+        "storage_cleanup_interval_s": 0.5,
+        "url_signing_secret": SECRET,
     }
-    with GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env) as gateway:
-        yield gateway, images
+    with gateway_client(**settings) as client:
+        yield client, images
 
 
-def test_local_urls_end_to_end(local_gateway: tuple[GatewayProcess, Path]) -> None:
-    gateway, images_dir = local_gateway
+def test_local_urls(local_gateway: tuple[TestClient, Path]) -> None:
+    http, images_dir = local_gateway
     body = {"prompt": "a lighthouse", **FAST, "seed": 5, "num_images": 2, "output_format": "webp"}
-    with httpx.Client(base_url=gateway.url, timeout=60) as http:
-        inline = http.post("/v1/generate", json=body).json()["images"]
-        linked = http.post("/v1/generate", json={**body, "response_format": "url"})
-        assert linked.status_code == 200, linked.text
-        items = linked.json()["images"]
-        assert [i["seed"] for i in items] == [5, 6] and all(i["base64"] is None for i in items)
-        assert len(list(images_dir.glob("*.webp"))) == 2
+    # links are fetched through the same client (open mode: no API key to leave out)
+    inline = http.post("/v1/generate", json=body).json()["images"]
+    linked = http.post("/v1/generate", json={**body, "response_format": "url"})
+    assert linked.status_code == 200, linked.text
+    items = linked.json()["images"]
+    assert [i["seed"] for i in items] == [5, 6] and all(i["base64"] is None for i in items)
+    assert len(list(images_dir.glob("*.webp"))) == 2
 
-        # 1. Each link (no API key, a fresh client) gives the same bytes as base64 did, typed right.
-        for item, expected in zip(items, inline, strict=True):
-            assert item["url"].startswith(gateway.url + "/v1/images/")
-            fetched = httpx.get(item["url"])
-            assert fetched.status_code == 200, fetched.text
-            assert fetched.content == base64.b64decode(expected["base64"])
-            assert fetched.headers["content-type"] == "image/webp" == item["content_type"]
+    # 1. Each link (no API key, a fresh client) gives the same bytes as base64 did, typed right.
+    for item, expected in zip(items, inline, strict=True):
+        assert item["url"].startswith(str(http.base_url) + "/v1/images/")
+        fetched = http.get(item["url"])
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.content == base64.b64decode(expected["base64"])
+        assert fetched.headers["content-type"] == "image/webp" == item["content_type"]
 
-        # 2. Altered links: 403 for a wrong or missing signature, also for a pushed-out expiry.
-        url = items[0]["url"]
-        signature = parse_qs(urlsplit(url).query)["signature"][0]
-        tampered = signature[:-1] + ("0" if signature[-1] != "0" else "1")
-        for bad in (
-            with_query(url, signature=tampered),
-            with_query(url, expires=str(int(time.time()) + 10**6)),
-            url.split("?")[0],
-        ):
-            response = httpx.get(bad)
-            assert response.status_code == 403, bad
-            assert response.json()["error"]["type"] == "forbidden"
-        # a correctly signed link to an image that does not exist: 404
-        name, expires = "A" * 22 + ".png", int(time.time()) + 60
-        signature = UrlSigner(SECRET.encode()).sign(name, expires)
-        unknown = f"{gateway.url}/v1/images/{name}?expires={expires}&signature={signature}"
-        assert httpx.get(unknown).status_code == 404
+    # 2. Altered links: 403 for a wrong or missing signature, also for a pushed-out expiry.
+    url = items[0]["url"]
+    signature = parse_qs(urlsplit(url).query)["signature"][0]
+    tampered = signature[:-1] + ("0" if signature[-1] != "0" else "1")
+    for bad in (
+        with_query(url, signature=tampered),
+        with_query(url, expires=str(int(time.time()) + 10**6)),
+        url.split("?")[0],
+    ):
+        response = http.get(bad)
+        assert response.status_code == 403, bad
+        assert response.json()["error"]["type"] == "forbidden"
+    # a correctly signed link to an image that does not exist: 404
+    name, expires = "A" * 22 + ".png", int(time.time()) + 60
+    signature = UrlSigner(SECRET.encode()).sign(name, expires)
+    unknown = f"{http.base_url}/v1/images/{name}?expires={expires}&signature={signature}"
+    assert http.get(unknown).status_code == 404
 
-        # 3. Batch and the OpenAI route hand out links too.
-        batch = http.post(
-            "/v1/generate/batch", json={"prompts": ["a fox", "a hen"], **FAST, "response_format": "url"}
-        ).json()
-        assert [httpx.get(i["url"]).status_code for i in batch["images"]] == [200, 200]
-        openai = http.post(
-            "/v1/images/generations", json={"prompt": "a fox", "size": "64x48", "response_format": "url"}
-        )
-        assert openai.status_code == 200, openai.text
-        data = openai.json()["data"]
-        assert (
-            data[0]["b64_json"] is None and httpx.get(data[0]["url"]).headers["content-type"] == "image/png"
-        )
+    # 3. Batch and the OpenAI route hand out links too.
+    batch = http.post(
+        "/v1/generate/batch", json={"prompts": ["a fox", "a hen"], **FAST, "response_format": "url"}
+    ).json()
+    assert [http.get(i["url"]).status_code for i in batch["images"]] == [200, 200]
+    openai = http.post(
+        "/v1/images/generations", json={"prompt": "a fox", "size": "64x48", "response_format": "url"}
+    )
+    assert openai.status_code == 200, openai.text
+    data = openai.json()["data"]
+    assert data[0]["b64_json"] is None and http.get(data[0]["url"]).headers["content-type"] == "image/png"
 
-        # 4. Past the TTL: the link answers 404 and the cleanup task has deleted every file.
-        time.sleep(TTL_S + 1.0)
-        expired = httpx.get(url)  # "expired", or "no such image" if the sweep came first
-        assert expired.status_code == 404, expired.text
-        assert expired.json()["error"]["type"] == "not_found"
-        deadline = time.monotonic() + 5
-        while list(images_dir.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert list(images_dir.iterdir()) == []
+    # 4. Past the TTL: the link answers 404 and the cleanup task has deleted every file.
+    time.sleep(TTL_S + 1.0)
+    expired = http.get(url)  # "expired", or "no such image" if the sweep came first
+    assert expired.status_code == 404, expired.text
+    assert expired.json()["error"]["type"] == "not_found"
+    deadline = time.monotonic() + 5
+    while list(images_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(images_dir.iterdir()) == []
 
 
-def test_openai_client_url_format(local_gateway: tuple[GatewayProcess, Path]) -> None:
+def test_openai_client_url_format(local_gateway: tuple[TestClient, Path]) -> None:
     openai = pytest.importorskip("openai")
-    gateway, _ = local_gateway
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused")
+    http, _ = local_gateway
+    client = openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="unused", http_client=http)
     result = client.images.generate(prompt="a lighthouse", n=1, size="64x48", response_format="url")
     assert result.data[0].url is not None and result.data[0].b64_json is None
-    assert httpx.get(result.data[0].url).headers["content-type"] == "image/png"
+    assert http.get(result.data[0].url).headers["content-type"] == "image/png"
 
 
 # --- S3, against moto_server (an S3 emulator) over real HTTP ---

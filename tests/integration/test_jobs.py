@@ -1,0 +1,109 @@
+"""Async jobs end to end, for what only the real processes show: the streamed pipeline draws what the
+txt2img ensemble draws, a cancelled job's work leaves Triton's batch, jobs share continuous batches,
+and a stopping gateway drains its jobs into Redis. The jobs' own logic (events, replay, queue,
+webhooks, cache, replicas, fail-closed) is tested in-process: tests/gateway/test_jobs.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from sd_triton.gateway.jobs.models import JobRecord
+from sd_triton.gateway.process import GatewayProcess
+from sd_triton.gateway.state import RedisStore
+from sd_triton.triton_server import TritonServer
+from sd_triton.txt2img_client import txt2img
+from tests.conftest import free_port, triton_executions
+from tests.gateway.test_jobs import png
+from tests.load import job_events as events
+
+log = logging.getLogger(__name__)
+
+
+def test_a_job_streams_what_the_ensemble_draws(http: httpx.Client, client) -> None:
+    params = {"height": 64, "width": 48, "steps": 8, "guidance_scale": 5.0, "seed": 21, "scheduler": "ddim"}
+    job = http.post("/v1/jobs", json={"prompt": "a green square", **params, "preview": True}).json()
+    frames = list(events(http, job["id"]))
+    assert [f["event"] for f in frames] == ["queued"] + ["step"] * 8 + ["completed"]
+    assert all(png(f["data"]["preview"]).shape == (8, 6, 3) for f in frames[1:-1])  # latent resolution: 1/8
+    image = png(frames[-1]["data"]["result"]["images"][0]["base64"])
+    direct = txt2img(client, "a green square", num_images=1, **params).images[0]
+    np.testing.assert_array_equal(image, direct)
+
+
+def test_cancel_mid_run_stops_at_the_next_step(http: httpx.Client, client) -> None:
+    before = triton_executions(client, "unet")
+    job = http.post("/v1/jobs", json={"prompt": "a long one", "steps": 150, "width": 32, "height": 32}).json()
+    stream = events(http, job["id"])
+    for frame in stream:
+        if frame["event"] == "step" and frame["data"]["step"] >= 5:
+            break
+    cancelled = http.delete(f"/v1/jobs/{job['id']}").json()
+    assert cancelled["status"] == "cancelled", cancelled
+    at_cancel = cancelled["progress"]["step"]
+    rest = [f["event"] for f in stream]
+    assert rest[-1] == "cancelled" and "completed" not in rest
+    time.sleep(0.3)
+    ran = triton_executions(client, "unet") - before
+    time.sleep(0.5)  # Triton dropped it from the batch: no UNet call since
+    assert triton_executions(client, "unet") - before == ran
+    log.info("cancel: the job was at step %d, the UNet ran %d times for it", at_cancel, ran)
+    assert at_cancel <= ran <= at_cancel + 2 < 150, (at_cancel, ran)
+
+
+def test_a_stopping_gateway_lets_running_jobs_finish_then_fails_the_rest(
+    triton: TritonServer, redis_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM: no new job is taken; running jobs get JOB_DRAIN_S to finish, the rest end `failed`
+    (read back from Redis once the gateway is gone)."""
+    env = {
+        "SD_TRITON_REDIS_URL": redis_url,
+        "SD_GATEWAY_JOB_DRAIN_S": "0.5",
+    }
+    gateway = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env).start()
+    with httpx.Client(base_url=gateway.url, timeout=60) as http:
+        long = http.post("/v1/jobs", json={"prompt": "too long", "steps": 150, "width": 256, "height": 256})
+        short = http.post("/v1/jobs", json={"prompt": "short", "steps": 3, "width": 32, "height": 32})
+        ids = {"long": long.json()["id"], "short": short.json()["id"]}
+        for name in ("long", "short"):
+            frames = []
+            for f in events(http, ids[name]):
+                frames.append(f)
+                if f["event"] == "step":
+                    break
+            assert frames[-1]["event"] == "step", frames
+    gateway.stop()
+
+    async def records() -> dict[str, JobRecord]:
+        store = RedisStore(redis_url)
+        try:
+            return {
+                n: JobRecord.model_validate_json(await store.get(f"job:{i}") or b"") for n, i in ids.items()
+            }
+        finally:
+            await store.close()
+
+    found = asyncio.run(records())
+    assert found["short"].status == "completed"
+    long = found["long"]
+    seen = long.model_dump_json(exclude={"result"})
+    assert long.status == "failed" and "stopped" in long.error.message, seen
+    assert long.progress.step < 150
+
+
+def test_jobs_submitted_together_run_together(http: httpx.Client) -> None:
+    """The session gateway runs up to 8 jobs at once: two submitted back to back (two shapes) both
+    stream every step and complete (the second once joined the batch unprepared and never advanced)."""
+    bodies = [
+        {"prompt": "together one", "steps": 30, "width": 64, "height": 64, "scheduler": "ddim"},
+        {"prompt": "together two", "steps": 3, "width": 32, "height": 32, "scheduler": "ddim"},
+    ]
+    jobs = [http.post("/v1/jobs", json=body).json() for body in bodies]
+    for job, body in zip(jobs, bodies, strict=True):
+        names = [f["event"] for f in events(http, job["id"])]
+        assert names == ["queued"] + ["step"] * body["steps"] + ["completed"], names
