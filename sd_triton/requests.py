@@ -103,19 +103,13 @@ def _check_side(field: str, value: int, limits: Limits, multiple: int) -> int:
     return value
 
 
-def validate_params(
-    *,
-    height: int,
-    width: int,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-    scheduler: str,
-    num_images: int,
-    limits: Limits,
-    spatial_multiple: int,
-) -> GenerationParams:
-    """Check every scalar input of a request against the model's limits."""
+def validate_params(*, limits: Limits, spatial_multiple: int, **fields: Any) -> GenerationParams:
+    """Check every scalar input of a request (`fields`: GenerationParams' names; its defaults for the
+    rest) against the model's limits."""
+    raw = GenerationParams(**fields)
+    height, width, steps, seed, scheduler, num_images = (
+        raw.height, raw.width, raw.steps, raw.seed, raw.scheduler, raw.num_images,
+    )  # fmt: skip
     _check_side("HEIGHT", int(height), limits, spatial_multiple)
     _check_side("WIDTH", int(width), limits, spatial_multiple)
     if not 1 <= int(steps) <= limits.max_steps:
@@ -132,7 +126,7 @@ def validate_params(
         height=int(height),
         width=int(width),
         steps=int(steps),
-        guidance_scale=check_guidance_scale(guidance_scale),
+        guidance_scale=check_guidance_scale(raw.guidance_scale),
         seed=int(seed),
         scheduler=scheduler,
         num_images=int(num_images),

@@ -24,6 +24,7 @@ class Load:
     body: dict[str, Any]  # the generate body without the seed
     sync_clients: int = 3
     job_clients: int = 1
+    pace_s: float = 0.0  # each client waits this long between requests (may change while it runs)
     results: list[dict[str, Any]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -37,6 +38,7 @@ class Load:
                 self._record("sync", seed, started, response.status_code, body, retry_after=retry_after)
                 if response.is_error:
                     time.sleep(0.1)  # a refusal comes back at once: do not spin
+                time.sleep(self.pace_s)
 
     def _jobs(self, seed: int) -> None:
         with httpx.Client(base_url=self.url, timeout=120, headers=NO_CACHE) as http:
@@ -57,6 +59,7 @@ class Load:
                     200 if record.get("status") == "completed" else view.status_code if view.is_error else 500
                 )
                 self._record("job", seed, started, status, record.get("result") or record, job_id=job_id)
+                time.sleep(self.pace_s)
 
     @staticmethod
     def _job_end(http: httpx.Client, job_id: str) -> httpx.Response:

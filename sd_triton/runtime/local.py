@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,25 +58,11 @@ class LocalPipeline:
         self,
         prompt: str,
         negative_prompt: str = "",
-        *,
-        height: int,
-        width: int,
-        steps: int,
-        guidance_scale: float,
-        seed: int,
-        scheduler: str,
-        num_images: int = 1,
+        **fields: Any,
     ) -> LocalResult:
+        """`fields`: sd_triton.requests.GenerationParams' names (its defaults for the rest)."""
         params = validate_params(
-            height=height,
-            width=width,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            scheduler=scheduler,
-            num_images=num_images,
-            limits=self.config.limits,
-            spatial_multiple=self.config.vae_scale_factor,
+            limits=self.config.limits, spatial_multiple=self.config.vae_scale_factor, **fields
         )
         # 1. Tokens and text embeddings ([uncond,] cond).
         tokens = self.tokenizer.tokenize(prompt, negative_prompt, params.classifier_free_guidance)

@@ -20,7 +20,14 @@ from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import EngineRecord, versions_on_disk
 from sd_triton.model_params import ModelParams
 from sd_triton.pipeline_config import PipelineConfig
-from sd_triton.requests import GenerationParams, InvalidRequest, decode_text, validate_params
+from sd_triton.requests import (
+    DEFAULTS,
+    INPUTS,
+    GenerationParams,
+    InvalidRequest,
+    decode_text,
+    validate_params,
+)
 
 log = logging.getLogger("sd_triton.triton")
 
@@ -66,17 +73,13 @@ def get_text(request: Any, spec: TensorSpec, default: str | None = None) -> str:
 
 def generation_params(request: Any, config: PipelineConfig) -> GenerationParams:
     """A request's generation inputs, checked against the exported model's limits."""
-    return validate_params(
-        height=get_scalar(request, c.HEIGHT),
-        width=get_scalar(request, c.WIDTH),
-        steps=get_scalar(request, c.STEPS),
-        guidance_scale=get_scalar(request, c.GUIDANCE_SCALE),
-        seed=get_scalar(request, c.SEED),
-        scheduler=get_text(request, c.SCHEDULER, default=c.DEFAULT_SCHEDULER),
-        num_images=get_scalar(request, c.NUM_IMAGES),
-        limits=config.limits,
-        spatial_multiple=config.vae_scale_factor,
-    )
+    fields = {
+        name: get_text(request, spec, default=getattr(DEFAULTS, name))
+        if spec.dtype == "TYPE_STRING"
+        else get_scalar(request, spec)
+        for name, spec in INPUTS.items()
+    }
+    return validate_params(limits=config.limits, spatial_multiple=config.vae_scale_factor, **fields)
 
 
 def error_response(message: str, code: Any = None) -> Any:
