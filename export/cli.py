@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sd_triton.cliargs import from_args
 from sd_triton.contract import ENGINE_KINDS, ENGINE_MODELS, Limits
 
 log = logging.getLogger("sd_triton")
@@ -101,15 +102,10 @@ def _export(args: argparse.Namespace) -> int:
     from sd_triton.export.repository import RepositorySettings
 
     limits = Limits(max_steps=args.max_steps, max_side=args.max_side, max_num_images=args.max_images)
-    settings = RepositorySettings(
-        engines=parse_engines(args.engine),  # type: ignore[arg-type]
-        precision=args.precision,
-        ort_tensorrt=args.ort_tensorrt,
-        denoise_instances=args.denoise_instances,
-        batching=args.batching,
-        max_batch_rows=args.max_batch_rows,
-        max_wait_us=args.max_wait_us,
-        max_queue_delay_us=args.max_queue_delay_us,
+    settings = from_args(
+        RepositorySettings,
+        args,
+        engines=parse_engines(args.engine),
         int8=tuple(name for name in args.int8.split(",") if name),
         fp16=tuple(name for name in args.fp16.split(",") if name),
     )
@@ -120,14 +116,7 @@ def _export(args: argparse.Namespace) -> int:
 def _train_demo(args: argparse.Namespace) -> int:
     from sd_triton.export.train_demo import TrainConfig, refine_decoder, train_demo_model
 
-    config = TrainConfig(
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        unet_lr=args.unet_lr,
-        seed=args.seed,
-        vae_from=args.vae_from,
-        decoder_steps=args.decoder_steps,
-    )
+    config = from_args(TrainConfig, args)
     if args.refine_decoder_of:
         refine_decoder(Path(args.refine_decoder_of), Path(args.out), config)
     else:

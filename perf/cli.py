@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sd_triton.cliargs import from_args
+
 log = logging.getLogger("sd_triton.perf")
 
 
@@ -154,21 +156,12 @@ def _perf_gateway(args: argparse.Namespace) -> int:
 def _perf_compare(args: argparse.Namespace) -> int:
     from sd_triton.perf.compare import CompareSettings, run_compare, table
 
-    settings = CompareSettings(
-        **_load_settings(args),
-        systems=tuple(args.systems),
-        batching=args.batching,
-        denoise_instances=args.denoise_instances,
-        max_queue_delay_us=args.max_queue_delay_us,
-    )
+    settings = from_args(CompareSettings, args, systems=tuple(args.systems))
     return _save(run_compare(settings, Path(args.work_dir)), args, "compare", table)
 
 
-_LOAD_FIELDS = ("preset", "height", "width", "steps", "concurrency", "rounds")
-
-
 def _load_args(parser: argparse.ArgumentParser, preset: str, rounds: int) -> None:
-    """The load both benchmarks share (_LOAD_FIELDS): model, size, steps, levels, rounds."""
+    """The load both benchmarks share: model, size, steps, levels, rounds."""
     parser.add_argument("--preset", default=preset, help="tiny, small, sd15 (random weights)")
     parser.add_argument("--height", type=int, default=None, help="default: the preset's native size")
     parser.add_argument("--width", type=int, default=None)
@@ -188,10 +181,6 @@ def _work_dir(args: argparse.Namespace) -> Path:
     return work_dir
 
 
-def _load_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in _LOAD_FIELDS}
-
-
 def _save(document: dict[str, Any], args: argparse.Namespace, kind: str, table: Any) -> int:
     from sd_triton.perf.compare import save
 
@@ -206,16 +195,8 @@ def _save(document: dict[str, Any], args: argparse.Namespace, kind: str, table: 
 def _perf_batching(args: argparse.Namespace) -> int:
     from sd_triton.perf.batching import BatchingSettings, run_batching, table
 
-    settings = BatchingSettings(
-        **_load_settings(args),
-        stagger_s=args.stagger_ms / 1000.0,
-        modes=tuple(args.modes.split(",")),
-        request_slots=args.request_slots,
-        repeats=args.repeats,
-        denoise_instances=args.denoise_instances,
-        max_queue_delay_us=args.max_queue_delay_us,
-        max_batch_rows=args.max_batch_rows,
-        max_wait_us=args.max_wait_us,
+    settings = from_args(
+        BatchingSettings, args, stagger_s=args.stagger_ms / 1000.0, modes=tuple(args.modes.split(","))
     )
     return _save(run_batching(settings, Path(args.work_dir)), args, "batching", table)
 
@@ -223,35 +204,21 @@ def _perf_batching(args: argparse.Namespace) -> int:
 def _perf_jobs(args: argparse.Namespace) -> int:
     from sd_triton.perf.jobs import JobsBenchSettings, run_jobs_bench, table
 
-    settings = JobsBenchSettings(
-        preset=args.preset, steps=args.steps, repeats=args.repeats, preview=not args.no_preview
-    )
+    settings = from_args(JobsBenchSettings, args, preview=not args.no_preview)
     return _save(run_jobs_bench(settings, _work_dir(args)), args, "jobs", table)
 
 
 def _perf_int8(args: argparse.Namespace) -> int:
     from sd_triton.perf.int8 import Int8Settings, run_int8, table
 
-    settings = Int8Settings(preset=args.preset, steps=args.steps, calls=args.calls)
+    settings = from_args(Int8Settings, args)
     return _save(run_int8(settings, _work_dir(args)), args, "int8", table)
 
 
 def _perf_soak(args: argparse.Namespace) -> int:
     from sd_triton.perf.soak import SoakSettings, run_soak, table
 
-    settings = SoakSettings(
-        preset=args.preset,
-        minutes=args.minutes,
-        concurrency=args.concurrency,
-        steps=args.steps,
-        height=args.height,
-        width=args.width,
-        warmup_fraction=args.warmup_fraction,
-        windows=args.windows,
-        max_p99_drift_pct=args.max_p99_drift_pct,
-        max_rss_growth_pct=args.max_rss_growth_pct,
-        cache=args.cache,
-    )
+    settings = from_args(SoakSettings, args)
     document = run_soak(settings, _work_dir(args))
     _save(document, args, "soak", table)
     return 0 if document["passed"] else 1

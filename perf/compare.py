@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sd_triton.perf.loadgen import Load, LoadResult, run_load
 from sd_triton.perf.stats import latency_percentiles
@@ -118,7 +118,23 @@ def _load_result(system: str, result: LoadResult) -> dict[str, Any]:
     return {"system": system, **{k: v for k, v in summary.items() if k != "requests"}, "requests": result.ok}
 
 
-def request_body(settings: CompareSettings, height: int, width: int) -> dict[str, Any]:
+class RequestSettings(Protocol):
+    """What a benchmark's request is made of (CompareSettings, BatchingSettings, SoakSettings)."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def guidance_scale(self) -> float: ...
+    @property
+    def scheduler(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+
+
+def request_body(settings: RequestSettings, height: int, width: int) -> dict[str, Any]:
+    """The /v1/generate body of one benchmark request, one image (the soak sends a new seed each time)."""
     return {
         "prompt": settings.prompt,
         "height": height,

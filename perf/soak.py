@@ -190,18 +190,6 @@ def _label(process: psutil.Process) -> str:
     return str(process.name())
 
 
-def request_body(settings: SoakSettings, height: int, width: int) -> dict[str, Any]:
-    return {
-        "prompt": settings.prompt,
-        "height": height,
-        "width": width,
-        "steps": settings.steps,
-        "guidance_scale": settings.guidance_scale,
-        "scheduler": settings.scheduler,
-        "num_images": 1,
-    }
-
-
 async def drive(
     url: str, body: dict[str, Any], settings: SoakSettings, sampler: Sampler
 ) -> tuple[list[Outcome], list[Sample]]:
@@ -279,7 +267,7 @@ def run_soak(settings: SoakSettings, work_dir: Path, running: Running | None = N
     from sd_triton.export.checkpoint import Checkpoint
     from sd_triton.export.manifest import Manifest
     from sd_triton.export.pipeline import ExportOptions, run_export
-    from sd_triton.perf.compare import machine
+    from sd_triton.perf.compare import machine, request_body
     from sd_triton.perf.stack import serving
 
     # 1. The preset exported (python-ort engines, default repository settings) and the request size.
