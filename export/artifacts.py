@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from sd_triton.engine_record import EngineRecord, versions_on_disk
 from sd_triton.export import tensorrt
-from sd_triton.export.checkpoint import artifact_sha256, link_file, link_tree, sha256_file, sha256_tree
+from sd_triton.export.checkpoint import artifact_sha256, link_file, link_tree, sha256_tree
 from sd_triton.export.components import Profile
 from sd_triton.export.quantize import quantize_int8
 
@@ -36,6 +36,7 @@ class ArtifactSource:
 
     component: str
     onnx: Path  # the exported graph (version 1's model.onnx)
+    onnx_sha256: str  # its hash, as the caller already has it (the manifest, or hashed once)
     weights: Path  # the checkpoint's folder of the component's weights
     profile: Profile | None = None  # the engine's shape profile (TensorRT plans)
     work_dir: Path | None = None  # TensorRT's timing cache
@@ -76,7 +77,7 @@ class OnnxGraph:
     label = "int8"
 
     def key(self, source: ArtifactSource, precision: str) -> dict[str, Any]:
-        return {"onnx": sha256_file(source.onnx), "precision": precision}
+        return {"onnx": source.onnx_sha256, "precision": precision}
 
     def build(self, source: ArtifactSource, precision: str, target: Path) -> dict[str, Any] | None:
         if precision == "int8":
@@ -108,7 +109,7 @@ class TensorrtPlan:
     def key(self, source: ArtifactSource, precision: str) -> dict[str, Any]:
         assert source.profile is not None, "a TensorRT plan needs the engine's profile"
         return {
-            "onnx": sha256_file(source.onnx),
+            "onnx": source.onnx_sha256,
             "profile": source.profile.shapes,
             "precision": precision,
             "target": tensorrt.build_target(),  # a plan runs only on the GPU and TensorRT that built it

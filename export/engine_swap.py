@@ -143,9 +143,11 @@ class Repository:
         if kind == "tensorrt":
             opened = Checkpoint.open(checkpoint)
             profile = engine_profile(COMPONENTS[component], opened, self.settings, self.manifest.limits)
+        onnx = self.path / component / "1" / "model.onnx"
         return ArtifactSource(
             component=component,
-            onnx=self.path / component / "1" / "model.onnx",
+            onnx=onnx,
+            onnx_sha256=sha256_file(onnx),
             weights=checkpoint / c.CHECKPOINT_SUBFOLDERS[component],
             profile=profile,
             work_dir=work_dir,
@@ -186,7 +188,7 @@ def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptio
     return replace(
         candidate,
         sha256=made.sha256,
-        source_sha256=sha256_file(source.onnx),
+        source_sha256=source.onnx_sha256,
         build=made.build,
         artifact_key=made.key,
     )

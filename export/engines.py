@@ -16,10 +16,10 @@ from sd_triton.export import tensorrt
 from sd_triton.export.manifest import Manifest
 
 
-def live_records(repo: Path) -> dict[str, EngineRecord | None]:
-    """The live version's engine.json of each engine model (the manifest says which is live); none for a
-    repository never exported."""
-    manifest = Manifest.find(repo)
+def live_records(repo: Path, manifest: Manifest | None = None) -> dict[str, EngineRecord | None]:
+    """The live version's engine.json of each engine model (the manifest says which is live; read here
+    unless given); none for a repository never exported."""
+    manifest = manifest or Manifest.find(repo)
     if manifest is None:
         return {}
     return {
@@ -40,15 +40,15 @@ def loaded_versions(triton_http: str) -> dict[str, list[str]]:
 
 
 def engine_rows(repo: Path, triton_http: str | None = None) -> list[dict[str, Any]]:
-    manifest = Manifest.load(repo).components
+    manifest = Manifest.load(repo)
     loaded = loaded_versions(triton_http) if triton_http else None
     rows = []
-    for name, record in live_records(repo).items():
+    for name, record in live_records(repo, manifest).items():
         if record is None:
             raise FileNotFoundError(
                 f"{repo / name}: the live version has no engine.json; re-export the repository"
             )
-        plan = (manifest.get(name) or {}).get("plan") or {}
+        plan = (manifest.components.get(name) or {}).get("plan") or {}
         parity = record.parity or {}
         rows.append(
             {

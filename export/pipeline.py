@@ -89,7 +89,7 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     _step(3, "engine artifacts: INT8 graphs, PyTorch weights, TensorRT plans (export/artifacts.py)")
     artifacts: dict[str, Artifact] = {}
     for name, component in COMPONENTS.items():
-        artifacts[name], entry = _engine_artifact(component, checkpoint, repo, settings, options)
+        artifacts[name], entry = _engine_artifact(component, checkpoint, repo, settings, options, components)
         components[name].update(entry)
 
     _step(4, "python steps: tokenizer files, pipeline.json, model.py files")
@@ -206,6 +206,7 @@ def _engine_artifact(
     repo: Path,
     settings: RepositorySettings,
     options: ExportOptions,
+    components: dict[str, Any],
 ) -> tuple[Artifact, dict[str, Any]]:
     """Version 1's artifact (export/artifacts.py: the builder of the component's engine kind), and what
     the manifest says of it besides the ONNX: the INT8 graph, the PyTorch weights or the TensorRT plan."""
@@ -215,6 +216,7 @@ def _engine_artifact(
     source = ArtifactSource(
         component=name,
         onnx=repo / name / "1" / "model.onnx",
+        onnx_sha256=components[name]["onnx"]["artifacts"][f"{name}/1/model.onnx"],
         weights=checkpoint.path / component.subfolder,
         profile=profile,
         work_dir=options.work_dir,

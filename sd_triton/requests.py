@@ -43,8 +43,8 @@ class InvalidRequest(ValueError):
 class GenerationParams:
     """The scalar inputs of one txt2img request, named as the JSON API names them (the contract's input
     names lower-cased), with their defaults. The one list of them: validation (`validate_params`), the
-    gateway's schema defaults and mapping, the SDK's parameter check, the Triton client's inputs and the
-    perf tools' request files all go through it. Unchecked until `validate_params`."""
+    gateway's schema defaults and mapping, the Triton client's inputs, the python models' input reading and
+    the perf tools' request files all go through it. Unchecked until `validate_params`."""
 
     height: int = 512  # the gateway's default is the served model's native size
     width: int = 512
@@ -107,27 +107,27 @@ def validate_params(*, limits: Limits, spatial_multiple: int, **fields: Any) -> 
     """Check every scalar input of a request (`fields`: GenerationParams' names; its defaults for the
     rest) against the model's limits."""
     raw = GenerationParams(**fields)
-    height, width, steps, seed, scheduler, num_images = (
-        raw.height, raw.width, raw.steps, raw.seed, raw.scheduler, raw.num_images,
-    )  # fmt: skip
-    _check_side("HEIGHT", int(height), limits, spatial_multiple)
-    _check_side("WIDTH", int(width), limits, spatial_multiple)
-    if not 1 <= int(steps) <= limits.max_steps:
-        raise InvalidRequest("STEPS", f"must be between 1 and {limits.max_steps}, got {steps}")
-    if scheduler not in SCHEDULERS:
-        raise InvalidRequest("SCHEDULER", f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
-    if not 1 <= int(num_images) <= limits.max_num_images:
-        raise InvalidRequest("NUM_IMAGES", f"must be between 1 and {limits.max_num_images}, got {num_images}")
+    _check_side("HEIGHT", int(raw.height), limits, spatial_multiple)
+    _check_side("WIDTH", int(raw.width), limits, spatial_multiple)
+    if not 1 <= int(raw.steps) <= limits.max_steps:
+        raise InvalidRequest("STEPS", f"must be between 1 and {limits.max_steps}, got {raw.steps}")
+    if raw.scheduler not in SCHEDULERS:
+        known = ", ".join(SCHEDULERS)
+        raise InvalidRequest("SCHEDULER", f"unknown scheduler {raw.scheduler!r}; known: {known}")
+    if not 1 <= int(raw.num_images) <= limits.max_num_images:
+        raise InvalidRequest(
+            "NUM_IMAGES", f"must be between 1 and {limits.max_num_images}, got {raw.num_images}"
+        )
     # image i uses seed + i, so the last image's seed must still fit
-    max_seed = limits.max_seed - (int(num_images) - 1)
-    if not 0 <= int(seed) <= max_seed:
-        raise InvalidRequest("SEED", f"must be between 0 and {max_seed}, got {seed}")
+    max_seed = limits.max_seed - (int(raw.num_images) - 1)
+    if not 0 <= int(raw.seed) <= max_seed:
+        raise InvalidRequest("SEED", f"must be between 0 and {max_seed}, got {raw.seed}")
     return GenerationParams(
-        height=int(height),
-        width=int(width),
-        steps=int(steps),
+        height=int(raw.height),
+        width=int(raw.width),
+        steps=int(raw.steps),
         guidance_scale=check_guidance_scale(raw.guidance_scale),
-        seed=int(seed),
-        scheduler=scheduler,
-        num_images=int(num_images),
+        seed=int(raw.seed),
+        scheduler=raw.scheduler,
+        num_images=int(raw.num_images),
     )

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sd_triton.engine_record import EngineRecord
 from sd_triton.export import tensorrt
 from sd_triton.export.artifacts import BUILDERS, ArtifactSource, ArtifactUnavailable, make_artifact
+from sd_triton.export.checkpoint import sha256_file
 from sd_triton.export.components import Profile
 from sd_triton.export.quantize import INT8_FILE
 
@@ -39,7 +40,9 @@ def model(tmp_path: Path) -> tuple[Path, ArtifactSource]:
     weights = tmp_path / "checkpoint" / "unet"
     weights.mkdir(parents=True)
     (weights / "config.json").write_text("{}")
-    return model_dir, ArtifactSource(component="unet", onnx=onnx_path, weights=weights)
+    return model_dir, ArtifactSource(
+        component="unet", onnx=onnx_path, onnx_sha256=sha256_file(onnx_path), weights=weights
+    )
 
 
 def _record(model_dir: Path, version: int, kind: str, precision: str, artifact: str, made) -> None:
@@ -74,6 +77,7 @@ def test_a_damaged_artifact_is_made_again(model) -> None:
     assert again.reused_from is None and again.sha256 == first.sha256
     # a changed source is a changed key: nothing reused
     _graph(source.onnx, scale=32)
+    source = replace(source, onnx_sha256=sha256_file(source.onnx))
     changed = make_artifact(model_dir, 1, "python-ort", "int8", INT8_FILE, source)
     assert changed.key != first.key
 
