@@ -15,6 +15,7 @@ time conditioning), so an SDXL checkpoint would not load into it.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -106,9 +107,18 @@ def ensure_preset_checkpoint(name: str, folder: Path) -> Path:
         log.info("%s checkpoint: reusing %s", name, folder)
         return folder
     log.info("%s checkpoint: building into %s", name, folder)
-    partial = folder.with_name(folder.name + ".partial")
+    # a folder of this process's own: two exports sharing the work folder (parallel test workers, two
+    # shells) each build one, and the first to finish publishes it
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     save_pipeline(PRESETS[name](), partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)  # whole or not at all
+    try:
+        partial.rename(folder)  # whole or not at all
+    except OSError:  # a folder is there: another export's, or an incomplete one a process left when it died
+        if (folder / "model_index.json").is_file():
+            log.info("%s checkpoint: another export published %s first; using it", name, folder)
+            shutil.rmtree(partial, ignore_errors=True)
+            return folder
+        shutil.rmtree(folder)
+        partial.rename(folder)
     return folder
