@@ -124,6 +124,29 @@ def triton(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="session")
+def spare_server(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A second Triton on the session's repository, for the tests that kill, stop or pair one: started
+    once a session (each start costs ~20 s of python stubs). A test may leave it down; take it through
+    `spare_triton` or `running`, which restart it."""
+    server = triton_server(exported["repo"], tmp_path_factory.mktemp("spare-triton") / "triton.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def running(server: TritonServer) -> TritonServer:
+    """`server`, started again if an earlier test left it down."""
+    if server.process is None or server.process.poll() is not None:
+        server.start()
+    return server
+
+
+@pytest.fixture
+def spare_triton(spare_server: TritonServer) -> TritonServer:
+    return running(spare_server)
+
+
+@pytest.fixture(scope="session")
 def client(triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
     with grpcclient.InferenceServerClient(triton.grpc_url) as c:
         yield c

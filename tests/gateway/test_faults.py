@@ -11,7 +11,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
-from tests.conftest import RedisServer, free_port, triton_executions, triton_server
+from tests.conftest import RedisServer, free_port, triton_executions
 from tests.gateway.access_support import sample
 from tests.load import NO_CACHE, Load, job_events, wait_until
 
@@ -55,13 +54,6 @@ def _settled_unet_steps(server: TritonServer, quiet_s: float = 2.0, timeout_s: f
     return now
 
 
-@pytest.fixture
-def own_triton(exported: dict, tmp_path: Path) -> Iterator[TritonServer]:
-    """A Triton of this test's own, to kill."""
-    with triton_server(exported["repo"], tmp_path / "triton.log") as server:
-        yield server
-
-
 def _kill(server: TritonServer) -> None:
     """SIGKILL Triton and its python backend stubs: a crash, no drain."""
     assert server.process is not None
@@ -69,23 +61,23 @@ def _kill(server: TritonServer) -> None:
     server.process.wait(timeout=30)
 
 
-def test_triton_killed_mid_load(own_triton: TritonServer, tmp_path: Path) -> None:
+def test_triton_killed_mid_load(spare_triton: TritonServer, tmp_path: Path) -> None:
     """Sync requests get 503 + Retry-After promptly while Triton is down; accepted jobs are tried again
     and complete once it is back: none lost, none completed twice."""
     env = {"SD_GATEWAY_TRITON_HEALTH_INTERVAL_S": "0.2", "SD_GATEWAY_TRITON_TIMEOUT_S": "20"}
-    gateway = GatewayProcess(own_triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env)
+    gateway = GatewayProcess(spare_triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env)
     marks: dict[str, float] = {}
     with gateway:
         with Load(gateway.url, BODY, sync_clients=2, job_clients=3) as load:
             load.wait_for(0, 8)
             # 1. Kill Triton mid-load; it stays down a few seconds.
             marks["kill"] = time.monotonic()
-            _kill(own_triton)
+            _kill(spare_triton)
             load.wait_for(marks["kill"] + 0.5, 4, timeout_s=30)
             time.sleep(3)
             # 2. Restart it on the same ports; the load goes on until requests succeed again.
             marks["restart"] = time.monotonic()
-            own_triton.start()
+            spare_triton.start()
             marks["ready"] = time.monotonic()
             _wait(
                 lambda: sum(r["start"] > marks["ready"] and r["status"] == 200 for r in load.results) >= 4,

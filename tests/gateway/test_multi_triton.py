@@ -19,7 +19,7 @@ from sd_triton.gateway.process import GatewayProcess
 from sd_triton.gateway.settings import GatewaySettings, parse_endpoints
 from sd_triton.perf.loadgen import parse_metrics
 from sd_triton.triton_server import TritonServer
-from tests.conftest import free_port, triton_requests, triton_server
+from tests.conftest import free_port, running, triton_requests
 from tests.load import NO_CACHE, Load
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,9 @@ BODY = {"prompt": "a red circle on a blue background", "height": 64, "width": 64
 
 
 @pytest.fixture(scope="module")
-def second_triton(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """A second Triton on the session's repository (read-only for both)."""
-    with triton_server(exported["repo"], tmp_path_factory.mktemp("triton-b") / "triton.log") as server:
-        yield server
+def second_triton(spare_server: TritonServer) -> TritonServer:
+    """The session's spare Triton, on the same repository (read-only for both)."""
+    return running(spare_server)
 
 
 @pytest.fixture(scope="module")
