@@ -1,4 +1,6 @@
-"""Triton stopped while the gateway runs: 503 within the deadline, then back without a restart."""
+"""Triton stopped while the gateway runs: 503 within the deadline, then back without a restart; and a
+gateway started while Triton is down: alive, not ready, then ready once Triton is up. One Triton start
+(the session's spare Triton, stopped and started again)."""
 
 from __future__ import annotations
 
@@ -7,30 +9,29 @@ import time
 import httpx
 
 from sd_triton.gateway.process import GatewayProcess
-from tests.conftest import free_port, triton_server
+from sd_triton.triton_server import TritonServer
+from tests.conftest import free_port
 from tests.load import wait_until
 
 BODY = {"prompt": "a fox", "steps": 3, "width": 64, "height": 48}
 TIMEOUT_S = 5.0
+ENV = {"SD_GATEWAY_TRITON_TIMEOUT_S": str(TIMEOUT_S), "SD_GATEWAY_TRITON_PROBE_TIMEOUT_S": "1"}
 
 
-def test_outage_and_recovery(exported: dict, tmp_path) -> None:
-    triton = triton_server(exported["repo"], tmp_path / "triton.log")
-    env = {"SD_GATEWAY_TRITON_TIMEOUT_S": str(TIMEOUT_S), "SD_GATEWAY_TRITON_PROBE_TIMEOUT_S": "1"}
-    gateway = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "gateway.log", env=env)
+def test_outage_and_recovery(spare_triton: TritonServer, tmp_path) -> None:
+    triton = spare_triton
+    running = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "running.log", env=ENV)
+    late = GatewayProcess(triton.grpc_url, port=free_port(), log_file=tmp_path / "late.log", env=ENV)
     try:
-        # 1. The gateway starts before Triton: alive, not ready, 503 for work.
-        gateway.start(wait_ready=False)
-        with httpx.Client(base_url=gateway.url, timeout=30) as http:
-            assert http.get("/readyz").status_code == 503
-            assert http.post("/v1/generate", json=BODY).status_code == 503
-
-            # 2. Triton comes up: ready, and requests succeed.
-            triton.start()
-            wait_until(lambda: http.get("/readyz").status_code == 200, "ready after Triton started")
+        # 1. A gateway over a running Triton serves.
+        running.start()
+        with (
+            httpx.Client(base_url=running.url, timeout=30) as http,
+            httpx.Client(base_url=late.url, timeout=30) as late_http,
+        ):
             assert http.post("/v1/generate", json=BODY).status_code == 200
 
-            # 3. Triton stops: 503 with Retry-After, well within the deadline.
+            # 2. Triton stops: 503 with Retry-After, well within the deadline; alive, not ready.
             triton.stop()
             started = time.monotonic()
             response = http.post("/v1/generate", json=BODY)
@@ -41,11 +42,19 @@ def test_outage_and_recovery(exported: dict, tmp_path) -> None:
             assert http.get("/readyz").status_code == 503
             assert http.get("/healthz").status_code == 200
 
-            # 4. Triton back on the same ports: ready again, no gateway restart.
+            # 3. A gateway started while Triton is down: alive, not ready, 503 for work.
+            late.start(wait_ready=False)
+            assert late_http.get("/healthz").status_code == 200
+            assert late_http.get("/readyz").status_code == 503
+            assert late_http.post("/v1/generate", json=BODY).status_code == 503
+
+            # 4. Triton back on the same ports: both ready and serving, neither restarted.
             triton.start()
-            wait_until(lambda: http.get("/readyz").status_code == 200, "ready after Triton restarted")
-            assert http.post("/v1/generate", json=BODY).status_code == 200
-            assert gateway.process is not None and gateway.process.poll() is None
+            for client, name in ((http, "the running gateway"), (late_http, "the late gateway")):
+                wait_until(lambda c=client: c.get("/readyz").status_code == 200, f"{name} ready again")
+                assert client.post("/v1/generate", json=BODY).status_code == 200
+            for gateway in (running, late):
+                assert gateway.process is not None and gateway.process.poll() is None
     finally:
-        gateway.stop()
-        triton.stop()
+        running.stop()
+        late.stop()
