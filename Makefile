@@ -11,8 +11,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# --no-compile: Python compiles each module on its first import; compiling all 300 MB of the
-	# dependencies' sources up front took 70 s of CPU here, mostly for modules never imported
+	# --no-compile: Python compiles each module on its first import; compiling all 315 MB of the
+	# dependencies' sources up front took 73 s of CPU here (compileall -j1), mostly for modules never imported
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
 	# the CLIP BPE vocabulary file; --no-deps: its declared deps would pull torchvision and a CUDA torch
 	$(PY) -m pip install --quiet --no-compile --no-deps open-clip-torch==3.3.0

@@ -107,8 +107,8 @@ def ensure_preset_checkpoint(name: str, folder: Path) -> Path:
         log.info("%s checkpoint: reusing %s", name, folder)
         return folder
     log.info("%s checkpoint: building into %s", name, folder)
-    # a folder of this process's own: two exports sharing the work folder (parallel test workers, two
-    # shells) each build one, and the first to finish publishes it
+    # a folder of this process's own: two exports sharing the work folder at once (two shells, a benchmark
+    # beside an export) each build one, and the first to finish publishes it
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     save_pipeline(PRESETS[name](), partial)

@@ -1,5 +1,6 @@
 """The preset checkpoints in a shared work folder: built once, whole or not at all, and two exports
-building the same preset at once (parallel test workers, two shells) both end with the one published."""
+building the same preset at once (two shells, a benchmark beside an export) both end with the one
+published."""
 
 from __future__ import annotations
 
