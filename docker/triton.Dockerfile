@@ -27,4 +27,4 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
 
 # First `sd-triton engine check`: it refuses TensorRT plans built for another GPU or TensorRT version.
 # Explicit model control: `sd-triton engine set` loads new engine versions without a restart.
-ENTRYPOINT ["/bin/sh", "-c", "sd-triton engine check --repo /models && exec tritonserver --model-repository=/models --model-control-mode=explicit --load-model=*"]
+ENTRYPOINT ["/bin/sh", "-c", "sd-triton engine check --repo /models && exec tritonserver --model-repository=/models --model-control-mode=explicit --load-model=* --disable-auto-complete-config"]
