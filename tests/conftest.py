@@ -126,7 +126,7 @@ def triton(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(scope="session")
 def spare_server(exported: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """A second Triton on the session's repository, for the tests that kill, stop or pair one: started
-    once a session (each start costs ~20 s of python stubs). A test may leave it down; take it through
+    once a session (each start costs ~8-9 s of python stubs here). A test may leave it down; take it through
     `spare_triton` or `running`, which restart it."""
     server = triton_server(exported["repo"], tmp_path_factory.mktemp("spare-triton") / "triton.log")
     server.start()
