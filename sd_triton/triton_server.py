@@ -99,7 +99,8 @@ class TritonServer:
             "--load-model=*",
             # every config.pbtxt here is complete (export writes them from the contract); without this
             # flag the python backend starts one extra stub per model only to ask it for config
-            # additions, importing torch and diffusers twice: Triton's start here took 20 s, with it 8-9 s
+            # additions, importing torch and diffusers twice: Triton's start here took 18.5-20.6 s,
+            # with the flag 8.0-9.0 s (docs/engines.md)
             "--disable-auto-complete-config",
             "--log-verbose=0",
         ]
