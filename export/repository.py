@@ -289,6 +289,19 @@ def parse(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
+def engine_params(repo: Path) -> dict[str, EngineParams]:
+    """The runtime settings of each engine the python backend runs (python-ort, python-torch), read
+    from its config.pbtxt: what the stack runs them with. Engines of Triton's own backends are left out."""
+    found = {}
+    for name in c.ENGINE_MODELS:
+        config = parse((repo / name / CONFIG_FILE).read_text())
+        if config.backend == "python":
+            found[name] = EngineParams.from_parameters(
+                {k: v.string_value for k, v in config.parameters.items()}
+            )
+    return found
+
+
 def write_config(repo: Path, config: mc.ModelConfig) -> Path:
     """Write a model's config.pbtxt (unless unchanged)."""
     path = repo / config.name / CONFIG_FILE

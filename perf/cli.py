@@ -201,6 +201,15 @@ def _perf_batching(args: argparse.Namespace) -> int:
     return _save(run_batching(settings, Path(args.work_dir)), args, "batching", table)
 
 
+def _perf_overhead(args: argparse.Namespace) -> int:
+    from sd_triton.perf.overhead import OverheadSettings, run_overhead, table
+
+    settings = from_args(
+        OverheadSettings, args, stagger_s=args.stagger_ms / 1000.0, modes=tuple(args.modes.split(","))
+    )
+    return _save(run_overhead(settings, _work_dir(args)), args, "overhead", table)
+
+
 def _perf_jobs(args: argparse.Namespace) -> int:
     from sd_triton.perf.jobs import JobsBenchSettings, run_jobs_bench, table
 
@@ -307,6 +316,19 @@ def add_parser(sub: Any) -> None:
     batching.add_argument("--max-wait-us", type=int, default=0, help="continuous: wait for arrivals")
     _output_args(batching, "batching")
     batching.set_defaults(run=_perf_batching)
+
+    overhead = commands.add_parser(
+        "overhead", help="what serving adds per denoising step, vs the engine floor"
+    )
+    _load_args(overhead, preset="tiny", rounds=1)
+    overhead.set_defaults(concurrency=(1, 8))
+    overhead.add_argument("--steps-high", type=int, default=30, help="the second step count of the slope")
+    overhead.add_argument("--min-requests", type=int, default=4, help="per run, at least")
+    overhead.add_argument("--stagger-ms", type=float, default=50.0, help="arrival offset between clients")
+    overhead.add_argument("--modes", default="none,request,dynamic,continuous")
+    overhead.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    _output_args(overhead, "overhead")
+    overhead.set_defaults(run=_perf_overhead)
 
     jobs = commands.add_parser("jobs", help="async jobs: time to the first step event, SSE overhead per step")
     jobs.add_argument("--preset", default="tiny", help="tiny, small, sd15 (random weights), demo")

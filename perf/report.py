@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sd_triton.perf.compare import SYSTEMS, ratios_and_targets
-
-VERDICTS = {True: "met", False: "**missed**", None: "not measured"}
+from sd_triton.perf.compare import SYSTEMS, ratios_and_targets, verdict
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:
@@ -19,12 +17,22 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
         missing = [k for k in ("settings", "rows", "ratios", "targets", "machine") if k not in document]
         if missing:
             raise ValueError(f"{path}: not a compare result (no {', '.join(missing)})")
-        # verdicts from the rows with today's rules, so a report never shows stale ones
-        document["ratios"], document["targets"] = ratios_and_targets(
-            document["rows"], document["settings"]["preset"]
-        )
+        _, today = ratios_and_targets(document["rows"], document["settings"]["preset"])
+        document["targets"] = with_rule_changes(document["targets"], today)
         documents.append(document)
     return documents
+
+
+def with_rule_changes(stored: list[dict[str, Any]], today: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The verdicts stored with the run, as they were; a stored target that today's rules no longer
+    have is marked, and today's targets the run did not have are added, marked as judged after it."""
+    names = {t["target"] for t in today}
+    marked = [t if t["target"] in names else {**t, "changed": "rule changed after the run"} for t in stored]
+    stored_names = {t["target"] for t in stored}
+    marked += [
+        {**t, "changed": "new rule, judged after the run"} for t in today if t["target"] not in stored_names
+    ]
+    return marked
 
 
 def chart(document: dict[str, Any], path: Path) -> Path:
@@ -85,7 +93,8 @@ def section(document: dict[str, Any], chart_name: str) -> str:
     lines += [f"| {name} | {value:.3f} |" for name, value in document["ratios"].items()]
     lines += ["", "| target | measured | verdict |", "|---|---:|---|"]
     for t in document["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {VERDICTS[t['met']]} |")
+        changed = f" ({t['changed']})" if t.get("changed") else ""
+        lines.append(f"| {t['target']} | {t['value']} | {verdict(t)}{changed} |")
     split = next(
         (r for r in reversed(document["rows"]) if r["system"] == "d" and r.get("triton_split_ms")), None
     )

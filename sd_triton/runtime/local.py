@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from sd_triton import contract as c
+from sd_triton.model_params import EngineParams
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import validate_params
 from sd_triton.runtime.denoise import denoise
@@ -32,9 +33,13 @@ class LocalPipeline:
         device: str = "cpu",
         threads: int = 0,
         model_files: dict[str, str] | None = None,
+        engine_params: dict[str, EngineParams] | None = None,
     ) -> None:
         """`model_files`: per component, a graph other than version 1's model.onnx (e.g. {"unet":
-        "model.int8.onnx"}, or any path), or a diffusers weights folder (python-torch, e.g. "unet")."""
+        "model.int8.onnx"}, or any path), or a diffusers weights folder (python-torch, e.g. "unet").
+        `engine_params`: per component, the runtime settings to run it with, as the Triton engine's
+        config sets them (its threads and ONNX Runtime's spinning; the benchmarks' engine floor passes
+        the stack's own). Without them: `threads`, and ONNX Runtime's default spinning."""
         repo = Path(repo)
         files = {name: "model.onnx" for name in c.ENGINE_MODELS} | (model_files or {})
         self.config = PipelineConfig.load(repo / c.DENOISE.name / "1" / FILENAME)
@@ -47,7 +52,13 @@ class LocalPipeline:
 
                 self.runners[name] = TorchRunner(name, path.parent, device=device, threads=threads)
             else:
-                self.runners[name] = OrtRunner(path, device=device, threads=threads)
+                params = (engine_params or {}).get(name)
+                if params is None:
+                    self.runners[name] = OrtRunner(path, device=device, threads=threads)
+                else:
+                    self.runners[name] = OrtRunner(
+                        path, device=device, threads=params.intra_op_threads, spinning=params.allow_spinning
+                    )
 
     def _run(self, model: str, *arrays: np.ndarray) -> np.ndarray:
         spec = c.MODELS[model]

@@ -43,3 +43,20 @@ def test_local_pipeline_serves_threads_at_once(local: LocalPipeline) -> None:
         together = list(pool.map(lambda i: local(prompts[i], seed=i, **params).images, range(4)))
     for i, images in enumerate(together):  # the same images as one at a time
         assert np.array_equal(images, local(prompts[i], seed=i, **params).images)
+
+
+def test_the_stacks_engine_settings_reach_onnx_runtime(exported: dict) -> None:
+    """With `engine_params` (the floor of the benchmarks), each session spins and threads as the Triton
+    engine's config says; without, ONNX Runtime's defaults (spinning on)."""
+    from sd_triton.model_params import EngineParams
+    from sd_triton.runtime.ort_runner import OrtRunner
+
+    key = "session.intra_op.allow_spinning"
+    quiet = LocalPipeline(exported["repo"], engine_params={"unet": EngineParams(allow_spinning=False)})
+    default = LocalPipeline(exported["repo"])
+    for pipeline, unet_spins in ((quiet, "0"), (default, "1")):
+        runners = {name: runner for name, runner in pipeline.runners.items() if isinstance(runner, OrtRunner)}
+        options = {
+            name: r.session.get_session_options().get_session_config_entry(key) for name, r in runners.items()
+        }
+        assert options == {"text_encoder": "1", "unet": unet_spins, "vae_decoder": "1"}
