@@ -160,6 +160,13 @@ def add_parser(sub: Any) -> None:
     ex.add_argument("--max-batch-rows", type=int, default=16, help="continuous: UNet rows per call")
     ex.add_argument("--max-wait-us", type=int, default=0, help="continuous: wait for arrivals before a step")
     ex.add_argument("--denoise-instances", type=int, default=2, help="none / dynamic: loops in flight")
+    ex.add_argument(
+        "--unet-path",
+        choices=["auto", "inline", "bls"],
+        default="auto",
+        help="how the denoising loop runs the UNet: in its own process (inline) or by a BLS call per step "
+        "(bls); auto: inline with continuous batching (docs/engines.md)",
+    )
     ex.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton's dynamic batching window")
     defaults = Limits()
     ex.add_argument("--max-steps", type=int, default=defaults.max_steps)

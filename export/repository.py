@@ -6,7 +6,7 @@ so a field name or an enum value Triton does not know fails here, not at server 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +26,8 @@ Precision = Literal["fp32", "fp16"]
 #   continuous - one denoise instance batches every active request per step; requests join at any step.
 Batching = Literal["none", "dynamic", "continuous"]
 BATCHING_MODES: tuple[Batching, ...] = ("none", "dynamic", "continuous")
+UnetPath = Literal["auto", "inline", "bls"]
+UNET_PATH_CHOICES: tuple[UnetPath, ...] = ("auto", "inline", "bls")
 CONFIG_FILE = "config.pbtxt"
 # an engine config's parameter: its artifact's sha256 (provenance, and the gateway's cache key); never in
 # a committed config, as the same export gives other bytes on another CPU (tests/export/test_contract.py)
@@ -72,6 +74,10 @@ class RepositorySettings:
     max_queue_delay_us: int = 2000  # Triton's dynamic batching window (dynamic; text encoder and VAE)
     int8: tuple[str, ...] = ()  # components served INT8-quantized (ONNX Runtime engines; export/quantize.py)
     fp16: tuple[str, ...] = ()  # components served FP16 (TensorRT) in an otherwise FP32 repository
+    # How the denoising loops reach the UNet engine (docs/engines.md, "The UNet path"): inline (the
+    # loop's process runs the live version itself), bls (a BLS call to the unet model per step), or
+    # auto: inline where the loop batches continuously, bls where Triton's dynamic batcher merges loops
+    unet_path: UnetPath = "auto"
 
     def __post_init__(self) -> None:
         for model, kind in self.engines.items():
@@ -104,6 +110,14 @@ class RepositorySettings:
                     f"int8: {model} runs on {self.engines[model]!r}; INT8 graphs need an ONNX Runtime engine "
                     "(python-ort, or onnxruntime without the TensorRT accelerator)"
                 )
+        if self.unet_path not in UNET_PATH_CHOICES:
+            choices = ", ".join(UNET_PATH_CHOICES)
+            raise ValueError(f"unet_path must be one of {choices}, got {self.unet_path!r}")
+        if self.unet_path == "inline" and self.batching == "dynamic":
+            raise ValueError(
+                "unet_path=inline cannot go with batching=dynamic: dynamic batching merges the loops' UNet "
+                "calls in the unet model, which only the bls path calls (use continuous or none)"
+            )
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
         for name in ("denoise_instances", "engine_instances", "max_batch_rows"):
@@ -112,6 +126,13 @@ class RepositorySettings:
         for name in ("max_wait_us", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def unet_path_of(self, model: str) -> str:
+        """The UNet path a denoising loop (`denoise`, `txt2img_stream`) is configured with."""
+        if self.unet_path != "auto":
+            return self.unet_path
+        continuous = self.batching == "continuous" or model == c.TXT2IMG_STREAM.name
+        return "inline" if continuous else "bls"
 
     def precision_of(self, model: str) -> str:
         if model in self.int8:
@@ -151,8 +172,8 @@ PYTHON_MODELS: dict[str, tuple[str, str]] = {
     ),
     c.DENOISE.name: (
         "sd_triton.runtime.triton_denoise",
-        "Step 3 of txt2img: the scheduler loop (continuous batching or one request at a time), calling\n"
-        "the `unet` model through BLS each step.",
+        "Step 3 of txt2img: the scheduler loop (continuous batching or one request at a time), running\n"
+        "the live `unet` engine each step: in this process (unet_path inline) or through BLS (bls).",
     ),
     c.POSTPROCESS.name: (
         "sd_triton.runtime.triton_postprocess",
@@ -268,12 +289,16 @@ def all_configs(
     continuous = settings.batching == "continuous"
     denoise = _python_step(c.DENOISE, 1 if continuous else settings.denoise_instances)
     batcher = BatchingParams(max_batch=settings.max_batch_rows, max_wait_us=settings.max_wait_us)
-    _set_parameters(denoise, DenoiseParams(**vars(batcher), batching=settings.batching).to_parameters())
+    denoise_params = DenoiseParams(
+        **vars(replace(batcher, unet_path=settings.unet_path_of(c.DENOISE.name))), batching=settings.batching
+    )
+    _set_parameters(denoise, denoise_params.to_parameters())
     configs[c.DENOISE.name] = denoise
     # the streaming entry point (async jobs): decoupled, its own continuous batcher whatever the mode
     stream = _python_step(c.TXT2IMG_STREAM)
     stream.model_transaction_policy.decoupled = True
-    _set_parameters(stream, batcher.to_parameters())
+    stream_params = replace(batcher, unet_path=settings.unet_path_of(c.TXT2IMG_STREAM.name))
+    _set_parameters(stream, stream_params.to_parameters())
     configs[c.TXT2IMG_STREAM.name] = stream
     configs[c.POSTPROCESS.name] = _python_step(c.POSTPROCESS)
     for name in c.ENGINE_MODELS:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from sd_triton import contract as c
 from sd_triton.perf.compare import (
     CompareSettings,
     http_levels,
@@ -72,7 +73,8 @@ class BatchingSettings(CompareSettings):
 
 
 def _per_execution(result: LoadResult, model: str) -> dict[str, float]:
-    split = result.triton_split_ms.get(model, {})
+    """Triton's figures for `model`, or for its engine run inline by denoise (loadgen's "unet@denoise")."""
+    split = result.triton_split_ms.get(model) or result.triton_split_ms.get(f"{model}@{c.DENOISE.name}", {})
     executions = split.get("executions", 0.0)
     if not executions:
         return {}

@@ -205,7 +205,11 @@ def _perf_overhead(args: argparse.Namespace) -> int:
     from sd_triton.perf.overhead import OverheadSettings, run_overhead, table
 
     settings = from_args(
-        OverheadSettings, args, stagger_s=args.stagger_ms / 1000.0, modes=tuple(args.modes.split(","))
+        OverheadSettings,
+        args,
+        stagger_s=args.stagger_ms / 1000.0,
+        modes=tuple(args.modes.split(",")),
+        unet_paths=tuple(args.unet_paths.split(",")),
     )
     return _save(run_overhead(settings, _work_dir(args)), args, "overhead", table)
 
@@ -327,6 +331,11 @@ def add_parser(sub: Any) -> None:
     overhead.add_argument("--stagger-ms", type=float, default=50.0, help="arrival offset between clients")
     overhead.add_argument("--modes", default="none,request,dynamic,continuous")
     overhead.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    overhead.add_argument(
+        "--unet-paths",
+        default="inline,bls",
+        help="UNet paths measured (inline only with continuous batching)",
+    )
     _output_args(overhead, "overhead")
     overhead.set_defaults(run=_perf_overhead)
 

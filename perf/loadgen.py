@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from sd_triton import contract as c
+from sd_triton.contract import INLINE_UNET_CALLS_METRIC, INLINE_UNET_ROWS_METRIC, INLINE_UNET_US_METRIC
 from sd_triton.perf.stats import percentile
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,19 @@ def triton_split(before: Samples, after: Samples) -> dict[str, dict[str, float]]
         for stage in TRITON_STAGES:
             total_us = _delta(before, after, f"nv_inference_{stage}_duration_us", **labels)
             split[model][f"{stage}_ms"] = round(total_us / count / 1000.0, 2)
+    # the UNet calls a loop ran inline (sd_triton.runtime.triton_io.InlineTimer): "unet@denoise", ...
+    owners = sorted(
+        {dict(labels).get("model", "") for name, labels in after if name == INLINE_UNET_CALLS_METRIC}
+    )
+    for owner in owners:
+        calls = _delta(before, after, INLINE_UNET_CALLS_METRIC, model=owner)
+        if calls > 0:
+            total_us = _delta(before, after, INLINE_UNET_US_METRIC, model=owner)
+            split[f"{c.UNET.name}@{owner}"] = {
+                "executions": calls,
+                "inferences": _delta(before, after, INLINE_UNET_ROWS_METRIC, model=owner),  # batch rows
+                "compute_infer_ms": round(total_us / calls / 1000.0, 3),
+            }
     return split
 
 

@@ -1,15 +1,17 @@
 """`sd-triton perf overhead`: what serving adds to every denoising step, measured two ways in one run.
 
 For the engine floor (the repository's engines in this process, run exactly as the stack's configs run
-them: compare.floor_pipeline) and for the stack (gateway + Triton) in each batching mode, at each
+them: compare.floor_pipeline) and for the stack (gateway + Triton) in each batching mode and UNet path
+(`continuous/inline`, `continuous/bls`, `dynamic/bls`, ...), at each
 concurrency level, the same closed-loop load runs at two step counts, `steps` and `steps_high`,
 interleaved round by round (floor low, floor high, then each mode low, high; the order of the two flips
 every round). Per round and system:
 
   step_ms        the latency slope: (p50 at steps_high - p50 at steps) / (steps_high - steps), the time
                  one more denoising step adds to a request;
-  unet_ms        the mean UNet call: Triton's compute_infer for the `unet` model (every request of a
-                 batched call is charged the whole call), or the floor's own timer around the session;
+  unet_ms        the mean UNet call: Triton's compute_infer for the `unet` model (bls), the loop's own
+                 timer (inline: the sd_triton_inline_unet_* metrics), or the floor's timer around the
+                 session;
   other_ms       step_ms - unet_ms: everything in a step that is not the UNet call (BLS round trip,
                  scheduler step, guidance, concatenation, thread hand-offs), per iteration;
   other_ms_per_request_step  other_ms / the request steps one UNet call carries (continuous batching
@@ -26,10 +28,12 @@ import logging
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sd_triton import contract as c
+from sd_triton.model_params import UNET_PATHS
 from sd_triton.perf.batching import MODES, BatchingSettings
 from sd_triton.perf.compare import (
     OVERHEAD_LIMITS,
@@ -61,11 +65,32 @@ class OverheadSettings(BatchingSettings):
     min_requests: int = 4
     repeats: int = 3
     modes: tuple[str, ...] = MODES
+    unet_paths: tuple[str, ...] = ("inline", "bls")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for path in self.unet_paths:
+            if path not in UNET_PATHS:
+                raise ValueError(f"unet_paths: {path!r} is not one of {', '.join(UNET_PATHS)}")
+        if not self.stacks():
+            raise ValueError("modes and unet_paths leave no stack to measure (inline needs continuous)")
         if self.steps_high <= self.steps:
             raise ValueError(f"steps_high must be above steps ({self.steps}), got {self.steps_high}")
+
+    def stacks(self) -> list[tuple[str, str, str]]:
+        """(name, batching mode, UNet path) of every stack measured. The inline path only where the loop
+        batches continuously: the other modes merge the loops' calls in Triton's unet model (bls)."""
+        return [
+            (f"{mode}/{path}", mode, path)
+            for mode in self.modes
+            for path in self.unet_paths
+            if path == "bls" or mode == "continuous"
+        ]
+
+    def one_run(self, level: int, steps: int) -> BatchingSettings:
+        """The load of one run: this concurrency level at this step count."""
+        base = {f.name: getattr(self, f.name) for f in fields(BatchingSettings)}
+        return BatchingSettings(**{**base, "concurrency": (level,), "steps": steps})
 
 
 class TimedRunner:
@@ -168,32 +193,36 @@ def targets_of(
 
 
 def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
-    """Measure the floor and every mode of `settings.modes`; return the result document."""
+    """Measure the floor and every stack of `settings.stacks()`; return the result document."""
     from contextlib import ExitStack
 
     from sd_triton.export.checkpoint import Checkpoint
     from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.perf.stack import serving
 
-    urls: dict[str, tuple[str, str]] = {}  # mode -> (gateway URL, Triton metrics URL)
+    urls: dict[str, tuple[str, str, str]] = {}  # system -> (gateway URL, Triton metrics URL, UNet split key)
     per_round: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    systems = settings.stacks()
     with ExitStack() as stack:
-        # 1. One repository per mode (the ONNX export is cached), its Triton and gateway, warmed up;
-        #    the floor on the first mode's repository (the engines are the same in every mode).
-        for mode in settings.modes:
-            log.info("[1/3] mode %s: export and start", mode)
-            repo = work_dir / f"overhead-{settings.preset}-{mode}"
-            options = ExportOptions(
-                settings.preset, repo, settings=settings.repository(mode), work_dir=work_dir
+        # 1. One repository per system (the ONNX export is cached), its Triton and gateway, warmed up;
+        #    the floor on the first system's repository (the engines are the same in every one).
+        for name, mode, path in systems:
+            log.info("[1/3] %s: export and start", name)
+            repo = work_dir / f"overhead-{settings.preset}-{mode}-{path}"
+            repository = replace(settings.repository(mode), unet_path=path)
+            manifest = run_export(
+                ExportOptions(settings.preset, repo, settings=repository, work_dir=work_dir)
             )
-            manifest = run_export(options)
             native_h, native_w = Checkpoint.open(Path(manifest["source"]["path"])).native_size
             size = (settings.height or native_h, settings.width or native_w)
             served = stack.enter_context(serving(repo))
             warm_up(served.gateway_url, request_body(settings, *size))
-            urls[mode] = (served.gateway_url, served.triton.metrics_url)
+            # the UNet's time: Triton's unet model (bls), or the loop's own timer (inline, loadgen)
+            unet_key = c.UNET.name if path == "bls" else f"{c.UNET.name}@{c.DENOISE.name}"
+            urls[name] = (served.gateway_url, served.triton.metrics_url, unet_key)
         log.info("[2/3] the floor: the engines in this process, as the stack runs them")
-        floor_repo = work_dir / f"overhead-{settings.preset}-{settings.modes[0]}"
+        _, first_mode, first_path = systems[0]
+        floor_repo = work_dir / f"overhead-{settings.preset}-{first_mode}-{first_path}"
         pipeline = floor_pipeline(floor_repo)
         timer = pipeline.runners["unet"] = TimedRunner(pipeline.runners["unet"])
         floor_generate(pipeline, settings, *size)(settings.seed)  # warm-up
@@ -203,13 +232,13 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
             counts = (settings.steps, settings.steps_high)
             counts = counts if repeat % 2 == 0 else counts[::-1]
             for level in settings.concurrency:
-                for system in (FLOOR, *settings.modes):
+                for system in (FLOOR, *urls):
                     log.info(
                         "[3/3] round %d/%d, concurrency %d, %s", repeat + 1, settings.repeats, level, system
                     )
                     runs = {}
                     for steps in counts:
-                        one = replace(settings, concurrency=(level,), steps=steps)
+                        one = settings.one_run(level, steps)
                         if system == FLOOR:
                             timer.take()
                             row = measure_in_process(FLOOR, floor_generate(pipeline, one, *size), one, level)
@@ -219,12 +248,12 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
                                 steps, row["p50_ms"], row["requests"], unet_ms, len(calls)
                             )
                         else:
-                            gateway_url, metrics_url = urls[system]
+                            gateway_url, metrics_url, unet_key = urls[system]
                             body = request_body(one, *size)
                             (result,) = http_levels(
                                 f"mode {system}", gateway_url, one, body, True, metrics_url
                             )
-                            unet = result.triton_split_ms.get("unet", {})
+                            unet = result.triton_split_ms.get(unet_key, {})
                             runs[steps] = run_split(
                                 steps,
                                 result.percentile(50),
@@ -240,12 +269,12 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
         {"system": system, "concurrency": level, **summarize(rounds)}
         for (system, level), rounds in per_round.items()
     ]
-    main_mode = "continuous" if "continuous" in settings.modes else settings.modes[0]
+    names = [name for name, _, _ in systems]
+    main = "continuous/inline" if "continuous/inline" in names else names[0]
     document = {
         "settings": asdict(settings),
         "size": list(size),
         "machine": machine(),
-        "unet_path": "bls",
         "rows": rows,
         "serving_adds_ms_per_step": {
             f"{mode} at concurrency {level}": {
@@ -253,24 +282,24 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
                 for key in ("step_ms", "other_ms")
                 if (d := differences({m: r for (m, lv), r in per_round.items() if lv == level}, mode, key))
             }
-            for mode in settings.modes
+            for mode in names
             for level in settings.concurrency
         },
         "ratios": {},
-        "targets": targets_of(per_round, settings.preset, main_mode),
+        "targets": targets_of(per_round, settings.preset, main),
     }
     return document
 
 
 def table(document: dict[str, Any]) -> str:
     head = (
-        f"{'system':11s} {'conc':>4} {'step ms':>8} {'unet ms':>8} {'other ms':>9} {'other/req':>9} "
+        f"{'system':18s} {'conc':>4} {'step ms':>8} {'unet ms':>8} {'other ms':>9} {'other/req':>9} "
         f"{'req/call':>8}  step ms spread"
     )
     lines = [head, "-" * len(head)]
     for r in document["rows"]:
         lines.append(
-            f"{r['system']:11s} {r['concurrency']:>4} {r['step_ms']:>8.2f} {r['unet_ms']:>8.2f} "
+            f"{r['system']:18s} {r['concurrency']:>4} {r['step_ms']:>8.2f} {r['unet_ms']:>8.2f} "
             f"{r['other_ms']:>9.2f} {r['other_ms_per_request_step']:>9.2f} "
             f"{r['request_steps_per_call']:>8.2f}  {r['step_ms_spread']}"
         )

@@ -113,8 +113,15 @@ def section(document: dict[str, Any], chart_name: str) -> str:
             f"{gateway.get('inference', 0):g} | {gateway.get('encode', 0):g} |"
         )
         for model, stages in split["triton_split_ms"].items():
+            # "unet@denoise": the UNet run inline by the loop, timed by it (calls, not Triton requests)
+            where = (
+                f"`{model.split('@')[0]}` inline in `{model.split('@')[1]}`"
+                if "@" in model
+                else f"Triton `{model}`"
+            )
+            count = stages.get("requests", stages.get("executions", 0))
             lines.append(
-                f"| Triton `{model}` | {stages['requests']:g} | {stages.get('queue_ms', 0):g} | "
+                f"| {where} | {count:g} | {stages.get('queue_ms', 0):g} | "
                 f"{stages.get('compute_input_ms', 0):g} | {stages.get('compute_infer_ms', 0):g} | "
                 f"{stages.get('compute_output_ms', 0):g} |"
             )

@@ -150,6 +150,10 @@ PREVIEW_IMAGES = _t("PREVIEW_IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H/8, W
 
 # a custom metric of Triton's /metrics: txt2img_stream requests in flight (a drain waits for zero)
 STREAM_IN_FLIGHT_METRIC = "sd_triton_stream_requests_in_flight"
+# The inline UNet path's own timer (Triton's statistics do not see those calls), per denoising loop model:
+INLINE_UNET_CALLS_METRIC = "sd_triton_inline_unet_calls"  # UNet calls run in the loop's process
+INLINE_UNET_US_METRIC = "sd_triton_inline_unet_compute_us"  # the microseconds they took
+INLINE_UNET_ROWS_METRIC = "sd_triton_inline_unet_rows"  # the batch rows they carried
 
 # --- tensors between steps ---
 INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, TOKEN_LENGTH)  # rows: [uncond,] cond

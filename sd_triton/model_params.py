@@ -6,6 +6,7 @@ every value as a string; booleans are "1" and "0". Torch-free (the export, the r
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,11 +57,27 @@ class ModelParams:
         return cls.from_parameters({k: v.get("string_value", "") for k, v in raw.items()})
 
 
+# A config.pbtxt's `parameters { key: "K" value { string_value: "V" } }` entries, however spaced.
+_PARAMETER = re.compile(r'key\s*:\s*"([^"]*)"\s*value\s*:?\s*\{\s*string_value\s*:\s*"([^"]*)"\s*\}')
+
+
+def pbtxt_parameters(text: str) -> dict[str, str]:
+    """The string parameters of a config.pbtxt's text, without a protobuf library (the python models
+    read the UNet's config with it; the Triton image's python has no tritonclient)."""
+    return dict(_PARAMETER.findall(text))
+
+
+UNET_PATHS = ("inline", "bls")
+
+
 @dataclass(frozen=True)
 class BatchingParams(ModelParams):
     """The continuous batcher of `denoise` and `txt2img_stream` (sd_triton.runtime.batching)."""
 
     unet_model: str = c.UNET.name  # the engine model each step calls
+    # inline: the loop runs the live version of that model's engine in its own process (no round trip
+    # per step); bls: a BLS call to Triton's model per step (docs/engines.md, "The UNet path")
+    unet_path: str = "bls"
     max_batch: int = 16  # UNet rows (latents, cond and uncond both counted) per call
     max_wait_us: int = 0  # wait this long for arrivals before a step below max_batch rows
 

@@ -17,9 +17,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, settings
 
+from sd_triton.contract import INLINE_UNET_CALLS_METRIC, INLINE_UNET_ROWS_METRIC
 from sd_triton.export.pipeline import DEMO_MODEL, ExportOptions, run_export
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.paths import STATE_DIR_ENV
+from sd_triton.perf.loadgen import parse_metrics
 from sd_triton.triton_server import TritonServer
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,33 @@ def triton_requests(client: grpcclient.InferenceServerClient, model: str = "") -
     return total
 
 
-def triton_executions(client: grpcclient.InferenceServerClient, model: str) -> int:
-    """Executions (batches) of `model` so far, all versions."""
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
-    return sum(int(s.get("execution_count", 0)) for s in stats)
+def unet_calls(server: TritonServer, settle_s: float = 0.3, timeout_s: float = 30.0) -> tuple[float, float]:
+    """(UNet calls, UNet batch rows) so far, whichever path ran them: Triton's `unet` model (the BLS path,
+    all versions) plus the loops' own counters (the inline path, sd_triton_inline_unet_*). The loops send
+    theirs when they idle, so the figures are read until two reads `settle_s` apart agree."""
+
+    def read() -> tuple[float, float]:
+        samples = parse_metrics(httpx.get(server.metrics_url, timeout=10).text)
+        calls = rows = 0.0
+        for (name, labels), value in samples.items():
+            model = dict(labels).get("model")
+            if model == "unet" and name in ("nv_inference_exec_count", "nv_inference_count"):
+                calls, rows = (
+                    (calls + value, rows) if name == "nv_inference_exec_count" else (calls, rows + value)
+                )
+            elif name == INLINE_UNET_CALLS_METRIC:
+                calls += value
+            elif name == INLINE_UNET_ROWS_METRIC:
+                rows += value
+        return calls, rows
+
+    deadline, last = time.monotonic() + timeout_s, read()
+    while True:
+        time.sleep(settle_s)
+        now = read()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
 
 
 # Hypothesis property tests: reproducible in CI (derandomized, no example database written)

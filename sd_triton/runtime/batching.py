@@ -170,7 +170,10 @@ class ContinuousBatcher:
             self.iterate()
 
     def _run(self) -> None:
+        idle = getattr(self.unet, "idle", None)  # a UNet with work to do between bursts (its metrics)
         while True:
+            if idle is not None and not self._active and not self._waiting_count():
+                idle()
             with self._cond:
                 while not self._stopping and not self._waiting_count() and not self._active:
                     self._cond.wait()
@@ -226,6 +229,7 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         self._prepare_waiting()
+        joined = False
         with self._cond:
             for shape, queue in list(self._waiting.items()):
                 group = self._active.get(shape, [])
@@ -239,9 +243,13 @@ class ContinuousBatcher:
                     ticket = queue.popleft()
                     group = [*group, ticket]
                     rows += ticket.rows
+                    joined = True
                 if not queue:
                     del self._waiting[shape]
                 self._set_group(shape, group)
+        refresh = getattr(self.unet, "refresh", None)
+        if joined and refresh is not None:
+            refresh()  # a UNet that follows a live engine version: a new request runs on the current one
 
     def _advance_group(self, shape: Shape) -> None:
         group = self._active[shape]

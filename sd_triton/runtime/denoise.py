@@ -1,5 +1,6 @@
 """The denoising loop with classifier-free guidance, the arithmetic of diffusers'
-StableDiffusionPipeline, over any UNet callable (Triton BLS in production, ONNX Runtime in tests).
+StableDiffusionPipeline, over any UNet callable (the live engine in
+Triton, inline or through BLS; ONNX Runtime in tests).
 
 `DenoiseJob` is one request's state, advanced one UNet call at a time: `denoise` runs one job alone,
 `sd_triton.runtime.batching` advances many jobs in shared UNet calls. Both do the same arithmetic.

@@ -1,5 +1,6 @@
-"""Step 3 of txt2img as a Triton python model: the scheduler loop, calling the `unet` model through
-BLS. Only importable inside Triton's python backend.
+"""Step 3 of txt2img as a Triton python model: the scheduler loop, running the live version of the
+`unet` engine each step, in this process (parameter `unet_path` inline: triton_io.InlineUNet) or through
+a BLS call to the `unet` model (bls: triton_io.PinnedUNet). Only importable inside Triton's python backend.
 
 Parameter `batching` (config.pbtxt) picks how requests share UNet calls:
 
@@ -37,8 +38,7 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, DenoiseParams)
-        unet = params.unet_model
-        self.unet = triton_io.PinnedUNet(unet, triton_io.version_dir(args).parents[1] / unet)
+        self.unet = triton_io.live_unet(params, args)
         self.batcher: ContinuousBatcher | None = None
         if params.batching == "continuous":
             config = BatchingConfig(max_batch=params.max_batch, max_wait_s=params.max_wait_us / 1e6)
@@ -72,9 +72,11 @@ class TritonPythonModel:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         params = self._params(request)
         engines = triton_io.EngineLog()
+        self.unet.refresh()  # the request runs on the live UNet version
         latents = denoise(
             self._embeds(request), params, self.config, self.unet, lambda i, n: engines.add(self.unet.last)
         )
+        self.unet.idle()
         return {c.LATENTS.name: latents, c.ENGINES.name: engines.array()}
 
     def _submit(self, request: Any) -> None:

@@ -12,23 +12,14 @@ import triton_python_backend_utils as pb_utils
 
 from sd_triton.model_params import EngineParams
 from sd_triton.runtime import triton_io
-from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
+from sd_triton.runtime.engine_runner import load_runner
+from sd_triton.runtime.ort_runner import BatchRunner
 
 
 def make_runner(args: dict[str, Any]) -> BatchRunner:
     params = triton_io.model_params(args, EngineParams)
-    version = triton_io.version_dir(args)
-    if params.engine == "python-torch":
-        from sd_triton.runtime.torch_runner import TorchRunner  # torch and diffusers: only for this kind
-
-        name = json.loads(args["model_config"])["name"]
-        return TorchRunner(name, version, params.device, params.intra_op_threads, params.torch_compile)
-    return OrtRunner(
-        version / params.model_file,  # model.int8.onnx: INT8
-        device=params.device,
-        threads=params.intra_op_threads,
-        spinning=params.allow_spinning,
-    )
+    name = json.loads(args["model_config"])["name"]
+    return load_runner(name, triton_io.version_dir(args), params.engine, params.model_file, params)
 
 
 class TritonPythonModel:

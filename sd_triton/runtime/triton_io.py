@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,8 +19,8 @@ import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
 from sd_triton.contract import ModelSpec, TensorSpec
-from sd_triton.engine_record import EngineRecord, versions_on_disk
-from sd_triton.model_params import ModelParams
+from sd_triton.engine_record import ENGINE_FILE, EngineRecord, versions_on_disk
+from sd_triton.model_params import UNET_PATHS, BatchingParams, EngineParams, ModelParams, pbtxt_parameters
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import (
     DEFAULTS,
@@ -28,8 +30,11 @@ from sd_triton.requests import (
     decode_text,
     validate_params,
 )
+from sd_triton.runtime.engine_runner import load_runner
+from sd_triton.runtime.ort_runner import BatchRunner
 
 log = logging.getLogger("sd_triton.triton")
+CONFIG_FILE = "config.pbtxt"
 
 Outputs = dict[str, np.ndarray]
 
@@ -130,10 +135,10 @@ def bls_infer_all(
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
-class PinnedUNet:
-    """The UNet called through BLS, every call pinned to a version Triton has READY, so the caller knows
-    which engine ran it (that version's engine.json). `sd-triton engine set` loads a new version while
-    the old one serves; a call to a version unloaded meanwhile is retried once on the one now ready."""
+class LiveUNet:
+    """The UNet a denoising loop calls, following the version Triton has READY for the UNet model, so
+    the caller knows which engine ran each call (that version's engine.json, `last`). `sd-triton engine
+    set` loads a new version while the old one serves; the loop moves to it within RESOLVE_EVERY_S."""
 
     RESOLVE_EVERY_S = 0.5  # a newer version is picked up within this long
     READY_WAIT_S = 60.0  # a call waits this long for some version to be ready (a reload in progress)
@@ -159,6 +164,18 @@ class PinnedUNet:
                 raise RuntimeError(f"{self.model}: none of versions {versions} is ready")
             time.sleep(0.05)
 
+    def refresh(self) -> None:
+        """A request joins the loop: the next call asks Triton for the READY version first."""
+        self.resolved_at = -1e9
+
+    def idle(self) -> None:
+        """The loop has nothing to do (called on its thread)."""
+
+    def _resolve_when_due(self) -> int:
+        if time.monotonic() - self.resolved_at > self.RESOLVE_EVERY_S:
+            self._resolve()
+        return self.version
+
     def provenance(self, version: int) -> dict[str, Any] | None:
         if version < 0:
             return None
@@ -169,12 +186,18 @@ class PinnedUNet:
             )
         return self._records[version]
 
+    def _inputs(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip((t.name for t in c.UNET.inputs), (sample, timestep, hidden), strict=True))
+
+
+class PinnedUNet(LiveUNet):
+    """The `bls` UNet path: every call a BLS request to the UNet model, pinned to the READY version; a
+    call to a version unloaded meanwhile is retried once on the one now ready."""
+
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        if time.monotonic() - self.resolved_at > self.RESOLVE_EVERY_S:
-            self._resolve()
-        inputs = dict(zip((t.name for t in c.UNET.inputs), (sample, timestep, hidden), strict=True))
+        version = self._resolve_when_due()
+        inputs = self._inputs(sample, timestep, hidden)
         output = c.UNET.outputs[0].name
-        version = self.version
         try:
             noise = bls_infer(self.model, inputs, output, version)
         except RuntimeError:
@@ -186,6 +209,161 @@ class PinnedUNet:
             noise = bls_infer(self.model, inputs, output, version)
         self.last = self.provenance(version)
         return noise
+
+
+class InlineUNet(LiveUNet):
+    """The `inline` UNet path: the READY version's engine loaded and run in this process (engine_runner:
+    any kind), no round trip to Triton per step. Triton's UNet model stays loaded: it is what `engine
+    set` loads and gates, what is_model_ready reports, and what perf_analyzer measures alone.
+
+    A version is loaded here by a thread as soon as its engine.json appears (`engine set` writes it just
+    before Triton's load) or Triton has it READY, while the loop keeps stepping on the one it runs. The
+    loop switches at the first call after the load; a call after `refresh` (a request joined) runs on the
+    READY version, waiting for its load if need be, so a request that starts after Triton's switch runs
+    on the new engine alone. The last KEEP versions stay loaded (a rollback switches back at once)."""
+
+    KEEP = 2
+
+    def __init__(self, model: str, model_dir: Path, owner: str) -> None:
+        """`owner`: the denoising loop's model, the label of the UNet timer's metrics."""
+        super().__init__(model, model_dir)
+        self.timer = InlineTimer(owner)
+        self.running = -1  # the version the calls run on
+        self.runners: OrderedDict[int, BatchRunner] = OrderedDict()  # least recently used first
+        self._loading: dict[int, threading.Thread] = {}
+        self._loaded: dict[int, BatchRunner] = {}  # handed over by the loading threads, under _lock
+        self._failed: set[int] = set()  # versions whose background load failed: not retried there
+        self._lock = threading.Lock()
+        self._sync = True  # the next call runs on the READY version
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._sync = True
+
+    def idle(self) -> None:
+        self.timer.flush()
+
+    def load(self, version: int) -> BatchRunner:
+        """That version's engine, with the runtime settings of the model's config.pbtxt."""
+        if version < 0:
+            raise RuntimeError(
+                f"{self.model}: the inline UNet path needs version folders in {self.model_dir}"
+            )
+        folder = self.model_dir / str(version)
+        params = EngineParams.from_parameters(pbtxt_parameters((self.model_dir / CONFIG_FILE).read_text()))
+        record = EngineRecord.load(folder)
+        kind, artifact = (record.kind, record.artifact) if record else (params.engine, params.model_file)
+        log.info("%s: loading version %d (%s) into the denoising loop's process", self.model, version, kind)
+        return load_runner(self.model, folder, kind, artifact, params)
+
+    def _load_in_background(self, version: int) -> None:
+        if version < 0 or version in self.runners or version in self._loading or version in self._failed:
+            return
+
+        def work() -> None:
+            try:
+                runner = self.load(version)
+            except Exception:  # noqa: BLE001 - the loop keeps the engine it has
+                log.exception("%s: loading version %d failed", self.model, version)
+                self._failed.add(version)
+                return
+            with self._lock:
+                self._loaded[version] = runner
+
+        thread = threading.Thread(target=work, name=f"load-{self.model}-{version}", daemon=True)
+        self._loading[version] = thread
+        thread.start()
+
+    def _keep(self, version: int, runner: BatchRunner) -> None:
+        self.runners[version] = runner
+        self.runners.move_to_end(version)
+        for old in [v for v in self.runners if v != self.running][: max(0, len(self.runners) - self.KEEP)]:
+            del self.runners[old]
+
+    def _collect(self) -> None:
+        with self._lock:
+            loaded, self._loaded = self._loaded, {}
+        for version, runner in loaded.items():
+            self._keep(version, runner)
+        self._loading = {v: t for v, t in self._loading.items() if t.is_alive()}
+
+    def _current(self) -> tuple[int, BatchRunner]:
+        # 1. When due: Triton's READY version, and the newest version on disk, loading in the background.
+        if time.monotonic() - self.resolved_at > self.RESOLVE_EVERY_S:
+            self.timer.flush()
+            self._resolve()
+            versions = versions_on_disk(self.model_dir)
+            newest = next((v for v in versions if (self.model_dir / str(v) / ENGINE_FILE).is_file()), None)
+            for version in {self.version, newest} - {None}:
+                self._load_in_background(version)  # type: ignore[arg-type]
+        self._collect()
+        # 2. The READY version when a request joined (or nothing is loaded yet): waiting for its load.
+        ready = self.version
+        if ready not in self.runners and (self._sync or not self.runners):
+            if ready in self._loading:
+                self._loading[ready].join()
+                self._collect()
+            if ready not in self.runners:
+                self._keep(ready, self.load(ready))
+        self._sync = False
+        # 3. The READY version once it is loaded; until then the one running.
+        if ready in self.runners:
+            if ready != self.running and self.running >= 0:
+                log.info("%s: the denoising loop runs version %d now", self.model, ready)
+            self.running = ready
+        self.runners.move_to_end(self.running)
+        return self.running, self.runners[self.running]
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        version, runner = self._current()
+        started = time.perf_counter()
+        noise = runner.run(self._inputs(sample, timestep, hidden))[c.UNET.outputs[0].name]
+        self.timer.add(time.perf_counter() - started, len(sample))
+        self.last = self.provenance(version)
+        return noise
+
+
+class InlineTimer:
+    """The inline UNet calls' count, time and rows as Triton metrics (counters labelled by the loop's
+    model). Kept here and sent every RESOLVE_EVERY_S and when the loop idles, not per call: each metric
+    update is a round trip to Triton."""
+
+    METRICS = (
+        (
+            c.INLINE_UNET_CALLS_METRIC,
+            "UNet calls the denoising loop ran in its own process (inline UNet path)",
+        ),
+        (c.INLINE_UNET_US_METRIC, "Microseconds those inline UNet calls took"),
+        (c.INLINE_UNET_ROWS_METRIC, "Batch rows those inline UNet calls carried"),
+    )
+
+    def __init__(self, owner: str) -> None:
+        kind = pb_utils.MetricFamily.COUNTER
+        # a family must outlive its metrics
+        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=kind) for n, d in self.METRICS]
+        self.metrics = [family.Metric(labels={"model": owner}) for family in self.families]
+        self.pending = [0.0, 0.0, 0.0]  # calls, microseconds, rows
+
+    def add(self, seconds: float, rows: int) -> None:
+        self.pending = [self.pending[0] + 1, self.pending[1] + 1e6 * seconds, self.pending[2] + rows]
+
+    def flush(self) -> None:
+        if self.pending[0]:
+            for metric, value in zip(self.metrics, self.pending, strict=True):
+                metric.increment(value)
+            self.pending = [0.0, 0.0, 0.0]
+
+
+def live_unet(params: BatchingParams, args: dict[str, Any]) -> LiveUNet:
+    """The UNet of a denoising loop's config (`unet_model`, `unet_path`)."""
+    if params.unet_path not in UNET_PATHS:
+        raise ValueError(
+            f"parameters.unet_path must be one of {', '.join(UNET_PATHS)}, got {params.unet_path!r}"
+        )
+    model_dir = version_dir(args).parents[1] / params.unet_model
+    if params.unet_path == "inline":
+        return InlineUNet(params.unet_model, model_dir, owner=json.loads(args["model_config"])["name"])
+    return PinnedUNet(params.unet_model, model_dir)
 
 
 class EngineLog:

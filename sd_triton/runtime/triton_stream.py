@@ -46,8 +46,7 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # see triton_denoise: the scheduler math is small
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, BatchingParams)
-        unet = params.unet_model
-        self.unet = triton_io.PinnedUNet(unet, triton_io.version_dir(args).parents[1] / unet)
+        self.unet = triton_io.live_unet(params, args)
         config = BatchingConfig(
             max_batch=params.max_batch,
             max_wait_s=params.max_wait_us / 1e6,

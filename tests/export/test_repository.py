@@ -133,6 +133,7 @@ def test_batching_continuous_runs_one_batcher(tiny_checkpoint) -> None:
     assert denoise.instance_group[0].count == 1  # one scheduling loop sees every request
     assert {k: v.string_value for k, v in denoise.parameters.items()} == {
         "unet_model": "unet",
+        "unet_path": "inline",  # auto: a continuous loop runs the UNet in its own process
         "batching": "continuous",
         "max_batch": "32",
         "max_wait_us": "700",
@@ -151,9 +152,24 @@ def test_the_streaming_model_is_decoupled_with_its_own_batcher(tiny_checkpoint, 
     assert stream.backend == "python" and stream.instance_group[0].count == 1
     assert {k: v.string_value for k, v in stream.parameters.items()} == {
         "unet_model": "unet",
+        "unet_path": "inline",  # auto: the stream's loop batches continuously in every mode
         "max_batch": "24",
         "max_wait_us": "300",
     }  # sd_triton.model_params.BatchingParams
+
+
+@pytest.mark.parametrize(
+    ("batching", "unet_path", "denoise_path"),
+    [("continuous", "auto", "inline"), ("dynamic", "auto", "bls"), ("none", "auto", "bls"),
+     ("continuous", "bls", "bls"), ("none", "inline", "inline")],
+)  # fmt: skip
+def test_the_unet_path_of_each_loop(
+    tiny_checkpoint, batching: str, unet_path: str, denoise_path: str
+) -> None:
+    configs = mode_configs(tiny_checkpoint, batching=batching, unet_path=unet_path)
+    assert configs[c.DENOISE.name].parameters["unet_path"].string_value == denoise_path
+    stream_path = "bls" if unet_path == "bls" else "inline"
+    assert configs[c.TXT2IMG_STREAM.name].parameters["unet_path"].string_value == stream_path
 
 
 def test_pipeline_steps_identical_across_engine_kinds(tensorrt_repo, onnxruntime_repo, exported) -> None:
@@ -198,6 +214,8 @@ def test_mixed_engines_from_the_command_line() -> None:
         ({"batching": "static"}, ["batching", "continuous", "'static'"]),
         ({"max_batch_rows": 0}, ["max_batch_rows", "got 0"]),
         ({"max_wait_us": -5}, ["max_wait_us", "got -5"]),
+        ({"unet_path": "grpc"}, ["unet_path", "inline", "'grpc'"]),
+        ({"unet_path": "inline", "batching": "dynamic"}, ["unet_path=inline", "batching=dynamic", "bls"]),
         ({"fp16": ("unet",)}, ["fp16 needs TensorRT", "engines[unet]", "python-ort"]),
         (
             {

@@ -16,11 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-import tritonclient.grpc as grpcclient
 
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.triton_server import TritonServer
-from tests.conftest import RedisServer, free_port, triton_executions
+from tests.conftest import RedisServer, free_port, unet_calls
 from tests.gateway.access_support import sample
 from tests.load import NO_CACHE, Load, job_events, wait_until
 
@@ -40,8 +39,7 @@ def _metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
 
 
 def _unet_steps(server: TritonServer) -> int:
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        return triton_executions(client, "unet")
+    return int(unet_calls(server, settle_s=0.0)[0])  # the caller waits for it to settle
 
 
 def _settled_unet_steps(server: TritonServer, quiet_s: float = 2.0, timeout_s: float = 30.0) -> int:

@@ -6,17 +6,16 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from sd_triton import contract as c
-from sd_triton.perf.loadgen import parse_metrics
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.triton_server import TritonServer
 from sd_triton.txt2img_client import infer_input, txt2img
+from tests.conftest import unet_calls
 
 # Different prompts, seeds, steps, schedulers, guidance, image counts and shapes.
 REQUESTS = [
@@ -44,13 +43,6 @@ REQUESTS = [
 ]
 
 
-def _unet_counts(triton: TritonServer) -> tuple[float, float]:
-    """(UNet executions, UNet rows inferred) so far."""
-    samples = parse_metrics(httpx.get(triton.metrics_url, timeout=10).text)
-    labels = (("model", "unet"), ("version", "1"))
-    return samples[("nv_inference_exec_count", labels)], samples[("nv_inference_count", labels)]
-
-
 def _call(client: grpcclient.InferenceServerClient, request: dict) -> np.ndarray:
     params = {"guidance_scale": 7.5, "num_images": 1, **request}
     return txt2img(client, params.pop("prompt"), **params).images.astype(int)
@@ -60,9 +52,9 @@ def test_requests_joining_mid_flight_get_their_alone_images(
     client: grpcclient.InferenceServerClient, triton: TritonServer
 ) -> None:
     # 1. Each request alone, one after the other: one UNet call per step.
-    before = _unet_counts(triton)
+    before = unet_calls(triton)
     solo = [_call(client, r) for r in REQUESTS]
-    alone_execs = _unet_counts(triton)[0] - before[0]
+    alone_execs = unet_calls(triton)[0] - before[0]
     assert alone_execs == sum(r["steps"] for r in REQUESTS)
 
     # 2. All of them at once, arriving 40 ms apart: later ones join the running batch.
@@ -70,10 +62,10 @@ def test_requests_joining_mid_flight_get_their_alone_images(
         time.sleep(0.04 * index)
         return _call(client, REQUESTS[index])
 
-    before = _unet_counts(triton)
+    before = unet_calls(triton)
     with ThreadPoolExecutor(len(REQUESTS)) as pool:
         together = list(pool.map(staggered, range(len(REQUESTS))))
-    execs, rows = (after - start for after, start in zip(_unet_counts(triton), before, strict=True))
+    execs, rows = (after - start for after, start in zip(unet_calls(triton), before, strict=True))
 
     # 3. They shared UNet calls (fewer executions than steps, several requests' rows per call) ...
     assert execs < alone_execs
@@ -110,7 +102,7 @@ def test_a_cancelled_request_leaves_the_batch_without_hurting_the_others(
     its steps, so the call goes to denoise itself, as perf_analyzer's would)."""
     config = PipelineConfig.load(exported["repo"] / "denoise" / "1" / FILENAME)
     expected = _call(client, REQUESTS[1])
-    before = _unet_counts(triton)[0]
+    before = unet_calls(triton)[0]
     context = client.async_infer(c.DENOISE.name, _denoise_inputs(config, 150), lambda **_: None)
     time.sleep(0.3)
     context.cancel()
@@ -118,7 +110,7 @@ def test_a_cancelled_request_leaves_the_batch_without_hurting_the_others(
     assert np.abs(_call(client, REQUESTS[1]) - expected).max() <= 2
     # the cancelled one left the batch instead of running its 150 steps
     time.sleep(1.0)
-    executions = _unet_counts(triton)[0] - before
+    executions = unet_calls(triton)[0] - before
     assert executions < 150 - 50, executions
 
 

@@ -20,6 +20,7 @@ from sd_triton.export.engine_swap import GateSettings, SwapOptions, rollback, se
 from sd_triton.export.engines import engine_rows, loaded_versions
 from sd_triton.export.parity import psnr_db
 from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.export.repository import RepositorySettings
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.runtime.local import LocalPipeline
 from sd_triton.triton_server import TritonServer
@@ -33,12 +34,16 @@ PROMPT = "a red circle on a blue background"
 GATE = GateSettings(steps=4)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, TritonServer, GatewayProcess]]:
-    """Its own repository, Triton and gateway: this module changes the live engines."""
-    work = tmp_path_factory.mktemp("swap-load")
+@pytest.fixture(scope="module", params=["inline", "bls"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, TritonServer, GatewayProcess]]:
+    """Its own repository, Triton and gateway: this module changes the live engines. Once per UNet path:
+    the loop's own copy of the engine (inline) and a BLS call to Triton's per step."""
+    work = tmp_path_factory.mktemp(f"swap-load-{request.param}")
     repo = work / "model_repository"
-    run_export(ExportOptions(model="tiny", repo=repo, work_dir=WORK_DIR))
+    settings = RepositorySettings(unet_path=request.param)
+    run_export(ExportOptions(model="tiny", repo=repo, settings=settings, work_dir=WORK_DIR))
     triton = triton_server(repo, work / "triton.log")
     with triton, GatewayProcess(triton.grpc_url, port=free_port(), log_file=work / "gateway.log") as gateway:
         yield repo, triton, gateway

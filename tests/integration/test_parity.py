@@ -1,4 +1,5 @@
-"""Images from Triton's txt2img against diffusers' StableDiffusionPipeline on the same folder.
+"""Images from Triton's txt2img against diffusers' StableDiffusionPipeline on the same folder, on both
+UNet paths: `inline` (the session's repository: the default) and `bls` (a repository of its own).
 
 The reference schedulers are built here from diffusers' classes directly, not through our
 scheduler table, so a wrong mapping in the product fails these tests.
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 from diffusers import (
     DDIMScheduler,
     DEISMultistepScheduler,
@@ -29,7 +32,10 @@ from diffusers import (
 )
 
 from sd_triton.contract import SCHEDULERS
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.export.repository import RepositorySettings
 from sd_triton.txt2img_client import txt2img
+from tests.conftest import WORK_DIR, triton_server
 
 log = logging.getLogger(__name__)
 MAX_ABS_DIFF = 2  # on the 0-255 scale
@@ -69,6 +75,46 @@ CASES = [
 PROMPT = "a watercolor painting of a lighthouse at dawn"
 STEPS = 12
 _figures: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", params=["inline", "bls"])
+def client(
+    request: pytest.FixtureRequest, exported: dict, triton, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[grpcclient.InferenceServerClient]:
+    """A client of txt2img on each UNet path: the session's Triton (inline), then a Triton of its own on a
+    repository exported with unet_path=bls."""
+    if request.param == "inline":
+        assert exported["manifest"]["settings"]["unet_path"] == "auto"  # continuous: inline
+        with grpcclient.InferenceServerClient(triton.grpc_url) as inline:
+            yield inline
+        return
+    work = tmp_path_factory.mktemp("parity-bls")
+    repo = work / "model_repository"
+    run_export(ExportOptions("tiny", repo, settings=RepositorySettings(unet_path="bls"), work_dir=WORK_DIR))
+    with (
+        triton_server(repo, work / "triton.log") as server,
+        grpcclient.InferenceServerClient(server.grpc_url) as bls,
+    ):
+        yield bls
+
+
+def unet_calls(client: grpcclient.InferenceServerClient) -> int:
+    stats = client.get_inference_statistics("unet", as_json=True)
+    return int(stats["model_stats"][0].get("execution_count", 0))
+
+
+def test_the_loop_reaches_the_unet_on_its_path(client) -> None:
+    """inline: Triton's unet model is never called (the loop runs the engine itself); bls: once per step."""
+    path = client.get_model_config("denoise", as_json=True)["config"]["parameters"]["unet_path"][
+        "string_value"
+    ]
+    before = unet_calls(client)
+    result = txt2img(
+        client, PROMPT, height=64, width=64, steps=5, guidance_scale=7.5, seed=3, scheduler="ddim"
+    )
+    calls = unet_calls(client) - before
+    assert calls == (0 if path == "inline" else 5), (path, calls)
+    assert [(e["component"], e["version"]) for e in result.engines] == [("unet", 1)]  # provenance either way
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def test_ratios_and_verdicts_come_from_the_rows(document: dict) -> None:
     throughput = document["targets"][-1]  # no concurrency-8 level in this run
     assert throughput["met"] is None and "2x" in throughput["target"]
     d_split = [r for r in document["rows"] if r["system"] == "d"][-1]
-    assert d_split["triton_split_ms"]["unet"]["requests"] > 0
+    assert d_split["triton_split_ms"]["unet@denoise"]["executions"] > 0  # the inline UNet path
     assert f"target {faster['target']}: {faster['value']}" in table(document)
 
 
@@ -109,7 +109,9 @@ def test_the_report_has_a_section_table_and_chart_per_result(document: dict, tmp
     text = report.read_text()
     assert "## `tiny` preset: 64x64, 2 steps" in text
     assert text.count("| d. gateway + Triton (this stack) |") == 2
-    assert "d/b p50 at concurrency 1" in text and "Triton `unet`" in text
+    assert (
+        "d/b p50 at concurrency 1" in text and "`unet` inline in `denoise`" in text
+    )  # the UNet path: inline
     assert (tmp_path / "results" / "compare-tiny.png").stat().st_size > 10_000
 
 

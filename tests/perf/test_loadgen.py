@@ -21,8 +21,11 @@ def test_a_load_run_reports_latency_errors_and_both_splits(
     assert set(result.gateway_split_ms) == {"queue", "inference", "encode"}
     assert result.gateway_split_ms["inference"] > 0
     assert result.triton_split_ms["txt2img"]["requests"] == 6
-    assert result.triton_split_ms["unet"]["compute_infer_ms"] > 0
-    assert "images/s" in table([result]) and "unet" in table([result])
+    # the session's repository runs the UNet inline in denoise: its own timer, not Triton's unet model
+    assert result.triton_split_ms["unet@denoise"]["compute_infer_ms"] > 0
+    assert result.triton_split_ms["unet@denoise"]["executions"] >= 6 * BODY["steps"] / 3  # <= 3 share a call
+    assert "unet" not in result.triton_split_ms
+    assert "images/s" in table([result]) and "unet@denoise" in table([result])
 
 
 def test_failed_requests_are_counted_with_their_message(gateway: GatewayProcess) -> None:
@@ -38,6 +41,9 @@ nv_inference_exec_count{model="unet",version="1"} 4
 nv_inference_count{model="unet",version="1"} 32
 nv_inference_queue_duration_us{model="unet",version="1"} 1000
 nv_inference_compute_infer_duration_us{model="unet",version="1"} 50000
+sd_triton_inline_unet_calls{model="denoise"} 100
+sd_triton_inline_unet_compute_us{model="denoise"} 400000
+sd_triton_inline_unet_rows{model="denoise"} 200
 # TYPE gateway_stage_seconds histogram
 gateway_stage_seconds_count{stage="inference"} 1
 gateway_stage_seconds_sum{stage="inference"} 0.5
@@ -49,6 +55,10 @@ nv_inference_exec_count{model="unet",version="1"} 9
 nv_inference_count{model="unet",version="1"} 72
 nv_inference_queue_duration_us{model="unet",version="1"} 5000
 nv_inference_compute_infer_duration_us{model="unet",version="1"} 250000
+sd_triton_inline_unet_calls{model="denoise"} 150
+sd_triton_inline_unet_compute_us{model="denoise"} 600000
+sd_triton_inline_unet_rows{model="denoise"} 360
+sd_triton_inline_unet_calls{model="txt2img_stream"} 0
 # TYPE gateway_stage_seconds histogram
 gateway_stage_seconds_count{stage="inference"} 5
 gateway_stage_seconds_sum{stage="inference"} 2.5
@@ -60,4 +70,7 @@ def test_splits_are_the_deltas_over_the_run() -> None:
     split = triton_split(before, after)["unet"]
     assert split["requests"] == 20 and split["queue_ms"] == 0.2 and split["compute_infer_ms"] == 10.0
     assert split["executions"] == 5 and split["inferences"] == 40
+    inline = triton_split(before, after)
+    assert inline["unet@denoise"] == {"executions": 50, "inferences": 160, "compute_infer_ms": 4.0}
+    assert "unet@txt2img_stream" not in inline  # no calls in the run
     assert gateway_split(before, after) == {"inference": 500.0}

@@ -64,6 +64,15 @@ def test_the_second_step_count_must_be_higher() -> None:
         OverheadSettings(steps=10, steps_high=10)
 
 
+def test_the_inline_path_is_measured_where_the_loop_batches_continuously() -> None:
+    names = [name for name, _, _ in OverheadSettings().stacks()]
+    assert names == ["none/bls", "request/bls", "dynamic/bls", "continuous/inline", "continuous/bls"]
+    with pytest.raises(ValueError, match="unet_paths: 'grpc'"):
+        OverheadSettings(unet_paths=("grpc",))
+    with pytest.raises(ValueError, match="no stack to measure"):
+        OverheadSettings(modes=("dynamic",), unet_paths=("inline",))
+
+
 def test_a_short_run_on_tiny_splits_every_step(tmp_path) -> None:
     settings = OverheadSettings(
         preset="tiny",
@@ -76,15 +85,16 @@ def test_a_short_run_on_tiny_splits_every_step(tmp_path) -> None:
     )
     document = run_overhead(settings, WORK_DIR)
     rows = {row["system"]: row for row in document["rows"]}
-    assert set(rows) == {FLOOR, "continuous"}
+    assert set(rows) == {FLOOR, "continuous/inline", "continuous/bls"}
     for row in rows.values():
         assert row["rounds"] == 1 and row["unet_ms"] > 0
         assert row["other_ms"] == pytest.approx(row["step_ms"] - row["unet_ms"], abs=2e-3)
     # at concurrency 1 every UNet call carries one request's step (its CFG pair)
-    assert rows["continuous"]["request_steps_per_call"] == pytest.approx(1.0, abs=0.05)
+    for system in ("continuous/inline", "continuous/bls"):
+        assert rows[system]["request_steps_per_call"] == pytest.approx(1.0, abs=0.05), system
+        adds = document["serving_adds_ms_per_step"][f"{system} at concurrency 1"]
+        assert adds["step_ms"] == pytest.approx(rows[system]["step_ms"] - rows[FLOOR]["step_ms"], abs=2e-3)
     assert rows[FLOOR]["request_steps_per_call"] == 1.0
-    adds = document["serving_adds_ms_per_step"]["continuous at concurrency 1"]
-    assert adds["step_ms"] == pytest.approx(rows["continuous"]["step_ms"] - rows[FLOOR]["step_ms"], abs=2e-3)
-    assert len(document["targets"]) == 3 and document["unet_path"] == "bls"
+    assert len(document["targets"]) == 3 and "continuous/inline" in document["targets"][0]["target"]
     text = table(document)
-    assert "serving adds per step, continuous at concurrency 1" in text and "target " in text
+    assert "serving adds per step, continuous/inline at concurrency 1" in text and "target " in text

@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import json_format
 
 from sd_triton import contract as c
-from sd_triton.export.repository import RepositorySettings, all_configs
-from sd_triton.model_params import BatchingParams, DenoiseParams, EngineParams
+from sd_triton.export.repository import RepositorySettings, all_configs, render
+from sd_triton.model_params import BatchingParams, DenoiseParams, EngineParams, pbtxt_parameters
 from sd_triton.served_model import ServedModel
 
 
@@ -22,7 +22,13 @@ def as_triton_json(config) -> dict:
 def test_round_trip_and_defaults() -> None:
     params = DenoiseParams(batching="dynamic", max_batch=8, max_wait_us=250)
     written = params.to_parameters()
-    assert written == {"unet_model": "unet", "max_batch": "8", "max_wait_us": "250", "batching": "dynamic"}
+    assert written == {
+        "unet_model": "unet",
+        "unet_path": "bls",
+        "max_batch": "8",
+        "max_wait_us": "250",
+        "batching": "dynamic",
+    }
     assert DenoiseParams.from_parameters(written) == params
     assert DenoiseParams.from_parameters({}) == DenoiseParams()  # absent: the default
     engine = EngineParams(allow_spinning=True, torch_compile=False)
@@ -61,3 +67,16 @@ def test_what_the_export_writes_is_what_the_models_read(batching: str) -> None:
     assert not encoder.allow_spinning
     unet = EngineParams.from_model_config(as_triton_json(configs[c.UNET.name]))
     assert (unet.engine, unet.model_file, unet.torch_compile) == ("python-torch", "unet", True)
+
+
+def test_the_parameters_of_a_config_text_without_protobuf() -> None:
+    """The inline UNet path reads the UNet's config.pbtxt in the Triton image, which has no tritonclient:
+    the text the export writes, and the same by hand with other spacing, give the same parameters."""
+    settings = RepositorySettings(engines={**dict.fromkeys(c.ENGINE_MODELS, "python-ort")}, int8=("unet",))
+    unet = all_configs(settings, ServedModel("m", 64, 64, 8))[c.UNET.name]
+    expected = {k: v.string_value for k, v in unet.parameters.items()}
+    assert pbtxt_parameters(render(unet)) == expected and expected["model_file"] == "model.int8.onnx"
+    by_hand = 'parameters: { key: "engine" value: { string_value: "python-torch" } }\n'
+    assert pbtxt_parameters(by_hand) == {"engine": "python-torch"}
+    assert pbtxt_parameters(by_hand.replace(": {", " {")) == {"engine": "python-torch"}
+    assert EngineParams.from_parameters(pbtxt_parameters(render(unet))).model_file == "model.int8.onnx"
