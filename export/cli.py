@@ -167,7 +167,12 @@ def add_parser(sub: Any) -> None:
         help="how the denoising loop runs the UNet: in its own process (inline) or by a BLS call per step "
         "(bls); auto: inline with continuous batching (docs/engines.md)",
     )
-    ex.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton's dynamic batching window")
+    ex.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        help="dynamic: Triton's batching window on the engines (continuous: 0 on the text encoder and VAE)",
+    )
     defaults = Limits()
     ex.add_argument("--max-steps", type=int, default=defaults.max_steps)
     ex.add_argument("--max-side", type=int, default=defaults.max_side)

@@ -71,7 +71,7 @@ class RepositorySettings:
     max_wait_us: int = 0  # continuous: wait this long for arrivals before a step below max_batch_rows
     denoise_instances: int = 2  # none / dynamic: request loops in flight at once
     engine_instances: int = 1
-    max_queue_delay_us: int = 2000  # Triton's dynamic batching window (dynamic; text encoder and VAE)
+    max_queue_delay_us: int = 2000  # Triton's dynamic batching window (none: unused; continuous: 0)
     int8: tuple[str, ...] = ()  # components served INT8-quantized (ONNX Runtime engines; export/quantize.py)
     fp16: tuple[str, ...] = ()  # components served FP16 (TensorRT) in an otherwise FP32 repository
     # How the denoising loops reach the UNet engine (docs/engines.md, "The UNet path"): inline (the
@@ -151,8 +151,12 @@ class RepositorySettings:
         """The dynamic batching window of an engine model; None: no dynamic batching."""
         if self.batching == "none":
             return None
-        if self.batching == "continuous" and model == c.UNET.name:
-            return None  # denoise's batcher sends the UNet whole batches: no second batcher in the way
+        if self.batching == "continuous":
+            # denoise's batcher sends the UNet whole batches: no second batcher in the way. The text
+            # encoder and the VAE batch what is queued when they are free (requests that joined or
+            # finished in the same iteration arrive together) and never wait for more: a window here cost
+            # every request 2 x the window at low load (issue 20)
+            return None if model == c.UNET.name else 0
         return self.max_queue_delay_us
 
 
@@ -239,6 +243,7 @@ def engine_config(
         config.parameters[ARTIFACT_SHA256].string_value = record.sha256
     delay = settings.queue_delay_us(spec.name)
     if delay is not None:
+        config.dynamic_batching.SetInParent()  # present even with a zero window
         config.dynamic_batching.max_queue_delay_microseconds = delay
     count = settings.engine_instances
     precision = settings.precision_of(spec.name)

@@ -142,7 +142,7 @@ def run_batching(settings: BatchingSettings, work_dir: Path) -> dict[str, Any]:
             size = (settings.height or native_h, settings.width or native_w)
             served = stack.enter_context(serving(repo))
             body = request_body(settings, *size)
-            warm_up(served.gateway_url, body)
+            warm_up(served.gateway_url, body, max(*settings.concurrency, options.settings.denoise_instances))
             urls[mode] = (served.gateway_url, served.triton.metrics_url)
 
         # 2. Level by level, mode after mode (rotating the order), `repeats` times.

@@ -254,13 +254,26 @@ def http_levels(
     return results
 
 
-def warm_up(url: str, body: dict[str, Any]) -> None:
+def warm_up(url: str, body: dict[str, Any], parallel: int = 1) -> None:
+    """One request, then `parallel` at once, twice: every model instance that will serve the run (8
+    `denoise` loops with dynamic batching) has run once. A cold instance's first request costs ~1 s here
+    (its first scheduler, its first tensors), which would land in the first round's latencies."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
     headers = {"Cache-Control": "no-cache"}
-    httpx.post(
-        f"{url}/v1/generate", json={**body, "seed": 1}, headers=headers, timeout=600
-    ).raise_for_status()
+
+    def one(seed: int) -> None:
+        httpx.post(
+            f"{url}/v1/generate", json={**body, "seed": seed}, headers=headers, timeout=600
+        ).raise_for_status()
+
+    one(1)
+    if parallel > 1:
+        with ThreadPoolExecutor(parallel) as pool:
+            for _ in range(2):
+                list(pool.map(one, range(2, 2 + parallel)))
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,21 @@ from typing import Any
 from sd_triton.perf.compare import SYSTEMS, ratios_and_targets, verdict
 
 
+def is_overhead(document: dict[str, Any]) -> bool:
+    """A `perf overhead` result (the others are `perf compare` results)."""
+    return "serving_adds_ms_per_step" in document
+
+
 def load(paths: list[Path]) -> list[dict[str, Any]]:
     documents = []
     for path in paths:
         document = json.loads(Path(path).read_text())
+        if is_overhead(document):
+            documents.append(document)
+            continue
         missing = [k for k in ("settings", "rows", "ratios", "targets", "machine") if k not in document]
         if missing:
-            raise ValueError(f"{path}: not a compare result (no {', '.join(missing)})")
+            raise ValueError(f"{path}: not a compare or overhead result (no {', '.join(missing)})")
         _, today = ratios_and_targets(document["rows"], document["settings"]["preset"])
         document["targets"] = with_rule_changes(document["targets"], today)
         documents.append(document)
@@ -131,6 +139,53 @@ def section(document: dict[str, Any], chart_name: str) -> str:
     return "\n".join(lines)
 
 
+def overhead_section(document: dict[str, Any]) -> str:
+    """A `perf overhead` result: the per-step split per system, what serving adds, its share of a GPU
+    step, and the targets with their stored verdicts."""
+    from sd_triton.perf.overhead import GPU_UNET_STEP_MS
+
+    settings, machine = document["settings"], document["machine"]
+    height, width = document["size"]
+    low, high = GPU_UNET_STEP_MS
+    lines = [
+        f"## Serving overhead per denoising step, `{settings['preset']}` preset: {height}x{width}, "
+        f"{settings['steps']} and {settings['steps_high']} steps, {settings['scheduler']}",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu'] or 'none'}.  ",
+        f"Command: `{document.get('command', 'sd-triton perf overhead --preset ' + settings['preset'])}`; "
+        f"{settings['repeats']} interleaved rounds, medians with the rounds' [min, max].",
+        "",
+        "| system | concurrency | ms per step (slope) | UNet ms per call | other ms per step | "
+        "other ms per request step | request steps per call |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in document["rows"]:
+        lines.append(
+            f"| {r['system']} | {r['concurrency']} | {r['step_ms']:.2f} {r['step_ms_spread']} | "
+            f"{r['unet_ms']:.2f} | {r['other_ms']:.2f} {r['other_ms_spread']} | "
+            f"{r['other_ms_per_request_step']:.2f} | {r['request_steps_per_call']:.2f} |"
+        )
+    lines += [
+        "",
+        f"What serving adds per step over the floor (the stack's figure minus the floor's, per round), and "
+        f"its share of an SD 1.5 512x512 UNet step on an H100/A100 with TensorRT ({low:g}-{high:g} ms, the "
+        "figure the GPU goals assume):",
+        "",
+        "| system | slope ms | outside the UNet ms | share of a GPU step (slope) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, adds in document["serving_adds_ms_per_step"].items():
+        slope, other = adds.get("step_ms"), adds.get("other_ms")
+        share = f"{100 * slope / high:.0f}-{100 * slope / low:.0f} %" if slope is not None and slope > 0 else "-"
+        lines.append(f"| {name} | {slope:+.2f} | {other:+.2f} | {share} |")
+    lines += ["", "| target | measured | verdict |", "|---|---:|---|"]
+    lines += [f"| {t['target']} | {t['value']} | {verdict(t)} |" for t in document["targets"]]
+    notes = document.get("notes")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
+
+
 def write_report(paths: list[Path], out: Path) -> Path:
     """REPORT.md at `out` with one section (and one chart beside it) per result file."""
     documents = load(paths)
@@ -146,6 +201,9 @@ def write_report(paths: list[Path], out: Path) -> Path:
         "",
     ]
     for document in documents:
+        if is_overhead(document):
+            parts += [overhead_section(document), ""]
+            continue
         chart_name = f"results/compare-{document['settings']['preset']}.png"
         chart(document, out.parent / chart_name)
         parts += [section(document, chart_name), ""]

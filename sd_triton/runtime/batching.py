@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn
+from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn, UNetInputs
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ class BatcherStats:
     call_rows: deque[int] = field(default_factory=lambda: deque(maxlen=256))  # the latest UNet calls' rows
 
 
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """One batch from the requests' rows; a lone request's own array (no copy)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
 class ContinuousBatcher:
     """The scheduling loop. `submit` from any thread; `iterate` (or the worker `start` runs) advances."""
 
@@ -104,6 +109,7 @@ class ContinuousBatcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._dropped: dict[str, float] = {}  # request id -> time.monotonic() of the drop
+        self._hidden_states: dict[Shape, tuple[list, np.ndarray]] = {}  # per shape: (its jobs, their embeddings)
 
     DROP_MEMORY_S = 60.0  # a drop may arrive before its request: it is remembered this long
 
@@ -255,7 +261,7 @@ class ContinuousBatcher:
         group = self._active[shape]
         try:
             inputs = [t.job.unet_inputs() for t in group]  # type: ignore[union-attr] - admitted: prepared
-            batch = tuple(np.concatenate([x[i] for x in inputs]) for i in range(3))
+            batch = (*(_joined([x[i] for x in inputs]) for i in range(2)), self._hidden(shape, group, inputs))
             noise = self.unet(*batch)
         except Exception as exc:  # noqa: BLE001 - every request of the call gets the error
             log.error("continuous batcher: UNet call for %s failed: %s", shape, exc)
@@ -288,6 +294,16 @@ class ContinuousBatcher:
             self._active[shape] = group
         else:
             self._active.pop(shape, None)
+            self._hidden_states.pop(shape, None)
+
+    def _hidden(self, shape: Shape, group: list[Ticket], inputs: list[UNetInputs]) -> np.ndarray:
+        """The group's text embeddings as one batch: joined again only when the group changed (they are
+        the same every step, and the largest input: 77 x width floats per row)."""
+        jobs = [t.job for t in group]
+        cached = self._hidden_states.get(shape)
+        if cached is None or len(cached[0]) != len(jobs) or any(a is not b for a, b in zip(cached[0], jobs)):
+            cached = self._hidden_states[shape] = (jobs, _joined([x[2] for x in inputs]))
+        return cached[1]
 
     def _cancelled(self, ticket: Ticket) -> bool:
         if ticket.request_id and ticket.request_id in self._dropped:

@@ -13,7 +13,7 @@ from sd_triton.export.checkpoint import Checkpoint
 from sd_triton.export.cli import parse_engines
 from sd_triton.export.components import COMPONENTS
 from sd_triton.export.pipeline import ExportOptions, engine_profile, repository_settings, run_export
-from sd_triton.export.repository import CONFIG_FILE, RepositorySettings, all_configs, parse
+from sd_triton.export.repository import CONFIG_FILE, RepositorySettings, all_configs, parse, render
 from sd_triton.served_model import ServedModel
 from tests.conftest import WORK_DIR
 from tests.export.test_contract import check_config_against_contract
@@ -42,7 +42,7 @@ def check_engine_common(config: mc.ModelConfig, name: str, expected_batch: int) 
     assert config.max_batch_size == expected_batch
     # continuous batching (the default) sends the UNet whole batches: no second batcher in the way
     assert config.HasField("dynamic_batching") == (name != c.UNET.name)
-    assert name == c.UNET.name or config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0  # text encoder, VAE: no window to wait
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert not config.backend
 
@@ -140,8 +140,12 @@ def test_batching_continuous_runs_one_batcher(tiny_checkpoint) -> None:
     }  # sd_triton.model_params.DenoiseParams
     unet = configs[c.UNET.name]
     assert unet.max_batch_size == 32 and not unet.HasField("dynamic_batching")
-    # the VAE still batches requests that finish in the same iteration
-    assert configs[c.VAE_DECODER.name].dynamic_batching.max_queue_delay_microseconds > 0
+    # the text encoder and the VAE still batch requests that join or finish in the same iteration, without
+    # waiting for more
+    for name in (c.TEXT_ENCODER.name, c.VAE_DECODER.name):
+        assert configs[name].HasField("dynamic_batching"), name
+        assert configs[name].dynamic_batching.max_queue_delay_microseconds == 0, name
+        assert "dynamic_batching {\n}" in render(configs[name]), name
 
 
 @pytest.mark.parametrize("batching", ["none", "dynamic", "continuous"])

@@ -316,3 +316,36 @@ def test_a_ticket_arriving_during_a_prepare_is_prepared_before_it_joins(local: L
     for (prompt, params), outcome in zip((REQUESTS[0], REQUESTS[2]), outcomes, strict=True):
         assert outcome.error is None and outcome.latents is not None
         assert np.abs(images(local, outcome.latents) - alone(local, prompt, params)).max() <= 2
+
+
+def test_embeddings_are_joined_once_per_group_and_a_joining_request_refreshes_the_unet(
+    local: LocalPipeline,
+) -> None:
+    """The text embeddings do not change between steps: a lone request's are passed as they are and a
+    group's are joined again only when the group changes. A UNet that follows a live engine version
+    (sd_triton.runtime.triton_io) is told when a request joins."""
+    calls: list[tuple[int, int]] = []  # (id of the embeddings batch, its rows)
+
+    class Recording:
+        refreshes = 0
+
+        def refresh(self) -> None:
+            self.refreshes += 1
+
+        def __call__(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+            calls.append((id(hidden), hidden.shape[0]))
+            return local._run(c.UNET.name, sample, timestep, hidden)
+
+    unet = Recording()
+    batcher = ContinuousBatcher(unet, BatchingConfig(max_batch=16))
+    first, second = (ticket(local, p, params, Outcome()) for p, params in (REQUESTS[0], REQUESTS[1]))
+    batcher.submit(first)
+    batcher.iterate()
+    batcher.iterate()
+    batcher.submit(second)
+    batcher.iterate()
+    batcher.iterate()
+    assert unet.refreshes == 2  # one per admission
+    assert calls[0][0] == calls[1][0] == id(first.job.embeds)  # alone: its own array, no copy per step
+    assert calls[2][0] == calls[3][0] != calls[1][0]  # joined once, when the group changed
+    assert calls[2][1] == first.job.rows + second.job.rows
