@@ -1,6 +1,6 @@
 """`sd-triton perf compare`: one run, one model, the same prompts and seeds, four ways to serve it:
 
-  a. diffusers' StableDiffusionPipeline in this process (threads share the modules);
+  a. diffusers' StableDiffusionPipeline in this process: one pipeline object, calls take turns;
   b. the exported ONNX files in this process with ONNX Runtime, no server (the engine floor);
   c. the naive service: FastAPI with the diffusers pipeline in the handler (perf/naive_service.py);
   d. this stack: the gateway over HTTP in front of Triton.
@@ -28,7 +28,6 @@ from typing import Any, Protocol
 
 from sd_triton.perf.loadgen import Load, LoadResult, run_load
 from sd_triton.perf.stats import latency_percentiles
-from sd_triton.requests import uses_guidance
 
 log = logging.getLogger(__name__)
 
@@ -152,35 +151,29 @@ def request_body(settings: RequestSettings, height: int, width: int) -> dict[str
 
 
 def _diffusers(checkpoint: Path, settings: CompareSettings, height: int, width: int) -> Callable[[int], int]:
+    """(a): one StableDiffusionPipeline for the process, built once, as the naive service (c) holds one.
+    Its scheduler keeps per-call state, so calls take turns (concurrent clients queue, as in (c))."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    base = StableDiffusionPipeline.from_pretrained(
+    pipe = StableDiffusionPipeline.from_pretrained(
         checkpoint, safety_checker=None, requires_safety_checker=False
     )
-    scheduler_config = base.scheduler.config
-    tokenizer_lock = threading.Lock()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    lock = threading.Lock()
 
     def generate(seed: int) -> int:
-        # a pipeline per call over the shared modules: the scheduler keeps per-call state
-        scheduler = DDIMScheduler.from_config(scheduler_config)
-        components = {**base.components, "scheduler": scheduler, "requires_safety_checker": False}
-        pipe = StableDiffusionPipeline(**components)
-        pipe.set_progress_bar_config(disable=True)
-        with tokenizer_lock:  # the fast tokenizer keeps per-call settings: one thread at a time
-            cond, uncond = pipe.encode_prompt(
-                settings.prompt, "cpu", 1, uses_guidance(settings.guidance_scale)
+        with lock:
+            out = pipe(
+                settings.prompt,
+                height=height,
+                width=width,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
             )
-        out = pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            height=height,
-            width=width,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
-        )
         return len(out.images)
 
     return generate

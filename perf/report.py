@@ -176,7 +176,8 @@ def overhead_section(document: dict[str, Any]) -> str:
     ]
     for name, adds in document["serving_adds_ms_per_step"].items():
         slope, other = adds.get("step_ms"), adds.get("other_ms")
-        share = f"{100 * slope / high:.0f}-{100 * slope / low:.0f} %" if slope is not None and slope > 0 else "-"
+        positive = slope is not None and slope > 0
+        share = f"{100 * slope / high:.0f}-{100 * slope / low:.0f} %" if positive else "none (not above 0)"
         lines.append(f"| {name} | {slope:+.2f} | {other:+.2f} | {share} |")
     lines += ["", "| target | measured | verdict |", "|---|---:|---|"]
     lines += [f"| {t['target']} | {t['value']} | {verdict(t)} |" for t in document["targets"]]
