@@ -20,8 +20,9 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -194,6 +195,22 @@ def floor_engines(repo: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+@contextmanager
+def stack_torch_threads() -> Iterator[None]:
+    """This process's torch as the stack's denoising loop runs it, for the floor: one intra-op thread
+    (sd_triton.runtime.triton_denoise). With torch's default (one per core) its idle threads wait
+    spinning after every scheduler op, on the cores ONNX Runtime computes on: the floor measured
+    slower than the stack on `small` (0.94x) until it ran as the stack does."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def floor_pipeline(repo: Path) -> Any:
     """The engine floor (b): the repository's engines in this process, run as the stack runs them."""
     from sd_triton.export.repository import engine_params
@@ -251,7 +268,6 @@ def warm_up(url: str, body: dict[str, Any], parallel: int = 1) -> None:
     """One request, then `parallel` at once, twice: every model instance that will serve the run (8
     `denoise` loops with dynamic batching) has run once. A cold instance's first request costs ~1 s here
     (its first scheduler, its first tensors), which would land in the first round's latencies."""
-    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
@@ -310,12 +326,14 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
         log.info("compare: %s (%s), %dx%d, %d steps", system, SYSTEMS[system], height, width, settings.steps)
         results: list[LoadResult] = []  # the HTTP systems' levels
         if system in ("a", "b"):
-            if system == "a":
-                generate = _diffusers(checkpoint, settings, height, width)
-            else:
-                generate = floor_generate(floor_pipeline(repo), settings, height, width)
-            generate(settings.seed)  # warm-up
-            rows += [measure_in_process(system, generate, settings, c) for c in settings.concurrency]
+            # (b) with torch as the stack's loop runs it (one thread); (a) as diffusers does by default
+            with stack_torch_threads() if system == "b" else nullcontext():
+                if system == "a":
+                    generate = _diffusers(checkpoint, settings, height, width)
+                else:
+                    generate = floor_generate(floor_pipeline(repo), settings, height, width)
+                generate(settings.seed)  # warm-up
+                rows += [measure_in_process(system, generate, settings, c) for c in settings.concurrency]
         elif system == "c":
             with NaiveServiceProcess(checkpoint, free_port()) as naive:
                 warm_up(naive.url, body)

@@ -43,6 +43,7 @@ from sd_triton.perf.compare import (
     machine,
     measure_in_process,
     request_body,
+    stack_torch_threads,
     target,
     verdict_lines,
     warm_up,
@@ -232,6 +233,7 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
         floor_generate(pipeline, settings, *size)(settings.seed)  # warm-up
 
         # 3. Round by round, level by level: the floor and each mode at both step counts.
+        stack.enter_context(stack_torch_threads())  # the floor's torch as the stack's loop runs it
         for repeat in range(settings.repeats):
             counts = (settings.steps, settings.steps_high)
             counts = counts if repeat % 2 == 0 else counts[::-1]

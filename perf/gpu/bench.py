@@ -57,6 +57,57 @@ def cuda_ms(fn: Any, repeats: int, warmup: int = 3) -> dict[str, float]:
     return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3)}
 
 
+def step_split(pipe: Any, steps: int, size: int, dtype: Any, device: str = "cuda") -> dict[str, Any]:
+    """The serving split `sd-triton perf overhead` measures on a CPU, here on the GPU: the denoising loop
+    the `denoise` model runs (sd_triton.runtime.denoise.DenoiseJob: scheduler, guidance, inputs) around
+    the UNet as the inline python-torch path calls it (NumPy in, NumPy out), per step: the UNet call
+    (wall clock, synchronized) and everything else."""
+    import numpy as np
+    import torch
+
+    from sd_triton.pipeline_config import PipelineConfig
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import DenoiseJob
+
+    width = int(pipe.text_encoder.config.hidden_size)
+    config = PipelineConfig(
+        latent_channels=int(pipe.unet.config.in_channels),
+        vae_scale_factor=int(pipe.vae_scale_factor),
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        scheduler_config=dict(pipe.scheduler.config),
+        text_hidden_size=width,
+    )
+    params = GenerationParams(size, size, steps, 7.5, 1, "ddim", 1)
+    embeds = np.random.default_rng(0).standard_normal((2, 77, width)).astype(np.float32)
+    unet_s: list[float] = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def unet(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        sync()
+        t0 = time.perf_counter()
+        args = [torch.from_numpy(a).to(device, dtype) for a in (sample, hidden)]
+        out = pipe.unet(args[0], torch.from_numpy(timestep.reshape(-1)).to(device), args[1]).sample
+        noise = out.float().cpu().numpy()
+        unet_s.append(time.perf_counter() - t0)
+        return noise
+
+    totals = []
+    with torch.inference_mode():
+        for _ in range(3):  # the first is a warm-up
+            unet_s.clear()
+            job = DenoiseJob(embeds, params, config)
+            t0 = time.perf_counter()
+            while not job.done:
+                job.advance(unet(*job.unet_inputs()))
+            totals.append((time.perf_counter() - t0, sum(unet_s)))
+    wall, in_unet = min(totals[1:])
+    return {
+        "step_ms": round(1000 * wall / steps, 3),
+        "unet_call_ms": round(1000 * in_unet / steps, 3),  # host-device copies included
+        "other_ms": round(1000 * (wall - in_unet) / steps, 3),  # scheduler, guidance, inputs
+    }
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
@@ -151,6 +202,8 @@ def main() -> None:
     result["engines"]["pytorch"]["unet_share_of_end_to_end"] = round(
         args.steps * step / statistics.median(runs), 3
     )
+
+    result["engines"]["pytorch"]["step_split"] = step_split(pipe, args.steps, args.size, dtype)
 
     # 4. The other engines, where this machine has them.
     log.info("[4/4] other engines")

@@ -109,7 +109,8 @@ class ContinuousBatcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._dropped: dict[str, float] = {}  # request id -> time.monotonic() of the drop
-        self._hidden_states: dict[Shape, tuple[list, np.ndarray]] = {}  # per shape: (its jobs, their embeddings)
+        # per shape: (its jobs, their embeddings joined)
+        self._hidden_states: dict[Shape, tuple[list, np.ndarray]] = {}
 
     DROP_MEMORY_S = 60.0  # a drop may arrive before its request: it is remembered this long
 
@@ -301,7 +302,8 @@ class ContinuousBatcher:
         the same every step, and the largest input: 77 x width floats per row)."""
         jobs = [t.job for t in group]
         cached = self._hidden_states.get(shape)
-        if cached is None or len(cached[0]) != len(jobs) or any(a is not b for a, b in zip(cached[0], jobs)):
+        same = cached is not None and len(cached[0]) == len(jobs)
+        if not (same and all(a is b for a, b in zip(cached[0], jobs, strict=True))):  # type: ignore[index]
             cached = self._hidden_states[shape] = (jobs, _joined([x[2] for x in inputs]))
         return cached[1]
 

@@ -87,8 +87,8 @@ def test_targets_are_judged_by_their_limits() -> None:
     ratios, targets = ratios_and_targets(rows, "tiny")
     assert ratios["continuous/request images/s at concurrency 8"] == 1.25
     assert ratios["continuous/best other images/s at concurrency 8"] == pytest.approx(12.5 / 12.0, abs=1e-3)
-    # 1.25x is short of 1.3x; p95 950 > 900; 1.02 <= 1.03
-    assert [t["met"] for t in targets] == [False, False, True]
+    # 1.25x is short of 1.3x; p95 950 > 900; 12.5 >= 12.0 (tuned dynamic); 1.02 <= 1.03
+    assert [t["met"] for t in targets] == [False, False, True, True]
     _, small = ratios_and_targets(rows, "small")
     assert [t["met"] for t in small] == [True, True]  # 12.5 >= 0.95 x 12.0
     _, unmeasured = ratios_and_targets(rows[2:], "small")

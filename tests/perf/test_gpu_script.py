@@ -23,3 +23,19 @@ def test_without_cuda_it_fails_fast_and_says_why(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "torch sees no CUDA device" in done.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_step_split_adds_up_on_the_tiny_checkpoint(tiny_checkpoint: Path) -> None:
+    """The script's per-step split (the stack's denoising loop around the UNet), run here on the CPU."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from bench import step_split  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    split = step_split(pipe, steps=4, size=64, dtype=torch.float32, device="cpu")
+    assert split["unet_call_ms"] > 0 and split["other_ms"] > 0
+    assert split["step_ms"] == pytest.approx(split["unet_call_ms"] + split["other_ms"], abs=2e-3)
