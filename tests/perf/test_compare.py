@@ -118,7 +118,7 @@ def test_the_report_has_a_section_table_and_chart_per_result(document: dict, tmp
 def test_a_file_that_is_not_a_result_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "x.json"
     bad.write_text("{}")
-    with pytest.raises(ValueError, match="x.json: not a compare result"):
+    with pytest.raises(ValueError, match="x.json: not a compare or overhead result"):
         load([bad])
 
 

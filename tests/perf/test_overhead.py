@@ -3,6 +3,8 @@ on the tiny model (the floor in this process, continuous batching behind a real 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sd_triton.perf.overhead import (
@@ -16,6 +18,7 @@ from sd_triton.perf.overhead import (
     table,
     targets_of,
 )
+from sd_triton.perf.report import write_report
 from tests.conftest import WORK_DIR
 
 
@@ -98,3 +101,9 @@ def test_a_short_run_on_tiny_splits_every_step(tmp_path) -> None:
     assert len(document["targets"]) == 3 and "continuous/inline" in document["targets"][0]["target"]
     text = table(document)
     assert "serving adds per step, continuous/inline at concurrency 1" in text and "target " in text
+    # perf report renders it: the split per system, what serving adds and its share of a GPU step
+    result = tmp_path / "overhead-tiny.json"
+    result.write_text(json.dumps(document))
+    report = write_report([result], tmp_path / "REPORT.md").read_text()
+    assert "## Serving overhead per denoising step, `tiny` preset" in report
+    assert "| continuous/inline at concurrency 1 |" in report and "share of a GPU step" in report
