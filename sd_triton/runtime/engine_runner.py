@@ -1,7 +1,7 @@
 """One engine version as a runner in this process, whatever its kind: what the python engine models run
 (`python-ort`, `python-torch`) and what the denoise loop runs when its UNet path is `inline` (any kind:
 an `onnxruntime` version is its ONNX file in ONNX Runtime, a `tensorrt` version its plan in TensorRT).
-Triton-free: tests and the in-process floor load engines the same way.
+Triton-free, so tests load engines the way the models do.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ models and the inline UNet path run."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from sd_triton import contract as c
@@ -14,8 +15,6 @@ from sd_triton.runtime.trt_runner import unavailable_reason
 
 def unet_feeds(repo, rows: int = 2) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    import onnx
-
     graph = onnx.load(str(repo / "unet" / "1" / "model.onnx"), load_external_data=False).graph
     width = graph.input[2].type.tensor_type.shape.dim[2].dim_value
     return {
