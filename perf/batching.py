@@ -31,7 +31,7 @@ from sd_triton.perf.compare import (
     verdict_lines,
     warm_up,
 )
-from sd_triton.perf.loadgen import LoadResult
+from sd_triton.perf.loadgen import LoadResult, inline_unet_key
 from sd_triton.perf.stats import latency_percentiles
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class BatchingSettings(CompareSettings):
 
 def _per_execution(result: LoadResult, model: str) -> dict[str, float]:
     """Triton's figures for `model`, or for its engine run inline by denoise (loadgen's "unet@denoise")."""
-    split = result.triton_split_ms.get(model) or result.triton_split_ms.get(f"{model}@{c.DENOISE.name}", {})
+    inline = inline_unet_key(c.DENOISE.name) if model == c.UNET.name else ""
+    split = result.triton_split_ms.get(model) or result.triton_split_ms.get(inline, {})
     executions = split.get("executions", 0.0)
     if not executions:
         return {}

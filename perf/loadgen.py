@@ -130,6 +130,11 @@ def gateway_split(before: Samples, after: Samples) -> dict[str, float]:
     return split
 
 
+def inline_unet_key(owner: str) -> str:
+    """The split key of the UNet calls the loop model `owner` ran inline: "unet@denoise"."""
+    return f"{c.UNET.name}@{owner}"
+
+
 def triton_split(before: Samples, after: Samples) -> dict[str, dict[str, float]]:
     """Per model: requests, executions, inferences (batch rows), and mean milliseconds per request in
     queue and compute (Triton's cumulative `nv_inference_*_duration_us` counters)."""
@@ -158,7 +163,7 @@ def triton_split(before: Samples, after: Samples) -> dict[str, dict[str, float]]
         calls = _delta(before, after, INLINE_UNET_CALLS_METRIC, model=owner)
         if calls > 0:
             total_us = _delta(before, after, INLINE_UNET_US_METRIC, model=owner)
-            split[f"{c.UNET.name}@{owner}"] = {
+            split[inline_unet_key(owner)] = {
                 "executions": calls,
                 "inferences": _delta(before, after, INLINE_UNET_ROWS_METRIC, model=owner),  # batch rows
                 "compute_infer_ms": round(total_us / calls / 1000.0, 3),

@@ -48,6 +48,7 @@ from sd_triton.perf.compare import (
     verdict_lines,
     warm_up,
 )
+from sd_triton.perf.loadgen import inline_unet_key
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
             parallel = max(*settings.concurrency, repository.denoise_instances)
             warm_up(served.gateway_url, request_body(settings, *size), parallel)
             # the UNet's time: Triton's unet model (bls), or the loop's own timer (inline, loadgen)
-            unet_key = c.UNET.name if path == "bls" else f"{c.UNET.name}@{c.DENOISE.name}"
+            unet_key = c.UNET.name if path == "bls" else inline_unet_key(c.DENOISE.name)
             urls[name] = (served.gateway_url, served.triton.metrics_url, unet_key)
         log.info("[2/3] the floor: the engines in this process, as the stack runs them")
         _, first_mode, first_path = systems[0]
@@ -276,6 +277,9 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
         for (system, level), rounds in per_round.items()
     ]
     names = [name for name, _, _ in systems]
+    at_level = {
+        lv: {m: r for (m, level), r in per_round.items() if level == lv} for lv in settings.concurrency
+    }
     main = "continuous/inline" if "continuous/inline" in names else names[0]
     document = {
         "settings": asdict(settings),
@@ -286,7 +290,7 @@ def run_overhead(settings: OverheadSettings, work_dir: Path) -> dict[str, Any]:
             f"{mode} at concurrency {level}": {
                 key: round(statistics.median(d), 3)
                 for key in ("step_ms", "other_ms")
-                if (d := differences({m: r for (m, lv), r in per_round.items() if lv == level}, mode, key))
+                if (d := differences(at_level[level], mode, key))
             }
             for mode in names
             for level in settings.concurrency

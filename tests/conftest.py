@@ -47,14 +47,10 @@ def unet_calls(server: TritonServer, settle_s: float = 0.3, timeout_s: float = 3
         samples = parse_metrics(httpx.get(server.metrics_url, timeout=10).text)
         calls = rows = 0.0
         for (name, labels), value in samples.items():
-            model = dict(labels).get("model")
-            if model == "unet" and name in ("nv_inference_exec_count", "nv_inference_count"):
-                calls, rows = (
-                    (calls + value, rows) if name == "nv_inference_exec_count" else (calls, rows + value)
-                )
-            elif name == INLINE_UNET_CALLS_METRIC:
+            triton_unet = dict(labels).get("model") == "unet"
+            if name == INLINE_UNET_CALLS_METRIC or (triton_unet and name == "nv_inference_exec_count"):
                 calls += value
-            elif name == INLINE_UNET_ROWS_METRIC:
+            elif name == INLINE_UNET_ROWS_METRIC or (triton_unet and name == "nv_inference_count"):
                 rows += value
         return calls, rows
 

@@ -171,8 +171,11 @@ class LiveUNet:
     def idle(self) -> None:
         """The loop has nothing to do (called on its thread)."""
 
+    def _due(self) -> bool:
+        return time.monotonic() - self.resolved_at > self.RESOLVE_EVERY_S
+
     def _resolve_when_due(self) -> int:
-        if time.monotonic() - self.resolved_at > self.RESOLVE_EVERY_S:
+        if self._due():
             self._resolve()
         return self.version
 
@@ -289,7 +292,7 @@ class InlineUNet(LiveUNet):
 
     def _current(self) -> tuple[int, BatchRunner]:
         # 1. When due: Triton's READY version, and the newest version on disk, loading in the background.
-        if time.monotonic() - self.resolved_at > self.RESOLVE_EVERY_S:
+        if self._due():
             self.timer.flush()
             self._resolve()
             versions = versions_on_disk(self.model_dir)
