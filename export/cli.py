@@ -181,8 +181,8 @@ def add_parser(sub: Any) -> None:
 
     train = sub.add_parser("train-demo-model", help="train the small demo model on synthetic shapes (CPU)")
     train.add_argument("--out", default="models/demo")
-    train.add_argument("--vae-steps", type=int, default=600)
-    train.add_argument("--unet-steps", type=int, default=4000)
+    train.add_argument("--vae-steps", type=int, default=1500)
+    train.add_argument("--unet-steps", type=int, default=3500)
     train.add_argument("--unet-lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--vae-from", default=None, help="reuse the VAE of a folder this command saved")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 SIZE = 64
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -66,7 +67,38 @@ def _where(position: str) -> str:
     return " in the center" if position == "center" else f" at the {position}"
 
 
+def _combinations() -> list[tuple[str, str, str, str]]:
+    """Every single-object combination: (colour, shape, position, background)."""
+    return [
+        (color, shape, position, background)
+        for color in COLORS
+        for shape in SHAPES
+        for position in POSITIONS
+        for background in COLORS
+        if background != color
+    ]
+
+
+# one in ten colour x shape x position x background combinations, never drawn for training (any
+# stage), so the held-out checks ask for scenes the model has only seen the parts of
+HELD_OUT: frozenset[tuple[str, str, str, str]] = frozenset(
+    random.Random(2026).sample(_combinations(), len(_combinations()) // 10)
+)
+
+
+def is_held_out(thing: Thing, background: str) -> bool:
+    return (thing.color, thing.shape, thing.position, background) in HELD_OUT
+
+
 def random_scene(rng: random.Random) -> Scene:
+    """A training scene: never one with a held-out combination in it."""
+    while True:
+        scene = _any_scene(rng)
+        if not any(is_held_out(thing, scene.background) for thing in scene.things):
+            return scene
+
+
+def _any_scene(rng: random.Random) -> Scene:
     count = 1 if rng.random() < 0.75 else 2
     background = rng.choice(list(COLORS))
     positions = (
@@ -124,6 +156,16 @@ def batch(rng: random.Random, n: int) -> tuple[np.ndarray, list[str]]:
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 NAMES = list(COLORS)
+# a shape's area over its radius squared, as draw() draws it (the star's inner radius is 0.45)
+AREA_PER_R2 = {
+    "circle": math.pi,
+    "square": 4.0,
+    "triangle": 3 * math.sqrt(3) / 4,
+    "star": 5 * 0.45 * math.sin(math.pi / 5),
+}
+# the named regions' centres are 0.23 of the side apart: within 0.11 of one, a centroid is nearer
+# to it than to any other, so "left" and "center" can never both pass
+POSITION_TOLERANCE = 0.11
 
 
 def nearest_color(rgb: np.ndarray) -> str:
@@ -134,20 +176,65 @@ def nearest_color(rgb: np.ndarray) -> str:
 class Check:
     background: str  # the palette colour nearest the image border's median
     object_color: str | None  # the commonest palette colour among non-background pixels
+    shape: str | None  # the shape whose outline, fitted to the object's pixels, overlaps them best
     centroid: tuple[float, float] | None  # of the object's pixels, as fractions (x, y)
     ok_background: bool
     ok_color: bool
+    ok_shape: bool
     ok_position: bool
 
     @property
     def ok(self) -> bool:
-        return self.ok_background and self.ok_color and self.ok_position
+        return self.ok_background and self.ok_color and self.ok_shape and self.ok_position
 
 
-def check_image(image: np.ndarray, thing: Thing, background: str, tolerance: float = 0.17) -> Check:
-    """Does a uint8 [H, W, 3] image show `thing` on `background`? Background: the border's median
-    colour. Object: pixels whose nearest palette colour is the object's, at least 2 % of the image,
-    with their centroid within `tolerance` (fraction of the side) of the named region's centre."""
+def _outline(shape: str, cx: float, cy: float, radius: float, height: int, width: int) -> np.ndarray:
+    """A boolean mask of `shape` drawn as draw() draws it."""
+    image = Image.new("L", (width, height), 0)
+    pen = ImageDraw.Draw(image)
+    if shape == "circle":
+        pen.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+    else:
+        pen.polygon(_polygon(shape, cx, cy, radius), fill=255)
+    return np.asarray(image) > 0
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """The shape that, centred on the mask's centroid with the mask's area, overlaps it best (IoU)."""
+    ys, xs = np.nonzero(mask)
+    cx, cy, area = float(xs.mean() + 0.5), float(ys.mean() + 0.5), float(mask.sum())
+
+    def overlap(shape: str) -> float:
+        outline = _outline(shape, cx, cy, math.sqrt(area / AREA_PER_R2[shape]), *mask.shape)
+        return float((outline & mask).sum() / max(1, (outline | mask).sum()))
+
+    return max(SHAPES, key=overlap)
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (stray pixels of the object's colour elsewhere,
+    such as a blurred edge between two colours, do not move its centroid or outline)."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def nearest_position(centroid: tuple[float, float]) -> tuple[str, float]:
+    """The named region whose centre is nearest (largest of the x and y distances) and that distance."""
+    name = min(
+        POSITIONS, key=lambda p: max(abs(centroid[0] - POSITIONS[p][0]), abs(centroid[1] - POSITIONS[p][1]))
+    )
+    fx, fy = POSITIONS[name]
+    return name, max(abs(centroid[0] - fx), abs(centroid[1] - fy))
+
+
+def check_image(image: np.ndarray, thing: Thing, background: str) -> Check:
+    """Does a uint8 [H, W, 3] image show `thing` on `background`? Background: the palette colour
+    nearest the border's median. Object: the commonest palette colour among the other pixels; its
+    largest connected region (at least 2 % of the image) gives the shape (best-fitting outline) and the
+    centroid, which must be within POSITION_TOLERANCE of the named region's centre."""
     height, width = image.shape[:2]
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
     seen_background = nearest_color(np.median(border, axis=0))
@@ -156,32 +243,37 @@ def check_image(image: np.ndarray, thing: Thing, background: str, tolerance: flo
     background_index = NAMES.index(seen_background)
     counts = np.bincount(labels[labels != background_index], minlength=len(NAMES))
     object_color = NAMES[int(np.argmax(counts))] if counts.sum() else None
-    mask = (labels == NAMES.index(thing.color)).reshape(height, width)
-    centroid = None
-    ok_position = False
-    if mask.mean() >= 0.02:
-        ys, xs = np.nonzero(mask)
-        centroid = (float(xs.mean() + 0.5) / width, float(ys.mean() + 0.5) / height)
-        fx, fy = POSITIONS[thing.position]
-        ok_position = max(abs(centroid[0] - fx), abs(centroid[1] - fy)) <= tolerance
+    shape, centroid, ok_position = None, None, False
+    if object_color is not None:
+        mask = _largest_region((labels == NAMES.index(object_color)).reshape(height, width))
+        if mask.mean() >= 0.02:
+            ys, xs = np.nonzero(mask)
+            centroid = (float(xs.mean() + 0.5) / width, float(ys.mean() + 0.5) / height)
+            shape = classify_shape(mask)
+            region, distance = nearest_position(centroid)
+            ok_position = region == thing.position and distance <= POSITION_TOLERANCE
     return Check(
         background=seen_background,
         object_color=object_color,
+        shape=shape,
         centroid=centroid,
         ok_background=seen_background == background,
         ok_color=object_color == thing.color,
+        ok_shape=shape == thing.shape,
         ok_position=ok_position,
     )
 
 
+CHECKS = ("ok_background", "ok_color", "ok_shape", "ok_position", "ok")
+
+
 def success_rates(checks: list[Check]) -> dict[str, float]:
-    """The share of images with the background, the object colour, the position and all three right."""
-    keys = ("ok_background", "ok_color", "ok_position", "ok")
-    return {key: sum(bool(getattr(c, key)) for c in checks) / max(1, len(checks)) for key in keys}
+    """The share of images with each check right, and with all four right ("ok")."""
+    return {key: sum(bool(getattr(c, key)) for c in checks) / max(1, len(checks)) for key in CHECKS}
 
 
 def held_in_prompts(count: int = 20, seed: int = 1234) -> list[tuple[Scene, int]]:
-    """A fixed set of single-object scenes (all of them in the training distribution) with seeds."""
+    """A fixed set of single-object training-distribution scenes (no held-out combination) with seeds."""
     rng = random.Random(seed)
     scenes = []
     while len(scenes) < count:
@@ -189,3 +281,24 @@ def held_in_prompts(count: int = 20, seed: int = 1234) -> list[tuple[Scene, int]
         if len(scene.things) == 1:
             scenes.append((scene, rng.randrange(2**31)))
     return scenes
+
+
+def held_out_prompts(count: int = 20, seed: int = 4321) -> list[tuple[Scene, int]]:
+    """A fixed set of single-object scenes from the held-out combinations (never drawn in training)."""
+    rng = random.Random(seed)
+    picked = rng.sample(sorted(HELD_OUT), count)
+    return [
+        (Scene((Thing(shape, color, position),), background), rng.randrange(2**31))
+        for color, shape, position, background in picked
+    ]
+
+
+def shuffled(prompts: list[tuple[Scene, int]]) -> list[Scene]:
+    """The negative control's captions: each image is checked against the next prompt's scene that is
+    not its own (a fixed derangement), so a checker that passes anything would score high here."""
+    scenes = [scene for scene, _ in prompts]
+    others = []
+    for i, scene in enumerate(scenes):
+        following = scenes[i + 1 :] + scenes[:i]
+        others.append(next((other for other in following if other != scene), scene))
+    return others

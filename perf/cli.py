@@ -160,14 +160,19 @@ def _perf_compare(args: argparse.Namespace) -> int:
     return _save(run_compare(settings, Path(args.work_dir)), args, "compare", table)
 
 
-def _load_args(parser: argparse.ArgumentParser, preset: str, rounds: int) -> None:
+def _load_args(
+    parser: argparse.ArgumentParser,
+    preset: str,
+    rounds: int,
+    rounds_help: str = "requests per level: concurrency x rounds",
+) -> None:
     """The load both benchmarks share: model, size, steps, levels, rounds."""
     parser.add_argument("--preset", default=preset, help="tiny, small, sd15 (random weights)")
     parser.add_argument("--height", type=int, default=None, help="default: the preset's native size")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--concurrency", type=_levels, default=(1, 4, 8, 16))
-    parser.add_argument("--rounds", type=int, default=rounds, help="requests per level: concurrency x rounds")
+    parser.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
 
 
 def _output_args(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -300,7 +305,8 @@ def add_parser(sub: Any) -> None:
     gateway.set_defaults(run=_perf_gateway)
 
     compare = commands.add_parser("compare", help="diffusers, ONNX Runtime, a naive service and this stack")
-    _load_args(compare, preset="small", rounds=2)
+    _load_args(compare, preset="small", rounds=3, rounds_help="interleaved rounds: every system, every level")
+    compare.add_argument("--min-requests", type=int, default=6, help="per system, level and round")
     compare.add_argument("--systems", default="abcd", help="a subset of abcd")
     compare.add_argument("--batching", default="continuous", choices=["none", "dynamic", "continuous"])
     compare.add_argument("--denoise-instances", type=int, default=8, help="(d): loops in flight at once")

@@ -5,10 +5,13 @@
   c. the naive service: FastAPI with the diffusers pipeline in the handler (perf/naive_service.py);
   d. this stack: the gateway over HTTP in front of Triton.
 
-Each is measured alone (the others are stopped) at every concurrency level: a closed loop of
-`concurrency` clients, `concurrency x rounds` requests (at least `min_requests`), staggered starts.
-The result JSON has p50/p95/p99 and images/s per level, the ratios the targets are stated in, and
-for (d) the gateway's and Triton's own time split.
+All four are set up first (the services started and warmed up, the pipelines built), then measured in
+interleaved rounds: in each round every system runs every concurrency level once, alone (the others
+idle), a closed loop of `concurrency` clients and `max(concurrency, min_requests)` requests with
+staggered starts; the systems' order rotates from round to round. Rows keep the median over rounds of
+p50/p95/p99 and images/s with the rounds' [min, max]; each ratio is taken per round, and a target whose
+limit lies inside its rounds' spread is "inconclusive", not met or missed. For (d) the rows also carry
+the gateway's and Triton's own time split (the last round's).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,8 +59,8 @@ class CompareSettings:
     prompt: str = "a red circle on a blue background"
     seed: int = 1000
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
-    rounds: int = 2
-    min_requests: int = 4
+    rounds: int = 3  # interleaved: every system at every level once per round
+    min_requests: int = 6  # per system, level and round
     stagger_s: float = 0.05
     systems: tuple[str, ...] = tuple(SYSTEMS)
     batching: str = "continuous"  # (d): how requests share UNet calls (the export's default)
@@ -71,7 +75,8 @@ class CompareSettings:
             raise ValueError("steps, rounds and every concurrency level must be >= 1")
 
     def requests_at(self, concurrency: int) -> int:
-        return max(self.min_requests, concurrency * self.rounds)
+        """Requests per system, level and round."""
+        return max(self.min_requests, concurrency)
 
 
 def _summary(
@@ -295,14 +300,14 @@ class Running:
 
 
 def run_compare(settings: CompareSettings, work_dir: Path, running: Running | None = None) -> dict[str, Any]:
-    """Measure every system of `settings.systems`; return the result document."""
+    """Measure every system of `settings.systems` in interleaved rounds; return the result document."""
+    from contextlib import ExitStack
+
     import torch
 
     from sd_triton.export.checkpoint import Checkpoint
     from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.export.repository import RepositorySettings
-    from sd_triton.perf.naive_service import NaiveServiceProcess
-    from sd_triton.perf.stack import free_port, serving
 
     torch.set_num_threads(os.cpu_count() or 1)
     # 1. The model, exported once (python-ort engines) into the work folder.
@@ -319,48 +324,106 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
     native_h, native_w = Checkpoint.open(checkpoint).native_size
     height, width = settings.height or native_h, settings.width or native_w
     body = request_body(settings, height, width)
-    rows: list[dict[str, Any]] = []
+    per_round: dict[tuple[str, int], list[dict[str, Any]]] = {}
 
-    # 2. Each system alone, every concurrency level.
-    for system in settings.systems:
-        log.info("compare: %s (%s), %dx%d, %d steps", system, SYSTEMS[system], height, width, settings.steps)
-        results: list[LoadResult] = []  # the HTTP systems' levels
-        if system in ("a", "b"):
-            # (b) with torch as the stack's loop runs it (one thread); (a) as diffusers does by default
-            with stack_torch_threads() if system == "b" else nullcontext():
-                if system == "a":
-                    generate = _diffusers(checkpoint, settings, height, width)
-                else:
-                    generate = floor_generate(floor_pipeline(repo), settings, height, width)
-                generate(settings.seed)  # warm-up
-                rows += [measure_in_process(system, generate, settings, c) for c in settings.concurrency]
-        elif system == "c":
-            with NaiveServiceProcess(checkpoint, free_port()) as naive:
-                warm_up(naive.url, body)
-                results = http_levels(SYSTEMS[system], naive.url, settings, body, False, None)
-        elif running:
-            warm_up(running.gateway_url, body)
-            results = http_levels(
-                SYSTEMS[system], running.gateway_url, settings, body, True, running.triton_metrics_url
+    with ExitStack() as stack:
+        # 2. Every system set up and warmed up: the in-process pipelines built once, the services started.
+        measure: dict[str, Callable[[int], dict[str, Any]]] = {}
+        for system in settings.systems:
+            log.info(
+                "compare: setting up %s (%s), %dx%d, %d steps",
+                system,
+                SYSTEMS[system],
+                height,
+                width,
+                settings.steps,
             )
-        else:
-            with serving(repo) as stack:
-                warm_up(stack.gateway_url, body)
-                results = http_levels(
-                    SYSTEMS[system], stack.gateway_url, settings, body, True, stack.triton.metrics_url
-                )
-        rows += [_load_result(system, r) for r in results]
+            measure[system] = _system(system, settings, checkpoint, repo, body, running, stack)
 
-    # 3. The document: settings, machine, rows, ratios and targets.
+        # 3. Round by round, level by level, each system alone; the systems' order rotates every round.
+        for number in range(settings.rounds):
+            order = list(
+                settings.systems[number % len(settings.systems) :]
+                + settings.systems[: number % len(settings.systems)]
+            )
+            for level in settings.concurrency:
+                for system in order:
+                    log.info(
+                        "compare: round %d/%d, concurrency %d, %s", number + 1, settings.rounds, level, system
+                    )
+                    per_round.setdefault((system, level), []).append(measure[system](level))
+
+    # 4. The document: settings, machine, rows (medians over rounds), ratios and targets (per round).
     document = {
         "settings": asdict(settings),
         "size": [height, width],
         "machine": machine(),
         "floor_engines": floor_engines(repo),
-        "rows": rows,
+        "rows": [_median_row(rounds) for rounds in per_round.values()],
     }
-    document["ratios"], document["targets"] = ratios_and_targets(rows, settings.preset)
+    rounds = [[r[n] for r in per_round.values()] for n in range(settings.rounds)]
+    document["ratios"], document["targets"] = ratios_and_targets(document["rows"], settings.preset, rounds)
+    document["ratio_spreads"] = ratio_spreads(rounds)
     return document
+
+
+def _system(
+    system: str,
+    settings: CompareSettings,
+    checkpoint: Path,
+    repo: Path,
+    body: dict[str, Any],
+    running: Running | None,
+    stack: Any,
+) -> Callable[[int], dict[str, Any]]:
+    """`measure(concurrency) -> row` for one system, set up (and its service started on `stack`)."""
+    from sd_triton.perf.naive_service import NaiveServiceProcess
+    from sd_triton.perf.stack import free_port, serving
+
+    height, width = body["height"], body["width"]
+    if system in ("a", "b"):
+        # (b) with torch as the stack's loop runs it (one thread); (a) as diffusers does by default
+        threads = stack_torch_threads if system == "b" else nullcontext
+        with threads():
+            if system == "a":
+                generate = _diffusers(checkpoint, settings, height, width)
+            else:
+                generate = floor_generate(floor_pipeline(repo), settings, height, width)
+            generate(settings.seed)  # warm-up
+
+        def in_process(level: int) -> dict[str, Any]:
+            with threads():
+                return measure_in_process(system, generate, settings, level)
+
+        return in_process
+    if system == "c":
+        naive = stack.enter_context(NaiveServiceProcess(checkpoint, free_port()))
+        url, metrics = naive.url, None
+    elif running:
+        url, metrics = running.gateway_url, running.triton_metrics_url
+    else:
+        served = stack.enter_context(serving(repo))
+        url, metrics = served.gateway_url, served.triton.metrics_url
+    warm_up(url, body)
+
+    def over_http(level: int) -> dict[str, Any]:
+        one = replace(settings, concurrency=(level,))
+        (result,) = http_levels(SYSTEMS[system], url, one, body, system == "d", metrics)
+        return _load_result(system, result)
+
+    return over_http
+
+
+def _median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system at one level over the rounds: the median of each figure with its [min, max], the
+    requests summed, the last round's time split."""
+    row = {**rounds[-1], "requests": sum(r["requests"] for r in rounds), "rounds": len(rounds)}
+    row["errors"] = sum(r.get("errors", 0) for r in rounds)
+    for key in ("images_per_s", "p50_ms", "p95_ms", "p99_ms"):
+        values = [r[key] for r in rounds]
+        row[key] = round(statistics.median(values), 4)
+        row[f"{key}_spread"] = [round(min(values), 4), round(max(values), 4)]
+    return row
 
 
 def machine() -> dict[str, Any]:
@@ -392,15 +455,34 @@ def _row(rows: list[dict[str, Any]], system: str, concurrency: int) -> dict[str,
 
 
 def target(
-    name: str, value: float | None, limit: float, higher_is_better: bool, floor: float | None = None
+    name: str,
+    value: float | None,
+    limit: float,
+    higher_is_better: bool,
+    floor: float | None = None,
+    spread: list[float] | None = None,
 ) -> dict[str, Any]:
     """A target with its measured value and verdict (None: not measured in this run). `floor`: a ratio
-    against a real floor cannot go below it; a value that does is an anomaly to explain, never "met"."""
+    against a real floor cannot go below it; a value that does is an anomaly to explain, never "met".
+    `spread`: the per-round values behind `value`; a limit inside their [min, max] is "inconclusive"."""
     met = None if value is None else (value >= limit if higher_is_better else value <= limit)
     judged = {"target": name, "value": None if value is None else round(value, 3), "limit": limit, "met": met}
     if floor is not None and value is not None and value < floor:
         judged["met"] = None
-        judged["anomaly"] = f"{value:.3f} is below the floor's {floor:g}: the floor was not the stack's floor"
+        if spread and max(spread) >= floor:
+            judged["anomaly"] = (
+                f"{value:.3f} is below the floor's {floor:g}, inside the rounds' spread "
+                f"[{min(spread):.3f}, {max(spread):.3f}]: the stack and its floor are not told apart"
+            )
+        else:
+            judged["anomaly"] = (
+                f"{value:.3f} is below the floor's {floor:g}: the floor was not the stack's floor"
+            )
+    elif spread and min(spread) <= limit <= max(spread):
+        judged["met"] = None
+        judged["inconclusive"] = (
+            f"the limit lies inside the rounds' spread [{min(spread):.3f}, {max(spread):.3f}]"
+        )
     return judged
 
 
@@ -419,13 +501,9 @@ def verdict_lines(document: dict[str, Any]) -> list[str]:
     return lines
 
 
-def ratios_and_targets(
-    rows: list[dict[str, Any]], preset: str
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The ratios of (d) to the others, and each target with its measured value and verdict."""
+def _ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The ratios of (d) to the others in one set of rows (one round, or the medians)."""
     ratios: dict[str, float] = {}
-    targets: list[dict[str, Any]] = []
-
     d1, b1, a1, c1 = (_row(rows, s, 1) for s in "dbac")
     d8, b8, c8 = _row(rows, "d", 8), _row(rows, "b", 8), _row(rows, "c", 8)
     if d1 and b1:
@@ -438,36 +516,59 @@ def ratios_and_targets(
         ratios["d/b images/s at concurrency 8"] = d8["images_per_s"] / b8["images_per_s"]
     if d8 and c8:
         ratios["d/c images/s at concurrency 8"] = d8["images_per_s"] / c8["images_per_s"]
-    get = ratios.get
+    return ratios
+
+
+def ratio_spreads(rounds: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Each ratio per round, in round order."""
+    spreads: dict[str, list[float]] = {}
+    for rows in rounds:
+        for name, value in _ratios(rows).items():
+            spreads.setdefault(name, []).append(round(value, 4))
+    return spreads
+
+
+def ratios_and_targets(
+    rows: list[dict[str, Any]], preset: str, rounds: list[list[dict[str, Any]]] | None = None
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The ratios of (d) to the others, and each target with its measured value and verdict. With
+    `rounds` (each round's rows), each ratio is the median of its per-round values, judged with their
+    spread; without, the ratios of `rows`."""
+    if rounds:
+        spreads = ratio_spreads(rounds)
+        ratios = {name: statistics.median(values) for name, values in spreads.items()}
+    else:
+        spreads, ratios = {}, _ratios(rows)
+    return {k: round(v, 3) for k, v in ratios.items()}, targets_of(ratios, spreads, preset)
+
+
+def targets_of(
+    ratios: dict[str, float], spreads: dict[str, list[float]], preset: str
+) -> list[dict[str, Any]]:
+    """Each target of `preset` judged on its ratio (and the ratio's per-round values, where measured)."""
+    targets: list[dict[str, Any]] = []
+
+    def judge(
+        name: str, ratio: str, limit: float, higher_is_better: bool, floor: float | None = None
+    ) -> None:
+        targets.append(target(name, ratios.get(ratio), limit, higher_is_better, floor, spreads.get(ratio)))
+
     # the serving-overhead targets of issue 20: on tiny, per-call costs weigh most, so the limit is wider
     overhead = OVERHEAD_LIMITS.get(preset, OVERHEAD_LIMITS["small"])
-    targets.append(
-        target(
-            f"serving overhead d/b p50 at concurrency 1 <= {overhead:g}",
-            get("d/b p50 at concurrency 1 (serving overhead)"),
-            overhead,
-            False,
-            floor=1.0,
-        )
+    judge(
+        f"serving overhead d/b p50 at concurrency 1 <= {overhead:g}",
+        "d/b p50 at concurrency 1 (serving overhead)",
+        overhead,
+        False,
+        floor=1.0,
     )
-    checks = [
-        ("d faster than a at p50 (d/a < 1)", get("d/a p50 at concurrency 1"), 1.0, False),
-        ("d faster than c at p50 (d/c < 1)", get("d/c p50 at concurrency 1"), 1.0, False),
-    ]
+    judge("d faster than a at p50 (d/a < 1)", "d/a p50 at concurrency 1", 1.0, False)
+    judge("d faster than c at p50 (d/c < 1)", "d/c p50 at concurrency 1", 1.0, False)
     if preset != "tiny":
-        floor_share = (
-            "d images/s at concurrency 8 >= 0.95x b's",
-            get("d/b images/s at concurrency 8"),
-            0.95,
-            True,
-        )
-        checks.append(floor_share)
+        judge("d images/s at concurrency 8 >= 0.95x b's", "d/b images/s at concurrency 8", 0.95, True)
     need = 2.0 if preset == "tiny" else 1.0
-    checks.append(
-        (f"d images/s at concurrency 8 >= {need:g}x c's", get("d/c images/s at concurrency 8"), need, True)
-    )
-    targets += [target(*check) for check in checks]
-    return {k: round(v, 3) for k, v in ratios.items()}, targets
+    judge(f"d images/s at concurrency 8 >= {need:g}x c's", "d/c images/s at concurrency 8", need, True)
+    return targets
 
 
 def save(document: dict[str, Any], path: Path) -> None:

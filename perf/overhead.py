@@ -158,13 +158,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def judged(name: str, values: list[float], limit: float, floor: float | None = None) -> dict[str, Any]:
     """A lower-is-better target on per-round values: the median judged, "inconclusive" when the limit
     lies inside the rounds' spread."""
-    result = target(name, statistics.median(values) if values else None, limit, False, floor=floor)
-    if values and min(values) <= limit <= max(values) and not result.get("anomaly"):
-        result["met"] = None
-        result["inconclusive"] = (
-            f"the limit lies inside the rounds' spread [{min(values):.3f}, {max(values):.3f}]"
-        )
-    return result
+    return target(name, statistics.median(values) if values else None, limit, False, floor, values)
 
 
 def differences(document_rounds: dict[str, list[dict[str, Any]]], mode: str, key: str) -> list[float]:

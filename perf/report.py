@@ -87,18 +87,33 @@ def section(document: dict[str, Any], chart_name: str) -> str:
         f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}.  ",
         f"Command: `{document.get('command', 'sd-triton perf compare --preset ' + settings['preset'])}`",
         "",
+        (
+            f"{settings['rounds']} interleaved rounds (every system at every level once per round): medians "
+            "with the rounds' [min, max]; each ratio is judged on its per-round values."
+            if "ratio_spreads" in document
+            else "One pass per system (before interleaved rounds): single measurements, no spread."
+        ),
+        "",
         f"![latency and throughput]({chart_name})",
         "",
         "| system | concurrency | images/s | p50 ms | p95 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in document["rows"]:
+        images, p50 = f"{r['images_per_s']:.3f}", f"{r['p50_ms']:.0f}"
+        if "p50_ms_spread" in r:  # interleaved rounds: the median and the rounds' [min, max]
+            images += " [{:.3f}, {:.3f}]".format(*r["images_per_s_spread"])
+            p50 += " [{:.0f}, {:.0f}]".format(*r["p50_ms_spread"])
         lines.append(
-            f"| {r['system']}. {SYSTEMS[r['system']]} | {r['concurrency']} | {r['images_per_s']:.3f} | "
-            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |"
+            f"| {r['system']}. {SYSTEMS[r['system']]} | {r['concurrency']} | {images} | "
+            f"{p50} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |"
         )
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in document["ratios"].items()]
+    spreads = document.get("ratio_spreads", {})
+    lines += ["", "| ratio | value | per round |", "|---|---:|---|"]
+    lines += [
+        f"| {name} | {value:.3f} | {', '.join(f'{v:.3f}' for v in spreads.get(name, []))} |"
+        for name, value in document["ratios"].items()
+    ]
     lines += ["", "| target | measured | verdict |", "|---|---:|---|"]
     for t in document["targets"]:
         changed = f" ({t['changed']})" if t.get("changed") else ""
@@ -199,8 +214,8 @@ def write_report(paths: list[Path], out: Path) -> Path:
             "diffusers' StableDiffusionPipeline in one process; b. the exported ONNX files in one process "
             "with ONNX Runtime (the engine floor, no server); c. the naive service: FastAPI with the "
             "diffusers pipeline in an `async def` handler; d. this stack: the gateway over HTTP in front "
-            "of Triton. Each ran alone on the machine, same model, prompt and seeds; concurrency is "
-            "closed-loop clients with staggered starts."
+            "of Triton. Same model, prompt and seeds; each system measured alone (the others idle) at each "
+            "level, in interleaved rounds; concurrency is closed-loop clients with staggered starts."
         ),
         "",
     ]

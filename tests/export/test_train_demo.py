@@ -43,7 +43,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_every_stage_runs_and_the_folder_loads_in_diffusers(trained: tuple[Path, dict]) -> None:
     out, report = trained
-    stages = ["vae", "decoder", "text", "unet", "held-in"]
+    stages = ["vae", "decoder", "text", "unet", "held-in", "held-out"]
     assert [s for s in stages if any(e["stage"] == s for e in report["losses"])] == stages
     assert set(report["final_loss"]) == {"vae", "decoder", "text_encoder", "unet"}
     assert json.loads((out / "training.json").read_text())["config"]["unet_steps"] == 3
@@ -80,7 +80,8 @@ def test_the_text_encoder_is_frozen_while_the_unet_trains(trained: tuple[Path, d
 def test_refining_the_decoder_changes_nothing_else(trained: tuple[Path, dict], tmp_path: Path) -> None:
     earlier, _ = trained
     report = refine_decoder(earlier, tmp_path / "refined", replace(QUICK, decoder_steps=2))
-    assert report["losses"][-1]["stage"] == "held-in" and "decoder" in report["final_loss"]
+    assert [e["stage"] for e in report["losses"][-2:]] == ["held-in", "held-out"]
+    assert "decoder" in report["final_loss"]
     for weights in ("text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "refined" / weights).read_bytes() == (earlier / weights).read_bytes()
     before = AutoencoderKL.from_pretrained(earlier / "vae")

@@ -1,6 +1,6 @@
 """The trained demo model through the full stack: its images follow their captions on the fixed
-held-in set (perf/demo_quality.py prints the same figures), and diffusers' own pipeline gives the
-same images on the same folder."""
+held-in and held-out sets and not on shuffled captions (perf/demo_quality.py prints the full figures),
+and diffusers' own pipeline gives the same images on the same folder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import torch
 import tritonclient.grpc as grpcclient
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from sd_triton.export.demo_data import check_image, held_in_prompts, success_rates
+from sd_triton.export.demo_data import (
+    check_image,
+    held_in_prompts,
+    held_out_prompts,
+    shuffled,
+    success_rates,
+)
 from sd_triton.export.pipeline import DEMO_MODEL
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import triton_server
@@ -52,16 +58,25 @@ def test_diffusers_gives_the_same_images(demo_client) -> None:
         assert diff <= 2, (scene.caption, diff)
 
 
-# measured on these weights through this stack: all three checks right on 16 of 20 (models/demo/README.md)
-TARGET = 0.8
+# measured on these weights through this stack (models/demo/README.md): all four checks right on 14 of
+# the first 20 held-in captions and 14 of the first 20 held-out ones, the negative control on none. The
+# floors leave two captions of margin: a borderline image may flip on another CPU's kernels.
+HELD_IN, HELD_OUT, NEGATIVE = 0.6, 0.6, 0.15
 
 
 def test_images_follow_their_captions(demo_client) -> None:
-    prompts = held_in_prompts(20)
-    checks = []
-    for scene, seed in prompts:
-        image = txt2img(demo_client, scene.caption, seed=seed, **PARAMS).images[0]
-        checks.append(check_image(image, scene.things[0], scene.background))
-    rates = success_rates(checks)
-    failed = [scene.caption for (scene, _), check in zip(prompts, checks, strict=True) if not check.ok]
-    assert rates["ok"] >= TARGET, (rates, failed)
+    sets = {"held-in": held_in_prompts(20), "held-out": held_out_prompts(20)}
+    images, rates = [], {}
+    for name, prompts in sets.items():
+        checks = []
+        for scene, seed in prompts:
+            images.append(txt2img(demo_client, scene.caption, seed=seed, **PARAMS).images[0])
+            checks.append(check_image(images[-1], scene.things[0], scene.background))
+        rates[name] = success_rates(checks)["ok"]
+    both = sets["held-in"] + sets["held-out"]
+    negative = [
+        check_image(i, s.things[0], s.background) for i, s in zip(images, shuffled(both), strict=True)
+    ]
+    rates["negative control"] = success_rates(negative)["ok"]
+    assert rates["held-in"] >= HELD_IN and rates["held-out"] >= HELD_OUT, rates
+    assert rates["negative control"] <= NEGATIVE, rates

@@ -24,7 +24,7 @@ from tests.conftest import WORK_DIR
 
 @pytest.fixture(scope="module")
 def document(exported: dict, triton: TritonServer, gateway: GatewayProcess) -> dict:
-    settings = CompareSettings(preset="tiny", steps=2, concurrency=(1, 2), rounds=1, min_requests=2)
+    settings = CompareSettings(preset="tiny", steps=2, concurrency=(1, 2), rounds=2, min_requests=2)
     running = Running(exported["repo"], gateway.url, triton.metrics_url)
     return run_compare(settings, WORK_DIR, running)
 
@@ -33,15 +33,18 @@ def test_every_system_is_measured_at_every_level(document: dict) -> None:
     measured = {(r["system"], r["concurrency"]) for r in document["rows"]}
     assert measured == {(s, c) for s in "abcd" for c in (1, 2)}
     for row in document["rows"]:
-        assert row["requests"] >= 2 and row["errors"] == 0
+        assert row["rounds"] == 2 and row["requests"] >= 4 and row["errors"] == 0  # 2 rounds of >= 2
         assert row["images_per_s"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        low, high = row["p50_ms_spread"]
+        assert low <= row["p50_ms"] <= high
     assert document["size"] == [64, 64] and document["machine"]["cores"] >= 1
     assert document["floor_engines"]["unet"]["allow_spinning"] is False  # as the stack's unet runs
 
 
-def test_ratios_and_verdicts_come_from_the_rows(document: dict) -> None:
-    rows = {(r["system"], r["concurrency"]): r for r in document["rows"]}
-    expected = rows[("d", 1)]["p50_ms"] / rows[("b", 1)]["p50_ms"]
+def test_ratios_and_verdicts_come_from_the_rounds(document: dict) -> None:
+    per_round = document["ratio_spreads"]["d/b p50 at concurrency 1 (serving overhead)"]
+    assert len(per_round) == 2  # one ratio per round, the median of them reported
+    expected = (per_round[0] + per_round[1]) / 2
     assert document["ratios"]["d/b p50 at concurrency 1 (serving overhead)"] == pytest.approx(
         expected, abs=1e-3
     )
@@ -49,6 +52,8 @@ def test_ratios_and_verdicts_come_from_the_rows(document: dict) -> None:
     assert overhead["target"].endswith("<= 1.15") and overhead["value"] == pytest.approx(expected, abs=1e-3)
     if expected < 1.0:
         assert overhead["met"] is None and "ANOMALY" in table(document)
+    elif min(per_round) <= 1.15 <= max(per_round):
+        assert overhead["met"] is None and "inconclusive" in table(document)
     else:
         assert overhead["met"] == (expected <= 1.15)
     faster = document["targets"][1]
@@ -79,6 +84,24 @@ def test_targets_are_judged_by_their_limits() -> None:
     assert [t["met"] for t in tiny] == [True, False, None, False]
 
 
+def test_a_limit_inside_the_rounds_spread_is_inconclusive() -> None:
+    def round_rows(d_ms: float) -> list[dict]:
+        return [
+            {"system": "d", "concurrency": 1, "p50_ms": d_ms, "images_per_s": 1.0},
+            {"system": "b", "concurrency": 1, "p50_ms": 100.0, "images_per_s": 1.0},
+        ]
+
+    # per round 1.01, 1.02, 1.05 against small's 1.03: the median meets it, the spread straddles it
+    rounds = [round_rows(101.0), round_rows(102.0), round_rows(105.0)]
+    ratios, targets = ratios_and_targets([], "small", rounds)
+    assert ratios["d/b p50 at concurrency 1 (serving overhead)"] == 1.02
+    assert targets[0]["met"] is None and "[1.010, 1.050]" in targets[0]["inconclusive"]
+    _, clear = ratios_and_targets([], "small", [round_rows(101.0), round_rows(102.0)])
+    assert clear[0]["met"] is True and "inconclusive" not in clear[0]
+    document = {"ratios": ratios, "targets": targets}
+    assert "-> inconclusive (the limit lies inside" in "\n".join(verdict_lines(document))
+
+
 def test_a_stack_faster_than_its_floor_is_an_anomaly_not_met() -> None:
     rows = [
         {"system": "d", "concurrency": 1, "p50_ms": 90.0, "images_per_s": 1.0},
@@ -87,7 +110,14 @@ def test_a_stack_faster_than_its_floor_is_an_anomaly_not_met() -> None:
     _, targets = ratios_and_targets(rows, "small")
     assert targets[0]["met"] is None and "below the floor" in targets[0]["anomaly"]
     document = {"ratios": {}, "targets": targets}
-    assert "-> ANOMALY (0.900 is below the floor's 1" in "\n".join(verdict_lines(document))
+    assert "-> ANOMALY (0.900 is below the floor's 1: the floor was not" in "\n".join(verdict_lines(document))
+    # below the floor by the median only, one round above it: still no "met", and said to be noise
+    rounds = [[{**rows[0], "p50_ms": ms}, rows[1]] for ms in (91.0, 101.0, 99.0)]
+    _, noisy = ratios_and_targets([], "small", rounds)
+    assert (
+        noisy[0]["met"] is None
+        and "[0.910, 1.010]: the stack and its floor are not told apart" in (noisy[0]["anomaly"])
+    )
 
 
 def test_the_floor_runs_the_stacks_engine_settings(exported: dict) -> None:
