@@ -7,6 +7,9 @@ built from the checkpoint's config plus the options the name implies.
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 from typing import Any
 
 import diffusers
@@ -81,7 +84,21 @@ def scheduler_class(name: str, config: dict[str, Any]) -> type[SchedulerMixin]:
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
     """A fresh scheduler (they keep per-request state) that keeps the checkpoint's prediction
-    type, beta schedule, timestep spacing and offsets."""
+    type, beta schedule, timestep spacing and offsets: a copy of a never-used one built once per
+    scheduler and config (building from the config costs ~1 ms a request, copying ~0.2)."""
+    try:
+        key = json.dumps(config, sort_keys=True)
+    except TypeError:  # not a JSON config (no scheduler_config.json gives one): built each time
+        return _built(name, config)
+    return copy.deepcopy(_template(name, key))
+
+
+@functools.lru_cache(maxsize=64)
+def _template(name: str, config_json: str) -> SchedulerMixin:
+    return _built(name, json.loads(config_json))
+
+
+def _built(name: str, config: dict[str, Any]) -> SchedulerMixin:
     cls = scheduler_class(name, config)
     if name == DEFAULT_SCHEDULER:
         return cls.from_config(config)

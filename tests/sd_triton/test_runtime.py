@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.runtime.ort_runner import OrtRunner, choose_providers
@@ -55,6 +55,24 @@ def test_scheduler_keeps_checkpoint_config() -> None:
     assert scheduler.config.timestep_spacing == "trailing"
     assert scheduler.config.use_karras_sigmas
     assert not make_scheduler("dpmpp_2m", {**config, "use_karras_sigmas": True}).config.use_karras_sigmas
+
+
+def test_each_request_gets_its_own_fresh_scheduler() -> None:
+    """Schedulers are copies of one built per config: never the same object, no state shared, the
+    same timesteps and sigmas as one built from the config."""
+    config = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1}
+    first, second = make_scheduler("euler", config), make_scheduler("euler", config)
+    assert first is not second and first.sigmas is not second.sigmas
+    first.set_timesteps(5)
+    second.set_timesteps(12)
+    assert len(first.timesteps) == 5 and len(second.timesteps) == 12
+    fresh = EulerDiscreteScheduler.from_config(config)
+    fresh.set_timesteps(12)
+    assert torch.equal(second.timesteps, fresh.timesteps) and torch.equal(second.sigmas, fresh.sigmas)
+    third = make_scheduler("euler", config)  # the template was not touched by the requests before
+    assert third.num_inference_steps is None and third.step_index is None
+    other = make_scheduler("euler", {**config, "prediction_type": "v_prediction"})  # another config
+    assert other.config.prediction_type == "v_prediction"
 
 
 def test_postprocess_matches_diffusers_image_processor(pipe) -> None:
