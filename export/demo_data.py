@@ -81,8 +81,9 @@ def _combinations() -> list[tuple[str, str, str, str]]:
 
 # one in ten colour x shape x position x background combinations, never drawn for training (any
 # stage), so the held-out checks ask for scenes the model has only seen the parts of
+_ALL_COMBINATIONS = _combinations()
 HELD_OUT: frozenset[tuple[str, str, str, str]] = frozenset(
-    random.Random(2026).sample(_combinations(), len(_combinations()) // 10)
+    random.Random(2026).sample(_ALL_COMBINATIONS, len(_ALL_COMBINATIONS) // 10)
 )
 
 
@@ -265,6 +266,14 @@ def check_image(image: np.ndarray, thing: Thing, background: str) -> Check:
 
 
 CHECKS = ("ok_background", "ok_color", "ok_shape", "ok_position", "ok")
+
+
+def check_scenes(images: list[np.ndarray], scenes: list[Scene]) -> list[Check]:
+    """Each uint8 [H, W, 3] image checked against its single-object scene, in order."""
+    return [
+        check_image(image, scene.things[0], scene.background)
+        for image, scene in zip(images, scenes, strict=True)
+    ]
 
 
 def success_rates(checks: list[Check]) -> dict[str, float]:

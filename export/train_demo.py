@@ -37,7 +37,7 @@ from sd_triton.export.demo_data import (
     SIZE,
     Scene,
     batch,
-    check_image,
+    check_scenes,
     held_in_prompts,
     held_out_prompts,
     random_scene,
@@ -283,11 +283,8 @@ def caption_quality(
             generator=[torch.Generator().manual_seed(seed) for _, seed in prompts],
             output_type="np",
         ).images
-        checks = [
-            check_image((image * 255).round().astype("uint8"), scene.things[0], scene.background)
-            for image, (scene, _) in zip(images, prompts, strict=True)
-        ]
-        rates[name] = success_rates(checks)
+        uint8 = list((images * 255).round().astype("uint8"))
+        rates[name] = success_rates(check_scenes(uint8, [scene for scene, _ in prompts]))
     unet.train()  # the text encoder stays frozen in eval mode
     return rates
 

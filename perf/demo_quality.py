@@ -23,24 +23,25 @@ from PIL import Image
 
 from sd_triton.export.demo_data import (
     Scene,
-    check_image,
+    check_scenes,
     held_in_prompts,
     held_out_prompts,
     shuffled,
     success_rates,
 )
 from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.perf.compare import target, verdict
 from sd_triton.perf.stack import serving
 from sd_triton.txt2img_client import txt2img
 
 log = logging.getLogger("demo_quality")
 
-# all four checks right (background, object colour, shape, position); the negative control at most
-TARGETS = {"held-in": (">=", 0.9), "held-out": (">=", 0.7), "negative control": ("<=", 0.15)}
+# all four checks right (background, object colour, shape, position): (limit, higher is better)
+TARGETS = {"held-in": (0.9, True), "held-out": (0.7, True), "negative control": (0.15, False)}
 
 
 def _rates_of(images: list[np.ndarray], scenes: list[Scene]) -> tuple[dict[str, float], list[dict]]:
-    checks = [check_image(image, s.things[0], s.background) for image, s in zip(images, scenes, strict=True)]
+    checks = check_scenes(images, scenes)
     details = [{"caption": s.caption, "ok": c.ok, **c.__dict__} for s, c in zip(scenes, checks, strict=True)]
     return success_rates(checks), details
 
@@ -91,9 +92,9 @@ def main() -> None:
 
     # 4. Report.
     verdicts = {}
-    for name, (op, target) in TARGETS.items():
-        met = rates[name]["ok"] >= target if op == ">=" else rates[name]["ok"] <= target
-        verdicts[name] = f"{'met' if met else 'MISSED'} ({op} {target:.0%})"
+    for name, (limit, higher) in TARGETS.items():
+        judged = verdict(target(name, rates[name]["ok"], limit, higher))
+        verdicts[name] = f"{judged} ({'>=' if higher else '<='} {limit:.0%})"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps({"args": vars(args), "rates": rates, "verdicts": verdicts, "details": details}, indent=1)
