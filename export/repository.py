@@ -34,26 +34,40 @@ CONFIG_FILE = "config.pbtxt"
 ARTIFACT_SHA256 = "artifact_sha256"
 MANIFEST = "manifest.json"  # what the export made, and the live engine versions (export/pipeline.py)
 
-# The ensemble's data flow: (model, {model input: ensemble tensor}, {model output: ensemble tensor}).
-ENSEMBLE_STEPS: tuple[tuple[str, dict[str, str], dict[str, str]], ...] = (
-    (
-        c.TOKENIZER.name,
-        {t.name: t.name for t in c.TOKENIZER.inputs},
-        {
-            c.INPUT_IDS.name: "input_ids",
-            c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
-            c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
-        },
-    ),
-    (c.TEXT_ENCODER.name, {"input_ids": "input_ids"}, {"last_hidden_state": "prompt_embeds"}),
-    (
-        c.DENOISE.name,
-        {t.name: "prompt_embeds" if t is c.PROMPT_EMBEDS else t.name for t in c.DENOISE_GENERATION_INPUTS},
-        {c.LATENTS.name: "latents", c.ENGINES.name: c.ENGINES.name},
-    ),
-    (c.VAE_DECODER.name, {"latent_sample": "latents"}, {"sample": "decoded"}),
-    (c.POSTPROCESS.name, {c.DECODED.name: "decoded"}, {c.IMAGES.name: c.IMAGES.name}),
+# The ensemble's data flow, step by step: (model, {model input: ensemble tensor}, {model output: ensemble
+# tensor}). On the inline UNet path the denoising loop runs the text encoder and the VAE decoder in its
+# own process too (IMAGES from the tokenizer's ids); on the bls path each is a step of its own.
+_TOKENIZER_STEP = (
+    c.TOKENIZER.name,
+    {t.name: t.name for t in c.TOKENIZER.inputs},
+    {
+        c.INPUT_IDS.name: "input_ids",
+        c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
+        c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
+    },
 )
+_PARAMS = {t.name: t.name for t in c.DENOISE_GENERATION_INPUTS if t is not c.PROMPT_EMBEDS}
+ENSEMBLE_STEPS: dict[str, tuple[tuple[str, dict[str, str], dict[str, str]], ...]] = {
+    "inline": (
+        _TOKENIZER_STEP,
+        (
+            c.DENOISE.name,
+            {c.INPUT_IDS.name: "input_ids", **_PARAMS},
+            {c.IMAGES.name: c.IMAGES.name, c.ENGINES.name: c.ENGINES.name},
+        ),
+    ),
+    "bls": (
+        _TOKENIZER_STEP,
+        (c.TEXT_ENCODER.name, {"input_ids": "input_ids"}, {"last_hidden_state": "prompt_embeds"}),
+        (
+            c.DENOISE.name,
+            {c.PROMPT_EMBEDS.name: "prompt_embeds", **_PARAMS},
+            {c.LATENTS.name: "latents", c.ENGINES.name: c.ENGINES.name},
+        ),
+        (c.VAE_DECODER.name, {"latent_sample": "latents"}, {"sample": "decoded"}),
+        (c.POSTPROCESS.name, {c.DECODED.name: "decoded"}, {c.IMAGES.name: c.IMAGES.name}),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -177,7 +191,8 @@ PYTHON_MODELS: dict[str, tuple[str, str]] = {
     c.DENOISE.name: (
         "sd_triton.runtime.triton_denoise",
         "Step 3 of txt2img: the scheduler loop (continuous batching or one request at a time), running\n"
-        "the live `unet` engine each step: in this process (unet_path inline) or through BLS (bls).",
+        "the live `unet` engine each step: in this process (unet_path inline, with the text encoder\n"
+        "and the VAE decoder) or through BLS (bls).",
     ),
     c.POSTPROCESS.name: (
         "sd_triton.runtime.triton_postprocess",
@@ -274,10 +289,11 @@ def _set_parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
         config.parameters[key].string_value = value
 
 
-def ensemble_config() -> mc.ModelConfig:
+def ensemble_config(unet_path: str) -> mc.ModelConfig:
+    """txt2img for a denoising loop on that UNet path (ENSEMBLE_STEPS)."""
     config = _base(c.TXT2IMG)
     config.platform = "ensemble"
-    for model, inputs, outputs in ENSEMBLE_STEPS:
+    for model, inputs, outputs in ENSEMBLE_STEPS[unet_path]:
         step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
         step.input_map.update(inputs)
         step.output_map.update(outputs)
@@ -288,7 +304,7 @@ def all_configs(
     settings: RepositorySettings, served: ServedModel, records: dict[str, EngineRecord] | None = None
 ) -> dict[str, mc.ModelConfig]:
     """`records`: the served version of each engine model (the export's: version 1)."""
-    configs = {c.TXT2IMG.name: ensemble_config()}
+    configs = {c.TXT2IMG.name: ensemble_config(settings.unet_path_of(c.DENOISE.name))}
     _set_parameters(configs[c.TXT2IMG.name], served.to_parameters())
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
     continuous = settings.batching == "continuous"

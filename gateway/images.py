@@ -19,20 +19,27 @@ _SAVE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def encode(image: np.ndarray[Any, Any], output_format: str) -> str:
-    """uint8 [H, W, 3] -> base64 of the encoded file."""
+def encode(image: np.ndarray[Any, Any], output_format: str, png_compress_level: int = 1) -> str:
+    """uint8 [H, W, 3] -> base64 of the encoded file. PNG is lossless at every zlib level; level 1
+    (the gateway's default) encoded a 512x512 photograph in 22 ms here where Pillow's default 6 took
+    76 ms, for a file 7 % larger (README, `PNG_COMPRESS_LEVEL`)."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, **_SAVE_OPTIONS[output_format])
+    options = _SAVE_OPTIONS[output_format]
+    if output_format == "png":
+        options = {**options, "compress_level": png_compress_level}
+    Image.fromarray(image).save(buffer, **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class ImageEncoder:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, png_compress_level: int = 1) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
+        self.png_compress_level = png_compress_level
 
     async def encode_all(self, images: list[np.ndarray[Any, Any]], output_format: str) -> list[str]:
         loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.pool, encode, image, output_format) for image in images]
+        level = self.png_compress_level
+        jobs = [loop.run_in_executor(self.pool, encode, image, output_format, level) for image in images]
         return list(await asyncio.gather(*jobs))
 
     def close(self) -> None:

@@ -68,7 +68,7 @@ def create_app(
         scraper_url = triton_metrics_url(settings.triton_url, settings.triton_metrics_url)
         scraper = TritonMetricsScraper(scraper_url, settings.triton_metrics_timeout_s, metrics)
         app.state.triton_metrics = scraper
-        encoder = ImageEncoder(settings.encode_workers)
+        encoder = ImageEncoder(settings.encode_workers, settings.png_compress_level)
         cache = ResultCache(state, settings, metrics)
         app.state.generator = generator = Generator(triton, encoder, settings, metrics, cache)
         # 3. The job runners.

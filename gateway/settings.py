@@ -61,6 +61,12 @@ class GatewaySettings(BaseSettings):
     max_pixels: int = Field(1024 * 1024, ge=64)
     max_batch_prompts: int = Field(16, ge=1)
     encode_workers: int = Field(4, ge=1, description="threads that encode images off the event loop")
+    png_compress_level: int = Field(
+        1,
+        ge=0,
+        le=9,
+        description="zlib level of PNG results: 1 is fast, 9 smallest (the pixels are the same)",
+    )
 
     # --- shared state (gateway/state.py) ---
     # read from SD_TRITON_REDIS_URL (the name the deployment files use), not SD_GATEWAY_*

@@ -198,9 +198,15 @@ DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE
 DENOISE = ModelSpec(
     "denoise",
     # optional in the config so that a control request may come without them; a generation still
-    # needs every one (the model reads them with the required specs)
-    inputs=(*(dataclasses.replace(t, optional=True) for t in DENOISE_GENERATION_INPUTS), CANCEL),
-    outputs=(LATENTS, ENGINES),
+    # needs every one (the model reads them with the required specs). The inline UNet path takes the
+    # tokenizer's INPUT_IDS instead of PROMPT_EMBEDS: it runs the text encoder itself
+    inputs=(
+        *(dataclasses.replace(t, optional=True) for t in (*DENOISE_GENERATION_INPUTS, INPUT_IDS)),
+        CANCEL,
+    ),
+    # LATENTS on the bls UNet path (the ensemble decodes them in vae_decoder and postprocess); IMAGES on
+    # the inline path, where the loop decodes in its own process
+    outputs=(LATENTS, IMAGES, ENGINES),
     batching=False,
     engine=False,
 )

@@ -1,14 +1,14 @@
 """Step 3 of txt2img as a Triton python model: the scheduler loop, running the live version of the
-`unet` engine each step, in this process (parameter `unet_path` inline: triton_io.InlineUNet) or through
-a BLS call to the `unet` model (bls: triton_io.PinnedUNet). Only importable inside Triton's python backend.
+`unet` engine each step, in this process (parameter `unet_path` inline: triton_io.InlineEngine) or
+through a BLS call to the `unet` model (bls: triton_io.PinnedUNet). Only importable inside Triton's
+python backend.
 
-Parameter `batching` (config.pbtxt) picks how requests share UNet calls:
-
-- `continuous` (one instance): `execute` hands each request to a `ContinuousBatcher` worker and
-  returns at once; every iteration the worker runs one UNet call per latent shape for all active
-  requests, and answers each request through its response sender when its last step is done.
-- anything else: each `execute` runs its requests' loops to the end, one request at a time; how
-  their UNet calls meet is left to the `unet` model's own dynamic batcher.
+On the inline path the model also runs the live versions of the `text_encoder` engine (on the
+tokenizer's INPUT_IDS, as a request arrives) and the `vae_decoder` engine (then uint8, as a request
+finishes) in this process and answers IMAGES: the ensemble is tokenizer -> denoise, without the three
+python hops of text_encoder, vae_decoder and postprocess. A request may still bring PROMPT_EMBEDS
+instead of INPUT_IDS, and ask for LATENTS: each request gets the outputs it asks for (the bls path's
+ensemble asks for LATENTS; only the inline path can answer IMAGES).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from sd_triton.requests import GenerationParams, InvalidRequest, decode_text
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.batching import BatchingConfig, ContinuousBatcher, Ticket
 from sd_triton.runtime.denoise import DenoiseJob, denoise
+from sd_triton.runtime.postprocess import to_uint8_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -39,6 +40,9 @@ class TritonPythonModel:
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, DenoiseParams)
         self.unet = triton_io.live_unet(params, args)
+        inline = params.unet_path == "inline"
+        self.text_encoder = triton_io.inline_engine(args, c.TEXT_ENCODER) if inline else None
+        self.decoder = triton_io.inline_engine(args, c.VAE_DECODER) if inline else None
         self.batcher: ContinuousBatcher | None = None
         if params.batching == "continuous":
             config = BatchingConfig(max_batch=params.max_batch, max_wait_s=params.max_wait_us / 1e6)
@@ -63,21 +67,48 @@ class TritonPythonModel:
         return triton_io.generation_params(request, self.config)
 
     def _embeds(self, request: Any) -> np.ndarray:
-        embeds = triton_io.get_array(request, c.PROMPT_EMBEDS)
-        assert embeds is not None  # a required input
-        return embeds
+        """PROMPT_EMBEDS, or on the inline path the text encoder's output for INPUT_IDS."""
+        # the config's (optional) specs: either may be absent
+        embeds = triton_io.get_array(request, c.DENOISE.input(c.PROMPT_EMBEDS.name))
+        if embeds is not None:
+            return embeds
+        input_ids = (
+            triton_io.get_array(request, c.DENOISE.input(c.INPUT_IDS.name)) if self.text_encoder else None
+        )
+        if input_ids is None:
+            alternative = f" (or {c.INPUT_IDS.name})" if self.text_encoder else ""
+            raise InvalidRequest(c.PROMPT_EMBEDS.name, f"is required{alternative}")
+        assert self.text_encoder is not None
+        if input_ids.ndim != 2 or input_ids.shape[1] != c.TOKEN_LENGTH:
+            raise InvalidRequest(
+                c.INPUT_IDS.name, f"must be [rows, {c.TOKEN_LENGTH}], got {list(input_ids.shape)}"
+            )
+        self.text_encoder.refresh()  # encoded by the version live now
+        return self.text_encoder(input_ids)
+
+    def _outputs(
+        self, latents: np.ndarray, wanted: set[str], engines: triton_io.EngineLog
+    ) -> triton_io.Outputs:
+        """What the request asked for of LATENTS, IMAGES (decoded here: inline path only) and ENGINES."""
+        outputs = {c.ENGINES.name: engines.array()}
+        if c.LATENTS.name in wanted or not wanted:
+            outputs[c.LATENTS.name] = latents
+        if c.IMAGES.name in wanted and self.decoder is not None:
+            outputs[c.IMAGES.name] = to_uint8_images(
+                triton_io.run_engine(c.VAE_DECODER, self.decoder, latents)
+            )
+        return outputs
 
     def _denoise(self, request: Any) -> triton_io.Outputs:
         if triton_io.get_array(request, c.CANCEL) is not None:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         params = self._params(request)
+        embeds = self._embeds(request)
         engines = triton_io.EngineLog()
         self.unet.refresh()  # the request runs on the live UNet version
-        latents = denoise(
-            self._embeds(request), params, self.config, self.unet, lambda i, n: engines.add(self.unet.last)
-        )
+        latents = denoise(embeds, params, self.config, self.unet, lambda i, n: engines.add(self.unet.last))
         self.unet.idle()
-        return {c.LATENTS.name: latents, c.ENGINES.name: engines.array()}
+        return self._outputs(latents, set(request.requested_output_names()), engines)
 
     def _submit(self, request: Any) -> None:
         assert self.batcher is not None
@@ -92,21 +123,28 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
             return
         try:
-            job = DenoiseJob(self._embeds(request), self._params(request), self.config)
+            params = self._params(request)
+            job = DenoiseJob(self._embeds(request), params, self.config)
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return
+        except Exception as exc:  # noqa: BLE001 - the inline text encoder failed: this request alone
+            sender.send(triton_io.failure_response(c.DENOISE.name, exc), flags=FINAL)
+            return
 
         engines = triton_io.EngineLog()
+        wanted = set(request.requested_output_names())
 
         def step(index: int, steps: int) -> None:
             engines.add(self.unet.last)
 
         def done(latents: np.ndarray) -> None:
-            tensors = [
-                pb_utils.Tensor(c.LATENTS.name, latents),
-                pb_utils.Tensor(c.ENGINES.name, engines.array()),
-            ]
+            try:
+                outputs = self._outputs(latents, wanted, engines)
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                failed(exc)
+                return
+            tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
 
         def failed(exc: Exception) -> None:

@@ -102,7 +102,8 @@ def failure_response(model: str, exc: Exception) -> Any:
 
 
 def respond(requests: Sequence[Any], spec: ModelSpec, handle: Callable[[Any], Outputs]) -> list[Any]:
-    """One response per request; a request's bad input answers INVALID_ARG to it alone."""
+    """One response per request (the outputs `handle` gives of `spec`'s); a request's bad input answers
+    INVALID_ARG to it alone."""
     responses = []
     for request in requests:
         try:
@@ -110,7 +111,7 @@ def respond(requests: Sequence[Any], spec: ModelSpec, handle: Callable[[Any], Ou
         except InvalidRequest as exc:
             responses.append(error_response(str(exc)))
             continue
-        tensors = [pb_utils.Tensor(t.name, outputs[t.name]) for t in spec.outputs]
+        tensors = [pb_utils.Tensor(t.name, outputs[t.name]) for t in spec.outputs if t.name in outputs]
         responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
     return responses
 
@@ -214,23 +215,26 @@ class PinnedUNet(LiveUNet):
         return noise
 
 
-class InlineUNet(LiveUNet):
-    """The `inline` UNet path: the READY version's engine loaded and run in this process (engine_runner:
-    any kind), no round trip to Triton per step. Triton's UNet model stays loaded: it is what `engine
-    set` loads and gates, what is_model_ready reports, and what perf_analyzer measures alone.
+class InlineEngine(LiveUNet):
+    """An engine model's READY version loaded and run in this process (engine_runner: any kind), no
+    round trip to Triton per call: the `inline` path's UNet (every step) and VAE decoder (every finished
+    request). Triton's model stays loaded: it is what `engine set` loads and gates, what is_model_ready
+    reports, and what perf_analyzer measures alone.
 
     A version is loaded here by a thread as soon as its engine.json appears (`engine set` writes it just
-    before Triton's load) or Triton has it READY, while the loop keeps stepping on the one it runs. The
+    before Triton's load) or Triton has it READY, while the loop keeps calling the one it runs. The
     loop switches at the first call after the load; a call after `refresh` (a request joined) runs on the
     READY version, waiting for its load if need be, so a request that starts after Triton's switch runs
     on the new engine alone. The last KEEP versions stay loaded (a rollback switches back at once)."""
 
     KEEP = 2
 
-    def __init__(self, model: str, model_dir: Path, owner: str) -> None:
-        """`owner`: the denoising loop's model, the label of the UNet timer's metrics."""
+    def __init__(self, model: str, model_dir: Path, spec: ModelSpec, owner: str | None = None) -> None:
+        """`spec`: the contract of the engine model `model`; `owner`: the denoising loop's model, the
+        label of the timer's metrics (the UNet's; none for other engines)."""
         super().__init__(model, model_dir)
-        self.timer = InlineTimer(owner)
+        self.spec = spec
+        self.timer = InlineTimer(owner) if owner else None
         self.running = -1  # the version the calls run on
         self.runners: OrderedDict[int, BatchRunner] = OrderedDict()  # least recently used first
         self._loading: dict[int, threading.Thread] = {}
@@ -244,7 +248,8 @@ class InlineUNet(LiveUNet):
         self._sync = True
 
     def idle(self) -> None:
-        self.timer.flush()
+        if self.timer:
+            self.timer.flush()
 
     def load(self, version: int) -> BatchRunner:
         """That version's engine, with the runtime settings of the model's config.pbtxt."""
@@ -293,7 +298,7 @@ class InlineUNet(LiveUNet):
     def _current(self) -> tuple[int, BatchRunner]:
         # 1. When due: Triton's READY version, and the newest version on disk, loading in the background.
         if self._due():
-            self.timer.flush()
+            self.idle()
             self._resolve()
             versions = versions_on_disk(self.model_dir)
             newest = next((v for v in versions if (self.model_dir / str(v) / ENGINE_FILE).is_file()), None)
@@ -317,13 +322,16 @@ class InlineUNet(LiveUNet):
         self.runners.move_to_end(self.running)
         return self.running, self.runners[self.running]
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        """The engine's first output for its inputs in contract order."""
         version, runner = self._current()
+        feeds = dict(zip((t.name for t in self.spec.inputs), arrays, strict=True))
         started = time.perf_counter()
-        noise = runner.run(self._inputs(sample, timestep, hidden))[c.UNET.outputs[0].name]
-        self.timer.add(time.perf_counter() - started, len(sample))
+        output = runner.run(feeds)[self.spec.outputs[0].name]
+        if self.timer:
+            self.timer.add(time.perf_counter() - started, len(arrays[0]))
         self.last = self.provenance(version)
-        return noise
+        return output
 
 
 class InlineTimer:
@@ -365,8 +373,25 @@ def live_unet(params: BatchingParams, args: dict[str, Any]) -> LiveUNet:
         )
     model_dir = version_dir(args).parents[1] / params.unet_model
     if params.unet_path == "inline":
-        return InlineUNet(params.unet_model, model_dir, owner=json.loads(args["model_config"])["name"])
+        return InlineEngine(
+            params.unet_model, model_dir, c.UNET, owner=json.loads(args["model_config"])["name"]
+        )
     return PinnedUNet(params.unet_model, model_dir)
+
+
+def inline_engine(args: dict[str, Any], spec: ModelSpec) -> InlineEngine:
+    """The engine model `spec` of this repository, run in this process (an inline loop's text encoder
+    and VAE decoder)."""
+    return InlineEngine(spec.name, version_dir(args).parents[1] / spec.name, spec)
+
+
+def run_engine(spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray) -> np.ndarray:
+    """The first output of the engine model `spec` (one input): run by `inline`, on the version live now,
+    or without it by a BLS call to Triton's model. An engine's error raises."""
+    if inline is None:
+        return bls_infer(spec.name, {spec.inputs[0].name: array}, spec.outputs[0].name)
+    inline.refresh()
+    return inline(array)
 
 
 class EngineLog:

@@ -6,10 +6,12 @@ Only importable inside Triton's python backend.
 Every call into the Triton stub (BLS, is_cancelled, sending responses) happens on the batcher's
 one worker thread; `execute` only hands requests over. For each request the worker
 
-1. tokenizes and encodes the prompt (BLS to `tokenizer` and `text_encoder`) when it admits it,
+1. tokenizes and encodes the prompt (BLS to `tokenizer`; the `text_encoder` engine in this process
+   on the inline UNet path, a BLS call to it on the bls path) when it admits it,
 2. advances it with every other active request, one UNet call per latent shape per step
    (`ContinuousBatcher`), sending a step response (STEP, STEPS_TOTAL, PREVIEW_IMAGES when asked),
-3. decodes it (BLS to `vae_decoder`, then uint8) and sends the final response (IMAGES, truncation).
+3. decodes it (the `vae_decoder` engine, in this process or by BLS as the text encoder, then uint8)
+   and sends the final response (IMAGES, truncation).
 
 Requests here batch with each other; `txt2img` requests batch in `denoise`'s own batcher.
 """
@@ -47,6 +49,9 @@ class TritonPythonModel:
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, BatchingParams)
         self.unet = triton_io.live_unet(params, args)
+        inline = params.unet_path == "inline"
+        self.text_encoder = triton_io.inline_engine(args, c.TEXT_ENCODER) if inline else None
+        self.decoder = triton_io.inline_engine(args, c.VAE_DECODER) if inline else None
         config = BatchingConfig(
             max_batch=params.max_batch,
             max_wait_s=params.max_wait_us / 1e6,
@@ -115,10 +120,7 @@ class TritonPythonModel:
             outputs = [t.name for t in c.TOKENIZER.outputs]
             tokens = triton_io.bls_infer_all(c.TOKENIZER.name, inputs, outputs)
             truncation.update({name: tokens[name] for name in outputs[1:]})
-            encoder_in, encoder_out = c.TEXT_ENCODER.inputs[0].name, c.TEXT_ENCODER.outputs[0].name
-            embeds = triton_io.bls_infer(
-                c.TEXT_ENCODER.name, {encoder_in: tokens[c.INPUT_IDS.name]}, encoder_out
-            )
+            embeds = triton_io.run_engine(c.TEXT_ENCODER, self.text_encoder, tokens[c.INPUT_IDS.name])
             return DenoiseJob(embeds, params, self.config)
 
         def step(index: int, steps: int) -> None:
@@ -134,10 +136,9 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
         def done(latents: np.ndarray) -> None:
-            decoder_in, decoder_out = c.VAE_DECODER.inputs[0].name, c.VAE_DECODER.outputs[0].name
             try:
-                decoded = triton_io.bls_infer(c.VAE_DECODER.name, {decoder_in: latents}, decoder_out)
-            except RuntimeError as exc:
+                decoded = triton_io.run_engine(c.VAE_DECODER, self.decoder, latents)
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
                 failed(exc)
                 return
             outputs = {

@@ -75,12 +75,13 @@ def test_every_python_model_has_a_model_py(demo_repo: Path) -> None:
             assert (demo_repo / name / "1" / MODEL_PY).is_file(), name
 
 
-def test_ensemble_wiring_is_complete() -> None:
+@pytest.mark.parametrize("unet_path", sorted(ENSEMBLE_STEPS))
+def test_ensemble_wiring_is_complete(unet_path: str) -> None:
     """Each step gets every required input of its model, from an ensemble input or an earlier
     step's output; every ensemble output is produced."""
     available = {t.name for t in c.TXT2IMG.inputs}
     optional = {t.name for t in c.TXT2IMG.inputs if t.optional}
-    for model, inputs, outputs in ENSEMBLE_STEPS:
+    for model, inputs, outputs in ENSEMBLE_STEPS[unet_path]:
         spec = c.MODELS[model]
         required = {t.name for t in spec.inputs if not t.optional}
         assert required <= set(inputs), f"{model} misses {required - set(inputs)}"

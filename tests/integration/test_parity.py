@@ -98,22 +98,33 @@ def client(
         yield bls
 
 
-def unet_calls(client: grpcclient.InferenceServerClient) -> int:
-    stats = client.get_inference_statistics("unet", as_json=True)
-    return int(stats["model_stats"][0].get("execution_count", 0))
+HOPS = ("unet", "text_encoder", "vae_decoder", "postprocess")
 
 
-def test_the_loop_reaches_the_unet_on_its_path(client) -> None:
-    """inline: Triton's unet model is never called (the loop runs the engine itself); bls: once per step."""
+def requests_to(client: grpcclient.InferenceServerClient) -> dict[str, int]:
+    """Requests each of HOPS has answered."""
+    counts = {}
+    for model in HOPS:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+        counts[model] = int(stats["success"].get("count", 0))
+    return counts
+
+
+def test_the_loop_reaches_the_engines_on_its_path(client) -> None:
+    """inline: Triton's unet, text_encoder, vae_decoder and postprocess models are never called (the
+    loop runs the engines itself, the ensemble is tokenizer -> denoise); bls: the UNet once per step, the
+    others once per request."""
     path = client.get_model_config("denoise", as_json=True)["config"]["parameters"]["unet_path"][
         "string_value"
     ]
-    before = unet_calls(client)
+    before = requests_to(client)
     result = txt2img(
         client, PROMPT, height=64, width=64, steps=5, guidance_scale=7.5, seed=3, scheduler="ddim"
     )
-    calls = unet_calls(client) - before
-    assert calls == (0 if path == "inline" else 5), (path, calls)
+    after = requests_to(client)
+    calls = {model: after[model] - before[model] for model in HOPS}
+    expected = dict.fromkeys(HOPS, 0) if path == "inline" else {"unet": 5, **dict.fromkeys(HOPS[1:], 1)}
+    assert calls == expected, path
     assert [(e["component"], e["version"]) for e in result.engines] == [("unet", 1)]  # provenance either way
 
 

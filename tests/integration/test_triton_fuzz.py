@@ -391,9 +391,25 @@ def text_expectation(name: str, label: str, ok: Expectation) -> Expectation:
 
 
 def ok_expectation(model: str) -> Expectation:
-    if model in (c.TXT2IMG.name, c.TXT2IMG_STREAM.name):
+    # denoise on the inline UNet path (the session's repository) decodes the IMAGES asked for too
+    if model in (c.TXT2IMG.name, c.TXT2IMG_STREAM.name, c.DENOISE.name):
         return Ok(images_of(1))
     return Ok()
+
+
+def token_id_cases(model: str, valid: dict[str, np.ndarray]) -> Iterator[Case]:
+    """denoise on the inline UNet path (the session's) also takes the tokenizer's INPUT_IDS instead of
+    PROMPT_EMBEDS, runs the text encoder itself and answers IMAGES as well as LATENTS."""
+    if model != c.DENOISE.name:
+        return
+    ids = np.full((2, c.TOKEN_LENGTH), 49407, np.int32)
+    ids[:, 0] = 49406
+    by_ids = {k: v for k, v in valid.items() if k != c.PROMPT_EMBEDS.name}
+    yield Case(model, "INPUT_IDS", {**by_ids, c.INPUT_IDS.name: ids}, Ok(images_of(1)))
+    yield Case(
+        model, "INPUT_IDS-short", {**by_ids, c.INPUT_IDS.name: ids[:, :10]}, Error((c.INPUT_IDS.name,))
+    )
+    yield Case(model, "no-embeddings", by_ids, Error((c.PROMPT_EMBEDS.name, c.INPUT_IDS.name, "required")))
 
 
 def generate_cases(model: str, config: PipelineConfig, max_batch: int) -> list[Case]:
@@ -404,6 +420,7 @@ def generate_cases(model: str, config: PipelineConfig, max_batch: int) -> list[C
         *structural_cases(model, valid, max_batch),
         *zero_size_cases(model, valid),
         *value_cases(model, valid, ok),
+        *token_id_cases(model, valid),
     ]
 
 
