@@ -5,7 +5,7 @@ python backend.
 
 On the inline path the model also runs the live versions of the `text_encoder` engine (on the
 tokenizer's INPUT_IDS, as a request arrives) and the `vae_decoder` engine (then uint8, as a request
-finishes) in this process and answers IMAGES: the ensemble is tokenizer -> denoise, without the three
+finishes, on a decode thread while the loop steps the others) in this process and answers IMAGES: the ensemble is tokenizer -> denoise, without the three
 python hops of text_encoder, vae_decoder and postprocess. A request may still bring PROMPT_EMBEDS
 instead of INPUT_IDS, and ask for LATENTS: each request gets the outputs it asks for (the bls path's
 ensemble asks for LATENTS; only the inline path can answer IMAGES).
@@ -13,7 +13,9 @@ ensemble asks for LATENTS; only the inline path can answer IMAGES).
 
 from __future__ import annotations
 
+import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from sd_triton.runtime.denoise import DenoiseJob, denoise
 from sd_triton.runtime.postprocess import to_uint8_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+log = logging.getLogger("sd_triton.triton")
 
 
 class TritonPythonModel:
@@ -43,6 +46,9 @@ class TritonPythonModel:
         inline = params.unet_path == "inline"
         self.text_encoder = triton_io.inline_engine(args, c.TEXT_ENCODER) if inline else None
         self.decoder = triton_io.inline_engine(args, c.VAE_DECODER) if inline else None
+        # finished requests are decoded and answered on a thread of their own, so the loop steps the
+        # others meanwhile (the engines release the GIL), as it did while Triton's vae_decoder decoded
+        self.answering = ThreadPoolExecutor(1, thread_name_prefix="decode") if inline else None
         self.batcher: ContinuousBatcher | None = None
         if params.batching == "continuous":
             config = BatchingConfig(max_batch=params.max_batch, max_wait_s=params.max_wait_us / 1e6)
@@ -62,6 +68,8 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
+        if self.answering is not None:
+            self.answering.shutdown(wait=True)
 
     def _params(self, request: Any) -> GenerationParams:
         return triton_io.generation_params(request, self.config)
@@ -138,14 +146,23 @@ class TritonPythonModel:
         def step(index: int, steps: int) -> None:
             engines.add(self.unet.last)
 
-        def done(latents: np.ndarray) -> None:
+        def answer(latents: np.ndarray) -> None:
             try:
                 outputs = self._outputs(latents, wanted, engines)
             except Exception as exc:  # noqa: BLE001 - this request alone fails
                 failed(exc)
                 return
             tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
-            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+            try:
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+            except Exception:  # noqa: BLE001 - on the decode thread nobody else would see it
+                log.exception("denoise: sending a result failed")
+
+        def done(latents: np.ndarray) -> None:
+            if self.answering is None:
+                answer(latents)
+            else:
+                self.answering.submit(answer, latents)
 
         def failed(exc: Exception) -> None:
             sender.send(triton_io.failure_response(c.DENOISE.name, exc), flags=FINAL)

@@ -136,10 +136,11 @@ def bls_infer_all(
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
-class LiveUNet:
-    """The UNet a denoising loop calls, following the version Triton has READY for the UNet model, so
-    the caller knows which engine ran each call (that version's engine.json, `last`). `sd-triton engine
-    set` loads a new version while the old one serves; the loop moves to it within RESOLVE_EVERY_S."""
+class LiveEngine:
+    """An engine a denoising loop calls (the UNet; inline, the text encoder and VAE decoder too),
+    following the version Triton has READY for its model, so the caller knows which engine ran each call
+    (that version's engine.json, `last`). `sd-triton engine set` loads a new version while the old one
+    serves; the loop moves to it within RESOLVE_EVERY_S."""
 
     RESOLVE_EVERY_S = 0.5  # a newer version is picked up within this long
     READY_WAIT_S = 60.0  # a call waits this long for some version to be ready (a reload in progress)
@@ -194,7 +195,7 @@ class LiveUNet:
         return dict(zip((t.name for t in c.UNET.inputs), (sample, timestep, hidden), strict=True))
 
 
-class PinnedUNet(LiveUNet):
+class PinnedUNet(LiveEngine):
     """The `bls` UNet path: every call a BLS request to the UNet model, pinned to the READY version; a
     call to a version unloaded meanwhile is retried once on the one now ready."""
 
@@ -215,11 +216,11 @@ class PinnedUNet(LiveUNet):
         return noise
 
 
-class InlineEngine(LiveUNet):
+class InlineEngine(LiveEngine):
     """An engine model's READY version loaded and run in this process (engine_runner: any kind), no
-    round trip to Triton per call: the `inline` path's UNet (every step) and VAE decoder (every finished
-    request). Triton's model stays loaded: it is what `engine set` loads and gates, what is_model_ready
-    reports, and what perf_analyzer measures alone.
+    round trip to Triton per call: the `inline` path's UNet (every step), text encoder (every request
+    that arrives) and VAE decoder (every request that finishes). Triton's model stays loaded: it is
+    what `engine set` loads and gates, what is_model_ready reports, and what perf_analyzer measures.
 
     A version is loaded here by a thread as soon as its engine.json appears (`engine set` writes it just
     before Triton's load) or Triton has it READY, while the loop keeps calling the one it runs. The
@@ -365,7 +366,7 @@ class InlineTimer:
             self.pending = [0.0, 0.0, 0.0]
 
 
-def live_unet(params: BatchingParams, args: dict[str, Any]) -> LiveUNet:
+def live_unet(params: BatchingParams, args: dict[str, Any]) -> LiveEngine:
     """The UNet of a denoising loop's config (`unet_model`, `unet_path`)."""
     if params.unet_path not in UNET_PATHS:
         raise ValueError(
