@@ -5,8 +5,9 @@ python backend.
 
 On the inline path the model also runs the live versions of the `text_encoder` engine (on the
 tokenizer's INPUT_IDS, as a request arrives) and the `vae_decoder` engine (then uint8, as a request
-finishes, on a decode thread while the loop steps the others) in this process and answers IMAGES: the ensemble is tokenizer -> denoise, without the three
-python hops of text_encoder, vae_decoder and postprocess. A request may still bring PROMPT_EMBEDS
+finishes, on a decode thread while the loop steps the others) in this process and answers IMAGES:
+the ensemble is tokenizer -> denoise, without the three python hops of text_encoder, vae_decoder and
+postprocess. A request may still bring PROMPT_EMBEDS
 instead of INPUT_IDS, and ask for LATENTS: each request gets the outputs it asks for (the bls path's
 ensemble asks for LATENTS; only the inline path can answer IMAGES).
 """
