@@ -44,12 +44,10 @@ class TritonPythonModel:
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, DenoiseParams)
         self.unet = triton_io.live_unet(params, args)
-        inline = params.unet_path == "inline"
-        self.text_encoder = triton_io.inline_engine(args, c.TEXT_ENCODER) if inline else None
-        self.decoder = triton_io.inline_engine(args, c.VAE_DECODER) if inline else None
+        self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
         # finished requests are decoded and answered on a thread of their own, so the loop steps the
         # others meanwhile (the engines release the GIL), as it did while Triton's vae_decoder decoded
-        self.answering = ThreadPoolExecutor(1, thread_name_prefix="decode") if inline else None
+        self.answering = ThreadPoolExecutor(1, thread_name_prefix="decode") if self.decoder else None
         self.batcher: ContinuousBatcher | None = None
         if params.batching == "continuous":
             config = BatchingConfig(max_batch=params.max_batch, max_wait_s=params.max_wait_us / 1e6)
@@ -87,13 +85,11 @@ class TritonPythonModel:
         if input_ids is None:
             alternative = f" (or {c.INPUT_IDS.name})" if self.text_encoder else ""
             raise InvalidRequest(c.PROMPT_EMBEDS.name, f"is required{alternative}")
-        assert self.text_encoder is not None
         if input_ids.ndim != 2 or input_ids.shape[1] != c.TOKEN_LENGTH:
             raise InvalidRequest(
                 c.INPUT_IDS.name, f"must be [rows, {c.TOKEN_LENGTH}], got {list(input_ids.shape)}"
             )
-        self.text_encoder.refresh()  # encoded by the version live now
-        return self.text_encoder(input_ids)
+        return triton_io.run_engine(c.TEXT_ENCODER, self.text_encoder, input_ids)
 
     def _outputs(
         self, latents: np.ndarray, wanted: set[str], engines: triton_io.EngineLog

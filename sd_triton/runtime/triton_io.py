@@ -191,9 +191,6 @@ class LiveEngine:
             )
         return self._records[version]
 
-    def _inputs(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip((t.name for t in c.UNET.inputs), (sample, timestep, hidden), strict=True))
-
 
 class PinnedUNet(LiveEngine):
     """The `bls` UNet path: every call a BLS request to the UNet model, pinned to the READY version; a
@@ -201,7 +198,7 @@ class PinnedUNet(LiveEngine):
 
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         version = self._resolve_when_due()
-        inputs = self._inputs(sample, timestep, hidden)
+        inputs = dict(zip((t.name for t in c.UNET.inputs), (sample, timestep, hidden), strict=True))
         output = c.UNET.outputs[0].name
         try:
             noise = bls_infer(self.model, inputs, output, version)
@@ -380,10 +377,16 @@ def live_unet(params: BatchingParams, args: dict[str, Any]) -> LiveEngine:
     return PinnedUNet(params.unet_model, model_dir)
 
 
-def inline_engine(args: dict[str, Any], spec: ModelSpec) -> InlineEngine:
-    """The engine model `spec` of this repository, run in this process (an inline loop's text encoder
-    and VAE decoder)."""
-    return InlineEngine(spec.name, version_dir(args).parents[1] / spec.name, spec)
+def inline_text_and_image(
+    params: BatchingParams, args: dict[str, Any]
+) -> tuple[InlineEngine | None, InlineEngine | None]:
+    """A loop's text encoder and VAE decoder: run in its process on the inline UNet path, (None, None)
+    on the bls path (`run_engine` then calls Triton's models)."""
+    if params.unet_path != "inline":
+        return None, None
+    models = version_dir(args).parents[1]
+    text, image = (InlineEngine(s.name, models / s.name, s) for s in (c.TEXT_ENCODER, c.VAE_DECODER))
+    return text, image
 
 
 def run_engine(spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray) -> np.ndarray:

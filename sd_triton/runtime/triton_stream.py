@@ -49,9 +49,7 @@ class TritonPythonModel:
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, BatchingParams)
         self.unet = triton_io.live_unet(params, args)
-        inline = params.unet_path == "inline"
-        self.text_encoder = triton_io.inline_engine(args, c.TEXT_ENCODER) if inline else None
-        self.decoder = triton_io.inline_engine(args, c.VAE_DECODER) if inline else None
+        self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
         config = BatchingConfig(
             max_batch=params.max_batch,
             max_wait_s=params.max_wait_us / 1e6,

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 
 from sd_triton.gateway.images import encode
 from sd_triton.gateway.settings import GatewaySettings
-
-
-def _decoded(data: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+from tests.gateway.test_jobs import png
 
 
 def test_every_png_level_keeps_the_pixels_and_higher_levels_are_smaller() -> None:
@@ -24,7 +19,7 @@ def test_every_png_level_keeps_the_pixels_and_higher_levels_are_smaller() -> Non
     image = np.clip(smooth + rng.integers(-3, 4, smooth.shape), 0, 255).astype(np.uint8)
     encoded = {level: encode(image, "png", level) for level in (0, 1, 9)}
     for level, data in encoded.items():
-        assert np.array_equal(_decoded(data), image), level
+        assert np.array_equal(png(data), image), level
     sizes = {level: len(base64.b64decode(data)) for level, data in encoded.items()}
     assert sizes[9] < sizes[1] < sizes[0], sizes
 
