@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn, UNetInputs
+from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn, UNetInputs, advance_jobs
 
 log = logging.getLogger(__name__)
 
@@ -271,19 +271,18 @@ class ContinuousBatcher:
             self._set_group(shape, [])
             return
         self.stats.call_rows.append(batch[0].shape[0])
+        # every request's guidance and scheduler step at once (advance_jobs); an error fails its request only
+        errors = advance_jobs([t.job for t in group], noise)  # type: ignore[misc] - admitted: prepared
         kept = []
-        offset = 0
-        for ticket in group:
-            rows = ticket.job.rows
-            try:
-                ticket.job.advance(noise[offset : offset + rows])
-                if ticket.on_step is not None:
+        for ticket, error in zip(group, errors, strict=True):
+            if error is None and ticket.on_step is not None:
+                try:
                     ticket.on_step(ticket.job.step_index - 1, ticket.job.steps)
-            except Exception as exc:  # noqa: BLE001 - this request alone fails
-                self._fail(ticket, exc)
-                offset += rows
+                except Exception as exc:  # noqa: BLE001 - this request alone fails
+                    error = exc
+            if error is not None:
+                self._fail(ticket, error)
                 continue
-            offset += rows
             if ticket.job.done:
                 self._finish(ticket)
             else:

@@ -9,7 +9,7 @@ Triton, inline or through BLS; ONNX Runtime in tests).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sd_triton.contract import PROMPT_EMBEDS, TOKEN_LENGTH
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest
+from sd_triton.runtime.linear_step import linear_step
 from sd_triton.runtime.schedulers import make_scheduler
 
 # (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D]) -> noise_pred [B,C,h,w]
@@ -88,6 +89,8 @@ class DenoiseJob:
             seeds = [params.seed + i for i in range(params.num_images)]
             self.scheduler.noise_sampler_seed = seeds if params.num_images > 1 else seeds[0]
         self.step_kwargs = _step_kwargs(self.scheduler, generators)
+        # 4. The scheduler's closed form where it has one: advance_jobs steps those requests together
+        self.linear = linear_step(self.scheduler, float(self.step_kwargs.get("eta", 0.0)))  # type: ignore[arg-type]
         self.step_index = 0
 
     @property
@@ -106,24 +109,91 @@ class DenoiseJob:
     def unet_inputs(self) -> UNetInputs:
         """(sample, timestep, encoder_hidden_states) for this step, `rows` rows each."""
         t = self.timesteps[self.step_index]
+        timestep = np.full((self.rows, 1), float(t), dtype=np.float32)
+        if self.linear is not None:  # scale_model_input's arithmetic without its per-call Python
+            latents = self.latents.numpy()
+            divisor = self.linear.divisor[self.step_index]
+            sample = latents if divisor == 1 else latents / divisor
+            return (np.concatenate([sample, sample]) if self.cfg else sample), timestep, self.embeds
         model_input = torch.cat([self.latents] * 2) if self.cfg else self.latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        timestep = np.full((self.rows, 1), float(t), dtype=np.float32)
         return model_input.numpy(), timestep, self.embeds
 
     def advance(self, noise_pred: np.ndarray) -> None:
         """Guidance and the scheduler step with this step's UNet output."""
+        error = advance_jobs([self], noise_pred)[0]
+        if error is not None:
+            raise error
+
+    def _step(self, guided: np.ndarray) -> None:
+        """diffusers' scheduler step with the guided model output."""
         t = self.timesteps[self.step_index]
-        noise = torch.from_numpy(noise_pred)
-        if self.cfg:
-            uncond, text = noise.chunk(2)
-            noise = uncond + self.params.guidance_scale * (text - uncond)
+        noise = torch.from_numpy(guided)
         self.latents = self.scheduler.step(noise, t, self.latents, **self.step_kwargs, return_dict=False)[0]
-        self.step_index += 1
 
     def result(self) -> np.ndarray:
         """The final latents with the VAE's latent scaling undone, ready for the decoder."""
         return (self.latents / self.config.vae_scaling_factor).numpy().astype(np.float32)
+
+
+def advance_jobs(jobs: Sequence[DenoiseJob], noise_pred: np.ndarray) -> list[Exception | None]:
+    """One step for every job, `noise_pred` the UNet's output for their rows in order: guidance for all
+    images at once, the linear schedulers' updates at once (`linear_step`), every other scheduler's step
+    through diffusers. Returns each job's error (None: it advanced); one job's error leaves the others'
+    steps untouched."""
+    # 1. Row indices per image: its uncond and cond rows (the cond row twice without guidance, where
+    #    uncond + scale * (cond - uncond) is cond exactly), its guidance scale, its job.
+    uncond: list[np.ndarray] = []
+    cond: list[np.ndarray] = []
+    scales: list[float] = []
+    offset = 0
+    for job in jobs:
+        n = job.params.num_images
+        images = np.arange(offset, offset + n)
+        uncond.append(images)
+        cond.append(images + n if job.cfg else images)
+        scales += [job.params.guidance_scale] * n
+        offset += job.rows
+    # 2. Guidance, as diffusers writes it: uncond + scale * (text - uncond).
+    unconds = noise_pred[np.concatenate(uncond)]
+    scale = np.asarray(scales, dtype=np.float32)[:, None, None, None]
+    guided = unconds + scale * (noise_pred[np.concatenate(cond)] - unconds)
+    # 3. The scheduler steps: the closed forms in one operation, the others one by one.
+    errors: list[Exception | None] = [None] * len(jobs)
+    linear, a, b, image_rows = [], [], [], []
+    first = 0
+    for index, job in enumerate(jobs):
+        n = job.params.num_images
+        if job.linear is not None:
+            linear.append(job)
+            a += [job.linear.a[job.step_index]] * n
+            b += [job.linear.b[job.step_index]] * n
+            image_rows.append(np.arange(first, first + n))
+        else:
+            try:
+                job._step(guided[first : first + n])
+            except Exception as exc:  # noqa: BLE001 - this job alone fails
+                errors[index] = exc
+        first += n
+    if linear:
+        latents = (
+            np.concatenate([job.latents.numpy() for job in linear])
+            if len(linear) > 1
+            else linear[0].latents.numpy()
+        )
+        shape = (-1, 1, 1, 1)
+        stepped = (
+            np.asarray(a, np.float32).reshape(shape) * latents
+            + np.asarray(b, np.float32).reshape(shape) * guided[np.concatenate(image_rows)]
+        )
+        start = 0
+        for job in linear:
+            job.latents = torch.from_numpy(stepped[start : start + job.params.num_images])
+            start += job.params.num_images
+    for job, error in zip(jobs, errors, strict=True):
+        if error is None:
+            job.step_index += 1
+    return errors
 
 
 def denoise(

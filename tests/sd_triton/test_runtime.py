@@ -123,6 +123,9 @@ V_PRED = {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}
         ("unipc", 1.0, None, {}),
         ("dpmpp_2m", 6.0, None, V_PRED),
         ("ddim", 4.0, "fog", V_PRED),
+        ("ddim", 7.5, None, {}),  # the closed forms (linear_step) with guidance
+        ("euler", 1.0, None, {}),
+        ("euler_karras", 5.0, "rain", V_PRED),
     ],
 )
 def test_denoise_loop_is_diffusers_loop(
@@ -167,5 +170,69 @@ def test_denoise_loop_is_diffusers_loop(
     params = GenerationParams(48, 64, 7, guidance, seed, scheduler, n)
     ours = denoise(embeds.detach().numpy(), params, config, unet, on_step=lambda i, total: steps.append(i))
     pipe.scheduler = original
-    np.testing.assert_allclose(ours, expected.numpy() / pipe.vae.config.scaling_factor, atol=1e-5)
+    theirs = expected.numpy() / pipe.vae.config.scaling_factor
+    # float32 rounding: the closed-form steps (linear_step) order the same arithmetic differently
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(1.0, float(np.abs(theirs).max())))
     assert steps == list(range(7))
+
+
+# scheduler name, config changes, whether the closed form applies
+LINEAR_CASES = [
+    ("ddim", {}, True),
+    ("ddim", V_PRED, True),
+    ("ddim", {"prediction_type": "sample", "set_alpha_to_one": True}, True),
+    ("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", **V_PRED}, True),
+    ("ddim", {"clip_sample": True}, False),  # clamps x0: not linear
+    ("euler", {}, True),
+    ("euler", {"timestep_spacing": "linspace"}, True),
+    ("euler_karras", V_PRED, True),
+    ("euler", {"prediction_type": "sample"}, True),
+    ("euler_a", {}, False),
+    ("dpmpp_2m", {}, False),
+    ("pndm", {}, False),
+]
+SD_SCHEDULER = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+
+@pytest.mark.parametrize(("scheduler", "changes", "linear"), LINEAR_CASES)
+def test_closed_form_steps_equal_diffusers_steps(scheduler: str, changes: dict, linear: bool) -> None:
+    """Requests stepped together in closed form (advance_jobs) get diffusers' own step's latents, each
+    step, with guidance, without it, and two images, up to float32 rounding (the same arithmetic in
+    another order); a scheduler without a closed form has none."""
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import DenoiseJob, advance_jobs
+
+    config = PipelineConfig(4, 8, 0.18215, {**SD_SCHEDULER, **changes})
+    rng = np.random.default_rng(3)
+    params = [
+        GenerationParams(32, 48, 9, 6.0, 5, scheduler, 2),
+        GenerationParams(32, 48, 9, 1.0, 6, scheduler, 1),
+    ]
+    embeds = [rng.standard_normal((r, 77, 8)).astype(np.float32) for r in (2, 1)]
+    together = [DenoiseJob(e, p, config) for e, p in zip(embeds, params, strict=True)]
+    alone = [DenoiseJob(e, p, config) for e, p in zip(embeds, params, strict=True)]
+    assert all((job.linear is not None) == linear for job in together)
+    for job in alone:
+        job.linear = None  # diffusers' scale_model_input and step
+    while not together[0].done:
+        inputs = [job.unet_inputs() for job in together]
+        for job, (sample, _, _) in zip(alone, inputs, strict=True):
+            theirs = job.unet_inputs()[0]
+            np.testing.assert_allclose(sample, theirs, atol=1e-5 * max(1.0, float(np.abs(theirs).max())))
+        noise = rng.standard_normal((sum(job.rows for job in together), 4, 4, 6)).astype(np.float32)
+        assert advance_jobs(together, noise) == [None, None]
+        alone[0].advance(noise[:4])
+        alone[1].advance(noise[4:])
+        for ours, theirs in zip(together, alone, strict=True):
+            scale = float(theirs.latents.abs().max())
+            np.testing.assert_allclose(
+                ours.latents.numpy(), theirs.latents.numpy(), atol=1e-5 * max(scale, 1)
+            )
