@@ -91,6 +91,7 @@ class DenoiseJob:
         self.step_kwargs = _step_kwargs(self.scheduler, generators)
         # 4. The scheduler's closed form where it has one: advance_jobs steps those requests together
         self.linear = linear_step(self.scheduler, float(self.step_kwargs.get("eta", 0.0)))  # type: ignore[arg-type]
+        self.x0: np.ndarray | None = None  # a multistep closed form's previous data prediction
         self.step_index = 0
 
     @property
@@ -160,40 +161,61 @@ def advance_jobs(jobs: Sequence[DenoiseJob], noise_pred: np.ndarray) -> list[Exc
     guided = unconds + scale * (noise_pred[np.concatenate(cond)] - unconds)
     # 3. The scheduler steps: the closed forms in one operation, the others one by one.
     errors: list[Exception | None] = [None] * len(jobs)
-    linear, a, b, image_rows = [], [], [], []
+    closed: list[DenoiseJob] = []
+    closed_rows: list[np.ndarray] = []
     first = 0
     for index, job in enumerate(jobs):
         n = job.params.num_images
         if job.linear is not None:
-            linear.append(job)
-            a += [job.linear.a[job.step_index]] * n
-            b += [job.linear.b[job.step_index]] * n
-            image_rows.append(np.arange(first, first + n))
+            closed.append(job)
+            closed_rows.append(np.arange(first, first + n))
         else:
             try:
                 job._step(guided[first : first + n])
             except Exception as exc:  # noqa: BLE001 - this job alone fails
                 errors[index] = exc
         first += n
-    if linear:
-        latents = (
-            np.concatenate([job.latents.numpy() for job in linear])
-            if len(linear) > 1
-            else linear[0].latents.numpy()
-        )
-        shape = (-1, 1, 1, 1)
-        stepped = (
-            np.asarray(a, np.float32).reshape(shape) * latents
-            + np.asarray(b, np.float32).reshape(shape) * guided[np.concatenate(image_rows)]
-        )
-        start = 0
-        for job in linear:
-            job.latents = torch.from_numpy(stepped[start : start + job.params.num_images])
-            start += job.params.num_images
+    if closed:
+        _step_closed_forms(closed, guided[np.concatenate(closed_rows)])
     for job, error in zip(jobs, errors, strict=True):
         if error is None:
             job.step_index += 1
     return errors
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _step_closed_forms(jobs: list[DenoiseJob], output: np.ndarray) -> None:
+    """The closed-form steps (linear_step) of `jobs` in one operation; `output`: their guided rows."""
+    # per image: a, b and, for a multistep scheduler, c, p, q (0 for the others)
+    coefficients = np.array(
+        [
+            [0.0 if values is None else values[job.step_index] for values in (s.a, s.b, s.c, s.p, s.q)]
+            for job in jobs
+            for s in (job.linear,)
+            if s is not None
+            for _ in range(job.params.num_images)
+        ],
+        dtype=np.float32,
+    )
+    a, b, c, p, q = (coefficients[:, k].reshape(-1, 1, 1, 1) for k in range(5))
+    latents = _joined([job.latents.numpy() for job in jobs])
+    stepped = a * latents + b * output
+    multistep = any(job.linear is not None and job.linear.c is not None for job in jobs)
+    if multistep:  # + c * the previous step's x0, and this step's x0 kept for the next
+        stepped += c * _joined(
+            [np.zeros_like(job.latents.numpy()) if job.x0 is None else job.x0 for job in jobs]
+        )
+        x0 = p * latents + q * output
+    start = 0
+    for job in jobs:
+        end = start + job.params.num_images
+        job.latents = torch.from_numpy(stepped[start:end])
+        if multistep:
+            job.x0 = x0[start:end]
+        start = end
 
 
 def denoise(

@@ -2,9 +2,12 @@
 
 DDIM (eta 0, no clipping or thresholding) and Euler (no churn) step as
 `latents' = a[i] * latents + b[i] * output`, the UNet fed `latents / divisor[i]`, with a, b and the
-divisor depending only on the step i and the scheduler's config. `LinearStep` holds those numbers for
-one request's steps, computed once from the scheduler's own arrays (its alphas or sigmas, so every
-timestep spacing, beta schedule, Karras sigmas or zero-SNR rescale the config asks for carries over);
+divisor depending only on the step i and the scheduler's config. DPM++ 2M (DPMSolverMultistep,
+`dpmsolver++`, order 2, midpoint or heun) adds the previous step's data prediction x0, which the
+request keeps: `latents' = a * latents + b * output + c * x0_prev`, `x0 = p * latents + q * output`.
+`LinearStep` holds those numbers for one request's steps, computed once from the scheduler's own
+arrays (its alphas or sigmas, so every timestep spacing, beta schedule, Karras sigmas, final sigma or
+zero-SNR rescale the config asks for carries over);
 `sd_triton.runtime.denoise.advance_jobs` then steps every such request of a UNet call in one array
 operation instead of one diffusers `step` call each (0.13-0.27 ms of Python per request and step).
 Every other scheduler, or any option outside these formulas, steps through diffusers. A test
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,10 @@ class LinearStep:
     divisor: np.ndarray  # float32 [steps]: the UNet's input is latents / divisor[i]
     a: np.ndarray  # float32 [steps]: the next latents are a[i] * latents + b[i] * guided output
     b: np.ndarray
+    # multistep (DPM++ 2M): + c[i] * the previous step's x0, where x0 = p[i] * latents + q[i] * output
+    c: np.ndarray | None = None
+    p: np.ndarray | None = None
+    q: np.ndarray | None = None
 
 
 def linear_step(scheduler: object, eta: float = 0.0) -> LinearStep | None:
@@ -33,6 +40,8 @@ def linear_step(scheduler: object, eta: float = 0.0) -> LinearStep | None:
         return _ddim(scheduler, eta)
     if type(scheduler) is EulerDiscreteScheduler:
         return _euler(scheduler)
+    if type(scheduler) is DPMSolverMultistepScheduler:
+        return _dpmpp_2m(scheduler)
     return None
 
 
@@ -89,3 +98,52 @@ _EULER_FORMS = {
     "original_sample": lambda sigma, dt: (1 + dt / sigma, -dt / sigma),
     "v_prediction": lambda sigma, dt: (1 + dt * sigma / (sigma**2 + 1), dt / np.sqrt(sigma**2 + 1)),
 }
+
+
+def _dpmpp_2m(scheduler: DPMSolverMultistepScheduler) -> LinearStep | None:
+    config = scheduler.config
+    timesteps = scheduler.timesteps
+    if (
+        config.algorithm_type != "dpmsolver++"
+        or config.solver_order not in (1, 2)
+        or config.solver_type not in ("midpoint", "heun")
+        or config.thresholding
+        or config.variance_type is not None
+        or config.use_flow_sigmas
+        or config.prediction_type not in ("epsilon", "v_prediction", "sample")
+        or len(set(timesteps.tolist())) != len(timesteps)  # the step index follows the timesteps
+    ):
+        return None
+    steps = len(timesteps)
+    sigma = scheduler.sigmas.double().numpy()
+    alpha = 1 / np.sqrt(sigma**2 + 1)  # _sigma_to_alpha_sigma_t
+    sigma_t = sigma * alpha
+    with np.errstate(divide="ignore"):  # a final sigma of 0: lambda = inf, exp(-h) = 0
+        lam = np.log(alpha) - np.log(sigma_t)
+    # x0 from the model output at step i (convert_model_output)
+    p, q = {
+        "epsilon": (1 / alpha, -sigma_t / alpha),
+        "v_prediction": (alpha, -sigma_t),
+        "sample": (np.zeros_like(alpha), np.ones_like(alpha)),
+    }[config.prediction_type]
+    a, b, c = np.zeros(steps), np.zeros(steps), np.zeros(steps)
+    for i in range(steps):
+        h = lam[i + 1] - lam[i]
+        e = alpha[i + 1] * np.expm1(-h)
+        x_coef = sigma_t[i + 1] / sigma_t[i]
+        last = i == steps - 1 and (
+            config.euler_at_final
+            or (config.lower_order_final and steps < 15)
+            or config.final_sigmas_type == "zero"
+        )
+        if config.solver_order == 1 or i == 0 or last:  # first order: x' = x_coef * x - e * x0
+            m0, m1 = -e, 0.0
+        else:  # second order on x0 and the previous x0: D0 = x0, D1 = (x0 - x0_prev) / r0
+            r0 = (lam[i] - lam[i - 1]) / h
+            if config.solver_type == "midpoint":
+                m0, m1 = -e - 0.5 * e / r0, 0.5 * e / r0
+            else:
+                f = alpha[i + 1] * (np.expm1(-h) / h + 1)
+                m0, m1 = -e + f / r0, -f / r0
+        a[i], b[i], c[i] = x_coef + m0 * p[i], m0 * q[i], m1
+    return LinearStep(*_float32(np.ones(steps), a, b, c, p[:steps], q[:steps]))

@@ -187,8 +187,14 @@ LINEAR_CASES = [
     ("euler", {"timestep_spacing": "linspace"}, True),
     ("euler_karras", V_PRED, True),
     ("euler", {"prediction_type": "sample"}, True),
+    ("dpmpp_2m", {}, True),  # 9 steps: the last one first order (lower_order_final)
+    ("dpmpp_2m", {"lower_order_final": False, "solver_type": "heun"}, True),
+    ("dpmpp_2m_karras", {"final_sigmas_type": "zero", **V_PRED}, True),
+    ("dpmpp_2m", {"euler_at_final": True, "prediction_type": "sample"}, True),
+    ("dpmpp_2m", {"use_lu_lambdas": True}, True),
+    ("dpmpp_2m_sde", {}, False),  # draws noise
+    ("dpmpp_2m", {"thresholding": True}, False),
     ("euler_a", {}, False),
-    ("dpmpp_2m", {}, False),
     ("pndm", {}, False),
 ]
 SD_SCHEDULER = {
