@@ -306,7 +306,12 @@ def add_parser(sub: Any) -> None:
 
     compare = commands.add_parser("compare", help="diffusers, ONNX Runtime, a naive service and this stack")
     _load_args(compare, preset="small", rounds=3, rounds_help="interleaved rounds: every system, every level")
-    compare.add_argument("--min-requests", type=int, default=6, help="per system, level and round")
+    compare.add_argument(
+        "--min-requests",
+        type=int,
+        default=None,
+        help="per system, level and round (default: 40 tiny, 6 others)",
+    )
     compare.add_argument("--systems", default="abcd", help="a subset of abcd")
     compare.add_argument("--batching", default="continuous", choices=["none", "dynamic", "continuous"])
     compare.add_argument("--denoise-instances", type=int, default=8, help="(d): loops in flight at once")

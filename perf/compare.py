@@ -7,11 +7,13 @@
 
 All four are set up first (the services started and warmed up, the pipelines built), then measured in
 interleaved rounds: in each round every system runs every concurrency level once, alone (the others
-idle), a closed loop of `concurrency` clients and `max(concurrency, min_requests)` requests with
-staggered starts; the systems' order rotates from round to round. Rows keep the median over rounds of
-p50/p95/p99 and images/s with the rounds' [min, max]; each ratio is taken per round, and a target whose
-limit lies inside its rounds' spread is "inconclusive", not met or missed. For (d) the rows also carry
-the gateway's and Triton's own time split (the last round's).
+idle), a closed loop of `concurrency` clients and `max(concurrency, min_requests)` requests (by
+preset, MIN_REQUESTS) with staggered starts; the systems' order rotates from round to round. Rows keep
+the median over rounds of p50/p95/p99 and images/s with the rounds' [min, max]; each ratio is taken per
+round, and a target whose limit lies inside its rounds' spread is "inconclusive", not met or missed.
+Each round ends with (b) and (d) once more at concurrency 1, request by request in turn
+(`measure_paired`): their p50 ratio is the serving overhead measured without the drift between blocks.
+For (d) the rows also carry the gateway's and Triton's own time split (the last round's).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ SYSTEMS = {
 OVERHEAD_LIMITS = {"tiny": 1.15, "small": 1.03}
 
 
+# Requests per system, level and round by preset: a p50 of 6 requests (the default, a `small` request
+# takes seconds) moved 1.10 -> 1.28 between two runs of `tiny` minutes apart (75 ms a request here);
+# 40 give every level of `tiny` a few seconds per system and round, and 5 waves at concurrency 8
+MIN_REQUESTS = {"tiny": 40}
+
+
 @dataclass(frozen=True)
 class CompareSettings:
     preset: str = "small"
@@ -60,7 +68,7 @@ class CompareSettings:
     seed: int = 1000
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
     rounds: int = 3  # interleaved: every system at every level once per round
-    min_requests: int = 6  # per system, level and round
+    min_requests: int | None = None  # per system, level and round; None: the preset's (MIN_REQUESTS)
     stagger_s: float = 0.05
     systems: tuple[str, ...] = tuple(SYSTEMS)
     batching: str = "continuous"  # (d): how requests share UNet calls (the export's default)
@@ -76,7 +84,8 @@ class CompareSettings:
 
     def requests_at(self, concurrency: int) -> int:
         """Requests per system, level and round."""
-        return max(self.min_requests, concurrency)
+        least = MIN_REQUESTS.get(self.preset, 6) if self.min_requests is None else self.min_requests
+        return max(least, concurrency)
 
 
 def _summary(
@@ -120,6 +129,32 @@ def measure_in_process(
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     return _summary(system, concurrency, latencies, images, time.perf_counter() - started)
+
+
+PAIRED = "d/b p50 at concurrency 1, request-paired (serving overhead)"
+
+
+def measure_paired(
+    floor_one: Callable[[int], Any], stack_one: Callable[[int], Any], requests: int, seed: int
+) -> dict[str, Any]:
+    """(b) and (d) at concurrency 1 request by request in turn (b d, d b, b d, ...), the same seeds:
+    both see the machine as it is in the same second. Blocks of requests per system see this VM's
+    drift (the floor's p50 moved 47 -> 75 -> 51 ms between runs of one day)."""
+    floor: list[float] = []
+    stack: list[float] = []
+    for index in range(requests):
+        turns = [(floor, floor_one), (stack, stack_one)]
+        for latencies, one in turns if index % 2 == 0 else turns[::-1]:
+            started = time.perf_counter()
+            one(seed + index)
+            latencies.append(1000 * (time.perf_counter() - started))
+    b50, d50 = statistics.median(floor), statistics.median(stack)
+    return {
+        "requests": requests,
+        "b_p50_ms": round(b50, 2),
+        "d_p50_ms": round(d50, 2),
+        "ratio": round(d50 / b50, 4),
+    }
 
 
 def _load_result(system: str, result: LoadResult) -> dict[str, Any]:
@@ -325,10 +360,12 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
     height, width = settings.height or native_h, settings.width or native_w
     body = request_body(settings, height, width)
     per_round: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    paired: list[dict[str, Any]] = []
 
     with ExitStack() as stack:
         # 2. Every system set up and warmed up: the in-process pipelines built once, the services started.
         measure: dict[str, Callable[[int], dict[str, Any]]] = {}
+        one: dict[str, Callable[[int], Any]] = {}  # (b), (d): one request alone (measure_paired)
         for system in settings.systems:
             log.info(
                 "compare: setting up %s (%s), %dx%d, %d steps",
@@ -338,7 +375,9 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
                 width,
                 settings.steps,
             )
-            measure[system] = _system(system, settings, checkpoint, repo, body, running, stack)
+            measure[system], single = _system(system, settings, checkpoint, repo, body, running, stack)
+            if single is not None:
+                one[system] = single
 
         # 3. Round by round, level by level, each system alone; the systems' order rotates every round.
         for number in range(settings.rounds):
@@ -352,6 +391,10 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
                         "compare: round %d/%d, concurrency %d, %s", number + 1, settings.rounds, level, system
                     )
                     per_round.setdefault((system, level), []).append(measure[system](level))
+            # (b) and (d) once more at concurrency 1, request by request in turn
+            if "b" in one and "d" in one and 1 in settings.concurrency:
+                log.info("compare: round %d/%d, b and d paired at concurrency 1", number + 1, settings.rounds)
+                paired.append(measure_paired(one["b"], one["d"], settings.requests_at(1), settings.seed))
 
     # 4. The document: settings, machine, rows (medians over rounds), ratios and targets (per round).
     document = {
@@ -362,8 +405,12 @@ def run_compare(settings: CompareSettings, work_dir: Path, running: Running | No
         "rows": [_median_row(rounds) for rounds in per_round.values()],
     }
     rounds = [[r[n] for r in per_round.values()] for n in range(settings.rounds)]
-    document["ratios"], document["targets"] = ratios_and_targets(document["rows"], settings.preset, rounds)
-    document["ratio_spreads"] = ratio_spreads(rounds)
+    pairs = [p["ratio"] for p in paired]
+    document["paired"] = paired
+    document["ratios"], document["targets"] = ratios_and_targets(
+        document["rows"], settings.preset, rounds, pairs
+    )
+    document["ratio_spreads"] = {**ratio_spreads(rounds), **({PAIRED: pairs} if pairs else {})}
     return document
 
 
@@ -375,8 +422,9 @@ def _system(
     body: dict[str, Any],
     running: Running | None,
     stack: Any,
-) -> Callable[[int], dict[str, Any]]:
-    """`measure(concurrency) -> row` for one system, set up (and its service started on `stack`)."""
+) -> tuple[Callable[[int], dict[str, Any]], Callable[[int], Any] | None]:
+    """`measure(concurrency) -> row` for one system, set up (and its service started on `stack`), and
+    for (b) and (d) `one(seed)`: one request alone."""
     from sd_triton.perf.naive_service import NaiveServiceProcess
     from sd_triton.perf.stack import free_port, serving
 
@@ -395,7 +443,11 @@ def _system(
             with threads():
                 return measure_in_process(system, generate, settings, level)
 
-        return in_process
+        def alone(seed: int) -> Any:
+            with threads():
+                return generate(seed)
+
+        return in_process, alone if system == "b" else None
     if system == "c":
         naive = stack.enter_context(NaiveServiceProcess(checkpoint, free_port()))
         url, metrics = naive.url, None
@@ -411,7 +463,18 @@ def _system(
         (result,) = http_levels(SYSTEMS[system], url, one, body, system == "d", metrics)
         return _load_result(system, result)
 
-    return over_http
+    if system != "d":
+        return over_http, None
+    import httpx
+
+    client = stack.enter_context(
+        httpx.Client(base_url=url, timeout=600, headers={"Cache-Control": "no-cache"})
+    )
+
+    def alone_over_http(seed: int) -> Any:
+        return client.post("/v1/generate", json={**body, "seed": seed}).raise_for_status()
+
+    return over_http, alone_over_http
 
 
 def _median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -529,16 +592,21 @@ def ratio_spreads(rounds: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
 
 
 def ratios_and_targets(
-    rows: list[dict[str, Any]], preset: str, rounds: list[list[dict[str, Any]]] | None = None
+    rows: list[dict[str, Any]],
+    preset: str,
+    rounds: list[list[dict[str, Any]]] | None = None,
+    paired: list[float] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The ratios of (d) to the others, and each target with its measured value and verdict. With
     `rounds` (each round's rows), each ratio is the median of its per-round values, judged with their
-    spread; without, the ratios of `rows`."""
+    spread; without, the ratios of `rows`. `paired`: each round's request-paired d/b p50 (PAIRED)."""
     if rounds:
         spreads = ratio_spreads(rounds)
         ratios = {name: statistics.median(values) for name, values in spreads.items()}
     else:
         spreads, ratios = {}, _ratios(rows)
+    if paired:
+        spreads[PAIRED], ratios[PAIRED] = paired, statistics.median(paired)
     return {k: round(v, 3) for k, v in ratios.items()}, targets_of(ratios, spreads, preset)
 
 
@@ -561,6 +629,13 @@ def targets_of(
         overhead,
         False,
         floor=1.0,
+    )
+    judge(
+        f"serving overhead d/b p50 at concurrency 1, request-paired, <= {overhead:g}",
+        PAIRED,
+        overhead,
+        False,
+        1.0,
     )
     judge("d faster than a at p50 (d/a < 1)", "d/a p50 at concurrency 1", 1.0, False)
     judge("d faster than c at p50 (d/c < 1)", "d/c p50 at concurrency 1", 1.0, False)
