@@ -8,6 +8,8 @@ Triton, inline or through BLS; ONNX Runtime in tests).
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 
@@ -18,8 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sd_triton.contract import PROMPT_EMBEDS, TOKEN_LENGTH
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest
-from sd_triton.runtime.linear_step import linear_step
-from sd_triton.runtime.schedulers import make_scheduler
+from sd_triton.runtime.schedulers import prepared_scheduler
 
 # (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D]) -> noise_pred [B,C,h,w]
 UNetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -44,8 +45,13 @@ def _embeddings(prompt_embeds: np.ndarray, params: GenerationParams, config: Pip
     return embeds.repeat_interleave(params.num_images, dim=0)
 
 
+@functools.cache
+def _step_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.step).parameters)  # type: ignore[attr-defined]
+
+
 def _step_kwargs(scheduler: object, generators: list[torch.Generator]) -> dict[str, object]:
-    accepted = inspect.signature(scheduler.step).parameters  # type: ignore[attr-defined]
+    accepted = _step_parameters(type(scheduler))
     kwargs: dict[str, object] = {}
     if "eta" in accepted:
         kwargs["eta"] = 0.0
@@ -66,9 +72,11 @@ class DenoiseJob:
         self.params = params
         self.config = config
         self.cfg = params.classifier_free_guidance
-        # 1. A fresh scheduler from the checkpoint's config, with the request's number of steps.
-        self.scheduler = make_scheduler(params.scheduler, config.scheduler_config)
-        self.scheduler.set_timesteps(params.steps)
+        # 1. The scheduler from the checkpoint's config, set to the request's number of steps, and its
+        #    closed form where it has one (advance_jobs steps those requests together, reading the shared
+        #    scheduler only); any other request steps a fresh copy of its own.
+        prepared, self.linear = prepared_scheduler(params.scheduler, config.scheduler_config, params.steps)
+        self.scheduler = prepared if self.linear is not None else copy.deepcopy(prepared)
         self.timesteps = self.scheduler.timesteps
         # 2. Text embeddings, one row per UNet batch item.
         self.embeds = _embeddings(prompt_embeds, params, config).numpy()
@@ -83,14 +91,12 @@ class DenoiseJob:
             (params.num_images, *self.latent_shape), generator=generators, dtype=torch.float32
         )
         self.latents = latents * self.scheduler.init_noise_sigma
-        if hasattr(self.scheduler, "noise_sampler_seed"):
+        if self.linear is None and hasattr(self.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its noise from Brownian trees seeded by the scheduler, not a generator:
             # one tree per image, seed + i, as diffusers builds them from a list of seeds
             seeds = [params.seed + i for i in range(params.num_images)]
             self.scheduler.noise_sampler_seed = seeds if params.num_images > 1 else seeds[0]
         self.step_kwargs = _step_kwargs(self.scheduler, generators)
-        # 4. The scheduler's closed form where it has one: advance_jobs steps those requests together
-        self.linear = linear_step(self.scheduler, float(self.step_kwargs.get("eta", 0.0)))  # type: ignore[arg-type]
         self.x0: np.ndarray | None = None  # a multistep closed form's previous data prediction
         self.step_index = 0
 

@@ -16,6 +16,7 @@ import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULER_CLASSES, SCHEDULERS
+from sd_triton.runtime.linear_step import LinearStep, linear_step
 
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 _DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
@@ -86,16 +87,44 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
     """A fresh scheduler (they keep per-request state) that keeps the checkpoint's prediction
     type, beta schedule, timestep spacing and offsets: a copy of a never-used one built once per
     scheduler and config (building from the config costs ~1 ms a request, copying ~0.2)."""
+    key = _key(config)
+    return _built(name, config) if key is None else copy.deepcopy(_template(name, key))
+
+
+def prepared_scheduler(
+    name: str, config: dict[str, Any], steps: int
+) -> tuple[SchedulerMixin, LinearStep | None]:
+    """The scheduler `make_scheduler` gives, after `set_timesteps(steps)`, and its closed form (eta 0,
+    as the denoising loop steps it; sd_triton.runtime.linear_step). Shared by every request of the same
+    name, config and steps: a request with a closed form only reads it (timesteps, initial noise
+    scale), any other steps a `copy.deepcopy` of its own. Spares each request the copy (0.2-1 ms),
+    `set_timesteps` and the closed form's coefficients."""
+    key = _key(config)
+    return _prepare(name, config, steps) if key is None else _prepared(name, key, steps)
+
+
+def _key(config: dict[str, Any]) -> str | None:
+    """The config as a cache key; None for a config that is not JSON (built each time)."""
     try:
-        key = json.dumps(config, sort_keys=True)
-    except TypeError:  # not a JSON config (no scheduler_config.json gives one): built each time
-        return _built(name, config)
-    return copy.deepcopy(_template(name, key))
+        return json.dumps(config, sort_keys=True)
+    except TypeError:
+        return None
 
 
 @functools.lru_cache(maxsize=64)
 def _template(name: str, config_json: str) -> SchedulerMixin:
     return _built(name, json.loads(config_json))
+
+
+@functools.lru_cache(maxsize=256)
+def _prepared(name: str, config_json: str, steps: int) -> tuple[SchedulerMixin, LinearStep | None]:
+    return _prepare(name, json.loads(config_json), steps)
+
+
+def _prepare(name: str, config: dict[str, Any], steps: int) -> tuple[SchedulerMixin, LinearStep | None]:
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(steps)
+    return scheduler, linear_step(scheduler)
 
 
 def _built(name: str, config: dict[str, Any]) -> SchedulerMixin:

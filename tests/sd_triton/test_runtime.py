@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -226,8 +227,8 @@ def test_closed_form_steps_equal_diffusers_steps(scheduler: str, changes: dict, 
     together = [DenoiseJob(e, p, config) for e, p in zip(embeds, params, strict=True)]
     alone = [DenoiseJob(e, p, config) for e, p in zip(embeds, params, strict=True)]
     assert all((job.linear is not None) == linear for job in together)
-    for job in alone:
-        job.linear = None  # diffusers' scale_model_input and step
+    for job in alone:  # diffusers' scale_model_input and step, on a scheduler of its own
+        job.linear, job.scheduler = None, copy.deepcopy(job.scheduler)
     while not together[0].done:
         inputs = [job.unet_inputs() for job in together]
         for job, (sample, _, _) in zip(alone, inputs, strict=True):
@@ -242,3 +243,28 @@ def test_closed_form_steps_equal_diffusers_steps(scheduler: str, changes: dict, 
             np.testing.assert_allclose(
                 ours.latents.numpy(), theirs.latents.numpy(), atol=1e-5 * max(scale, 1)
             )
+
+
+def test_closed_form_requests_share_a_prepared_scheduler_and_never_step_it() -> None:
+    """Requests with a closed form read one scheduler prepared per (name, config, steps) and never
+    change it; a request stepped through diffusers gets a fresh copy of its own."""
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import DenoiseJob, advance_jobs
+
+    config = PipelineConfig(4, 8, 0.18215, SD_SCHEDULER)
+    embeds = np.zeros((2, 77, 8), np.float32)
+    first, second = (
+        DenoiseJob(embeds, GenerationParams(32, 32, 6, 5.0, s, "euler", 1), config) for s in (1, 2)
+    )
+    assert first.scheduler is second.scheduler and first.linear is second.linear
+    timesteps = first.scheduler.timesteps.clone()
+    while not first.done:
+        first.unet_inputs(), second.unet_inputs()
+        assert advance_jobs([first, second], np.ones((4, 4, 4, 4), np.float32)) == [None, None]
+    assert first.scheduler.step_index is None and torch.equal(first.scheduler.timesteps, timesteps)
+    other = DenoiseJob(embeds, GenerationParams(32, 32, 7, 5.0, 1, "euler", 1), config)
+    assert other.scheduler is not first.scheduler and len(other.timesteps) == 7  # another step count
+    ancestral = [
+        DenoiseJob(embeds, GenerationParams(32, 32, 6, 5.0, 1, "euler_a", 1), config) for _ in (0, 1)
+    ]
+    assert ancestral[0].linear is None and ancestral[0].scheduler is not ancestral[1].scheduler
