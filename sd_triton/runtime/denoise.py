@@ -81,7 +81,10 @@ class DenoiseJob:
         # 2. Text embeddings, one row per UNet batch item.
         self.embeds = _embeddings(prompt_embeds, params, config).numpy()
         # 3. Initial noise: one CPU generator per image.
-        generators = [torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)]
+        self.generators = [
+            torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)
+        ]
+        generators = self.generators
         self.latent_shape = (
             config.latent_channels,
             params.height // config.vae_scale_factor,
@@ -221,6 +224,11 @@ def _step_closed_forms(jobs: list[DenoiseJob], output: np.ndarray) -> None:
         job.latents = torch.from_numpy(stepped[start:end])
         if multistep:
             job.x0 = x0[start:end]
+        if (
+            job.linear is not None and job.linear.noise is not None
+        ):  # ancestral: fresh noise, as diffusers draws it
+            draw = randn_tensor(tuple(job.latents.shape), generator=job.generators, dtype=torch.float32)
+            job.latents = job.latents + draw * float(job.linear.noise[job.step_index])
         start = end
 
 

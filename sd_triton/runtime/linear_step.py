@@ -1,7 +1,8 @@
 """Closed-form steps for the schedulers whose update is linear in the latents and the model output.
 
 DDIM (eta 0, no clipping or thresholding) and Euler (no churn) step as
-`latents' = a[i] * latents + b[i] * output`, the UNet fed `latents / divisor[i]`, with a, b and the
+`latents' = a[i] * latents + b[i] * output`; Euler a adds `noise[i]` times a draw from the request's
+own generators, as diffusers draws it; the UNet fed `latents / divisor[i]`, with a, b and the
 divisor depending only on the step i and the scheduler's config. DPM++ 2M (DPMSolverMultistep,
 `dpmsolver++`, order 2, midpoint or heun) adds the previous step's data prediction x0, which the
 request keeps: `latents' = a * latents + b * output + c * x0_prev`, `x0 = p * latents + q * output`.
@@ -20,7 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class LinearStep:
     c: np.ndarray | None = None
     p: np.ndarray | None = None
     q: np.ndarray | None = None
+    # ancestral (Euler a): + noise[i] * a standard normal draw from the request's own generators
+    noise: np.ndarray | None = None
 
 
 def linear_step(scheduler: object, eta: float = 0.0) -> LinearStep | None:
@@ -40,6 +48,8 @@ def linear_step(scheduler: object, eta: float = 0.0) -> LinearStep | None:
         return _ddim(scheduler, eta)
     if type(scheduler) is EulerDiscreteScheduler:
         return _euler(scheduler)
+    if type(scheduler) is EulerAncestralDiscreteScheduler:
+        return _euler(scheduler, ancestral=True)
     if type(scheduler) is DPMSolverMultistepScheduler:
         return _dpmpp_2m(scheduler)
     return None
@@ -75,20 +85,30 @@ _DDIM_FORMS = {
 }
 
 
-def _euler(scheduler: EulerDiscreteScheduler) -> LinearStep | None:
+def _euler(
+    scheduler: EulerDiscreteScheduler | EulerAncestralDiscreteScheduler, ancestral: bool = False
+) -> LinearStep | None:
     prediction = scheduler.config.prediction_type
     timesteps = scheduler.timesteps
     # the step index follows the timesteps from the first (diffusers starts at a repeated timestep's
-    # second occurrence, which the formulas below would not follow)
-    if prediction not in _EULER_FORMS or len(set(timesteps.tolist())) != len(timesteps):
+    # second occurrence, which the formulas below would not follow); Euler a has no "sample" form
+    forms = _EULER_FORMS if not ancestral else {k: v for k, v in _EULER_FORMS.items() if "sample" not in k}
+    if prediction not in forms or len(set(timesteps.tolist())) != len(timesteps):
         return None
     sigmas32 = scheduler.sigmas.to(torch.float32)
     steps = len(timesteps)
     # the same float32 arithmetic as scale_model_input, so the UNet's input is bit for bit diffusers'
     divisor = ((sigmas32[:steps] ** 2 + 1) ** 0.5).numpy()
     sigma = sigmas32.double().numpy()
-    a, b = _EULER_FORMS[prediction](sigma[:steps], sigma[1 : steps + 1] - sigma[:steps])
-    return LinearStep(*_float32(divisor, a, b))
+    now, then = sigma[:steps], sigma[1 : steps + 1]
+    if not ancestral:
+        a, b = forms[prediction](now, then - now)
+        return LinearStep(*_float32(divisor, a, b))
+    # Euler a steps to sigma_down and adds sigma_up of fresh noise
+    up = np.sqrt(then**2 * (now**2 - then**2) / now**2)
+    a, b = forms[prediction](now, np.sqrt(then**2 - up**2) - now)
+    divisor, a, b, up = _float32(divisor, a, b, up)
+    return LinearStep(divisor, a, b, noise=up)
 
 
 # prediction type -> (a, b) from sigma and dt = next sigma - sigma: Euler's prev = x + dt * (x - x0) / sigma

@@ -195,7 +195,9 @@ LINEAR_CASES = [
     ("dpmpp_2m", {"use_lu_lambdas": True}, True),
     ("dpmpp_2m_sde", {}, False),  # draws noise
     ("dpmpp_2m", {"thresholding": True}, False),
-    ("euler_a", {}, False),
+    ("euler_a", {}, True),  # + noise from each request's generators
+    ("euler_a", V_PRED, True),
+    ("lms", {}, False),
     ("pndm", {}, False),
 ]
 SD_SCHEDULER = {
@@ -264,7 +266,5 @@ def test_closed_form_requests_share_a_prepared_scheduler_and_never_step_it() -> 
     assert first.scheduler.step_index is None and torch.equal(first.scheduler.timesteps, timesteps)
     other = DenoiseJob(embeds, GenerationParams(32, 32, 7, 5.0, 1, "euler", 1), config)
     assert other.scheduler is not first.scheduler and len(other.timesteps) == 7  # another step count
-    ancestral = [
-        DenoiseJob(embeds, GenerationParams(32, 32, 6, 5.0, 1, "euler_a", 1), config) for _ in (0, 1)
-    ]
-    assert ancestral[0].linear is None and ancestral[0].scheduler is not ancestral[1].scheduler
+    stepped = [DenoiseJob(embeds, GenerationParams(32, 32, 6, 5.0, 1, "lms", 1), config) for _ in (0, 1)]
+    assert stepped[0].linear is None and stepped[0].scheduler is not stepped[1].scheduler
