@@ -67,6 +67,15 @@ def pbtxt_parameters(text: str) -> dict[str, str]:
     return dict(_PARAMETER.findall(text))
 
 
+_MAX_BATCH = re.compile(r"^\s*max_batch_size\s*:\s*(\d+)", re.MULTILINE)
+
+
+def pbtxt_max_batch_size(text: str) -> int:
+    """A config.pbtxt's max_batch_size (0: none given, or no batching)."""
+    match = _MAX_BATCH.search(text)
+    return int(match.group(1)) if match else 0
+
+
 UNET_PATHS = ("inline", "bls")
 
 

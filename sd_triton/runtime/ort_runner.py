@@ -57,6 +57,22 @@ class BatchRunner(ABC):
                 offset += size
         return results
 
+    def run_each(self, requests: Sequence[Feeds], max_batch: int = 0) -> list[Feeds | Exception]:
+        """`run_batch` in order, in chunks of at most `max_batch` rows (0: no limit; a request larger
+        than that runs alone): the engine's profile bounds a call however many requests share it."""
+        results: list[Feeds | Exception] = []
+        chunk: list[Feeds] = []
+        for feeds in [*requests, None]:  # None: the end, run what is left
+            rows = 0 if feeds is None else len(next(iter(feeds.values())))
+            if chunk and (
+                feeds is None or 0 < max_batch < sum(len(next(iter(f.values()))) for f in chunk) + rows
+            ):
+                results += self.run_batch(chunk)
+                chunk = []
+            if feeds is not None:
+                chunk.append(feeds)
+        return results
+
 
 class OrtRunner(BatchRunner):
     def __init__(

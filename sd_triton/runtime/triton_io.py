@@ -20,7 +20,14 @@ import triton_python_backend_utils as pb_utils
 from sd_triton import contract as c
 from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import ENGINE_FILE, EngineRecord, versions_on_disk
-from sd_triton.model_params import UNET_PATHS, BatchingParams, EngineParams, ModelParams, pbtxt_parameters
+from sd_triton.model_params import (
+    UNET_PATHS,
+    BatchingParams,
+    EngineParams,
+    ModelParams,
+    pbtxt_max_batch_size,
+    pbtxt_parameters,
+)
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import (
     DEFAULTS,
@@ -240,6 +247,8 @@ class InlineEngine(LiveEngine):
         self._failed: set[int] = set()  # versions whose background load failed: not retried there
         self._lock = threading.Lock()
         self._sync = True  # the next call runs on the READY version
+        # rows per call at most (the engine's profile; Triton's max_batch_size): `call_each` splits there
+        self.max_batch = pbtxt_max_batch_size((model_dir / CONFIG_FILE).read_text())
 
     def refresh(self) -> None:
         super().refresh()
@@ -330,6 +339,16 @@ class InlineEngine(LiveEngine):
             self.timer.add(time.perf_counter() - started, len(arrays[0]))
         self.last = self.provenance(version)
         return output
+
+    def call_each(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray | Exception]:
+        """The first output of a one-input engine (the VAE decoder) for each input: inputs of one shape
+        run together, in calls of up to `max_batch` rows (BatchRunner.run_each). A call that fails
+        gives its inputs its error; the others get their outputs."""
+        version, runner = self._current()
+        name, output = self.spec.inputs[0].name, self.spec.outputs[0].name
+        ran = runner.run_each([{name: array} for array in inputs], self.max_batch)
+        self.last = self.provenance(version)
+        return [r if isinstance(r, Exception) else r[output] for r in ran]
 
 
 class InlineTimer:

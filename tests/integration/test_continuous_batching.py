@@ -78,6 +78,26 @@ def test_requests_joining_mid_flight_get_their_alone_images(
         assert a.std() > 0
 
 
+def test_requests_finishing_together_get_their_own_images(client: grpcclient.InferenceServerClient) -> None:
+    """Requests that finish in the same iteration are decoded together on the inline path (VAE calls of
+    up to its max batch, per latent shape): each still gets its own images, in its own size and count."""
+    same_steps = [
+        {"prompt": "a red circle", "seed": 11, "height": 64, "width": 64},
+        {"prompt": "a blue square", "seed": 12, "height": 64, "width": 64, "num_images": 2},
+        {"prompt": "fog", "seed": 13, "height": 48, "width": 64},
+        {"prompt": "a star", "seed": 14, "height": 64, "width": 64, "num_images": 2},
+        {"prompt": "a tree", "seed": 15, "height": 64, "width": 64},
+    ]
+    requests = [{"steps": 6, "scheduler": "euler", **r} for r in same_steps]
+    solo = [_call(client, r) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:  # at once: they join, and finish, together
+        together = list(pool.map(lambda r: _call(client, r), requests))
+    for request, a, b in zip(requests, solo, together, strict=True):
+        assert a.shape == (request.get("num_images", 1), request["height"], request["width"], 3)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2, request["prompt"]
+    assert len({image.tobytes() for images in solo for image in images}) == 7  # all different images
+
+
 def _denoise_inputs(config: PipelineConfig, steps: int) -> list[grpcclient.InferInput]:
     """A denoise request on its own (random embeddings), as the ensemble would send it."""
     values = {

@@ -10,7 +10,13 @@ from google.protobuf import json_format
 
 from sd_triton import contract as c
 from sd_triton.export.repository import RepositorySettings, all_configs, render
-from sd_triton.model_params import BatchingParams, DenoiseParams, EngineParams, pbtxt_parameters
+from sd_triton.model_params import (
+    BatchingParams,
+    DenoiseParams,
+    EngineParams,
+    pbtxt_max_batch_size,
+    pbtxt_parameters,
+)
 from sd_triton.served_model import ServedModel
 
 
@@ -80,3 +86,7 @@ def test_the_parameters_of_a_config_text_without_protobuf() -> None:
     assert pbtxt_parameters(by_hand) == {"engine": "python-torch"}
     assert pbtxt_parameters(by_hand.replace(": {", " {")) == {"engine": "python-torch"}
     assert EngineParams.from_parameters(pbtxt_parameters(render(unet))).model_file == "model.int8.onnx"
+    # the max batch the inline VAE decoder splits its shared calls at
+    vae = all_configs(settings, ServedModel("m", 64, 64, 8))[c.VAE_DECODER.name]
+    assert vae.max_batch_size > 0 and pbtxt_max_batch_size(render(vae)) == vae.max_batch_size
+    assert pbtxt_max_batch_size('name: "postprocess"\n') == 0

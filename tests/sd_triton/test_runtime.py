@@ -99,6 +99,27 @@ def test_ort_runner_batches_equal_shapes(exported: dict) -> None:
         np.testing.assert_allclose(out["sample"], alone, atol=1e-5)
 
 
+def test_run_each_keeps_order_and_splits_calls_at_the_max_batch(exported: dict) -> None:
+    """The decode thread's shared VAE calls: requests of one shape merged in calls of at most max_batch
+    rows (a larger one alone), each answered with its own output, in order."""
+    runner = OrtRunner(exported["repo"] / "vae_decoder" / "1" / "model.onnx", device="cpu")
+    rng = np.random.default_rng(1)
+    requests = [
+        {"latent_sample": rng.standard_normal((n, 4, h, w), dtype=np.float32)}
+        for n, h, w in [(1, 4, 4), (2, 4, 4), (1, 4, 6), (1, 4, 4), (4, 4, 4), (1, 4, 4)]
+    ]
+    calls: list[int] = []
+    run = runner.run
+    runner.run = lambda feeds: calls.append(len(feeds["latent_sample"])) or run(feeds)  # type: ignore[method-assign]
+    outputs = runner.run_each(requests, max_batch=3)
+    # chunks of <= 3 rows in order: [1, 2] | [1 (4x6)] + [1 (4x4)] | [4] | [1]; shapes split a chunk's call
+    assert calls == [3, 1, 1, 4, 1]
+    for request, out in zip(requests, outputs, strict=True):
+        assert isinstance(out, dict)
+        np.testing.assert_allclose(out["sample"], run(request)["sample"], atol=1e-5)
+    assert runner.run_each(requests, max_batch=0) and calls[5:] == [9, 1]  # no limit: one call per shape
+
+
 def test_ort_runner_devices() -> None:
     assert choose_providers("cpu") == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="device must be auto, cuda or cpu"):
