@@ -80,18 +80,17 @@ class DenoiseJob:
         self.timesteps = self.scheduler.timesteps
         # 2. Text embeddings, one row per UNet batch item.
         self.embeds = _embeddings(prompt_embeds, params, config).numpy()
-        # 3. Initial noise: one CPU generator per image.
+        # 3. Initial noise: one CPU generator per image (Euler a's steps draw from them too).
         self.generators = [
             torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)
         ]
-        generators = self.generators
         self.latent_shape = (
             config.latent_channels,
             params.height // config.vae_scale_factor,
             params.width // config.vae_scale_factor,
         )
         latents = randn_tensor(
-            (params.num_images, *self.latent_shape), generator=generators, dtype=torch.float32
+            (params.num_images, *self.latent_shape), generator=self.generators, dtype=torch.float32
         )
         self.latents = latents * self.scheduler.init_noise_sigma
         if self.linear is None and hasattr(self.scheduler, "noise_sampler_seed"):
@@ -99,7 +98,7 @@ class DenoiseJob:
             # one tree per image, seed + i, as diffusers builds them from a list of seeds
             seeds = [params.seed + i for i in range(params.num_images)]
             self.scheduler.noise_sampler_seed = seeds if params.num_images > 1 else seeds[0]
-        self.step_kwargs = _step_kwargs(self.scheduler, generators)
+        self.step_kwargs = _step_kwargs(self.scheduler, self.generators)
         self.x0: np.ndarray | None = None  # a multistep closed form's previous data prediction
         self.step_index = 0
 
@@ -224,9 +223,8 @@ def _step_closed_forms(jobs: list[DenoiseJob], output: np.ndarray) -> None:
         job.latents = torch.from_numpy(stepped[start:end])
         if multistep:
             job.x0 = x0[start:end]
-        if (
-            job.linear is not None and job.linear.noise is not None
-        ):  # ancestral: fresh noise, as diffusers draws it
+        if job.linear is not None and job.linear.noise is not None:  # ancestral: fresh noise, drawn
+            # as diffusers draws it, from the request's own generators
             draw = randn_tensor(tuple(job.latents.shape), generator=job.generators, dtype=torch.float32)
             job.latents = job.latents + draw * float(job.linear.noise[job.step_index])
         start = end

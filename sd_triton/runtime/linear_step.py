@@ -1,17 +1,17 @@
 """Closed-form steps for the schedulers whose update is linear in the latents and the model output.
 
-DDIM (eta 0, no clipping or thresholding) and Euler (no churn) step as
-`latents' = a[i] * latents + b[i] * output`; Euler a adds `noise[i]` times a draw from the request's
-own generators, as diffusers draws it; the UNet fed `latents / divisor[i]`, with a, b and the
-divisor depending only on the step i and the scheduler's config. DPM++ 2M (DPMSolverMultistep,
-`dpmsolver++`, order 2, midpoint or heun) adds the previous step's data prediction x0, which the
-request keeps: `latents' = a * latents + b * output + c * x0_prev`, `x0 = p * latents + q * output`.
-`LinearStep` holds those numbers for one request's steps, computed once from the scheduler's own
-arrays (its alphas or sigmas, so every timestep spacing, beta schedule, Karras sigmas, final sigma or
-zero-SNR rescale the config asks for carries over);
-`sd_triton.runtime.denoise.advance_jobs` then steps every such request of a UNet call in one array
-operation instead of one diffusers `step` call each (0.13-0.27 ms of Python per request and step).
-Every other scheduler, or any option outside these formulas, steps through diffusers. A test
+With the UNet fed `latents / divisor[i]`, step i of
+- DDIM (eta 0, no clipping or thresholding) and Euler (no churn) is
+  `latents' = a[i] * latents + b[i] * output`;
+- Euler a adds `noise[i]` times a draw from the request's own generators, drawn as diffusers draws it;
+- DPM++ 2M (DPMSolverMultistep, `dpmsolver++`, order 2, midpoint or heun) adds the previous step's data
+  prediction, which the request keeps: `+ c[i] * x0_prev`, with `x0 = p[i] * latents + q[i] * output`.
+The numbers depend only on the step and the scheduler's config: `LinearStep` holds them for one
+request's steps, computed once from the scheduler's own arrays (its alphas or sigmas, so every timestep
+spacing, beta schedule, Karras sigmas, final sigma or zero-SNR rescale the config asks for carries
+over). `sd_triton.runtime.denoise.advance_jobs` then steps every such request of a UNet call in one
+array operation instead of one diffusers `step` call each (0.13-0.27 ms of Python per request and
+step). Every other scheduler, or any option outside these formulas, steps through diffusers. A test
 checks the two against each other for each supported config (tests/sd_triton/test_runtime.py).
 """
 
