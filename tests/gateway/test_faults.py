@@ -145,9 +145,10 @@ def test_redis_killed_mid_load(triton: TritonServer, tmp_path: Path) -> None:
     assert sync_during and all(r["status"] == 200 for r in sync_during), sync_during
     jobs_during = [r for r in during if r["kind"] == "job"]  # submissions (the refusal above is one)
     assert all(r["status"] == 503 for r in jobs_during), jobs_during
-    # a job in the Redis that died is gone with it (no persistence): it reads 404 after, as documented
+    # a job in the Redis that died is gone with it (no persistence): it reads 404 after, as documented;
+    # a submission that raced the kill was refused 503, as those during the outage are
     caught = [r for r in results if r["kind"] == "job" and r["start"] < marks["kill"] < r["end"]]
-    assert all(r["status"] in (200, 404) for r in caught), caught
+    assert all(r["status"] in (200, 404, 503) for r in caught), [(r["status"], r["body"]) for r in caught]
     log.info("Redis down %.1f s: %d sync requests served, %d more job submissions refused 503; "
              "jobs caught by the kill: %s", marks["restart"] - marks["kill"], len(sync_during),
              len(jobs_during), [r["status"] for r in caught])  # fmt: skip

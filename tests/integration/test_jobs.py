@@ -52,7 +52,9 @@ def test_cancel_mid_run_stops_at_the_next_step(http: httpx.Client, triton: Trito
     time.sleep(0.5)  # Triton dropped it from the batch: no UNet call since
     assert unet_calls(triton)[0] - before == ran
     log.info("cancel: the job was at step %d, the UNet ran %d times for it", at_cancel, ran)
-    assert at_cancel <= ran <= at_cancel + 2 < 150, (at_cancel, ran)
+    # the job's progress at the DELETE lags the loop by the events in flight and the cancel takes a
+    # moment to reach Triton: at ~3 ms a step (32x32) a loaded CI machine saw 4 more steps, not 140
+    assert at_cancel <= ran <= at_cancel + 6 < 150, (at_cancel, ran)
 
 
 def test_a_stopping_gateway_lets_running_jobs_finish_then_fails_the_rest(
