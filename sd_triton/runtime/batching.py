@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn, UNetInputs, advance_jobs
+from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn, UNetInputs, advance_jobs, joined
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,6 @@ class BatcherStats:
     failed: int = 0
     cancelled: int = 0
     call_rows: deque[int] = field(default_factory=lambda: deque(maxlen=256))  # the latest UNet calls' rows
-
-
-def _joined(arrays: list[np.ndarray]) -> np.ndarray:
-    """One batch from the requests' rows; a lone request's own array (no copy)."""
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 class ContinuousBatcher:
@@ -262,7 +257,7 @@ class ContinuousBatcher:
         group = self._active[shape]
         try:
             inputs = [t.job.unet_inputs() for t in group]  # type: ignore[union-attr] - admitted: prepared
-            batch = (*(_joined([x[i] for x in inputs]) for i in range(2)), self._hidden(shape, group, inputs))
+            batch = (*(joined([x[i] for x in inputs]) for i in range(2)), self._hidden(shape, group, inputs))
             noise = self.unet(*batch)
         except Exception as exc:  # noqa: BLE001 - every request of the call gets the error
             log.error("continuous batcher: UNet call for %s failed: %s", shape, exc)
@@ -303,7 +298,7 @@ class ContinuousBatcher:
         cached = self._hidden_states.get(shape)
         same = cached is not None and len(cached[0]) == len(jobs)
         if not (same and all(a is b for a, b in zip(cached[0], jobs, strict=True))):  # type: ignore[index]
-            cached = self._hidden_states[shape] = (jobs, _joined([x[2] for x in inputs]))
+            cached = self._hidden_states[shape] = (jobs, joined([x[2] for x in inputs]))
         return cached[1]
 
     def _cancelled(self, ticket: Ticket) -> bool:

@@ -191,7 +191,8 @@ def advance_jobs(jobs: Sequence[DenoiseJob], noise_pred: np.ndarray) -> list[Exc
     return errors
 
 
-def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+def joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """One batch from the requests' rows; a lone request's own array (no copy)."""
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
@@ -209,11 +210,11 @@ def _step_closed_forms(jobs: list[DenoiseJob], output: np.ndarray) -> None:
         dtype=np.float32,
     )
     a, b, c, p, q = (coefficients[:, k].reshape(-1, 1, 1, 1) for k in range(5))
-    latents = _joined([job.latents.numpy() for job in jobs])
+    latents = joined([job.latents.numpy() for job in jobs])
     stepped = a * latents + b * output
     multistep = any(job.linear is not None and job.linear.c is not None for job in jobs)
     if multistep:  # + c * the previous step's x0, and this step's x0 kept for the next
-        stepped += c * _joined(
+        stepped += c * joined(
             [np.zeros_like(job.latents.numpy()) if job.x0 is None else job.x0 for job in jobs]
         )
         x0 = p * latents + q * output

@@ -62,15 +62,15 @@ class BatchRunner(ABC):
         than that runs alone): the engine's profile bounds a call however many requests share it."""
         results: list[Feeds | Exception] = []
         chunk: list[Feeds] = []
+        chunk_rows = 0
         for feeds in [*requests, None]:  # None: the end, run what is left
             rows = 0 if feeds is None else len(next(iter(feeds.values())))
-            if chunk and (
-                feeds is None or 0 < max_batch < sum(len(next(iter(f.values()))) for f in chunk) + rows
-            ):
+            if chunk and (feeds is None or 0 < max_batch < chunk_rows + rows):
                 results += self.run_batch(chunk)
-                chunk = []
+                chunk, chunk_rows = [], 0
             if feeds is not None:
                 chunk.append(feeds)
+                chunk_rows += rows
         return results
 
 
