@@ -94,6 +94,17 @@ def check_guidance_scale(value: float) -> float:
     return value
 
 
+def check_strength(value: float) -> float:
+    """An img2img request's strength: the share of the schedule run over its image."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest("STRENGTH", f"must be a number > 0 and <= 1, got {value!r}") from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise InvalidRequest("STRENGTH", f"must be a number > 0 and <= 1, got {value}")
+    return value
+
+
 def _check_side(field: str, value: int, limits: Limits, multiple: int) -> int:
     if value < multiple or value > limits.max_side or value % multiple:
         raise InvalidRequest(

@@ -272,7 +272,7 @@ class ContinuousBatcher:
         for ticket, error in zip(group, errors, strict=True):
             if error is None and ticket.on_step is not None:
                 try:
-                    ticket.on_step(ticket.job.step_index - 1, ticket.job.steps)
+                    ticket.on_step(ticket.job.steps_done - 1, ticket.job.steps)
                 except Exception as exc:  # noqa: BLE001 - this request alone fails
                     error = exc
             if error is not None:

@@ -1,6 +1,6 @@
 """The denoising loop with classifier-free guidance, the arithmetic of diffusers'
-StableDiffusionPipeline, over any UNet callable (the live engine in
-Triton, inline or through BLS; ONNX Runtime in tests).
+StableDiffusionPipeline (and, from an init image, StableDiffusionImg2ImgPipeline), over any UNet
+callable (the live engine in Triton, inline or through BLS; ONNX Runtime in tests).
 
 `DenoiseJob` is one request's state, advanced one UNet call at a time: `denoise` runs one job alone,
 `sd_triton.runtime.batching` advances many jobs in shared UNet calls. Both do the same arithmetic.
@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sd_triton.contract import PROMPT_EMBEDS, TOKEN_LENGTH
 from sd_triton.pipeline_config import PipelineConfig
-from sd_triton.requests import GenerationParams, InvalidRequest
+from sd_triton.requests import GenerationParams, InvalidRequest, check_strength
 from sd_triton.runtime.schedulers import prepared_scheduler
 
 # (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D]) -> noise_pred [B,C,h,w]
@@ -60,23 +61,79 @@ def _step_kwargs(scheduler: object, generators: list[torch.Generator]) -> dict[s
     return kwargs
 
 
+@dataclass(frozen=True)
+class InitImage:
+    """Where an image-to-image request starts: its image through the VAE encoder (the parameters of
+    diffusers' latent distribution, mean and log-variance stacked on the channel axis: [1 or
+    num_images, 2 x latent channels, h, w]) and how much of the schedule runs over it (`strength`,
+    0 < s <= 1: 1 repaints from nearly pure noise, small values keep the image)."""
+
+    moments: np.ndarray
+    strength: float
+
+
+def start_step(steps: int, strength: float) -> int:
+    """The first of `steps` an img2img request runs, as diffusers' img2img pipeline computes it
+    (before the scheduler's order); strength x steps below one step is refused, as diffusers does."""
+    strength = check_strength(strength)
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InvalidRequest(
+            "STRENGTH", f"runs no step: {steps} steps x strength {strength:g} < 1 (raise either)"
+        )
+    return steps - run
+
+
+def _sample_image_latents(init: InitImage, generators: list[torch.Generator], channels: int) -> torch.Tensor:
+    """One draw from each image's latent distribution, with that image's generator (diffusers encodes
+    image i alone and samples it with generator i, before the noise is drawn)."""
+    moments = torch.from_numpy(np.ascontiguousarray(init.moments, dtype=np.float32))
+    if moments.ndim != 4 or moments.shape[1] != 2 * channels or moments.shape[0] not in (1, len(generators)):
+        raise InvalidRequest(
+            "IMAGE",
+            f"encoded to {list(moments.shape)}, expected [1 or {len(generators)}, {2 * channels}, h, w]",
+        )
+    draws = []
+    for i, generator in enumerate(generators):
+        mean, logvar = moments[i % moments.shape[0]].unsqueeze(0).chunk(2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        draws.append(mean + std * randn_tensor(tuple(mean.shape), generator=generator, dtype=torch.float32))
+    return torch.cat(draws)
+
+
 class DenoiseJob:
     """One request's denoising state: its scheduler, seeded generators, latents and embeddings.
 
     Call `unet_inputs()` then `advance(noise_pred)` once per step until `done`. Image i is seeded
     with `params.seed + i` (one generator per image, as diffusers does with a list of generators),
-    so any image can be reproduced alone.
+    so any image can be reproduced alone. With `init`, the request starts from that image, noised to
+    the step its strength gives, and runs the steps from there.
     """
 
-    def __init__(self, prompt_embeds: np.ndarray, params: GenerationParams, config: PipelineConfig) -> None:
+    def __init__(
+        self,
+        prompt_embeds: np.ndarray,
+        params: GenerationParams,
+        config: PipelineConfig,
+        init: InitImage | None = None,
+    ) -> None:
         self.params = params
         self.config = config
         self.cfg = params.classifier_free_guidance
         # 1. The scheduler from the checkpoint's config, set to the request's number of steps, and its
         #    closed form where it has one (advance_jobs steps those requests together, reading the shared
-        #    scheduler only); any other request steps a fresh copy of its own.
+        #    scheduler only); any other request steps a fresh copy of its own. An img2img request starts
+        #    at a later step: a copy of its own that knows it (diffusers' begin index), and the multistep
+        #    closed forms, written for a run from the first step, give way to diffusers' step.
         prepared, self.linear = prepared_scheduler(params.scheduler, config.scheduler_config, params.steps)
-        self.scheduler = prepared if self.linear is not None else copy.deepcopy(prepared)
+        order = int(getattr(prepared, "order", 1))
+        self.start = 0 if init is None else start_step(params.steps, init.strength) * order
+        if self.start and self.linear is not None and self.linear.c is not None:
+            self.linear = None
+        shared = self.linear is not None and init is None
+        self.scheduler = prepared if shared else copy.deepcopy(prepared)
+        if init is not None and hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(self.start)
         self.timesteps = self.scheduler.timesteps
         # 2. Text embeddings, one row per UNet batch item.
         self.embeds = _embeddings(prompt_embeds, params, config).numpy()
@@ -89,10 +146,21 @@ class DenoiseJob:
             params.height // config.vae_scale_factor,
             params.width // config.vae_scale_factor,
         )
-        latents = randn_tensor(
-            (params.num_images, *self.latent_shape), generator=self.generators, dtype=torch.float32
-        )
-        self.latents = latents * self.scheduler.init_noise_sigma
+        if init is None:
+            latents = randn_tensor(
+                (params.num_images, *self.latent_shape), generator=self.generators, dtype=torch.float32
+            )
+            self.latents = latents * self.scheduler.init_noise_sigma
+        else:  # the image's latents, noised to the first step this request runs
+            image = _sample_image_latents(init, self.generators, config.latent_channels)
+            if tuple(image.shape[1:]) != self.latent_shape:
+                raise InvalidRequest(
+                    "IMAGE", f"encoded to latents {list(image.shape[1:])}, expected {list(self.latent_shape)}"
+                )
+            image = image * config.vae_scaling_factor
+            noise = randn_tensor(tuple(image.shape), generator=self.generators, dtype=torch.float32)
+            first = self.timesteps[self.start : self.start + 1].repeat(params.num_images)
+            self.latents = self.scheduler.add_noise(image, noise, first)
         if self.linear is None and hasattr(self.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its noise from Brownian trees seeded by the scheduler, not a generator:
             # one tree per image, seed + i, as diffusers builds them from a list of seeds
@@ -100,11 +168,16 @@ class DenoiseJob:
             self.scheduler.noise_sampler_seed = seeds if params.num_images > 1 else seeds[0]
         self.step_kwargs = _step_kwargs(self.scheduler, self.generators)
         self.x0: np.ndarray | None = None  # a multistep closed form's previous data prediction
-        self.step_index = 0
+        self.step_index = self.start  # into `timesteps` (and the closed form's coefficients)
 
     @property
     def steps(self) -> int:
-        return len(self.timesteps)
+        """UNet calls this request makes (fewer than `timesteps` from an init image)."""
+        return len(self.timesteps) - self.start
+
+    @property
+    def steps_done(self) -> int:
+        return self.step_index - self.start
 
     @property
     def rows(self) -> int:
@@ -113,7 +186,7 @@ class DenoiseJob:
 
     @property
     def done(self) -> bool:
-        return self.step_index >= self.steps
+        return self.step_index >= len(self.timesteps)
 
     def unet_inputs(self) -> UNetInputs:
         """(sample, timestep, encoder_hidden_states) for this step, `rows` rows each."""
@@ -237,11 +310,12 @@ def denoise(
     config: PipelineConfig,
     unet: UNetFn,
     on_step: StepCallback | None = None,
+    init: InitImage | None = None,
 ) -> np.ndarray:
     """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone."""
-    job = DenoiseJob(prompt_embeds, params, config)
+    job = DenoiseJob(prompt_embeds, params, config, init)
     while not job.done:
         job.advance(unet(*job.unet_inputs()))
         if on_step is not None:
-            on_step(job.step_index - 1, job.steps)
+            on_step(job.steps_done - 1, job.steps)
     return job.result()

@@ -289,3 +289,112 @@ def test_closed_form_requests_share_a_prepared_scheduler_and_never_step_it() -> 
     assert other.scheduler is not first.scheduler and len(other.timesteps) == 7  # another step count
     stepped = [DenoiseJob(embeds, GenerationParams(32, 32, 6, 5.0, 1, "lms", 1), config) for _ in (0, 1)]
     assert stepped[0].linear is None and stepped[0].scheduler is not stepped[1].scheduler
+
+
+# (scheduler, strength, guidance, negative prompt, num_images, config changes): the closed forms (ddim,
+# euler, euler_a), a multistep one that gives way to diffusers' step past the first step (dpmpp_2m), a
+# second-order one (heun), PNDM's counter, strength 1 and a strength that leaves one step
+IMG2IMG_CASES = [
+    ("ddim", 0.6, 7.5, "fog", 2, {}),
+    ("euler", 0.5, 1.0, None, 1, {}),
+    ("euler_a", 0.75, 5.0, None, 2, {}),
+    ("dpmpp_2m", 0.6, 6.0, None, 1, V_PRED),
+    ("dpmpp_2m", 1.0, 6.0, None, 1, {}),
+    ("heun", 0.5, 4.0, "rain", 1, {}),
+    ("pndm", 0.8, 7.5, None, 1, {}),
+    ("unipc", 0.15, 7.5, None, 2, {}),  # int(7 x 0.15) = 1: one step
+]
+
+
+@pytest.mark.parametrize(("scheduler", "strength", "guidance", "negative", "n", "changes"), IMG2IMG_CASES)
+def test_img2img_loop_is_diffusers_img2img(
+    pipe, scheduler: str, strength: float, guidance: float, negative: str | None, n: int, changes: dict
+) -> None:
+    """From an init image (its VAE encoder output, sampled with each image's generator, noised to the
+    start step), our loop gives StableDiffusionImg2ImgPipeline's latents on the same weights, and
+    reports the steps it actually ran."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import InitImage, denoise, start_step
+    from sd_triton.runtime.postprocess import from_uint8_images
+    from tests.integration.test_parity import REFERENCE
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    base = {**pipe.scheduler.config, **changes}
+    cls, overrides = REFERENCE[scheduler]
+    img2img.scheduler = cls.from_config(base, **overrides)
+    pixels = np.random.default_rng(5).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    seed, prompt, steps = 31, "a red barn in snow", 7
+    theirs_steps: list[int] = []
+
+    def count(pipeline: object, i: int, t: object, kwargs: dict) -> dict:
+        theirs_steps.append(i)
+        return kwargs
+
+    expected = img2img(
+        prompt,
+        image=Image.fromarray(pixels),
+        strength=strength,
+        negative_prompt=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        num_images_per_prompt=n,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        output_type="latent",
+        callback_on_step_end=count,
+    ).images
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guidance > 1, negative)
+    embeds = torch.cat([uncond, cond]) if guidance > 1 else cond
+    with torch.no_grad():
+        moments = pipe.vae.encode(torch.from_numpy(from_uint8_images(pixels[None]))).latent_dist.parameters
+
+    def unet(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            args = (
+                torch.from_numpy(sample),
+                torch.from_numpy(timestep).reshape(-1),
+                torch.from_numpy(hidden),
+            )
+            return pipe.unet(*args).sample.numpy()
+
+    reported: list[tuple[int, int]] = []
+    config = PipelineConfig(4, 8, pipe.vae.config.scaling_factor, base)
+    params = GenerationParams(48, 64, steps, guidance, seed, scheduler, n)
+    ours = denoise(
+        embeds.detach().numpy(),
+        params,
+        config,
+        unet,
+        on_step=lambda i, total: reported.append((i, total)),
+        init=InitImage(moments.numpy(), strength),
+    )
+    theirs = expected.numpy() / pipe.vae.config.scaling_factor
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(1.0, float(np.abs(theirs).max())))
+    # the steps diffusers ran, fewer than txt2img's unless strength is 1
+    ran = len(theirs_steps)
+    assert reported == [(i, ran) for i in range(ran)]
+    assert (start_step(steps, strength) == 0) == (strength == 1.0)
+
+
+def test_img2img_strength_and_image_errors_name_the_field(pipe) -> None:
+    from sd_triton.requests import GenerationParams, InvalidRequest
+    from sd_triton.runtime.denoise import DenoiseJob, InitImage
+
+    config = PipelineConfig(4, 8, 0.18215, dict(pipe.scheduler.config))
+    params = GenerationParams(32, 32, 4, 7.5, 1, "ddim", 1)
+    embeds = np.zeros((2, 77, 32), dtype=np.float32)
+    moments = np.zeros((1, 8, 4, 4), dtype=np.float32)
+    for strength, words in (
+        (0.0, "> 0 and <= 1"),
+        (1.5, "> 0 and <= 1"),
+        ("x", "got 'x'"),
+        (0.2, "runs no step"),
+    ):
+        with pytest.raises(InvalidRequest, match=words) as caught:
+            DenoiseJob(embeds, params, config, InitImage(moments, strength))  # type: ignore[arg-type]
+        assert caught.value.field == "STRENGTH"
+    for wrong in (np.zeros((1, 4, 4, 4)), np.zeros((3, 8, 4, 4)), np.zeros((1, 8, 5, 4))):
+        with pytest.raises(InvalidRequest, match="IMAGE: encoded to"):
+            DenoiseJob(embeds, params, config, InitImage(wrong.astype(np.float32), 0.5))
