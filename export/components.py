@@ -15,6 +15,7 @@ from sd_triton.contract import (
     TOKEN_LENGTH,
     UNET,
     VAE_DECODER,
+    VAE_ENCODER,
     Limits,
     ModelSpec,
 )
@@ -158,4 +159,25 @@ class VaeDecoder(Component):
         return Profile({"latent_sample": ((1, c, lo, lo), (1, c, opt, opt), (b, c, hi, hi))})
 
 
-COMPONENTS: dict[str, Component] = {c.name: c for c in (TextEncoder(), UNet(), VaeDecoder())}
+class VaeEncoder(Component):
+    spec = VAE_ENCODER
+    subfolder = CHECKPOINT_SUBFOLDERS[VAE_ENCODER.name]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        spatial = {0: "batch", 2: "height", 3: "width"}
+        return {"sample": spatial, "latent_parameters": spatial}
+
+    def sample_inputs(
+        self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(batch)
+        h, w = (side * dims.vae_scale_factor for side in latent_hw)
+        return (torch.rand((batch, 3, h, w), generator=generator) * 2 - 1,)
+
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        lo, opt, hi = (side * dims.vae_scale_factor for side in _latent_range(dims, limits))
+        b = limits.max_num_images
+        return Profile({"sample": ((1, 3, lo, lo), (1, 3, opt, opt), (b, 3, hi, hi))})
+
+
+COMPONENTS: dict[str, Component] = {c.name: c for c in (TextEncoder(), UNet(), VaeDecoder(), VaeEncoder())}

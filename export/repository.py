@@ -46,7 +46,11 @@ _TOKENIZER_STEP = (
         c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
     },
 )
-_PARAMS = {t.name: t.name for t in c.DENOISE_GENERATION_INPUTS if t is not c.PROMPT_EMBEDS}
+_PARAMS = {
+    t.name: t.name
+    for t in (*c.DENOISE_GENERATION_INPUTS, *c.DENOISE_IMAGE_INPUTS)
+    if t is not c.PROMPT_EMBEDS
+}
 ENSEMBLE_STEPS: dict[str, tuple[tuple[str, dict[str, str], dict[str, str]], ...]] = {
     "inline": (
         _TOKENIZER_STEP,

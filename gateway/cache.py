@@ -41,9 +41,14 @@ class _PlannedJob(Protocol):  # service.Job, without importing the service
 
 
 def cache_key(
-    fingerprint: str, prompts: Sequence[str], request: GenerationOptions, jobs: Sequence[_PlannedJob]
+    fingerprint: str,
+    prompts: Sequence[str],
+    request: GenerationOptions,
+    jobs: Sequence[_PlannedJob],
+    image_digest: str | None = None,
 ) -> str | None:
-    """The cache key of a planned generation, or None when it is not deterministic (no seed)."""
+    """The cache key of a planned generation, or None when it is not deterministic (no seed).
+    `image_digest`: an image-to-image request's init pixels, hashed (as sent to Triton)."""
     if request.seed is None or not jobs:
         return None
     checked = dataclasses.asdict(jobs[0].params)  # width/height after defaults, as sent to Triton
@@ -60,6 +65,8 @@ def cache_key(
         "num_images": checked["num_images"],
         "output_format": request.output_format,
     }
+    if image_digest is not None:  # text-to-image keys stay what they were
+        described |= {"image": image_digest, "strength": checked["strength"]}
     blob = json.dumps(described, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return KEY_PREFIX + hashlib.sha256(blob.encode()).hexdigest()
 

@@ -1,15 +1,19 @@
-"""Image encoding, off the event loop."""
+"""Image encoding (results) and decoding (image-to-image inputs), off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from sd_triton.gateway.errors import InvalidRequestError
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _SAVE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -31,6 +35,49 @@ def encode(image: np.ndarray[Any, Any], output_format: str, png_compress_level: 
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+_DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(;[^,]*)?;base64,", re.ASCII)
+
+
+def open_image(data: str, field: str, max_pixels: int) -> Image.Image:
+    """An uploaded image (base64, or a data URI), checked: a PNG, JPEG or WebP file whose size (read from
+    its header, before any pixel is decoded) is within `max_pixels`. Errors name `field`."""
+    match = _DATA_URI.match(data)
+    if data.startswith("data:") and match is None:
+        raise InvalidRequestError(
+            f"{field}: a data URI must be base64 (data:image/png;base64,...)", field=field
+        )
+    try:
+        blob = base64.b64decode(data[match.end() :] if match else data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{field}: not valid base64", field=field) from None
+    try:
+        image = Image.open(io.BytesIO(blob))
+    except (UnidentifiedImageError, OSError):
+        raise InvalidRequestError(f"{field}: not an image (PNG, JPEG or WebP)", field=field) from None
+    if image.format not in INPUT_FORMATS:
+        raise InvalidRequestError(
+            f"{field}: {image.format} images are not accepted (PNG, JPEG or WebP)", field=field
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidRequestError(f"{field}: at most {max_pixels} pixels, got {width}x{height}", field=field)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt pixel data
+        raise InvalidRequestError(f"{field}: the image data is damaged ({exc})", field=field) from None
+    return image
+
+
+def init_pixels(image: Image.Image, width: int, height: int) -> np.ndarray[Any, Any]:
+    """An init image as uint8 [height, width, 3]: RGB (alpha dropped), resized with Lanczos when its size
+    differs, as diffusers' VaeImageProcessor does."""
+    rgb = image.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 class ImageEncoder:
     def __init__(self, workers: int, png_compress_level: int = 1) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
@@ -41,6 +88,10 @@ class ImageEncoder:
         level = self.png_compress_level
         jobs = [loop.run_in_executor(self.pool, encode, image, output_format, level) for image in images]
         return list(await asyncio.gather(*jobs))
+
+    async def run(self, function: Any, *args: Any) -> Any:
+        """`function(*args)` on the encoding threads (decoding and resizing uploads)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -8,13 +8,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sd_triton.contract import DEFAULT_SCHEDULER, SCHEDULERS, SchedulerName
+from sd_triton.contract import DEFAULT_SCHEDULER, DEFAULT_STRENGTH, SCHEDULERS, SchedulerName
 from sd_triton.requests import DEFAULTS
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 MAX_SEED = 2**63 - 1
 MAX_FP32 = 3.4028234663852886e38  # the largest float32: GUIDANCE_SCALE goes to Triton as TYPE_FP32
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=100_000)
+MAX_IMAGE_CHARS = 32 * 1024 * 1024  # base64; the body limit (max_body_bytes) is what binds
 
 
 class GenerationOptions(BaseModel):
@@ -40,6 +41,20 @@ class GenerationOptions(BaseModel):
         "class and config (GET /v1/models and /v1/info name its class)",
     )
     num_images: int = Field(DEFAULTS.num_images, ge=1, description="images per prompt")
+    image: str | None = Field(
+        None,
+        max_length=MAX_IMAGE_CHARS,
+        description="image-to-image: the init image, base64 or a data URI (PNG, JPEG or WebP; alpha is "
+        "dropped). width and height default to its size (rounded down to the model's multiple of 8); "
+        "another size resizes it (Lanczos, as diffusers' image processor does)",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description=f"image-to-image: the share of the steps run over the image (1 repaints it, small "
+        f"values keep it); default {DEFAULT_STRENGTH} with an image. Runs int(steps x strength) steps",
+    )
     output_format: OutputFormat = "png"
     response_format: Literal["base64", "url"] = Field(
         "base64", description="url: images are stored and each carries a signed, expiring `url` instead"
@@ -114,6 +129,9 @@ class SchedulerProvenance(BaseModel):
 
 class Provenance(BaseModel):
     model: str
+    mode: Literal["text-to-image", "image-to-image"] = Field(
+        "text-to-image", description="image-to-image: the request sent an init image"
+    )
     scheduler: SchedulerProvenance
     components: dict[str, ComponentProvenance] = Field(
         ..., description="per component; the UNet's as Triton reported it for this response"

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL.Image import Image as PILImage
 
 from sd_triton import contract as c
+from sd_triton.contract import DEFAULT_STRENGTH
 from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.errors import InvalidRequestError
-from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder
+from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder, init_pixels, open_image
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.schemas import (
     ComponentProvenance,
@@ -27,7 +33,7 @@ from sd_triton.gateway.schemas import (
     Truncation,
 )
 from sd_triton.gateway.settings import GatewaySettings
-from sd_triton.requests import GenerationParams, InvalidRequest, validate_params
+from sd_triton.requests import GenerationParams, InvalidRequest, start_step, validate_params
 from sd_triton.served_model import ServedModel
 from sd_triton.txt2img_client import Progress, Txt2ImgResult
 
@@ -42,6 +48,21 @@ class Job:
 
     prompt: str
     params: GenerationParams
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """An image-to-image request's init image: opened and checked (`open_image`), then as sent to Triton."""
+
+    opened: PILImage
+    pixels: np.ndarray[Any, Any] | None = None  # uint8 [height, width, 3], after `plan`'s size
+
+    @property
+    def digest(self) -> str | None:
+        """The pixels' hash (with their shape), for the result cache's key."""
+        if self.pixels is None:
+            return None
+        return hashlib.sha256(repr(self.pixels.shape).encode() + self.pixels.tobytes()).hexdigest()
 
 
 def _invalid(exc: InvalidRequest) -> InvalidRequestError:
@@ -68,13 +89,22 @@ class Generator:
         self.cache = cache
 
     async def _streamed(
-        self, jobs: list[Job], request: GenerationOptions, progress: ProgressCallback, preview: bool
+        self,
+        jobs: list[Job],
+        request: GenerationOptions,
+        progress: ProgressCallback,
+        preview: bool,
+        image: np.ndarray[Any, Any] | None,
     ) -> Txt2ImgResult:
         if len(jobs) != 1:
             raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
         job = jobs[0]
         stream = self.backend.txt2img_stream(
-            job.prompt, preview, negative_prompt=request.negative_prompt, **dataclasses.asdict(job.params)
+            job.prompt,
+            preview,
+            negative_prompt=request.negative_prompt,
+            **_image_param(image),
+            **dataclasses.asdict(job.params),
         )
         async with aclosing(stream):
             async for event in stream:
@@ -83,8 +113,33 @@ class Generator:
                 await progress(event)
         raise AssertionError("txt2img_stream yields its result last")
 
-    def plan(self, prompts: list[str], request: GenerationOptions, served: ServedModel) -> list[Job]:
-        """Check every field against the gateway's and the served model's limits; one job per prompt."""
+    async def _init_image(self, request: GenerationOptions) -> InitImage | None:
+        """The request's init image, opened and checked off the event loop; None without one."""
+        if request.image is None:
+            if request.strength is not None:
+                raise InvalidRequestError(
+                    "strength: applies to an init image (image); none was sent", field="strength"
+                )
+            return None
+        limit = self.settings.max_image_pixels
+        return InitImage(await self.encoder.run(open_image, request.image, "image", limit))
+
+    async def check(self, prompts: list[str], request: GenerationOptions) -> None:
+        """Every check `generate` makes before Triton (the init image decoded, the request planned),
+        for requests answered later (jobs)."""
+        init = await self._init_image(request)
+        served = await self.backend.served_model()
+        self.plan(prompts, request, served, None if init is None else init.opened.size)
+
+    def plan(
+        self,
+        prompts: list[str],
+        request: GenerationOptions,
+        served: ServedModel,
+        image_size: tuple[int, int] | None = None,
+    ) -> list[Job]:
+        """Check every field against the gateway's and the served model's limits; one job per prompt.
+        `image_size`: an image-to-image request's init image (width, height), the default size."""
         settings = self.settings
         if len(prompts) > settings.max_batch_prompts:
             raise InvalidRequestError(
@@ -98,8 +153,13 @@ class Generator:
                 raise InvalidRequestError(
                     f"{field}: at most {settings.max_prompt_chars} characters, got {len(text)}", field=field
                 )
-        height = request.height or served.native_height
-        width = request.width or served.native_width
+        height, width = request.height or served.native_height, request.width or served.native_width
+        strength = None
+        if image_size is not None:  # its size, down to the model's multiple, as diffusers takes it
+            multiple = served.spatial_multiple
+            height = request.height or image_size[1] - image_size[1] % multiple
+            width = request.width or image_size[0] - image_size[0] % multiple
+            strength = DEFAULT_STRENGTH if request.strength is None else request.strength
         if height * width > settings.max_pixels:
             raise InvalidRequestError(
                 f"width x height: at most {settings.max_pixels} pixels, got {width}x{height}", field="width"
@@ -116,10 +176,21 @@ class Generator:
                     seed=seed + index * request.num_images,
                     scheduler=request.scheduler,
                     num_images=request.num_images,
+                    strength=strength,
                     limits=served.limits,
                     spatial_multiple=served.spatial_multiple,
                 )
+                if strength is not None:
+                    start_step(checked.steps, strength)
             except InvalidRequest as exc:
+                if image_size is not None and exc.field in ("HEIGHT", "WIDTH"):
+                    if getattr(request, exc.json_field) is None:  # the size came from the image
+                        size = f"{image_size[0]}x{image_size[1]}"
+                        raise InvalidRequestError(
+                            f"image: its size {size} is the default, and {exc.json_field} {exc.detail}; "
+                            "send width and height to resize it",
+                            field="image",
+                        ) from None
                 raise _invalid(exc) from None
             jobs.append(Job(prompt, checked))
         return jobs
@@ -136,10 +207,18 @@ class Generator:
         denoising step (with previews when `preview`); without it every prompt goes to txt2img.
         `use_cache` False (a `Cache-Control: no-cache` request): no lookup, the fresh result is stored."""
         started = time.perf_counter()
+        # 0. An init image opened and checked, the request planned (its size the image's by default), the
+        #    image at that size; a seeded request whose result is cached (same served model, same
+        #    parameters, same pixels): no inference.
+        init = await self._init_image(request)
         served = await self.backend.served_model()
-        jobs = self.plan(prompts, request, served)
-        # 0. A seeded request whose result is cached (same served model, same parameters): no inference.
-        key = cache_key(served.fingerprint, prompts, request, jobs) if self.cache else None
+        jobs = self.plan(prompts, request, served, None if init is None else init.opened.size)
+        if init is not None:
+            size = (jobs[0].params.width, jobs[0].params.height)
+            init = dataclasses.replace(init, pixels=await self.encoder.run(init_pixels, init.opened, *size))
+        sent_image = None if init is None else init.pixels
+        digest = None if init is None else init.digest
+        key = cache_key(served.fingerprint, prompts, request, jobs, digest) if self.cache else None
         bypass = self.cache is not None and not use_cache and self.cache.bypass(key)
         if self.cache and use_cache and (hit := await self.cache.get(key)) is not None:
             self.metrics.images.inc(len(hit.images))
@@ -150,12 +229,15 @@ class Generator:
         # 1. One txt2img call per prompt, all in flight together: Triton batches them at the UNet.
         called = time.perf_counter()
         if progress is not None:
-            results = [await self._streamed(jobs, request, progress, preview)]
+            results = [await self._streamed(jobs, request, progress, preview, sent_image)]
         else:
             results = await asyncio.gather(
                 *(
                     self.backend.txt2img(
-                        job.prompt, negative_prompt=request.negative_prompt, **dataclasses.asdict(job.params)
+                        job.prompt,
+                        negative_prompt=request.negative_prompt,
+                        **_image_param(sent_image),
+                        **dataclasses.asdict(job.params),
                     )
                     for job in jobs
                 )
@@ -196,7 +278,7 @@ class Generator:
                 encode_ms=_ms(finished - inferred),
                 total_ms=_ms(finished - started),
             ),
-            provenance=_provenance(served, request.scheduler, results),
+            provenance=_provenance(served, request.scheduler, results, init is not None),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -210,7 +292,14 @@ class Generator:
         return response.model_copy(update={"cache": "bypass"}) if bypass else response
 
 
-def _provenance(served: ServedModel, scheduler: str, results: list[Txt2ImgResult]) -> Provenance:
+def _image_param(image: np.ndarray[Any, Any] | None) -> dict[str, Any]:
+    """The backend's `image` argument: only for image-to-image requests."""
+    return {} if image is None else {"image": image}
+
+
+def _provenance(
+    served: ServedModel, scheduler: str, results: list[Txt2ImgResult], from_image: bool = False
+) -> Provenance:
     """Each component as Triton's configs say (re-read every few seconds), the UNet as Triton reported
     it with these results (exact: each UNet call is pinned to a version; sd_triton.runtime.triton_io)."""
     components = {
@@ -234,6 +323,7 @@ def _provenance(served: ServedModel, scheduler: str, results: list[Txt2ImgResult
         components[c.UNET.name] = unet[-1]
     return Provenance(
         model=served.model,
+        mode="image-to-image" if from_image else "text-to-image",
         scheduler=SchedulerProvenance(name=scheduler, class_name=served.scheduler_class(scheduler)),
         components=components,
         unet_engines=unet,

@@ -56,9 +56,13 @@ class GatewaySettings(BaseSettings):
     triton_probe_timeout_s: float = Field(2.0, gt=0, description="deadline of readiness/config calls")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503")
     # request limits on top of the served model's own (which come from Triton)
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    # bodies carry base64 init images (image-to-image): 16 MiB holds a 4 MB PNG, OpenAI's edit limit, twice
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_prompt_chars: int = Field(2000, ge=1)
     max_pixels: int = Field(1024 * 1024, ge=64)
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64, description="an init image's pixels at most, checked before it is decoded"
+    )
     max_batch_prompts: int = Field(16, ge=1)
     encode_workers: int = Field(4, ge=1, description="threads that encode images off the event loop")
     png_compress_level: int = Field(

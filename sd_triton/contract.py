@@ -133,6 +133,11 @@ GUIDANCE_SCALE = _t("GUIDANCE_SCALE", "TYPE_FP32", 1)
 SEED = _t("SEED", "TYPE_INT64", 1)
 SCHEDULER = _t("SCHEDULER", "TYPE_STRING", 1, optional=True)  # absent or "default": the checkpoint's
 NUM_IMAGES = _t("NUM_IMAGES", "TYPE_INT32", 1)
+# image-to-image: the init image at the request's height and width (the gateway resizes it), RGB, and
+# the share of the schedule run over it (0 < s <= 1; absent: DEFAULT_STRENGTH). No IMAGE: text-to-image
+IMAGE = _t("IMAGE", "TYPE_UINT8", -1, -1, 3, optional=True)  # [H, W, 3]
+STRENGTH = _t("STRENGTH", "TYPE_FP32", 1, optional=True)
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 
 # --- pipeline outputs ---
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
@@ -163,7 +168,19 @@ DECODED = _t("DECODED", "TYPE_FP32", -1, 3, -1, -1)  # VAE output, about [-1, 1]
 
 TXT2IMG = ModelSpec(
     "txt2img",
-    inputs=(PROMPT, NEGATIVE_PROMPT, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES),
+    inputs=(
+        PROMPT,
+        NEGATIVE_PROMPT,
+        HEIGHT,
+        WIDTH,
+        STEPS,
+        GUIDANCE_SCALE,
+        SEED,
+        SCHEDULER,
+        NUM_IMAGES,
+        STRENGTH,
+        IMAGE,
+    ),  # fmt: skip
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES),
     batching=False,
     engine=False,
@@ -195,6 +212,7 @@ TEXT_ENCODER = ModelSpec(
 # (an ensemble's request id reaches its steps, but its cancellation does not reach a running step).
 CANCEL = _t("CANCEL", "TYPE_STRING", -1, optional=True)
 DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES)
+DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE)  # optional in every request: image-to-image
 DENOISE = ModelSpec(
     "denoise",
     # optional in the config so that a control request may come without them; a generation still
@@ -202,6 +220,7 @@ DENOISE = ModelSpec(
     # tokenizer's INPUT_IDS instead of PROMPT_EMBEDS: it runs the text encoder itself
     inputs=(
         *(dataclasses.replace(t, optional=True) for t in (*DENOISE_GENERATION_INPUTS, INPUT_IDS)),
+        *DENOISE_IMAGE_INPUTS,
         CANCEL,
     ),
     # LATENTS on the bls UNet path (the ensemble decodes them in vae_decoder and postprocess); IMAGES on
@@ -228,6 +247,16 @@ VAE_DECODER = ModelSpec(
     batching=True,
     engine=True,
 )
+# image-to-image: images in [-1, 1] -> the parameters of the VAE's latent distribution (mean and
+# log-variance stacked on the channel axis, as diffusers' DiagonalGaussianDistribution takes them); the
+# denoising loop samples them with each request's generators
+VAE_ENCODER = ModelSpec(
+    "vae_encoder",
+    inputs=(_t("sample", "TYPE_FP32", 3, -1, -1),),
+    outputs=(_t("latent_parameters", "TYPE_FP32", -1, -1, -1),),
+    batching=True,
+    engine=True,
+)
 POSTPROCESS = ModelSpec(
     "postprocess",
     inputs=(DECODED,),
@@ -238,11 +267,26 @@ POSTPROCESS = ModelSpec(
 
 MODELS: dict[str, ModelSpec] = {
     m.name: m
-    for m in (TXT2IMG, TXT2IMG_STREAM, TOKENIZER, TEXT_ENCODER, DENOISE, UNET, VAE_DECODER, POSTPROCESS)
+    for m in (
+        TXT2IMG,
+        TXT2IMG_STREAM,
+        TOKENIZER,
+        TEXT_ENCODER,
+        DENOISE,
+        UNET,
+        VAE_DECODER,
+        VAE_ENCODER,
+        POSTPROCESS,
+    )
 }
 ENGINE_MODELS: tuple[str, ...] = tuple(m.name for m in MODELS.values() if m.engine)
 # where each engine model's weights live in a diffusers checkpoint (the python-torch kind loads them)
-CHECKPOINT_SUBFOLDERS = {TEXT_ENCODER.name: "text_encoder", UNET.name: "unet", VAE_DECODER.name: "vae"}
+CHECKPOINT_SUBFOLDERS = {
+    TEXT_ENCODER.name: "text_encoder",
+    UNET.name: "unet",
+    VAE_DECODER.name: "vae",
+    VAE_ENCODER.name: "vae",
+}
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class GenerationParams:
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER  # the checkpoint's own
     num_images: int = 1
+    strength: float | None = None  # image-to-image only (the request's IMAGE); None: DEFAULT_STRENGTH there
 
     def inputs(self) -> dict[TensorSpec, Any]:
         """The ensemble's input of each parameter, with its value."""
@@ -105,6 +106,19 @@ def check_strength(value: float) -> float:
     return value
 
 
+def start_step(steps: int, strength: float) -> int:
+    """The first of `steps` an image-to-image request runs, as diffusers' img2img pipeline computes it
+    (before the scheduler's order): int(steps x strength) steps run; fewer than one is refused, as
+    diffusers refuses it."""
+    strength = check_strength(strength)
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InvalidRequest(
+            "STRENGTH", f"runs no step: {steps} steps x strength {strength:g} < 1 (raise either)"
+        )
+    return steps - run
+
+
 def _check_side(field: str, value: int, limits: Limits, multiple: int) -> int:
     if value < multiple or value > limits.max_side or value % multiple:
         raise InvalidRequest(
@@ -141,4 +155,5 @@ def validate_params(*, limits: Limits, spatial_multiple: int, **fields: Any) -> 
         seed=int(raw.seed),
         scheduler=raw.scheduler,
         num_images=int(raw.num_images),
+        strength=None if raw.strength is None else check_strength(raw.strength),
     )

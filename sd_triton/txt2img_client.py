@@ -52,19 +52,27 @@ def infer_input(spec: c.TensorSpec, array: np.ndarray[Any, Any]) -> grpcclient.I
 
 
 def txt2img_inputs(
-    prompt: str | bytes, *, negative_prompt: str | bytes | None = None, **params: Any
+    prompt: str | bytes,
+    *,
+    negative_prompt: str | bytes | None = None,
+    image: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
+    **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
-    rest; scheduler None: left out, the checkpoint's own). Values are not checked against the model's
+    rest; scheduler None: left out, the checkpoint's own). `image`: image-to-image from this uint8
+    [height, width, 3] image (`strength` in `params`). Values are not checked against the model's
     limits (Triton does that), only against what the wire type can hold."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
-    return [
+    inputs = [
         infer_input(spec, _array(spec, value))
         for spec, value in values.items()
         if not (value is None and spec.optional)
     ]
+    if image is not None:
+        inputs.append(infer_input(c.IMAGE, np.ascontiguousarray(image, dtype=np.uint8)))
+    return inputs
 
 
 def parse_result(result: grpcclient.InferResult) -> Txt2ImgResult:

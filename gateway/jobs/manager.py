@@ -144,8 +144,7 @@ class JobManager:
         self, request: JobRequest, key_id: str | None, base_url: str, use_cache: bool = True
     ) -> JobRecord:
         """Checked like /v1/generate (before it is queued), then queued."""
-        served = await self.generator.backend.served_model()
-        self.generator.plan([request.prompt], request, served)
+        await self.generator.check([request.prompt], request)
         if request.webhook_url is not None and self.webhook_secret(key_id) is None:
             raise InvalidRequestError(
                 "webhook_url: webhooks are signed with the API key's secret; without API keys set "

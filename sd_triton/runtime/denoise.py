@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sd_triton.contract import PROMPT_EMBEDS, TOKEN_LENGTH
 from sd_triton.pipeline_config import PipelineConfig
-from sd_triton.requests import GenerationParams, InvalidRequest, check_strength
+from sd_triton.requests import GenerationParams, InvalidRequest, start_step
 from sd_triton.runtime.schedulers import prepared_scheduler
 
 # (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D]) -> noise_pred [B,C,h,w]
@@ -70,18 +70,6 @@ class InitImage:
 
     moments: np.ndarray
     strength: float
-
-
-def start_step(steps: int, strength: float) -> int:
-    """The first of `steps` an img2img request runs, as diffusers' img2img pipeline computes it
-    (before the scheduler's order); strength x steps below one step is refused, as diffusers does."""
-    strength = check_strength(strength)
-    run = min(int(steps * strength), steps)
-    if run < 1:
-        raise InvalidRequest(
-            "STRENGTH", f"runs no step: {steps} steps x strength {strength:g} < 1 (raise either)"
-        )
-    return steps - run
 
 
 def _sample_image_latents(init: InitImage, generators: list[torch.Generator], channels: int) -> torch.Tensor:

@@ -14,9 +14,9 @@ from sd_triton import contract as c
 from sd_triton.model_params import EngineParams
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import validate_params
-from sd_triton.runtime.denoise import denoise
+from sd_triton.runtime.denoise import InitImage, denoise
 from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
-from sd_triton.runtime.postprocess import to_uint8_images
+from sd_triton.runtime.postprocess import from_uint8_images, to_uint8_images
 from sd_triton.runtime.tokenize import PromptTokenizer
 
 
@@ -47,6 +47,8 @@ class LocalPipeline:
         self.runners: dict[str, BatchRunner] = {}
         for name in c.ENGINE_MODELS:
             path = repo / name / "1" / files[name]
+            if name == c.VAE_ENCODER.name and not path.exists():
+                continue  # exported before image inputs: text-to-image only
             if path.is_dir():
                 from sd_triton.runtime.torch_runner import TorchRunner
 
@@ -69,17 +71,23 @@ class LocalPipeline:
         self,
         prompt: str,
         negative_prompt: str = "",
+        image: np.ndarray | None = None,
         **fields: Any,
     ) -> LocalResult:
-        """`fields`: sd_triton.requests.GenerationParams' names (its defaults for the rest)."""
+        """`fields`: sd_triton.requests.GenerationParams' names (its defaults for the rest). `image`:
+        image-to-image from this uint8 [height, width, 3] image (`strength` in `fields`)."""
         params = validate_params(
             limits=self.config.limits, spatial_multiple=self.config.vae_scale_factor, **fields
         )
-        # 1. Tokens and text embeddings ([uncond,] cond).
+        # 1. Tokens and text embeddings ([uncond,] cond); an init image's latent distribution.
         tokens = self.tokenizer.tokenize(prompt, negative_prompt, params.classifier_free_guidance)
         embeds = self._run(c.TEXT_ENCODER.name, tokens.input_ids)
+        init = None
+        if image is not None:
+            strength = c.DEFAULT_STRENGTH if params.strength is None else params.strength
+            init = InitImage(self._run(c.VAE_ENCODER.name, from_uint8_images(image[None])), strength)
         # 2. The denoising loop over the UNet session.
-        latents = denoise(embeds, params, self.config, lambda *a: self._run(c.UNET.name, *a))
+        latents = denoise(embeds, params, self.config, lambda *a: self._run(c.UNET.name, *a), init=init)
         # 3. Decode and convert.
         decoded = self._run(c.VAE_DECODER.name, latents)
         return LocalResult(to_uint8_images(decoded), tokens.prompt_truncated_tokens)

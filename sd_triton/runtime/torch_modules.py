@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from sd_triton.contract import CHECKPOINT_SUBFOLDERS, TEXT_ENCODER, UNET, VAE_DECODER
+from sd_triton.contract import CHECKPOINT_SUBFOLDERS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 
 
 class TextEncoderModule(torch.nn.Module):
@@ -41,6 +41,19 @@ class VaeDecoderModule(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class VaeEncoderModule(torch.nn.Module):
+    """Images -> the latent distribution's parameters (diffusers' AutoencoderKL.encode before the
+    distribution is built: the encoder, then quant_conv where the checkpoint has one)."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        moments = self.vae.encoder(sample)
+        return moments if self.vae.quant_conv is None else self.vae.quant_conv(moments)
+
+
 def load_module(model: str, checkpoint: Path) -> torch.nn.Module:
     """The engine model `model` (a contract name) from a diffusers checkpoint folder, in eval mode."""
     folder = checkpoint / CHECKPOINT_SUBFOLDERS[model]
@@ -50,4 +63,6 @@ def load_module(model: str, checkpoint: Path) -> torch.nn.Module:
         return UNetModule(UNet2DConditionModel.from_pretrained(folder)).eval()
     if model == VAE_DECODER.name:
         return VaeDecoderModule(AutoencoderKL.from_pretrained(folder)).eval()
+    if model == VAE_ENCODER.name:
+        return VaeEncoderModule(AutoencoderKL.from_pretrained(folder)).eval()
     raise ValueError(f"model: {model!r} is not an engine model")

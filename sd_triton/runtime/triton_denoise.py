@@ -60,6 +60,7 @@ class TritonPythonModel:
         params = triton_io.model_params(args, DenoiseParams)
         self.unet = triton_io.live_unet(params, args)
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
+        self.encoder = triton_io.ImageEncoder(params, args)  # image-to-image requests' init images
         # finished requests are decoded and answered on a thread of their own, so the loop steps the
         # others meanwhile (the engines release the GIL), as it did while Triton's vae_decoder decoded;
         # those finished since its last turn share VAE calls (`_answer_finished`)
@@ -131,10 +132,13 @@ class TritonPythonModel:
         if triton_io.get_array(request, c.CANCEL) is not None:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         params = self._params(request)
+        image = self.encoder.read(request, params)
         embeds = self._embeds(request)
+        init = self.encoder.encode(image)
         engines = triton_io.EngineLog()
         self.unet.refresh()  # the request runs on the live UNet version
-        latents = denoise(embeds, params, self.config, self.unet, lambda i, n: engines.add(self.unet.last))
+        on_step = lambda i, n: engines.add(self.unet.last)  # noqa: E731
+        latents = denoise(embeds, params, self.config, self.unet, on_step, init)
         self.unet.idle()
         return self._outputs(latents, set(request.requested_output_names()), engines)
 
@@ -186,7 +190,8 @@ class TritonPythonModel:
             return
         try:
             params = self._params(request)
-            job = DenoiseJob(self._embeds(request), params, self.config)
+            image = self.encoder.read(request, params)
+            job = DenoiseJob(self._embeds(request), params, self.config, self.encoder.encode(image))
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return

@@ -35,6 +35,7 @@ from sd_triton.requests import (
     GenerationParams,
     InvalidRequest,
     decode_text,
+    start_step,
     validate_params,
 )
 from sd_triton.runtime.engine_runner import load_runner
@@ -406,6 +407,51 @@ def inline_text_and_image(
     models = version_dir(args).parents[1]
     text, image = (InlineEngine(s.name, models / s.name, s) for s in (c.TEXT_ENCODER, c.VAE_DECODER))
     return text, image
+
+
+class ImageEncoder:
+    """A loop's VAE encoder for image-to-image requests: in its process on the inline UNet path, Triton's
+    `vae_encoder` model by BLS on the bls path. A repository exported before image inputs has neither:
+    its image requests are refused, naming the input."""
+
+    def __init__(self, params: BatchingParams, args: dict[str, Any]) -> None:
+        folder = version_dir(args).parents[1] / c.VAE_ENCODER.name
+        self.available = (folder / CONFIG_FILE).is_file()
+        inline = self.available and params.unet_path == "inline"
+        self.engine = InlineEngine(c.VAE_ENCODER.name, folder, c.VAE_ENCODER) if inline else None
+
+    def read(self, request: Any, params: GenerationParams) -> tuple[np.ndarray, float] | None:
+        """The request's init image and strength, checked (its shape, the strength and the steps it
+        leaves) before anything runs; None for text-to-image."""
+        image = get_array(request, c.IMAGE)
+        if image is None:
+            if params.strength is not None:
+                raise InvalidRequest(
+                    c.STRENGTH.name, f"applies to an init image ({c.IMAGE.name}); none was sent"
+                )
+            return None
+        if not self.available:
+            raise InvalidRequest(
+                c.IMAGE.name, f"this export has no {c.VAE_ENCODER.name} (re-export the model)"
+            )
+        expected = (params.height, params.width, 3)
+        if image.shape != expected:
+            raise InvalidRequest(
+                c.IMAGE.name, f"must be [HEIGHT, WIDTH, 3] = {list(expected)}, got {list(image.shape)}"
+            )
+        strength = c.DEFAULT_STRENGTH if params.strength is None else params.strength
+        start_step(params.steps, strength)
+        return image, strength
+
+    def encode(self, read: tuple[np.ndarray, float] | None) -> Any:
+        """What `read` gave through the VAE encoder: an InitImage (sd_triton.runtime.denoise), or None."""
+        if read is None:
+            return None
+        from sd_triton.runtime.denoise import InitImage
+        from sd_triton.runtime.postprocess import from_uint8_images
+
+        image, strength = read
+        return InitImage(run_engine(c.VAE_ENCODER, self.engine, from_uint8_images(image[None])), strength)
 
 
 def run_engine(spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@ Every call into the Triton stub (BLS, is_cancelled, sending responses) happens o
 one worker thread; `execute` only hands requests over. For each request the worker
 
 1. tokenizes and encodes the prompt (BLS to `tokenizer`; the `text_encoder` engine in this process
-   on the inline UNet path, a BLS call to it on the bls path) when it admits it,
+   on the inline UNet path, a BLS call to it on the bls path), and an image-to-image request's image
+   (`vae_encoder`, the same way), when it admits it,
 2. advances it with every other active request, one UNet call per latent shape per step
    (`ContinuousBatcher`), sending a step response (STEP, STEPS_TOTAL, PREVIEW_IMAGES when asked),
 3. decodes it (the `vae_decoder` engine, in this process or by BLS as the text encoder, then uint8)
@@ -50,6 +51,7 @@ class TritonPythonModel:
         params = triton_io.model_params(args, BatchingParams)
         self.unet = triton_io.live_unet(params, args)
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
+        self.encoder = triton_io.ImageEncoder(params, args)  # image-to-image requests' init images
         config = BatchingConfig(
             max_batch=params.max_batch,
             max_wait_s=params.max_wait_us / 1e6,
@@ -98,6 +100,7 @@ class TritonPythonModel:
                 c.GUIDANCE_SCALE.name: triton_io.get_array(request, c.GUIDANCE_SCALE),
             }
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
+            image = self.encoder.read(request, params)
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return
@@ -119,7 +122,7 @@ class TritonPythonModel:
             tokens = triton_io.bls_infer_all(c.TOKENIZER.name, inputs, outputs)
             truncation.update({name: tokens[name] for name in outputs[1:]})
             embeds = triton_io.run_engine(c.TEXT_ENCODER, self.text_encoder, tokens[c.INPUT_IDS.name])
-            return DenoiseJob(embeds, params, self.config)
+            return DenoiseJob(embeds, params, self.config, self.encoder.encode(image))
 
         def step(index: int, steps: int) -> None:
             engines.add(self.unet.last)
@@ -139,10 +142,11 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - this request alone fails
                 failed(exc)
                 return
+            ran = params.steps if ticket.job is None else ticket.job.steps  # img2img: fewer
             outputs = {
                 c.IMAGES.name: to_uint8_images(decoded),
-                c.STEP.name: _int32(params.steps),
-                c.STEPS_TOTAL.name: _int32(params.steps),
+                c.STEP.name: _int32(ran),
+                c.STEPS_TOTAL.name: _int32(ran),
                 c.ENGINES.name: engines.array(),
                 **truncation,
             }

@@ -175,6 +175,6 @@ def test_engine_list_command(int8_repo, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["engine", "list", "--repo", str(repo), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["component"], r["precision"]) for r in rows] == [
-        ("text_encoder", "int8"), ("unet", "int8"), ("vae_decoder", "fp32"),
+        ("text_encoder", "int8"), ("unet", "int8"), ("vae_decoder", "fp32"), ("vae_encoder", "fp32"),
     ]  # fmt: skip
     assert all(r["loaded_versions"] is None for r in rows)  # no Triton asked

@@ -74,8 +74,9 @@ def test_tensorrt_config_and_profile(tensorrt_repo, tiny_checkpoint, name: str) 
         k: (lo, opt, (max_batch, *hi[1:]))
         for k, (lo, opt, hi) in COMPONENTS[name].profile(checkpoint.dims, limits).shapes.items()
     }
-    if name != "text_encoder":
-        assert profile.shapes[spec.inputs[0].name][2][2] * 8 == limits.max_side
+    if name != "text_encoder":  # latents (8x down) or, for the VAE encoder, pixels
+        scale = 1 if name == c.VAE_ENCODER.name else 8
+        assert profile.shapes[spec.inputs[0].name][2][2] * scale == limits.max_side
     # no GPU here: the plan is recorded as missing, with the reason, and the ONNX is in place
     entry = manifest["components"][name]
     assert entry["engine"] == "tensorrt" and entry["precision"] == "fp16"
@@ -101,7 +102,9 @@ def manifest_max_batch(name: str) -> int:
     limits = c.Limits()
     if name == c.UNET.name:
         return max(limits.max_unet_batch, RepositorySettings().max_batch_rows)
-    return limits.max_num_images if name == "vae_decoder" else limits.max_unet_batch
+    return (
+        limits.max_num_images if name in (c.VAE_DECODER.name, c.VAE_ENCODER.name) else limits.max_unet_batch
+    )
 
 
 def mode_configs(tiny_checkpoint: Path, **kwargs) -> dict[str, mc.ModelConfig]:
@@ -196,7 +199,9 @@ def test_python_ort_config(exported) -> None:
 
 def test_mixed_engines_from_the_command_line() -> None:
     engines = parse_engines("unet=tensorrt,vae_decoder=onnxruntime")
-    assert engines == {"text_encoder": "python-ort", "unet": "tensorrt", "vae_decoder": "onnxruntime"}
+    assert engines == {
+        "text_encoder": "python-ort", "unet": "tensorrt", "vae_decoder": "onnxruntime", "vae_encoder": "python-ort",
+    }  # fmt: skip
     assert parse_engines("onnxruntime") == dict.fromkeys(c.ENGINE_MODELS, "onnxruntime")
 
 
@@ -278,10 +283,10 @@ def test_python_torch_export_links_the_weights_and_records_them(
 def test_one_component_fp16_in_an_fp32_repository(tiny_checkpoint: Path) -> None:
     engines = {**dict.fromkeys(c.ENGINE_MODELS, "python-ort"), "unet": "tensorrt"}
     settings = RepositorySettings(engines=engines, fp16=("unet",))  # type: ignore[arg-type]
-    assert [settings.precision_of(name) for name in c.ENGINE_MODELS] == ["fp32", "fp16", "fp32"]
+    assert [settings.precision_of(name) for name in c.ENGINE_MODELS] == ["fp32", "fp16", "fp32", "fp32"]
     configs = all_configs(settings, ServedModel("tiny", 64, 64, 8))
     assert {name: configs[name].parameters["precision"].string_value for name in c.ENGINE_MODELS} == {
-        "text_encoder": "fp32", "unet": "fp16", "vae_decoder": "fp32",
+        "text_encoder": "fp32", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32",
     }  # fmt: skip
     assert (
         configs["unet"].platform == "tensorrt_plan" and configs["unet"].default_model_filename == "model.plan"

@@ -3,16 +3,35 @@ Validation is the gateway's own: it runs in-process over a fake Triton with the 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.gateway.inprocess import gateway_client
 
 OK = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64}
 GEN, BATCH, OPENAI = "/v1/generate", "/v1/generate/batch", "/v1/images/generations"
+MAX_BODY, MAX_IMAGE_PIXELS = 65536, 64 * 64  # this module's gateway settings
+
+
+def picture(size: tuple[int, int], file_format: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=file_format)
+    return buffer.getvalue()
+
+
+def b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode()
+
+
+IMAGE = b64(picture((48, 40)))
 
 # (id, route, body (dict -> JSON; str/bytes sent raw), headers, expected status, words in the message)
 CASES: list[tuple[str, str, object, dict[str, str] | None, int, list[str]]] = [
@@ -87,6 +106,43 @@ CASES: list[tuple[str, str, object, dict[str, str] | None, int, list[str]]] = [
         ["content-type"],
     ),
     ("huge-body", GEN, {**OK, "negative_prompt": "x" * 70_000}, None, 413, ["body", "65536"]),
+    # image-to-image: the init image and the strength
+    ("image-not-base64", GEN, {**OK, "image": "not base64!"}, None, 422, ["image", "base64"]),
+    ("image-not-an-image", GEN, {**OK, "image": b64(b"hello there")}, None, 422, ["image", "not an image"]),
+    ("image-gif", GEN, {**OK, "image": b64(picture((8, 8), "GIF"))}, None, 422, ["image", "GIF", "PNG"]),
+    ("image-damaged", GEN, {**OK, "image": b64(picture((48, 40))[:300])}, None, 422, ["image", "damaged"]),
+    (
+        "image-over-pixels",
+        GEN,
+        {**OK, "image": b64(picture((80, 60)))},
+        None,
+        422,
+        ["image", "4096", "80x60"],
+    ),
+    ("image-data-uri-raw", GEN, {**OK, "image": "data:image/png,abc"}, None, 422, ["image", "data URI"]),
+    ("image-not-string", GEN, {**OK, "image": 7}, None, 422, ["image", "string"]),
+    ("image-too-small", GEN, {"prompt": "a", "image": b64(picture((4, 4)))}, None, 422, ["image", "4x4"]),
+    ("strength-zero", GEN, {**OK, "image": IMAGE, "strength": 0}, None, 422, ["strength", "greater than 0"]),
+    (
+        "strength-over",
+        GEN,
+        {**OK, "image": IMAGE, "strength": 1.5},
+        None,
+        422,
+        ["strength", "less than or equal"],
+    ),
+    ("strength-word", GEN, {**OK, "image": IMAGE, "strength": "high"}, None, 422, ["strength", "number"]),
+    ("strength-nan", GEN, '{"prompt": "a", "strength": NaN}', None, 422, ["strength", "finite"]),
+    ("strength-no-image", GEN, {**OK, "strength": 0.5}, None, 422, ["strength", "init image"]),
+    (
+        "strength-no-step",
+        GEN,
+        {**OK, "image": IMAGE, "strength": 0.2},
+        None,
+        422,
+        ["strength", "runs no step"],
+    ),
+    ("batch-strength-no-image", BATCH, {"prompts": ["a"], "strength": 0.5}, None, 422, ["strength", "image"]),
     ("batch-empty", BATCH, {"prompts": [], "steps": 3}, None, 422, ["prompts", "at least 1"]),
     ("batch-too-many", BATCH, {"prompts": ["a"] * 17, "steps": 3}, None, 422, ["prompts", "16"]),
     ("batch-not-list", BATCH, {"prompts": "a cat"}, None, 422, ["prompts", "list"]),
@@ -108,7 +164,7 @@ CASES: list[tuple[str, str, object, dict[str, str] | None, int, list[str]]] = [
 
 @pytest.fixture(scope="module")
 def http() -> Iterator[httpx.Client]:
-    with gateway_client() as client:
+    with gateway_client(max_body_bytes=MAX_BODY, max_image_pixels=MAX_IMAGE_PIXELS) as client:
         yield client
 
 
@@ -122,6 +178,7 @@ def send(http: httpx.Client, route: str, body: object, headers: dict[str, str] |
 
 def test_enough_cases() -> None:
     assert len(CASES) >= 30
+    assert sum(1 for c in CASES if "image" in c[0] or "strength" in c[0]) >= 15
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
@@ -156,7 +157,9 @@ def diffusers_images(pipe: StableDiffusionPipeline, scheduler: str, prompt: str,
     # its options (use_karras_sigmas, ...) into this one
     cls = cls or type(pipe.checkpoint_scheduler)
     pipe.scheduler = cls.from_config(pipe.checkpoint_scheduler_config, **overrides)
-    out = pipe(
+    # with an init image: the img2img pipeline on the same modules and this scheduler
+    run = StableDiffusionImg2ImgPipeline(**pipe.components) if "image" in kw else pipe
+    out = run(
         prompt,
         num_images_per_prompt=n,
         generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
@@ -192,6 +195,63 @@ def test_triton_matches_diffusers(
     diff = max_abs_diff(ours, theirs)
     _figures[f"{scheduler}/{case}"] = diff
     assert diff <= MAX_ABS_DIFF
+
+
+# image-to-image: (id, height, width, negative prompt, guidance, num_images, strength)
+IMG2IMG_CASES = [
+    ("img2img-negative-cfg-n2", 64, 64, "blurry, low quality", 7.5, 2, 0.6),
+    ("img2img-nonsquare-strength-1", 56, 88, None, 5.0, 1, 1.0),
+    ("img2img-no-cfg-n2-one-step", 64, 48, None, 1.0, 2, 0.1),  # int(12 x 0.1) = 1 step
+]
+
+
+def init_image(height: int, width: int) -> np.ndarray:
+    """A picture with structure: a gradient and a bright disc."""
+    y, x = np.mgrid[0:height, 0:width]
+    disc = ((y - height / 2) ** 2 + (x - width / 3) ** 2) < (min(height, width) / 4) ** 2
+    image = np.stack([x * 255 / width, y * 255 / height, np.full_like(x, 90.0)], axis=-1)
+    image[disc] = (250, 240, 40)
+    return image.astype(np.uint8)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize(
+    ("case", "height", "width", "negative", "guidance", "n", "strength"),
+    IMG2IMG_CASES,
+    ids=[c[0] for c in IMG2IMG_CASES],
+)
+def test_img2img_matches_diffusers(
+    client, pipe, scheduler, case, height, width, negative, guidance, n, strength
+) -> None:
+    """An init image and a strength through Triton against StableDiffusionImg2ImgPipeline."""
+    from PIL import Image
+
+    common = dict(negative_prompt=negative, guidance_scale=guidance, seed=4321, strength=strength)
+    image = init_image(height, width)
+    named = None if scheduler == "default" else scheduler
+    ours = txt2img(
+        client, PROMPT, image=image, height=height, width=width, steps=STEPS, scheduler=named, num_images=n,
+        **common,
+    ).images  # fmt: skip
+    theirs = diffusers_images(
+        pipe,
+        scheduler,
+        PROMPT,
+        image=Image.fromarray(image),
+        num_inference_steps=STEPS,
+        num_images=n,
+        **common,
+    )
+    assert ours.shape == (n, height, width, 3)
+    diff = max_abs_diff(ours, theirs)
+    _figures[f"{scheduler}/{case}"] = diff
+    assert diff <= MAX_ABS_DIFF
+    if strength < 1.0:  # the image is used: another one gives other images
+        other = txt2img(
+            client, PROMPT, image=255 - image, height=height, width=width, steps=STEPS, scheduler=named,
+            num_images=n, **common,
+        ).images  # fmt: skip
+        assert max_abs_diff(ours, other) > 2 * MAX_ABS_DIFF, scheduler  # tiny: faint, still clear
 
 
 def test_each_image_reproducible_alone(client) -> None:

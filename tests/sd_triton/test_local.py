@@ -27,6 +27,18 @@ def test_local_images_equal_the_served_ones(
     assert ours.images.std() > 0
 
 
+def test_local_img2img_equals_the_served_one(
+    local: LocalPipeline, client: grpcclient.InferenceServerClient
+) -> None:
+    params = {"height": 32, "width": 48, "steps": 6, "guidance_scale": 5.0, "seed": 2, "strength": 0.5}
+    image = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    ours = local("a red circle", image=image, num_images=2, scheduler="euler_a", **params)
+    served = txt2img(client, "a red circle", image=image, num_images=2, scheduler="euler_a", **params)
+    assert np.abs(ours.images.astype(int) - served.images.astype(int)).max() <= 1
+    text_only = local("a red circle", num_images=2, scheduler="euler_a", **{**params, "strength": None})
+    assert np.abs(ours.images.astype(int) - text_only.images.astype(int)).max() > 2  # the image counts
+
+
 def test_local_requests_are_checked_like_served_ones(local: LocalPipeline) -> None:
     with pytest.raises(InvalidRequest, match="WIDTH"):
         local("x", height=64, width=50, steps=2, guidance_scale=1.0, seed=0, scheduler="ddim")
@@ -59,4 +71,4 @@ def test_the_stacks_engine_settings_reach_onnx_runtime(exported: dict) -> None:
         options = {
             name: r.session.get_session_options().get_session_config_entry(key) for name, r in runners.items()
         }
-        assert options == {"text_encoder": "1", "unet": unet_spins, "vae_decoder": "1"}
+        assert options == {"text_encoder": "1", "unet": unet_spins, "vae_decoder": "1", "vae_encoder": "1"}

@@ -56,7 +56,12 @@ def test_a_bad_value_is_named(params: dict[str, str], message: str) -> None:
 @pytest.mark.parametrize("batching", ["none", "dynamic", "continuous"])
 def test_what_the_export_writes_is_what_the_models_read(batching: str) -> None:
     settings = RepositorySettings(
-        engines={"text_encoder": "python-ort", "unet": "python-torch", "vae_decoder": "python-ort"},
+        engines={
+            "text_encoder": "python-ort",
+            "unet": "python-torch",
+            "vae_decoder": "python-ort",
+            "vae_encoder": "python-ort",
+        },  # fmt: skip
         batching=batching,  # type: ignore[arg-type]
         max_batch_rows=12,
         max_wait_us=300,

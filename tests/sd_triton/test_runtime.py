@@ -316,8 +316,8 @@ def test_img2img_loop_is_diffusers_img2img(
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
-    from sd_triton.requests import GenerationParams
-    from sd_triton.runtime.denoise import InitImage, denoise, start_step
+    from sd_triton.requests import GenerationParams, start_step
+    from sd_triton.runtime.denoise import InitImage, denoise
     from sd_triton.runtime.postprocess import from_uint8_images
     from tests.integration.test_parity import REFERENCE
 
