@@ -200,8 +200,11 @@ def test_python_ort_config(exported) -> None:
 def test_mixed_engines_from_the_command_line() -> None:
     engines = parse_engines("unet=tensorrt,vae_decoder=onnxruntime")
     assert engines == {
-        "text_encoder": "python-ort", "unet": "tensorrt", "vae_decoder": "onnxruntime", "vae_encoder": "python-ort",
-    }  # fmt: skip
+        "text_encoder": "python-ort",
+        "unet": "tensorrt",
+        "vae_decoder": "onnxruntime",
+        "vae_encoder": "python-ort",
+    }
     assert parse_engines("onnxruntime") == dict.fromkeys(c.ENGINE_MODELS, "onnxruntime")
 
 
