@@ -65,6 +65,8 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "scheduler": args.scheduler,
         "num_images": args.num_images,
+        "image": args.image,
+        "strength": args.strength,
     }
     out = Path(args.output)
     try:
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--scheduler", default=None)
     gen.add_argument("--num-images", type=int, default=None)
+    gen.add_argument(
+        "--image", type=Path, default=None, help="image-to-image: the init image (PNG, JPEG, WebP)"
+    )
+    gen.add_argument("--strength", type=float, default=None, help="image-to-image: 0 < s <= 1 (default 0.8)")
     gen.set_defaults(run=_generate, extra=None)
 
     add_perf_parser(sub)

@@ -4,6 +4,7 @@ from sd_triton.sdk import Client
 client = Client("http://localhost:8080")
 result = client.generate("a lighthouse at dawn", steps=20, seed=42)
 result.images[0].save("lighthouse.png")
+again = client.generate("the lighthouse at night", image="lighthouse.png", strength=0.6)  # image-to-image
 
 job = client.submit_job("a lighthouse at dawn", steps=30, preview=True)
 for event in client.job_events(job.id):  # queued, step (i / N, eta_s, preview), completed
@@ -223,8 +224,34 @@ def _events_headers(last_event_id: int | None) -> dict[str, str]:
     return {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
 
 
+IMAGE_FIELDS = ("image",)  # request fields that carry an uploaded image
+
+
+def _a_file(text: str) -> bool:
+    try:
+        return len(text) < 4096 and not text.startswith("data:") and Path(text).is_file()
+    except OSError:  # not a name this system takes: base64
+        return False
+
+
+def image_field(value: Any) -> str:
+    """An image for a request field: a path (str or Path) to a file, its bytes, or a PIL image (sent as
+    PNG) -> base64; any other str is sent as it is (base64 already, or a data URI)."""
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, Path) or (isinstance(value, str) and _a_file(value)):
+        return base64.b64encode(Path(value).read_bytes()).decode("ascii")
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "save"):  # a PIL image
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+    raise TypeError(f"an image must be a path, bytes, a PIL image or base64 text, got {type(value).__name__}")
+
+
 def _params(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if v is not None}
+    return {k: image_field(v) if k in IMAGE_FIELDS else v for k, v in params.items() if v is not None}
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -295,8 +322,9 @@ class Client:
 
     def generate(self, prompt: str, **params: Any) -> Generation:
         """params: the JSON fields of /v1/generate: sd_triton.requests.GenerationParams' names
-        (width, height, steps, guidance_scale, seed, scheduler, num_images), negative_prompt,
-        output_format, response_format. An unknown one is the gateway's 422 naming it."""
+        (width, height, steps, guidance_scale, seed, scheduler, num_images, strength), negative_prompt,
+        output_format, response_format, and `image` for image-to-image (a path, bytes, a PIL image or
+        base64: `image_field`). An unknown one is the gateway's 422 naming it."""
         return Generation.from_json(self._post("/v1/generate", {"prompt": prompt, **_params(params)}))
 
     def generate_batch(self, prompts: list[str], **params: Any) -> Generation:

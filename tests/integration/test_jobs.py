@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from sd_triton.gateway.jobs.models import JobRecord
 from sd_triton.gateway.process import GatewayProcess
@@ -34,6 +35,25 @@ def test_a_job_streams_what_the_ensemble_draws(http: httpx.Client, client) -> No
     image = png(frames[-1]["data"]["result"]["images"][0]["base64"])
     direct = txt2img(client, "a green square", num_images=1, **params).images[0]
     np.testing.assert_array_equal(image, direct)
+
+
+def test_an_image_to_image_job_streams_the_steps_it_runs(http: httpx.Client, client) -> None:
+    """int(steps x strength) step events, and the image the ensemble draws from the same init image;
+    the init image goes in at another size and is resized on the way."""
+    from tests.gateway.test_img2img import encoded
+
+    image = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    params = {"height": 32, "width": 48, "steps": 9, "guidance_scale": 5.0, "seed": 8, "scheduler": "euler"}
+    body = {"prompt": "a blue square", "image": encoded(image), "strength": 0.5, **params}
+    job = http.post("/v1/jobs", json=body).json()
+    frames = list(events(http, job["id"]))
+    assert [f["event"] for f in frames] == ["queued"] + ["step"] * 4 + ["completed"]  # int(9 x 0.5)
+    assert [f["data"]["step"] for f in frames[1:-1]] == [1, 2, 3, 4]
+    result = frames[-1]["data"]["result"]
+    assert result["provenance"]["mode"] == "image-to-image"
+    resized = np.asarray(Image.fromarray(image).resize((48, 32), resample=Image.Resampling.LANCZOS))
+    direct = txt2img(client, "a blue square", image=resized, strength=0.5, num_images=1, **params).images[0]
+    np.testing.assert_array_equal(png(result["images"][0]["base64"]), direct)
 
 
 def test_cancel_mid_run_stops_at_the_next_step(http: httpx.Client, triton: TritonServer) -> None:
