@@ -49,6 +49,8 @@ def _request(args: argparse.Namespace) -> Any:
         scheduler=args.scheduler,
         num_images=args.num_images,
         prompts=tuple(args.prompt) if args.prompt else DEFAULT_PROMPTS,
+        init_image=args.init_image or args.strength is not None,
+        strength=args.strength,
     )
 
 
@@ -257,6 +259,10 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default="ddim")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--prompt", action="append", help="repeat for several; default: four shape captions")
+    parser.add_argument(
+        "--init-image", action="store_true", help="image-to-image: a seeded picture as each request's IMAGE"
+    )
+    parser.add_argument("--strength", type=float, default=None, help="image-to-image (implies --init-image)")
 
 
 def add_parser(sub: Any) -> None:

@@ -41,6 +41,7 @@ class Request(GenerationParams):
     seed: int = 1234
     prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS)
     negative_prompt: str = ""
+    init_image: bool = False  # image-to-image: a seeded picture as IMAGE (and `strength`, or its default)
 
 
 def load_pipeline(repo: Path) -> PipelineConfig:
@@ -74,12 +75,26 @@ def txt2img_data(request: Request) -> list[dict[str, Any]]:
     for i, prompt in enumerate(request.prompts):
         entry: dict[str, Any] = {contract.PROMPT.name: _bytes(prompt)}
         for spec, value in replace(request, seed=request.seed + i).inputs().items():
+            if value is None:  # an optional input left out (STRENGTH of text-to-image)
+                continue
             is_text = spec.dtype == "TYPE_STRING"
             entry[spec.name] = _bytes(value) if is_text else _tensor(np.array([value], spec.numpy_dtype))
         if request.negative_prompt:
             entry[contract.NEGATIVE_PROMPT.name] = _bytes(request.negative_prompt)
+        if request.init_image:
+            entry[contract.IMAGE.name] = _tensor(
+                init_picture(request.height, request.width, request.seed + i)
+            )
         entries.append(entry)
     return entries
+
+
+def init_picture(height: int, width: int, seed: int) -> np.ndarray[Any, Any]:
+    """A uint8 [height, width, 3] picture for image-to-image requests: a seeded colour gradient."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [(a * x + b * y + c) % 1.0 for a, b, c in rng.uniform(0.2, 1.0, (3, 3))]
+    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
 
 
 def component_data(
@@ -109,6 +124,9 @@ def component_data(
     if component == "vae_decoder":
         sample = rng.standard_normal(latent, dtype=np.float32) / pipeline.vae_scaling_factor
         return [{names[0]: _tensor(sample)}]
+    if component == "vae_encoder":  # a picture in [-1, 1], channels first
+        picture = init_picture(request.height, request.width, request.seed).astype(np.float32) / 127.5 - 1
+        return [{names[0]: _tensor(picture.transpose(2, 0, 1))}]
     raise ValueError(f"component {component!r}: expected one of {', '.join(COMPONENTS)}")
 
 

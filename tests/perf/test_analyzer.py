@@ -21,7 +21,7 @@ def perf_analyzer() -> Path:
     return ensure_perf_analyzer(ROOT / ".tools")
 
 
-@pytest.mark.parametrize("model", ["unet", "text_encoder", "vae_decoder"])
+@pytest.mark.parametrize("model", ["unet", "text_encoder", "vae_decoder", "vae_encoder"])
 def test_each_component_is_measured_with_its_input_data(
     model: str, perf_analyzer: Path, triton: TritonServer, exported: dict, tmp_path: Path
 ) -> None:
@@ -50,6 +50,17 @@ def test_the_whole_pipeline_under_a_request_rate(
     assert len(rows) == 1 and rows[0].mode == "request-rate" and rows[0].level == 4.0
     assert 1.0 < rows[0].throughput < 8.0  # an open loop at about 4 requests/s
     assert rows[0].p50_ms > 0
+
+
+def test_image_to_image_requests_through_perf_analyzer(
+    perf_analyzer: Path, triton: TritonServer, exported: dict, tmp_path: Path
+) -> None:
+    request = Request(steps=4, height=32, width=32, init_image=True, strength=0.5)
+    data = write_inputs(exported["repo"], tmp_path / "inputs", request, ("txt2img",))["txt2img"]
+    rows = run_sweep(
+        Sweep("txt2img", triton.grpc_url, data, concurrency=(1,), **QUICK), perf_analyzer, tmp_path
+    )
+    assert len(rows) == 1 and rows[0].throughput > 0 and rows[0].p50_ms > 0
 
 
 def test_a_failing_run_says_why(perf_analyzer: Path, triton: TritonServer, tmp_path: Path) -> None:

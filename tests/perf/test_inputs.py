@@ -32,6 +32,8 @@ def test_every_component_gets_data_with_the_contract_names_and_the_asked_shapes(
     assert unet["encoder_hidden_states"]["shape"] == [contract.TOKEN_LENGTH, pipeline.text_hidden_size]
     assert unet["timestep"]["shape"] == [1]
     assert data["vae_decoder"][0]["latent_sample"]["shape"] == latent
+    picture = data["vae_encoder"][0]["sample"]
+    assert picture["shape"] == [3, 48, 80] and -1 <= min(picture["content"]) < max(picture["content"]) <= 1
 
     ids = data["text_encoder"][0]["input_ids"]
     assert ids["shape"] == [contract.TOKEN_LENGTH]
@@ -42,6 +44,21 @@ def test_negative_prompt_is_sent_only_when_given(exported: dict, tmp_path: Path)
     written = write_inputs(exported["repo"], tmp_path, Request(negative_prompt="blurry"), ("txt2img",))
     entry = json.loads(written["txt2img"].read_text())["data"][0]
     assert entry["NEGATIVE_PROMPT"]["content"] == ["blurry"]
+
+
+def test_image_to_image_requests_carry_a_picture_and_the_strength(exported: dict, tmp_path: Path) -> None:
+    request = Request(height=32, width=48, strength=0.6, init_image=True, prompts=("a", "b"))
+    entries = json.loads(
+        write_inputs(exported["repo"], tmp_path, request, ("txt2img",))["txt2img"].read_text()
+    )
+    first, second = entries["data"]
+    assert first["IMAGE"]["shape"] == [32, 48, 3] and first["STRENGTH"]["content"] == [0.6]
+    assert all(0 <= v <= 255 and v == int(v) for v in first["IMAGE"]["content"])
+    assert first["IMAGE"]["content"] != second["IMAGE"]["content"]  # seeded per entry, as the seeds are
+    text_only = json.loads(
+        write_inputs(exported["repo"], tmp_path, Request(), ("txt2img",))["txt2img"].read_text()
+    )
+    assert not {"IMAGE", "STRENGTH"} & set(text_only["data"][0])
 
 
 def test_a_side_off_the_vae_grid_is_refused_with_its_name(exported: dict, tmp_path: Path) -> None:
