@@ -94,7 +94,8 @@ def init_picture(height: int, width: int, seed: int) -> np.ndarray[Any, Any]:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
     channels = [(a * x + b * y + c) % 1.0 for a, b, c in rng.uniform(0.2, 1.0, (3, 3))]
-    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+    picture: np.ndarray[Any, Any] = (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+    return picture
 
 
 def component_data(

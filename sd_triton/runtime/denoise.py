@@ -66,27 +66,61 @@ class InitImage:
     """Where an image-to-image request starts: its image through the VAE encoder (the parameters of
     diffusers' latent distribution, mean and log-variance stacked on the channel axis: [1 or
     num_images, 2 x latent channels, h, w]) and how much of the schedule runs over it (`strength`,
-    0 < s <= 1: 1 repaints from nearly pure noise, small values keep the image)."""
+    0 < s <= 1: 1 repaints from nearly pure noise, small values keep the image).
+
+    Inpainting adds `mask` (`inpaint_mask`: [1, 1, h, w] at latent size, 1 where the image is repainted)
+    and, for a 9-channel inpainting UNet, `masked_moments` (the encoder's output for the image with the
+    repainted area zeroed): the UNet takes mask and masked image as extra channels. Without them a
+    regular UNet repaints the masked area and every step puts the rest back from the image, noised to
+    the step (diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet)."""
 
     moments: np.ndarray
     strength: float
+    mask: np.ndarray | None = None
+    masked_moments: np.ndarray | None = None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def blends(self) -> bool:
+        """A regular UNet inpainting: the unmasked area put back after every step."""
+        return self.mask is not None and self.masked_moments is None
+
+
+def inpaint_mask(mask: np.ndarray, image: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """A uint8 [H, W] mask (white: repaint) and the VAE input [1, 3, H, W] of its image -> the masked
+    image (the repainted area zeroed, the VAE encoder's input for a 9-channel UNet) and the mask at
+    latent size [1, 1, H/scale, W/scale], as diffusers' mask processor binarizes and resizes it."""
+    binary = (mask.astype(np.float32) / 255.0 >= 0.5).astype(np.float32)[None, None]
+    masked = image * (binary < 0.5)
+    size = (mask.shape[0] // scale, mask.shape[1] // scale)
+    small = torch.nn.functional.interpolate(torch.from_numpy(binary), size=size).numpy()
+    return masked.astype(np.float32), small
+
+
+def _distribution(moments: np.ndarray, rows: int, channels: int, field: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(moments, dtype=np.float32))
+    if tensor.ndim != 4 or tensor.shape[1] != 2 * channels or tensor.shape[0] not in (1, rows):
+        raise InvalidRequest(
+            field, f"encoded to {list(tensor.shape)}, expected [1 or {rows}, {2 * channels}, h, w]"
+        )
+    return tensor
+
+
+def _sample(moments: torch.Tensor, row: int, generator: torch.Generator) -> torch.Tensor:
+    """One draw from a row's latent distribution ([1, C, h, w]), diffusers' DiagonalGaussianDistribution."""
+    mean, logvar = moments[row % moments.shape[0]].unsqueeze(0).chunk(2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    return mean + std * randn_tensor(tuple(mean.shape), generator=generator, dtype=torch.float32)
 
 
 def _sample_image_latents(init: InitImage, generators: list[torch.Generator], channels: int) -> torch.Tensor:
-    """One draw from each image's latent distribution, with that image's generator (diffusers encodes
-    image i alone and samples it with generator i, before the noise is drawn)."""
-    moments = torch.from_numpy(np.ascontiguousarray(init.moments, dtype=np.float32))
-    if moments.ndim != 4 or moments.shape[1] != 2 * channels or moments.shape[0] not in (1, len(generators)):
-        raise InvalidRequest(
-            "IMAGE",
-            f"encoded to {list(moments.shape)}, expected [1 or {len(generators)}, {2 * channels}, h, w]",
-        )
-    draws = []
-    for i, generator in enumerate(generators):
-        mean, logvar = moments[i % moments.shape[0]].unsqueeze(0).chunk(2, dim=1)
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        draws.append(mean + std * randn_tensor(tuple(mean.shape), generator=generator, dtype=torch.float32))
-    return torch.cat(draws)
+    """One draw from each image's latent distribution, with that image's generator (diffusers' img2img
+    encodes image i alone and samples it with generator i, before the noise is drawn)."""
+    moments = _distribution(init.moments, len(generators), channels, "IMAGE")
+    return torch.cat([_sample(moments, i, generator) for i, generator in enumerate(generators)])
 
 
 class DenoiseJob:
@@ -118,6 +152,9 @@ class DenoiseJob:
         self.start = 0 if init is None else start_step(params.steps, init.strength) * order
         if self.start and self.linear is not None and self.linear.c is not None:
             self.linear = None
+        self.blend = init is not None and init.blends  # its steps put the unmasked area back: diffusers'
+        if self.blend:  # step, whose scheduler state add_noise reads
+            self.linear = None
         shared = self.linear is not None and init is None
         self.scheduler = prepared if shared else copy.deepcopy(prepared)
         if init is not None and hasattr(self.scheduler, "set_begin_index"):
@@ -139,16 +176,22 @@ class DenoiseJob:
                 (params.num_images, *self.latent_shape), generator=self.generators, dtype=torch.float32
             )
             self.latents = latents * self.scheduler.init_noise_sigma
-        else:  # the image's latents, noised to the first step this request runs
+        elif not init.inpainting:  # the image's latents, noised to the first step this request runs
             image = _sample_image_latents(init, self.generators, config.latent_channels)
-            if tuple(image.shape[1:]) != self.latent_shape:
-                raise InvalidRequest(
-                    "IMAGE", f"encoded to latents {list(image.shape[1:])}, expected {list(self.latent_shape)}"
-                )
+            self._check_latents(image)
             image = image * config.vae_scaling_factor
             noise = randn_tensor(tuple(image.shape), generator=self.generators, dtype=torch.float32)
             first = self.timesteps[self.start : self.start + 1].repeat(params.num_images)
             self.latents = self.scheduler.add_noise(image, noise, first)
+        else:
+            self._start_inpainting(init)
+        self.extra_channels: np.ndarray | None = None  # a 9-channel UNet's mask and masked image rows
+        if init is not None and init.inpainting and not init.blends:
+            assert self.masked is not None and init.mask is not None
+            extra = torch.cat(
+                [torch.from_numpy(init.mask).expand(len(self.masked), -1, -1, -1), self.masked], 1
+            )
+            self.extra_channels = torch.cat([extra, extra] if self.cfg else [extra]).numpy()
         if self.linear is None and hasattr(self.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its noise from Brownian trees seeded by the scheduler, not a generator:
             # one tree per image, seed + i, as diffusers builds them from a list of seeds
@@ -157,6 +200,51 @@ class DenoiseJob:
         self.step_kwargs = _step_kwargs(self.scheduler, self.generators)
         self.x0: np.ndarray | None = None  # a multistep closed form's previous data prediction
         self.step_index = self.start  # into `timesteps` (and the closed form's coefficients)
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise InvalidRequest(
+                "IMAGE", f"encoded to latents {list(latents.shape[1:])}, expected {list(self.latent_shape)}"
+            )
+
+    def _start_inpainting(self, init: InitImage) -> None:
+        """diffusers' StableDiffusionInpaintPipeline, draws in its order: the image's latents (a regular
+        UNet, or strength < 1) sampled with the first image's generator and shared by every image, the
+        noise (one draw per image), then the masked image's latents, again with the first generator
+        (drawn for a regular UNet too, which never reads them: the later draws stay diffusers')."""
+        n, channels, scale = (
+            self.params.num_images,
+            self.config.latent_channels,
+            self.config.vae_scaling_factor,
+        )
+        first_generator = self.generators[0]
+        full = init.strength == 1.0
+        self.image_latents: torch.Tensor | None = None
+        if init.blends or not full:
+            image = _sample(_distribution(init.moments, 1, channels, "IMAGE"), 0, first_generator)
+            self._check_latents(image)
+            self.image_latents = (image * scale).repeat(n, 1, 1, 1)
+        self.noise = randn_tensor((n, *self.latent_shape), generator=self.generators, dtype=torch.float32)
+        if full:
+            self.latents = self.noise * self.scheduler.init_noise_sigma
+        else:
+            assert self.image_latents is not None
+            first = self.timesteps[self.start : self.start + 1].repeat(n)
+            self.latents = self.scheduler.add_noise(self.image_latents, self.noise, first)
+        assert init.mask is not None
+        mask = np.ascontiguousarray(init.mask, dtype=np.float32)
+        if mask.shape != (1, 1, *self.latent_shape[1:]):
+            raise InvalidRequest(
+                "MASK", f"at latent size {list(mask.shape)}, expected {[1, 1, *self.latent_shape[1:]]}"
+            )
+        self.mask = torch.from_numpy(mask).repeat(n, 1, 1, 1)
+        self.masked: torch.Tensor | None = None
+        if init.masked_moments is None:  # the draw diffusers makes for the masked image's latents
+            randn_tensor((1, *self.latent_shape), generator=first_generator, dtype=torch.float32)
+        else:
+            masked = _sample(_distribution(init.masked_moments, 1, channels, "IMAGE"), 0, first_generator)
+            self._check_latents(masked)
+            self.masked = (masked * scale).repeat(n, 1, 1, 1)
 
     @property
     def steps(self) -> int:
@@ -184,10 +272,13 @@ class DenoiseJob:
             latents = self.latents.numpy()
             divisor = self.linear.divisor[self.step_index]
             sample = latents if divisor == 1 else latents / divisor
-            return (np.concatenate([sample, sample]) if self.cfg else sample), timestep, self.embeds
-        model_input = torch.cat([self.latents] * 2) if self.cfg else self.latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
-        return model_input.numpy(), timestep, self.embeds
+            sample = np.concatenate([sample, sample]) if self.cfg else sample
+        else:
+            model_input = torch.cat([self.latents] * 2) if self.cfg else self.latents
+            sample = self.scheduler.scale_model_input(model_input, t).numpy()
+        if self.extra_channels is not None:  # a 9-channel UNet: latents, mask, masked image
+            sample = np.concatenate([sample, self.extra_channels], axis=1)
+        return sample, timestep, self.embeds
 
     def advance(self, noise_pred: np.ndarray) -> None:
         """Guidance and the scheduler step with this step's UNet output."""
@@ -200,6 +291,13 @@ class DenoiseJob:
         t = self.timesteps[self.step_index]
         noise = torch.from_numpy(guided)
         self.latents = self.scheduler.step(noise, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        if self.blend:  # inpainting with a regular UNet: the unmasked area back from the image, noised to
+            assert self.image_latents is not None  # the next step (none after the last)
+            known = self.image_latents
+            if self.step_index + 1 < len(self.timesteps):
+                later = self.timesteps[self.step_index + 1 : self.step_index + 2]
+                known = self.scheduler.add_noise(known, self.noise, later)
+            self.latents = (1 - self.mask) * known + self.mask * self.latents
 
     def result(self) -> np.ndarray:
         """The final latents with the VAE's latent scaling undone, ready for the decoder."""

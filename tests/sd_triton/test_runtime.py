@@ -398,3 +398,93 @@ def test_img2img_strength_and_image_errors_name_the_field(pipe) -> None:
     for wrong in (np.zeros((1, 4, 4, 4)), np.zeros((3, 8, 4, 4)), np.zeros((1, 8, 5, 4))):
         with pytest.raises(InvalidRequest, match="IMAGE: encoded to"):
             DenoiseJob(embeds, params, config, InitImage(wrong.astype(np.float32), 0.5))
+
+
+@pytest.fixture(scope="module")
+def inpaint_unet(pipe):
+    """A 9-channel inpainting UNet shaped like the tiny one (latents, mask, masked image latents)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(7)
+    return UNet2DConditionModel(**{**pipe.unet.config, "in_channels": 9}).eval()
+
+
+# (UNet channels, scheduler, strength, guidance, num_images): regular UNets blend (diffusers' step
+# always), inpainting UNets take the mask as channels (closed forms where they apply)
+INPAINT_CASES = [
+    (4, "ddim", 1.0, 7.5, 2),
+    (4, "euler_a", 0.75, 5.0, 2),
+    (4, "dpmpp_2m", 0.6, 1.0, 1),
+    (9, "ddim", 1.0, 7.5, 2),
+    (9, "euler_a", 1.0, 5.0, 2),
+    (9, "dpmpp_2m", 0.6, 6.0, 1),
+    (9, "heun", 0.8, 4.0, 1),
+]
+
+
+@pytest.mark.parametrize(("channels", "scheduler", "strength", "guidance", "n"), INPAINT_CASES)
+def test_inpainting_loop_is_diffusers_inpainting(
+    pipe, inpaint_unet, channels: int, scheduler: str, strength: float, guidance: float, n: int
+) -> None:
+    """Our loop with the mask (and, for a 9-channel UNet, the masked image's latents) gives
+    StableDiffusionInpaintPipeline's latents on the same weights."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import InitImage, denoise, inpaint_mask
+    from sd_triton.runtime.postprocess import from_uint8_images
+    from tests.integration.test_parity import REFERENCE
+
+    unet = inpaint_unet if channels == 9 else pipe.unet
+    inpaint = StableDiffusionInpaintPipeline(**{**pipe.components, "unet": unet})
+    cls, overrides = REFERENCE[scheduler]
+    inpaint.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    pixels = np.random.default_rng(9).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mask = np.zeros((48, 64), dtype=np.uint8)
+    mask[8:40, 16:56] = 255
+    seed, prompt, steps = 17, "a green door", 6
+    expected = inpaint(
+        prompt,
+        image=Image.fromarray(pixels),
+        mask_image=Image.fromarray(mask),
+        strength=strength,
+        height=48,
+        width=64,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        num_images_per_prompt=n,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        output_type="latent",
+    ).images
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guidance > 1, None)
+    embeds = torch.cat([uncond, cond]) if guidance > 1 else cond
+    image = from_uint8_images(pixels[None])
+    masked, small = inpaint_mask(mask, image, 8)
+    with torch.no_grad():
+        moments = pipe.vae.encode(torch.from_numpy(image)).latent_dist.parameters.numpy()
+        masked_moments = pipe.vae.encode(torch.from_numpy(masked)).latent_dist.parameters.numpy()
+
+    def run_unet(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            args = (
+                torch.from_numpy(sample),
+                torch.from_numpy(timestep).reshape(-1),
+                torch.from_numpy(hidden),
+            )
+            return unet(*args).sample.numpy()
+
+    init = InitImage(moments, strength, small, masked_moments if channels == 9 else None)
+    config = PipelineConfig(4, 8, pipe.vae.config.scaling_factor, dict(pipe.scheduler.config))
+    params = GenerationParams(48, 64, steps, guidance, seed, scheduler, n)
+    ours = denoise(embeds.detach().numpy(), params, config, run_unet, init=init)
+    theirs = expected.numpy() / pipe.vae.config.scaling_factor
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(1.0, float(np.abs(theirs).max())))
+    if channels == 4:  # outside the mask the image's own latents come back (its draw with the first
+        kept = small[0, 0] == 0  # generator), inside they are new
+        with torch.no_grad():
+            dist = pipe.vae.encode(torch.from_numpy(image)).latent_dist
+            own = dist.sample(torch.Generator().manual_seed(seed))[0].numpy()
+        for latents in ours:
+            np.testing.assert_allclose(latents[:, kept], own[:, kept], atol=1e-4)
+            assert np.abs(latents[:, ~kept] - own[:, ~kept]).max() > 0.1
