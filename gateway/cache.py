@@ -48,7 +48,7 @@ def cache_key(
     image_digest: str | None = None,
 ) -> str | None:
     """The cache key of a planned generation, or None when it is not deterministic (no seed).
-    `image_digest`: an image-to-image request's init pixels, hashed (as sent to Triton)."""
+    `image_digest`: an image-to-image request's init pixels (and mask), hashed (as sent to Triton)."""
     if request.seed is None or not jobs:
         return None
     checked = dataclasses.asdict(jobs[0].params)  # width/height after defaults, as sent to Triton

@@ -78,6 +78,15 @@ def init_pixels(image: Image.Image, width: int, height: int) -> np.ndarray[Any, 
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def mask_pixels(mask: Image.Image, width: int, height: int) -> np.ndarray[Any, Any]:
+    """An inpainting mask as uint8 [height, width]: grey levels (RGB averaged, alpha ignored), resized
+    with Lanczos when its size differs, as diffusers' mask processor does; >= 128 is repainted."""
+    grey = mask.convert("L")
+    if grey.size != (width, height):
+        grey = grey.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return np.asarray(grey, dtype=np.uint8)
+
+
 class ImageEncoder:
     def __init__(self, workers: int, png_compress_level: int = 1) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")

@@ -48,6 +48,12 @@ class GenerationOptions(BaseModel):
         "dropped). width and height default to its size (rounded down to the model's multiple of 8); "
         "another size resizes it (Lanczos, as diffusers' image processor does)",
     )
+    mask: str | None = Field(
+        None,
+        max_length=MAX_IMAGE_CHARS,
+        description="inpainting, with `image`: a mask of the image's size, base64 or a data URI; white "
+        "(grey >= 128) is repainted, black kept, as diffusers binarizes it",
+    )
     strength: float | None = Field(
         None,
         gt=0.0,
@@ -129,8 +135,8 @@ class SchedulerProvenance(BaseModel):
 
 class Provenance(BaseModel):
     model: str
-    mode: Literal["text-to-image", "image-to-image"] = Field(
-        "text-to-image", description="image-to-image: the request sent an init image"
+    mode: Literal["text-to-image", "image-to-image", "inpainting"] = Field(
+        "text-to-image", description="image-to-image: the request sent an init image; inpainting: and a mask"
     )
     scheduler: SchedulerProvenance
     components: dict[str, ComponentProvenance] = Field(

@@ -20,7 +20,7 @@ from sd_triton.contract import DEFAULT_STRENGTH
 from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.errors import InvalidRequestError
-from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder, init_pixels, open_image
+from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder, init_pixels, mask_pixels, open_image
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.schemas import (
     ComponentProvenance,
@@ -52,17 +52,36 @@ class Job:
 
 @dataclass(frozen=True)
 class InitImage:
-    """An image-to-image request's init image: opened and checked (`open_image`), then as sent to Triton."""
+    """An image-to-image or inpainting request's images: opened and checked (`open_image`), then as sent
+    to Triton (`sized`)."""
 
     opened: PILImage
-    pixels: np.ndarray[Any, Any] | None = None  # uint8 [height, width, 3], after `plan`'s size
+    opened_mask: PILImage | None = None
+    pixels: np.ndarray[Any, Any] | None = None  # uint8 [height, width, 3], at `plan`'s size
+    mask: np.ndarray[Any, Any] | None = None  # uint8 [height, width]
+
+    @property
+    def mode(self) -> str:
+        return "inpainting" if self.opened_mask is not None else "image-to-image"
+
+    def sized(self, width: int, height: int) -> InitImage:
+        """The images at the request's size (off the event loop: resizing takes a while)."""
+        mask = None if self.opened_mask is None else mask_pixels(self.opened_mask, width, height)
+        return dataclasses.replace(self, pixels=init_pixels(self.opened, width, height), mask=mask)
+
+    def backend_params(self) -> dict[str, Any]:
+        """The backend's `image` (and `mask`) arguments."""
+        return {"image": self.pixels} if self.mask is None else {"image": self.pixels, "mask": self.mask}
 
     @property
     def digest(self) -> str | None:
-        """The pixels' hash (with their shape), for the result cache's key."""
+        """The pixels' hash (with their shapes, the mask's too), for the result cache's key."""
         if self.pixels is None:
             return None
-        return hashlib.sha256(repr(self.pixels.shape).encode() + self.pixels.tobytes()).hexdigest()
+        digest = hashlib.sha256(repr(self.pixels.shape).encode() + self.pixels.tobytes())
+        if self.mask is not None:
+            digest.update(b"mask" + repr(self.mask.shape).encode() + self.mask.tobytes())
+        return digest.hexdigest()
 
 
 def _invalid(exc: InvalidRequest) -> InvalidRequestError:
@@ -94,7 +113,7 @@ class Generator:
         request: GenerationOptions,
         progress: ProgressCallback,
         preview: bool,
-        image: np.ndarray[Any, Any] | None,
+        init: InitImage | None,
     ) -> Txt2ImgResult:
         if len(jobs) != 1:
             raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
@@ -103,7 +122,7 @@ class Generator:
             job.prompt,
             preview,
             negative_prompt=request.negative_prompt,
-            **_image_param(image),
+            **({} if init is None else init.backend_params()),
             **dataclasses.asdict(job.params),
         )
         async with aclosing(stream):
@@ -114,15 +133,23 @@ class Generator:
         raise AssertionError("txt2img_stream yields its result last")
 
     async def _init_image(self, request: GenerationOptions) -> InitImage | None:
-        """The request's init image, opened and checked off the event loop; None without one."""
+        """The request's init image (and mask), opened and checked off the event loop; None without one."""
         if request.image is None:
-            if request.strength is not None:
-                raise InvalidRequestError(
-                    "strength: applies to an init image (image); none was sent", field="strength"
-                )
+            for field, value in (("strength", request.strength), ("mask", request.mask)):
+                if value is not None:
+                    raise InvalidRequestError(
+                        f"{field}: applies to an init image (image); none was sent", field=field
+                    )
             return None
         limit = self.settings.max_image_pixels
-        return InitImage(await self.encoder.run(open_image, request.image, "image", limit))
+        image = await self.encoder.run(open_image, request.image, "image", limit)
+        if request.mask is None:
+            return InitImage(image)
+        mask = await self.encoder.run(open_image, request.mask, "mask", limit)
+        if mask.size != image.size:
+            (mw, mh), (iw, ih) = mask.size, image.size
+            raise InvalidRequestError(f"mask: {mw}x{mh}, the image {iw}x{ih}: they must match", field="mask")
+        return InitImage(image, mask)
 
     async def check(self, prompts: list[str], request: GenerationOptions) -> None:
         """Every check `generate` makes before Triton (the init image decoded, the request planned),
@@ -214,9 +241,7 @@ class Generator:
         served = await self.backend.served_model()
         jobs = self.plan(prompts, request, served, None if init is None else init.opened.size)
         if init is not None:
-            size = (jobs[0].params.width, jobs[0].params.height)
-            init = dataclasses.replace(init, pixels=await self.encoder.run(init_pixels, init.opened, *size))
-        sent_image = None if init is None else init.pixels
+            init = await self.encoder.run(init.sized, jobs[0].params.width, jobs[0].params.height)
         digest = None if init is None else init.digest
         key = cache_key(served.fingerprint, prompts, request, jobs, digest) if self.cache else None
         bypass = self.cache is not None and not use_cache and self.cache.bypass(key)
@@ -229,14 +254,14 @@ class Generator:
         # 1. One txt2img call per prompt, all in flight together: Triton batches them at the UNet.
         called = time.perf_counter()
         if progress is not None:
-            results = [await self._streamed(jobs, request, progress, preview, sent_image)]
+            results = [await self._streamed(jobs, request, progress, preview, init)]
         else:
             results = await asyncio.gather(
                 *(
                     self.backend.txt2img(
                         job.prompt,
                         negative_prompt=request.negative_prompt,
-                        **_image_param(sent_image),
+                        **({} if init is None else init.backend_params()),
                         **dataclasses.asdict(job.params),
                     )
                     for job in jobs
@@ -278,7 +303,7 @@ class Generator:
                 encode_ms=_ms(finished - inferred),
                 total_ms=_ms(finished - started),
             ),
-            provenance=_provenance(served, request.scheduler, results, init is not None),
+            provenance=_provenance(served, request.scheduler, results, None if init is None else init.mode),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -292,13 +317,8 @@ class Generator:
         return response.model_copy(update={"cache": "bypass"}) if bypass else response
 
 
-def _image_param(image: np.ndarray[Any, Any] | None) -> dict[str, Any]:
-    """The backend's `image` argument: only for image-to-image requests."""
-    return {} if image is None else {"image": image}
-
-
 def _provenance(
-    served: ServedModel, scheduler: str, results: list[Txt2ImgResult], from_image: bool = False
+    served: ServedModel, scheduler: str, results: list[Txt2ImgResult], mode: str | None = None
 ) -> Provenance:
     """Each component as Triton's configs say (re-read every few seconds), the UNet as Triton reported
     it with these results (exact: each UNet call is pinned to a version; sd_triton.runtime.triton_io)."""
@@ -323,7 +343,7 @@ def _provenance(
         components[c.UNET.name] = unet[-1]
     return Provenance(
         model=served.model,
-        mode="image-to-image" if from_image else "text-to-image",
+        mode=mode or "text-to-image",
         scheduler=SchedulerProvenance(name=scheduler, class_name=served.scheduler_class(scheduler)),
         components=components,
         unet_engines=unet,

@@ -66,6 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
         "scheduler": args.scheduler,
         "num_images": args.num_images,
         "image": args.image,
+        "mask": args.mask,
         "strength": args.strength,
     }
     out = Path(args.output)
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--image", type=Path, default=None, help="image-to-image: the init image (PNG, JPEG, WebP)"
     )
+    gen.add_argument("--mask", type=Path, default=None, help="inpainting, with --image: white is repainted")
     gen.add_argument("--strength", type=float, default=None, help="image-to-image: 0 < s <= 1 (default 0.8)")
     gen.set_defaults(run=_generate, extra=None)
 

@@ -137,6 +137,8 @@ NUM_IMAGES = _t("NUM_IMAGES", "TYPE_INT32", 1)
 # the share of the schedule run over it (0 < s <= 1; absent: DEFAULT_STRENGTH). No IMAGE: text-to-image
 IMAGE = _t("IMAGE", "TYPE_UINT8", -1, -1, 3, optional=True)  # [H, W, 3]
 STRENGTH = _t("STRENGTH", "TYPE_FP32", 1, optional=True)
+# inpainting: with IMAGE, a mask at the same size, grey levels >= 128 repainted (diffusers binarizes at 0.5)
+MASK = _t("MASK", "TYPE_UINT8", -1, -1, optional=True)  # [H, W]
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 
 # --- pipeline outputs ---
@@ -180,7 +182,8 @@ TXT2IMG = ModelSpec(
         NUM_IMAGES,
         STRENGTH,
         IMAGE,
-    ),  # fmt: skip
+        MASK,
+    ),
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES),
     batching=False,
     engine=False,
@@ -212,7 +215,7 @@ TEXT_ENCODER = ModelSpec(
 # (an ensemble's request id reaches its steps, but its cancellation does not reach a running step).
 CANCEL = _t("CANCEL", "TYPE_STRING", -1, optional=True)
 DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES)
-DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE)  # optional in every request: image-to-image
+DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: image-to-image, inpainting
 DENOISE = ModelSpec(
     "denoise",
     # optional in the config so that a control request may come without them; a generation still

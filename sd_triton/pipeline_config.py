@@ -24,6 +24,14 @@ class PipelineConfig:
     text_hidden_size: int | None = None  # the text encoder's width (UNet cross-attention); None: unknown
     # latent channels (+ bias) -> RGB in [0, 1], for step previews (export/preview.py); None: no previews
     preview_weights: list[list[float]] | None = None
+    # the UNet's input channels: latent_channels, or latents + mask + masked image for an inpainting UNet
+    # (9 for SD); None: latent_channels
+    unet_in_channels: int | None = None
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """The UNet takes a mask and the masked image's latents besides the latents."""
+        return self.unet_in_channels is not None and self.unet_in_channels > self.latent_channels
 
     def __post_init__(self) -> None:
         if self.latent_channels < 1:

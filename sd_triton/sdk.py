@@ -224,7 +224,7 @@ def _events_headers(last_event_id: int | None) -> dict[str, str]:
     return {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
 
 
-IMAGE_FIELDS = ("image",)  # request fields that carry an uploaded image
+IMAGE_FIELDS = ("image", "mask")  # request fields that carry an uploaded image
 
 
 def _a_file(text: str) -> bool:
@@ -323,8 +323,9 @@ class Client:
     def generate(self, prompt: str, **params: Any) -> Generation:
         """params: the JSON fields of /v1/generate: sd_triton.requests.GenerationParams' names
         (width, height, steps, guidance_scale, seed, scheduler, num_images, strength), negative_prompt,
-        output_format, response_format, and `image` for image-to-image (a path, bytes, a PIL image or
-        base64: `image_field`). An unknown one is the gateway's 422 naming it."""
+        output_format, response_format, and `image` for image-to-image, `mask` with it for inpainting
+        (each a path, bytes, a PIL image or base64: `image_field`). An unknown one is the gateway's 422
+        naming it."""
         return Generation.from_json(self._post("/v1/generate", {"prompt": prompt, **_params(params)}))
 
     def generate_batch(self, prompts: list[str], **params: Any) -> Generation:

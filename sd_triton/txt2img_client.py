@@ -56,12 +56,14 @@ def txt2img_inputs(
     *,
     negative_prompt: str | bytes | None = None,
     image: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
+    mask: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
     **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
     rest; scheduler None: left out, the checkpoint's own). `image`: image-to-image from this uint8
     [height, width, 3] image (`strength` in `params`). Values are not checked against the model's
-    limits (Triton does that), only against what the wire type can hold."""
+    limits (Triton does that), only against what the wire type can hold. `mask`: inpainting, uint8
+    [height, width], grey levels >= 128 repainted."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
@@ -70,8 +72,9 @@ def txt2img_inputs(
         for spec, value in values.items()
         if not (value is None and spec.optional)
     ]
-    if image is not None:
-        inputs.append(infer_input(c.IMAGE, np.ascontiguousarray(image, dtype=np.uint8)))
+    for spec, array in ((c.IMAGE, image), (c.MASK, mask)):
+        if array is not None:
+            inputs.append(infer_input(spec, np.ascontiguousarray(array, dtype=np.uint8)))
     return inputs
 
 

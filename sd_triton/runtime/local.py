@@ -14,7 +14,7 @@ from sd_triton import contract as c
 from sd_triton.model_params import EngineParams
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import validate_params
-from sd_triton.runtime.denoise import InitImage, denoise
+from sd_triton.runtime.denoise import InitImage, denoise, inpaint_mask
 from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
 from sd_triton.runtime.postprocess import from_uint8_images, to_uint8_images
 from sd_triton.runtime.tokenize import PromptTokenizer
@@ -72,10 +72,12 @@ class LocalPipeline:
         prompt: str,
         negative_prompt: str = "",
         image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
         **fields: Any,
     ) -> LocalResult:
         """`fields`: sd_triton.requests.GenerationParams' names (its defaults for the rest). `image`:
-        image-to-image from this uint8 [height, width, 3] image (`strength` in `fields`)."""
+        image-to-image from this uint8 [height, width, 3] image (`strength` in `fields`); `mask`:
+        inpainting, uint8 [height, width], grey levels >= 128 repainted."""
         params = validate_params(
             limits=self.config.limits, spatial_multiple=self.config.vae_scale_factor, **fields
         )
@@ -85,7 +87,12 @@ class LocalPipeline:
         init = None
         if image is not None:
             strength = c.DEFAULT_STRENGTH if params.strength is None else params.strength
-            init = InitImage(self._run(c.VAE_ENCODER.name, from_uint8_images(image[None])), strength)
+            pixels = from_uint8_images(image[None])
+            init = InitImage(self._run(c.VAE_ENCODER.name, pixels), strength)
+            if mask is not None:
+                masked, small = inpaint_mask(mask, pixels, self.config.vae_scale_factor)
+                encoded = self._run(c.VAE_ENCODER.name, masked) if self.config.inpainting_unet else None
+                init = InitImage(init.moments, strength, small, encoded)
         # 2. The denoising loop over the UNet session.
         latents = denoise(embeds, params, self.config, lambda *a: self._run(c.UNET.name, *a), init=init)
         # 3. Decode and convert.

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -410,25 +411,27 @@ def inline_text_and_image(
 
 
 class ImageEncoder:
-    """A loop's VAE encoder for image-to-image requests: in its process on the inline UNet path, Triton's
-    `vae_encoder` model by BLS on the bls path. A repository exported before image inputs has neither:
-    its image requests are refused, naming the input."""
+    """A loop's VAE encoder for image-to-image and inpainting requests: in its process on the inline UNet
+    path, Triton's `vae_encoder` model by BLS on the bls path. A repository exported before image inputs
+    has neither: its image requests are refused, naming the input."""
 
-    def __init__(self, params: BatchingParams, args: dict[str, Any]) -> None:
+    def __init__(self, params: BatchingParams, args: dict[str, Any], config: PipelineConfig) -> None:
         folder = version_dir(args).parents[1] / c.VAE_ENCODER.name
+        self.config = config
         self.available = (folder / CONFIG_FILE).is_file()
         inline = self.available and params.unet_path == "inline"
         self.engine = InlineEngine(c.VAE_ENCODER.name, folder, c.VAE_ENCODER) if inline else None
 
-    def read(self, request: Any, params: GenerationParams) -> tuple[np.ndarray, float] | None:
-        """The request's init image and strength, checked (its shape, the strength and the steps it
+    def read(self, request: Any, params: GenerationParams) -> PendingImage | None:
+        """The request's init image, strength and mask, checked (shapes, the strength and the steps it
         leaves) before anything runs; None for text-to-image."""
-        image = get_array(request, c.IMAGE)
+        image, mask = get_array(request, c.IMAGE), get_array(request, c.MASK)
         if image is None:
-            if params.strength is not None:
-                raise InvalidRequest(
-                    c.STRENGTH.name, f"applies to an init image ({c.IMAGE.name}); none was sent"
-                )
+            for spec, given in ((c.STRENGTH, params.strength is not None), (c.MASK, mask is not None)):
+                if given:
+                    raise InvalidRequest(
+                        spec.name, f"applies to an init image ({c.IMAGE.name}); none was sent"
+                    )
             return None
         if not self.available:
             raise InvalidRequest(
@@ -439,19 +442,30 @@ class ImageEncoder:
             raise InvalidRequest(
                 c.IMAGE.name, f"must be [HEIGHT, WIDTH, 3] = {list(expected)}, got {list(image.shape)}"
             )
+        if mask is not None and mask.shape != expected[:2]:
+            raise InvalidRequest(
+                c.MASK.name, f"must be [HEIGHT, WIDTH] = {list(expected[:2])}, got {list(mask.shape)}"
+            )
         strength = c.DEFAULT_STRENGTH if params.strength is None else params.strength
         start_step(params.steps, strength)
-        return image, strength
+        return PendingImage(image, strength, mask)
 
-    def encode(self, read: tuple[np.ndarray, float] | None) -> Any:
-        """What `read` gave through the VAE encoder: an InitImage (sd_triton.runtime.denoise), or None."""
+    def encode(self, read: PendingImage | None) -> Any:
+        """What `read` gave through the VAE encoder: an InitImage (sd_triton.runtime.denoise), or None.
+        Inpainting with an inpainting UNet encodes the masked image too (in the same call)."""
         if read is None:
             return None
-        from sd_triton.runtime.denoise import InitImage
+        from sd_triton.runtime.denoise import InitImage, inpaint_mask
         from sd_triton.runtime.postprocess import from_uint8_images
 
-        image, strength = read
-        return InitImage(run_engine(c.VAE_ENCODER, self.engine, from_uint8_images(image[None])), strength)
+        image = from_uint8_images(read.image[None])
+        if read.mask is None:
+            return InitImage(run_engine(c.VAE_ENCODER, self.engine, image), read.strength)
+        masked, small = inpaint_mask(read.mask, image, self.config.vae_scale_factor)
+        if not self.config.inpainting_unet:
+            return InitImage(run_engine(c.VAE_ENCODER, self.engine, image), read.strength, small)
+        both = run_engine(c.VAE_ENCODER, self.engine, np.concatenate([image, masked]))
+        return InitImage(both[:1], read.strength, small, both[1:])
 
 
 def run_engine(spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray) -> np.ndarray:
@@ -461,6 +475,15 @@ def run_engine(spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray) 
         return bls_infer(spec.name, {spec.inputs[0].name: array}, spec.outputs[0].name)
     inline.refresh()
     return inline(array)
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    """An image request's inputs as read and checked, before the VAE encoder runs."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    strength: float
+    mask: np.ndarray | None = None  # uint8 [H, W]
 
 
 class EngineLog:

@@ -75,3 +75,20 @@ def test_the_cache_key_holds_the_pixels_and_the_strength() -> None:
         ):
             http.post(GEN, json={**request, **body}).raise_for_status()
         assert len(calls) == 4, [("image" in c, c["strength"]) for c in calls]
+
+
+def test_inpainting_sends_the_grey_mask_at_the_planned_size() -> None:
+    image, mask = pixels(48, 40, seed=2), pixels(48, 40, seed=3, channels=4)  # an RGBA mask: grey, no alpha
+    with gateway_client() as http:
+        body = {"prompt": "x", "image": encoded(image), "mask": encoded(mask), "width": 64, "height": 48}
+        response = http.post(GEN, json=body)
+        assert response.status_code == 200, response.text
+        call = http.app.state.backend.calls[-1]
+        calls = http.app.state.backend.calls
+        for extra in ({}, {"mask": encoded(255 - mask)}):  # the mask is in the cache key
+            http.post(GEN, json={**body, "seed": 5, **extra}).raise_for_status()
+        assert len(calls) == 3
+    grey = Image.fromarray(mask).convert("L").resize((64, 48), resample=Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(call["mask"], np.asarray(grey))
+    assert call["image"].shape == (48, 64, 3) and call["strength"] == DEFAULT_STRENGTH
+    assert response.json()["provenance"]["mode"] == "inpainting"

@@ -102,6 +102,16 @@ def test_image_to_image_from_a_path_bytes_a_pil_image_or_base64(gateway, tmp_pat
     assert main([*args, "--strength", "0.5", "--steps", "4", "--seed", "3", "--scheduler", "ddim"]) == 0
     with Image.open(out) as written:
         assert np.array_equal(np.asarray(written), np.asarray(results[0].images[0].to_pil()))
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(64) < 32, 0, 255).astype(np.uint8)[None].repeat(48, 0)).save(mask)
+    assert main([*args, "--mask", str(mask), "--steps", "4", "--seed", "3", "--scheduler", "ddim"]) == 0
+    with Client(gateway.url) as client:
+        inpainted = client.generate(
+            "a fox", image=path, mask=Image.open(mask), steps=4, seed=3, scheduler="ddim"
+        )
+    assert inpainted.provenance["mode"] == "inpainting"
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written), np.asarray(inpainted.images[0].to_pil()))
 
 
 def to_pil_from_file(path) -> tuple[int, int]:

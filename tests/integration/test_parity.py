@@ -28,6 +28,7 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
@@ -158,7 +159,10 @@ def diffusers_images(pipe: StableDiffusionPipeline, scheduler: str, prompt: str,
     cls = cls or type(pipe.checkpoint_scheduler)
     pipe.scheduler = cls.from_config(pipe.checkpoint_scheduler_config, **overrides)
     # with an init image: the img2img pipeline on the same modules and this scheduler
-    run = StableDiffusionImg2ImgPipeline(**pipe.components) if "image" in kw else pipe
+    run = pipe
+    if "image" in kw:
+        kind = StableDiffusionInpaintPipeline if "mask_image" in kw else StableDiffusionImg2ImgPipeline
+        run = kind(**pipe.components)
     out = run(
         prompt,
         num_images_per_prompt=n,
@@ -252,6 +256,50 @@ def test_img2img_matches_diffusers(
             num_images=n, **common,
         ).images  # fmt: skip
         assert max_abs_diff(ours, other) > 2 * MAX_ABS_DIFF, scheduler  # tiny: faint, still clear
+
+
+# inpainting with the regular tiny UNet (the unmasked area put back every step): (id, height, width,
+# negative prompt, guidance, num_images, strength)
+INPAINT_CASES = [
+    ("inpaint-negative-cfg-n2", 64, 48, "blurry", 7.5, 2, 1.0),
+    ("inpaint-nonsquare-no-cfg", 56, 88, None, 1.0, 1, 0.7),
+]
+
+
+def inpainting_mask(height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 3 :] = 255
+    mask[:4, :4] = 100  # grey below 128: kept, as diffusers binarizes at 0.5
+    return mask
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize(
+    ("case", "height", "width", "negative", "guidance", "n", "strength"),
+    INPAINT_CASES,
+    ids=[c[0] for c in INPAINT_CASES],
+)
+def test_inpainting_matches_diffusers(
+    client, pipe, scheduler, case, height, width, negative, guidance, n, strength
+) -> None:
+    """An image, a mask and a strength through Triton against StableDiffusionInpaintPipeline."""
+    from PIL import Image
+
+    common = dict(negative_prompt=negative, guidance_scale=guidance, seed=99, strength=strength)
+    image, mask = init_image(height, width), inpainting_mask(height, width)
+    named = None if scheduler == "default" else scheduler
+    ours = txt2img(
+        client, PROMPT, image=image, mask=mask, height=height, width=width, steps=STEPS, scheduler=named,
+        num_images=n, **common,
+    ).images  # fmt: skip
+    theirs = diffusers_images(
+        pipe, scheduler, PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+        height=height, width=width, num_inference_steps=STEPS, num_images=n, **common,
+    )  # fmt: skip
+    assert ours.shape == (n, height, width, 3)
+    diff = max_abs_diff(ours, theirs)
+    _figures[f"{scheduler}/{case}"] = diff
+    assert diff <= MAX_ABS_DIFF
 
 
 def test_each_image_reproducible_alone(client) -> None:
