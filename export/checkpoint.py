@@ -43,9 +43,10 @@ class Checkpoint:
             scheduler = {**scheduler, "_class_name": named[1]}
         dims = ModelDims(
             text_hidden=int(text["hidden_size"]),
-            latent_channels=int(unet.get("in_channels", 4)),
+            latent_channels=int(vae.get("latent_channels", unet.get("out_channels", 4))),
             vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
             vocab_size=int(text["vocab_size"]),
+            unet_in_channels=int(unet.get("in_channels", 4)),
         )
         sample = unet.get("sample_size", 64)
         latent_h, latent_w = (sample, sample) if isinstance(sample, int) else sample

@@ -29,9 +29,10 @@ class ModelDims:
     """What the checkpoint says about tensor sizes."""
 
     text_hidden: int
-    latent_channels: int
+    latent_channels: int  # the VAE's
     vae_scale_factor: int
     vocab_size: int
+    unet_in_channels: int = 4  # latent_channels, or 9 for an inpainting UNet (latents, mask, masked image)
 
 
 @dataclass(frozen=True)
@@ -122,14 +123,14 @@ class UNet(Component):
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(batch)
-        sample = torch.randn((batch, dims.latent_channels, *latent_hw), generator=generator)
+        sample = torch.randn((batch, dims.unet_in_channels, *latent_hw), generator=generator)
         timestep = torch.full((batch, 1), 801.0)
         hidden = torch.randn((batch, TOKEN_LENGTH, dims.text_hidden), generator=generator)
         return sample, timestep, hidden
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
         lo, opt, hi = _latent_range(dims, limits)
-        b, c, d = limits.max_unet_batch, dims.latent_channels, dims.text_hidden
+        b, c, d = limits.max_unet_batch, dims.unet_in_channels, dims.text_hidden
         return Profile(
             {
                 "sample": ((1, c, lo, lo), (2, c, opt, opt), (b, c, hi, hi)),

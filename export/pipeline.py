@@ -277,6 +277,7 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
         scheduler_config=checkpoint.scheduler_config,
         limits=limits,
         text_hidden_size=checkpoint.dims.text_hidden,
+        unet_in_channels=checkpoint.dims.unet_in_channels,
         preview_weights=fit_preview_weights(
             repo / c.VAE_DECODER.name / "1" / "model.onnx",
             checkpoint.dims.latent_channels,

@@ -1,6 +1,7 @@
 """Built checkpoints with random weights (fixed seed), by name, for tests and benchmarks.
 
 - `tiny`: the smallest SD-shaped model; tests. Per-call overhead dominates its cost.
+- `tiny-inpaint`: `tiny` with a 9-channel inpainting UNet (StableDiffusionInpaintPipeline's layout); tests.
 - `small`: SD 1.5's layout (the same block types, four UNet levels with cross-attention on the
   first three, two resnets per level, 8 heads; a 12-layer CLIP text encoder; SD's 4-level VAE)
   narrowed in width — UNet (32, 64, 128, 128), text encoder 128 wide, VAE (32, 64, 128, 128) — at
@@ -21,10 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sd_triton.export.tiny import SEED, build_clip_tokenizer, build_tiny_pipeline, save_pipeline, sd_pipeline
+from sd_triton.export.tiny import (
+    SEED,
+    build_clip_tokenizer,
+    build_tiny_inpaint_pipeline,
+    build_tiny_pipeline,
+    save_pipeline,
+    sd_pipeline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +100,9 @@ def build_sd15_pipeline() -> StableDiffusionPipeline:
     return _sd15_shaped((320, 640, 1280, 1280), 768, 12, (128, 256, 512, 512), sample_size=64)
 
 
-PRESETS: dict[str, Callable[[], StableDiffusionPipeline]] = {
+PRESETS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny": build_tiny_pipeline,
+    "tiny-inpaint": build_tiny_inpaint_pipeline,
     "small": build_small_pipeline,
     "sd15": build_sd15_pipeline,
 }

@@ -12,7 +12,14 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 SEED = 0
@@ -122,7 +129,7 @@ def sd_pipeline(
     )
 
 
-def save_pipeline(pipeline: StableDiffusionPipeline, folder: Path) -> None:
+def save_pipeline(pipeline: DiffusionPipeline, folder: Path) -> None:
     pipeline.save_pretrained(folder)
     # SD 1.x's scheduler_config.json carries clip_sample=false for the schedulers built from it
     # (PNDM itself has no such option, so it is not saved with it)
@@ -130,13 +137,19 @@ def save_pipeline(pipeline: StableDiffusionPipeline, folder: Path) -> None:
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **SCHEDULER_EXTRA}, indent=2))
 
 
-def build_tiny_pipeline() -> StableDiffusionPipeline:
+def build_tiny_inpaint_pipeline() -> StableDiffusionInpaintPipeline:
+    """`tiny` with a 9-channel inpainting UNet (latents, mask, masked image latents), as
+    StableDiffusionInpaintPipeline's checkpoints have it."""
+    return StableDiffusionInpaintPipeline(**build_tiny_pipeline(unet_in_channels=9).components)
+
+
+def build_tiny_pipeline(unet_in_channels: int = 4) -> StableDiffusionPipeline:
     tokenizer = build_clip_tokenizer()
     text_encoder = small_text_encoder(tokenizer)
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,

@@ -111,6 +111,7 @@ def component_data(
         return [{names[0]: _tensor(token_ids.astype(np.int32))}]
     latent = _latent_shape(pipeline, request)
     if component == "unet":
+        latent = (pipeline.unet_in_channels or latent[0], *latent[1:])  # an inpainting UNet's 9 channels
         if pipeline.text_hidden_size is None:
             raise ValueError("pipeline.json has no text_hidden_size: re-export the repository")
         return [

@@ -235,7 +235,7 @@ DENOISE = ModelSpec(
 UNET = ModelSpec(
     "unet",
     inputs=(
-        _t("sample", "TYPE_FP32", 4, -1, -1),
+        _t("sample", "TYPE_FP32", -1, -1, -1),  # latents (4), or + mask and masked image (9: inpainting)
         _t("timestep", "TYPE_FP32", 1),
         _t("encoder_hidden_states", "TYPE_FP32", TOKEN_LENGTH, -1),
     ),

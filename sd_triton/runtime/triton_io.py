@@ -426,6 +426,11 @@ class ImageEncoder:
         """The request's init image, strength and mask, checked (shapes, the strength and the steps it
         leaves) before anything runs; None for text-to-image."""
         image, mask = get_array(request, c.IMAGE), get_array(request, c.MASK)
+        if self.config.inpainting_unet and (image is None or mask is None):
+            missing = c.IMAGE if image is None else c.MASK
+            raise InvalidRequest(
+                missing.name, f"this is an inpainting model: send {c.IMAGE.name} and {c.MASK.name}"
+            )
         if image is None:
             for spec, given in ((c.STRENGTH, params.strength is not None), (c.MASK, mask is not None)):
                 if given:
