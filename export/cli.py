@@ -130,7 +130,8 @@ def add_parser(sub: Any) -> None:
     ex.add_argument(
         "--model",
         required=True,
-        help="a diffusers checkpoint folder, a preset with random weights (tiny, tiny-inpaint, small, sd15) or 'demo'",
+        help="a diffusers checkpoint folder, a preset with random weights (tiny, tiny-inpaint, small, sd15) "
+        "or 'demo'",
     )
     ex.add_argument(
         "--engine",
