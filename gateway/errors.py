@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-OPENAI_PATH = "/v1/images/generations"  # errors on this route take OpenAI's shape
+OPENAI_PATH = "/v1/images/generations"
+OPENAI_EDITS_PATH = "/v1/images/edits"
+OPENAI_PATHS = frozenset({OPENAI_PATH, OPENAI_EDITS_PATH})  # errors on these routes take OpenAI's shape
 
 
 class GatewayError(Exception):

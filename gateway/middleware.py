@@ -1,5 +1,6 @@
-"""Checks before a request reaches a route: JSON content type and the body size limit; and a POST
-whose client goes away before its response is cancelled (with its Triton call, which Triton drops)."""
+"""Checks before a request reaches a route: JSON content type (a multipart form on the routes that take
+uploads) and the body size limit; and a POST whose client goes away before its response is cancelled
+(with its Triton call, which Triton drops)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sd_triton.gateway.errors import GatewayError, PayloadTooLargeError, Unsuppo
 
 log = logging.getLogger(__name__)
 DISCONNECTED = "sd_triton.client_disconnected"  # set in the scope of a request cancelled that way
+FORM_ROUTES = frozenset({"/v1/images/edits"})  # OpenAI's image uploads: multipart/form-data, not JSON
 
 
 class RequestGuardMiddleware:
@@ -26,7 +28,7 @@ class RequestGuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        error = self._check_headers(headers)
+        error = self._check_headers(headers, scope["path"] in FORM_ROUTES)
         if error is not None:
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
             return
@@ -90,11 +92,12 @@ class RequestGuardMiddleware:
     def _too_large(self, got: str) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"body: at most {self.max_body_bytes} bytes, got {got}", field="body")
 
-    def _check_headers(self, headers: Headers) -> GatewayError | None:
+    def _check_headers(self, headers: Headers, form: bool = False) -> GatewayError | None:
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json":
+        expected = "multipart/form-data" if form else "application/json"
+        if media_type != expected:
             return UnsupportedMediaTypeError(
-                f"content-type: must be application/json, got {media_type or 'none'}", field="content-type"
+                f"content-type: must be {expected}, got {media_type or 'none'}", field="content-type"
             )
         length = headers.get("content-length")
         if length is not None:

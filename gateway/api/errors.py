@@ -1,6 +1,6 @@
 """The gateway's errors as HTTP answers, in one place: its own hierarchy (gateway/errors.py), the state
 store being away, and FastAPI's and pydantic's own 4xx, all in the shape {"error": {type, message,
-field}}; on the OpenAI route in OpenAI's shape."""
+field}}; on the OpenAI routes in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd_triton.gateway.errors import (
-    OPENAI_PATH,
+    OPENAI_PATHS,
     GatewayError,
     InvalidRequestError,
     OpenAIInvalidRequestError,
@@ -60,7 +60,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
         kind = "invalid_request" if exc.status_code < 500 else "internal_error"
         body = {"error": {"type": kind, "message": message}}
-        if request.url.path == OPENAI_PATH and exc.status_code < 500:
+        if request.url.path in OPENAI_PATHS and exc.status_code < 500:
             field = "body" if exc.status_code == 400 else None
             body = OpenAIInvalidRequestError(message, field=field).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
@@ -71,5 +71,5 @@ def install_error_handlers(app: FastAPI) -> None:
         request: Request, exc: RequestValidationError | ValidationError
     ) -> JSONResponse:
         message, field = _validation_message(exc)
-        error_class = OpenAIInvalidRequestError if request.url.path == OPENAI_PATH else InvalidRequestError
+        error_class = OpenAIInvalidRequestError if request.url.path in OPENAI_PATHS else InvalidRequestError
         return await gateway_error(request, error_class(message, field=field))

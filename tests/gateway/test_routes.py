@@ -98,6 +98,22 @@ def test_openai_client(gateway) -> None:
     assert "size" in str(info.value)
 
 
+def test_openai_client_edits(gateway) -> None:
+    """`images.edit` of the official client against the real stack: with a mask (inpainting) and
+    without (image-to-image), images of the asked size."""
+    openai = pytest.importorskip("openai")
+    from tests.gateway.test_openai_edits import png, rgba
+
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused")
+    picture, mask = png(rgba(48, 40)[..., :3]), png(rgba(48, 40, (slice(0, 20), slice(None))))
+    edited = client.images.edit(
+        image=("in.png", picture), mask=("m.png", mask), prompt="a fox", n=2, size="64x48"
+    )
+    assert [decode(item.b64_json).size for item in edited.data] == [(64, 48)] * 2
+    redrawn = client.images.edit(image=("in.png", picture), prompt="a fox")
+    assert decode(redrawn.data[0].b64_json).size == (48, 40)
+
+
 def test_openai_url_format(http: httpx.Client) -> None:  # more in test_storage.py
     response = http.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
     assert response.status_code == 200, response.text
