@@ -78,6 +78,38 @@ def test_requests_joining_mid_flight_get_their_alone_images(
         assert a.std() > 0
 
 
+def test_image_and_inpainting_requests_batch_with_text_requests(
+    client: grpcclient.InferenceServerClient, triton: TritonServer
+) -> None:
+    """Text-to-image, image-to-image at two strengths (other start steps) and inpainting in flight
+    together: each gets its alone image, and they share UNet calls."""
+    picture = np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    mixed = [
+        {"prompt": "a red circle", "steps": 10, "scheduler": "ddim", "seed": 1, "height": 64, "width": 64},
+        {**REQUESTS[0], "prompt": "a barn", "image": picture, "strength": 0.5, "seed": 6},
+        {**REQUESTS[1], "prompt": "a gate", "image": picture, "strength": 0.8, "seed": 7},
+        {"prompt": "a door", "steps": 10, "scheduler": "euler", "seed": 8, "height": 64, "width": 64,
+         "image": picture, "mask": mask, "strength": 1.0},
+    ]  # fmt: skip
+    before = unet_calls(triton)[0]
+    solo = [_call(client, r) for r in mixed]
+    alone = unet_calls(triton)[0] - before
+    assert alone == 10 + 6 + 6 + 10  # int(steps x strength) for the image requests
+
+    def staggered(index: int) -> np.ndarray:
+        time.sleep(0.01 * index)
+        return _call(client, mixed[index])
+
+    before = unet_calls(triton)[0]
+    with ThreadPoolExecutor(len(mixed)) as pool:
+        together = list(pool.map(staggered, range(len(mixed))))
+    assert unet_calls(triton)[0] - before < alone
+    for request, a, b in zip(mixed, solo, together, strict=True):
+        assert np.abs(a - b).max() <= 2, request["prompt"]
+
+
 def test_requests_finishing_together_get_their_own_images(client: grpcclient.InferenceServerClient) -> None:
     """Requests that finish in the same iteration are decoded together on the inline path (VAE calls of
     up to its max batch, per latent shape): each still gets its own images, in its own size and count."""
