@@ -228,6 +228,14 @@ def _perf_jobs(args: argparse.Namespace) -> int:
     return _save(run_jobs_bench(settings, _work_dir(args)), args, "jobs", table)
 
 
+def _perf_img2img(args: argparse.Namespace) -> int:
+    from sd_triton.perf.img2img import Img2ImgBenchSettings, run_img2img_bench, table
+
+    strengths = tuple(float(s) for s in args.strengths.split(","))
+    settings = from_args(Img2ImgBenchSettings, args, strengths=strengths)
+    return _save(run_img2img_bench(settings, _work_dir(args)), args, "img2img", table)
+
+
 def _perf_int8(args: argparse.Namespace) -> int:
     from sd_triton.perf.int8 import Int8Settings, run_int8, table
 
@@ -363,6 +371,15 @@ def add_parser(sub: Any) -> None:
     jobs.add_argument("--no-preview", action="store_true", help="step events without preview images")
     _output_args(jobs, "jobs")
     jobs.set_defaults(run=_perf_jobs)
+
+    img2img = commands.add_parser("img2img", help="image-to-image and inpainting against text-to-image")
+    img2img.add_argument("--preset", default="small", help="tiny, small, sd15 (random weights), demo")
+    img2img.add_argument("--steps", type=int, default=20)
+    img2img.add_argument("--strengths", default="0.25,0.5,0.75,1", help="comma-separated, each in (0, 1]")
+    img2img.add_argument("--rounds", type=int, default=3)
+    img2img.add_argument("--repeats", type=int, default=3, help="requests per mode and round")
+    _output_args(img2img, "img2img")
+    img2img.set_defaults(run=_perf_img2img)
 
     int8 = commands.add_parser("int8", help="the UNet INT8 (ONNX Runtime) vs FP32: time per call, parity")
     int8.add_argument("--preset", default="small", help="tiny, small, sd15 (random weights), demo")
