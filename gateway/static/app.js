@@ -1,4 +1,5 @@
 // The playground. It builds its form from GET v1/info, submits an async job (POST v1/jobs),
+// optionally from an uploaded image (image-to-image) and a mask painted over it (inpainting),
 // follows it over Server-Sent Events (GET v1/jobs/{id}/events, read with fetch so that the API key
 // header can be sent; EventSource cannot send headers) and shows the progress, the step previews and
 // the final image or the error. Cancel: DELETE v1/jobs/{id}. Every URL is relative to the page, so a
@@ -6,7 +7,7 @@
 "use strict";
 
 const KEY_STORAGE = "sd-triton.api-key";
-const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "seed"];
+const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "seed", "strength"];
 const POLL_MS = 500;
 
 const $ = (id) => document.getElementById(id);
@@ -196,7 +197,80 @@ function readForm() {
     else if ($(id).validity.badInput) throw new ApiError(`${id}: not a number`, id);
   }
   if ($("scheduler").value) body.scheduler = $("scheduler").value;
+  if (init.dataUrl) {
+    body.image = init.dataUrl; // a data URI, as the gateway takes it
+    if (init.painted) body.mask = maskDataUrl();
+  } else if (body.strength !== undefined) {
+    throw new ApiError("strength: applies to an image; choose one first", "strength");
+  }
   return body;
+}
+
+// ---------- the image to start from, and the mask painted over it ----------
+
+const init = { dataUrl: null, painted: false }; // the uploaded image (a data URI) and whether paint is on it
+
+function loadImage(file) {
+  const reader = new FileReader();
+  reader.onload = () => {
+    const image = $("init-image");
+    image.onload = () => {
+      const canvas = $("mask-canvas");
+      canvas.width = image.naturalWidth; // the mask has the image's own size
+      canvas.height = image.naturalHeight;
+      clearMask();
+      init.dataUrl = reader.result;
+      $("mask-box").hidden = false;
+      // the result has the image's size unless the form asks another (the gateway resizes)
+      $("width").value = image.naturalWidth - (image.naturalWidth % 8);
+      $("height").value = image.naturalHeight - (image.naturalHeight % 8);
+    };
+    image.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function removeImage() {
+  init.dataUrl = null;
+  $("image").value = "";
+  $("strength").value = ""; // an image's setting: gone with it
+  $("mask-box").hidden = true;
+  clearMask();
+}
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  init.painted = false;
+}
+
+// White paint where the pointer goes with a button down, in the image's pixels.
+function paint(event) {
+  if (!(event.buttons & 1)) return;
+  const canvas = $("mask-canvas");
+  const box = canvas.getBoundingClientRect();
+  const x = ((event.clientX - box.left) * canvas.width) / box.width;
+  const y = ((event.clientY - box.top) * canvas.height) / box.height;
+  const radius = (Number($("brush").value) * canvas.width) / box.width / 2;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#ffffff";
+  context.beginPath();
+  context.arc(x, y, radius, 0, 2 * Math.PI);
+  context.fill();
+  init.painted = true;
+}
+
+// The mask as the gateway takes it: a PNG of the image's size, white repainted, black kept.
+function maskDataUrl() {
+  const painted = $("mask-canvas");
+  const mask = document.createElement("canvas");
+  mask.width = painted.width;
+  mask.height = painted.height;
+  const context = mask.getContext("2d");
+  context.fillStyle = "#000000";
+  context.fillRect(0, 0, mask.width, mask.height);
+  context.drawImage(painted, 0, 0);
+  return mask.toDataURL("image/png");
 }
 
 function loadApiKey() {
@@ -301,7 +375,8 @@ function showResult(result) {
   const timings = Object.entries(result.timings || {})
     .filter(([, value]) => typeof value === "number")
     .map(([name, value]) => `${name.replace(/_ms$/, "")} ${Math.round(value)} ms`);
-  $("details").textContent = timings.length ? `Timings: ${timings.join(", ")}.` : "";
+  const mode = result.provenance && result.provenance.mode ? ` Mode: ${result.provenance.mode}.` : "";
+  $("details").textContent = (timings.length ? `Timings: ${timings.join(", ")}.` : "") + mode;
 }
 
 function imageFigure(image) {
@@ -406,6 +481,14 @@ function main() {
   $("api_key").addEventListener("change", loadInfo); // a key may be what reading the model needed
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
+  $("image").addEventListener("change", () => {
+    if ($("image").files.length) loadImage($("image").files[0]);
+    else removeImage();
+  });
+  $("remove-image").addEventListener("click", removeImage);
+  $("clear-mask").addEventListener("click", clearMask);
+  $("mask-canvas").addEventListener("pointerdown", paint);
+  $("mask-canvas").addEventListener("pointermove", paint);
   loadInfo();
 }
 

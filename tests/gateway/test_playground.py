@@ -344,6 +344,54 @@ def test_bad_input_shows_the_gateway_message(page: Playground, http: httpx.Clien
     assert not page.driver.find_elements("css selector", "#images img")
 
 
+def test_an_uploaded_image_and_a_painted_mask_inpaint(
+    page: Playground, http: httpx.Client, tmp_path: Path
+) -> None:
+    """Upload an image, paint a mask over part of it, set the strength: the job inpaints (its details say
+    so), and /v1/generate with the same image, the mask the page sent and the seed shown gives the same
+    pixels. Removing the image goes back to text-to-image."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.select import Select
+
+    picture = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    path = tmp_path / "start.png"
+    Image.fromarray(picture).save(path)
+    page.el("image").send_keys(str(path))
+    page.wait(lambda: page.el("mask-box").is_displayed(), 10, "the image and its mask canvas")
+    assert [page.el(n).get_attribute("value") for n in ("width", "height")] == ["64", "48"]  # its size
+    canvas = page.el("mask-canvas")
+    box = canvas.size
+    stroke = ActionChains(page.driver).move_to_element_with_offset(canvas, -box["width"] // 4, 0)
+    stroke.click_and_hold().move_by_offset(box["width"] // 3, box["height"] // 5).release().perform()
+    mask_src = page.driver.execute_script("return maskDataUrl()")
+    mask = decode(mask_src)[..., 0]
+    assert 0 < (mask > 127).mean() < 0.5 and set(np.unique(mask)) >= {0, 255}  # painted, not all of it
+    page.fill(prompt="a green door", steps=6, strength="0.9")
+    Select(page.el("scheduler")).select_by_value("ddim")
+    page.el("generate").click()
+    page.wait(
+        lambda: page.driver.find_elements("css selector", "#images img.result"), 120, "the inpainted image"
+    )
+    assert page.text("details").endswith("Mode: inpainting."), page.text("details")
+    seed = int(page.driver.find_element("css selector", "#images .seed").text.removeprefix("seed "))
+    shown = decode(page.driver.find_element("css selector", "#images img.result").get_attribute("src"))
+    body = {
+        "prompt": "a green door", "steps": 6, "strength": 0.9, "scheduler": "ddim", "seed": seed,
+        "image": base64.b64encode(path.read_bytes()).decode(), "mask": mask_src,
+    }  # fmt: skip
+    again = http.post("/v1/generate", json=body).json()["images"][0]
+    np.testing.assert_array_equal(shown, decode("data:image/png;base64," + again["base64"]))
+
+    page.el("remove-image").click()
+    assert not page.el("mask-box").is_displayed()
+    page.el("generate").click()
+    page.wait(lambda: page.text("details").endswith("Mode: text-to-image."), 120, "a text-to-image result")
+    page.fill(strength="0.5")
+    page.el("generate").click()
+    error = page.wait(lambda: page.el("error").is_displayed() and page.el("error"), 10, "the strength error")
+    assert error.text.startswith("strength: applies to an image"), error.text
+
+
 def test_api_key_is_kept_and_sent(page: Playground) -> None:
     page.fill(api_key="sk-playground-test")
     page.open()  # a reload: the key comes back from localStorage and goes with the page's requests
