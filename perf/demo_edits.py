@@ -25,8 +25,8 @@ SCENE = ("a red circle on a blue background", 3)
 # (caption, extra fields): what the picture shows after the scene
 EDITS = [
     ("a red circle on a yellow background", {"strength": 0.7}),
-    ("a red circle on a green background", {"strength": 0.7}),
-    ("a red circle at the left on a blue background", {"strength": 0.8, "mask": "left"}),
+    ("a white circle on a blue background", {"strength": 0.8}),
+    ("a green square on a blue background", {"strength": 1.0, "mask": "centre"}),
 ]
 
 
@@ -58,9 +58,10 @@ def main() -> None:
         tiles = [scene]
         for caption, extra in EDITS:
             body = {"prompt": caption, "seed": seed + 1, "image": _png(scene), **COMMON, **extra}
-            if extra.get("mask") == "left":  # repaint the left half, keep the right
+            if extra.get("mask") == "centre":  # repaint the middle, where the object is; keep the rest
                 mask = np.zeros(scene.shape[:2], dtype=np.uint8)
-                mask[:, : scene.shape[1] // 2] = 255
+                h, w = scene.shape[:2]
+                mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
                 body["mask"] = _png(mask)
             tiles.append(_image(http.post("/v1/generate", json=body)))
             log.info("%s (%s)", caption, {k: v for k, v in extra.items() if k != "mask"})
