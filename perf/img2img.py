@@ -37,6 +37,7 @@ class Img2ImgBenchSettings:
     prompt: str = "a red circle on a blue background"
     scheduler: str = "ddim"
     guidance_scale: float = 7.5
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "rounds", "repeats"):
@@ -67,7 +68,7 @@ def modes(settings: Img2ImgBenchSettings, height: int, width: int) -> dict[str, 
 def run_img2img_bench(settings: Img2ImgBenchSettings, work_dir: Path) -> dict[str, Any]:
     from sd_triton.export.checkpoint import Checkpoint
     from sd_triton.export.pipeline import ExportOptions, run_export
-    from sd_triton.perf.compare import machine
+    from sd_triton.perf.compare import machine, request_body
     from sd_triton.perf.stack import serving
 
     # 1. The preset exported, Triton and the gateway started.
@@ -75,14 +76,7 @@ def run_img2img_bench(settings: Img2ImgBenchSettings, work_dir: Path) -> dict[st
     repo = work_dir / f"img2img-{settings.preset}"
     manifest = run_export(ExportOptions(settings.preset, repo, work_dir=work_dir))
     height, width = Checkpoint.open(Path(manifest["source"]["path"])).native_size
-    base = {
-        "prompt": settings.prompt,
-        "height": height,
-        "width": width,
-        "steps": settings.steps,
-        "guidance_scale": settings.guidance_scale,
-        "scheduler": settings.scheduler,
-    }
+    base = request_body(settings, height, width)  # its seed replaced request by request
     chosen = modes(settings, height, width)
     times: dict[str, list[list[float]]] = {mode: [] for mode in chosen}
     with serving(repo) as stack, httpx.Client(base_url=stack.gateway_url, timeout=600) as http:

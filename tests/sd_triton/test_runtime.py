@@ -138,6 +138,27 @@ def test_pipeline_config_round_trip(tmp_path: Path) -> None:
 V_PRED = {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}
 
 
+def torch_unet(unet: torch.nn.Module):  # noqa: ANN201 - sd_triton.runtime.denoise.UNetFn
+    """A diffusers UNet as the loop calls an engine: numpy in, numpy out, timesteps [B, 1]."""
+
+    def call(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            args = (
+                torch.from_numpy(sample),
+                torch.from_numpy(timestep).reshape(-1),
+                torch.from_numpy(hidden),
+            )
+            return unet(*args).sample.numpy()
+
+    return call
+
+
+def prompt_embeds(pipe, prompt: str, guidance: float, negative: str | None) -> torch.Tensor:
+    """diffusers' embeddings of a prompt, [uncond, cond] with guidance, as the loop takes them."""
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guidance > 1, negative)
+    return torch.cat([uncond, cond]) if guidance > 1 else cond
+
+
 @pytest.mark.parametrize(
     ("scheduler", "guidance", "negative", "config_changes"),
     [
@@ -175,17 +196,9 @@ def test_denoise_loop_is_diffusers_loop(
         generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
         output_type="latent",
     ).images
-    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guidance > 1, negative)
-    embeds = torch.cat([uncond, cond]) if guidance > 1 else cond
+    embeds = prompt_embeds(pipe, prompt, guidance, negative)
 
-    def unet(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            args = (
-                torch.from_numpy(sample),
-                torch.from_numpy(timestep).reshape(-1),
-                torch.from_numpy(hidden),
-            )
-            return pipe.unet(*args).sample.numpy()
+    unet = torch_unet(pipe.unet)
 
     steps: list[int] = []
     config = PipelineConfig(4, 8, pipe.vae.config.scaling_factor, base)
@@ -345,19 +358,11 @@ def test_img2img_loop_is_diffusers_img2img(
         output_type="latent",
         callback_on_step_end=count,
     ).images
-    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guidance > 1, negative)
-    embeds = torch.cat([uncond, cond]) if guidance > 1 else cond
+    embeds = prompt_embeds(pipe, prompt, guidance, negative)
     with torch.no_grad():
         moments = pipe.vae.encode(torch.from_numpy(from_uint8_images(pixels[None]))).latent_dist.parameters
 
-    def unet(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            args = (
-                torch.from_numpy(sample),
-                torch.from_numpy(timestep).reshape(-1),
-                torch.from_numpy(hidden),
-            )
-            return pipe.unet(*args).sample.numpy()
+    unet = torch_unet(pipe.unet)
 
     reported: list[tuple[int, int]] = []
     config = PipelineConfig(4, 8, pipe.vae.config.scaling_factor, base)
@@ -457,23 +462,14 @@ def test_inpainting_loop_is_diffusers_inpainting(
         generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
         output_type="latent",
     ).images
-    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guidance > 1, None)
-    embeds = torch.cat([uncond, cond]) if guidance > 1 else cond
+    embeds = prompt_embeds(pipe, prompt, guidance, None)
     image = from_uint8_images(pixels[None])
     masked, small = inpaint_mask(mask, image, 8)
     with torch.no_grad():
         moments = pipe.vae.encode(torch.from_numpy(image)).latent_dist.parameters.numpy()
         masked_moments = pipe.vae.encode(torch.from_numpy(masked)).latent_dist.parameters.numpy()
 
-    def run_unet(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            args = (
-                torch.from_numpy(sample),
-                torch.from_numpy(timestep).reshape(-1),
-                torch.from_numpy(hidden),
-            )
-            return unet(*args).sample.numpy()
-
+    run_unet = torch_unet(unet)
     init = InitImage(moments, strength, small, masked_moments if channels == 9 else None)
     config = PipelineConfig(4, 8, pipe.vae.config.scaling_factor, dict(pipe.scheduler.config))
     params = GenerationParams(48, 64, steps, guidance, seed, scheduler, n)
