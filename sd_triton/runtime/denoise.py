@@ -187,10 +187,8 @@ class DenoiseJob:
             self._start_inpainting(init)
         self.extra_channels: np.ndarray | None = None  # a 9-channel UNet's mask and masked image rows
         if init is not None and init.inpainting and not init.blends:
-            assert self.masked is not None and init.mask is not None
-            extra = torch.cat(
-                [torch.from_numpy(init.mask).expand(len(self.masked), -1, -1, -1), self.masked], 1
-            )
+            assert self.masked is not None
+            extra = torch.cat([self.mask, self.masked], 1)  # per image, uncond rows then cond rows
             self.extra_channels = torch.cat([extra, extra] if self.cfg else [extra]).numpy()
         if self.linear is None and hasattr(self.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its noise from Brownian trees seeded by the scheduler, not a generator:
