@@ -484,3 +484,28 @@ def test_inpainting_loop_is_diffusers_inpainting(
         for latents in ours:
             np.testing.assert_allclose(latents[:, kept], own[:, kept], atol=1e-4)
             assert np.abs(latents[:, ~kept] - own[:, ~kept]).max() > 0.1
+
+
+def test_resizing_and_mask_binarizing_are_diffusers_image_processors() -> None:
+    """The gateway's resize of an init image and a mask (sd_triton.gateway.images) and the loop's
+    conversion give what diffusers' image processors give for a differently sized upload."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from sd_triton.gateway.images import init_pixels, mask_pixels
+    from sd_triton.runtime.denoise import inpaint_mask
+    from sd_triton.runtime.postprocess import from_uint8_images
+
+    rng = np.random.default_rng(4)
+    upload = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 256, (37, 53), dtype=np.uint8))
+    theirs = VaeImageProcessor(vae_scale_factor=8).preprocess(upload, height=32, width=48)
+    ours = from_uint8_images(init_pixels(upload, 48, 32)[None])
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6)
+    masks = VaeImageProcessor(
+        vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )
+    their_mask = masks.preprocess(grey, height=32, width=48).numpy()
+    masked, _ = inpaint_mask(mask_pixels(grey, 48, 32), ours, 8)
+    np.testing.assert_array_equal(masked, ours * (their_mask < 0.5))
+    assert 0.2 < their_mask.mean() < 0.8
