@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from diffusers import StableDiffusionInpaintPipeline
+from diffusers import DPMSolverSDEScheduler, StableDiffusionInpaintPipeline
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from sd_triton.contract import SCHEDULERS
 from sd_triton.export.pipeline import ExportOptions, run_export
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import WORK_DIR, triton_server
@@ -45,40 +46,49 @@ def pipe(exported_inpaint: dict) -> StableDiffusionInpaintPipeline:
     pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.in_channels == 9
+    pipe.checkpoint_scheduler, pipe.checkpoint_config = pipe.scheduler, dict(pipe.scheduler.config)
     return pipe
 
 
+# (strength, guidance, negative prompt, num_images, height, width), taken in turn by the schedulers
+CASES = [
+    (1.0, 7.5, "blurry", 2, 64, 48),
+    (1.0, 5.0, None, 1, 56, 88),
+    (0.6, 6.0, None, 2, 64, 64),
+    (0.8, 1.0, None, 1, 48, 64),
+]
+
+
 @pytest.mark.parametrize(
-    ("scheduler", "strength", "guidance", "n", "height", "width"),
-    [
-        ("ddim", 1.0, 7.5, 2, 64, 48),
-        ("euler_a", 1.0, 5.0, 1, 56, 88),
-        ("dpmpp_2m", 0.6, 6.0, 2, 64, 64),
-        ("euler", 0.8, 1.0, 1, 48, 64),
-        ("unipc", 1.0, 7.5, 1, 64, 64),
-    ],
+    ("scheduler", "strength", "guidance", "negative", "n", "height", "width"),
+    [(scheduler, *CASES[i % len(CASES)]) for i, scheduler in enumerate(SCHEDULERS)],
 )
 def test_an_inpainting_unet_matches_diffusers(
-    client, pipe, scheduler: str, strength: float, guidance: float, n: int, height: int, width: int
-) -> None:
+    client, pipe, scheduler: str, strength: float, guidance: float, negative: str | None, n: int,
+    height: int, width: int,
+) -> None:  # fmt: skip
     image, mask = init_image(height, width), inpainting_mask(height, width)
+    named = None if scheduler == "default" else scheduler
     ours = txt2img(
-        client, PROMPT, image=image, mask=mask, strength=strength, height=height, width=width, steps=STEPS,
-        guidance_scale=guidance, seed=5, scheduler=scheduler, num_images=n,
+        client, PROMPT, negative_prompt=negative, image=image, mask=mask, strength=strength, height=height,
+        width=width, steps=STEPS, guidance_scale=guidance, seed=5, scheduler=named, num_images=n,
     ).images  # fmt: skip
     cls, overrides = REFERENCE[scheduler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    if cls is DPMSolverSDEScheduler:  # its Brownian trees seeded per image, as test_parity does it
+        overrides = {**overrides, "noise_sampler_seed": 5 if n == 1 else [5 + i for i in range(n)]}
+    pipe.scheduler = (cls or type(pipe.checkpoint_scheduler)).from_config(pipe.checkpoint_config, **overrides)
     theirs = pipe(
-        PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask), strength=strength,
-        height=height, width=width, num_inference_steps=STEPS, guidance_scale=guidance,
+        PROMPT, negative_prompt=negative, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+        strength=strength, height=height, width=width, num_inference_steps=STEPS, guidance_scale=guidance,
         num_images_per_prompt=n, generator=[torch.Generator().manual_seed(5 + i) for i in range(n)],
         output_type="np",
     ).images  # fmt: skip
     theirs = (theirs * 255).round().astype(np.uint8)
     assert max_abs_diff(ours, theirs) <= MAX_ABS_DIFF
     other = txt2img(
-        client, PROMPT, image=image, mask=255 - mask, strength=strength, height=height, width=width,
-        steps=STEPS, guidance_scale=guidance, seed=5, scheduler=scheduler, num_images=n,
+        client, PROMPT, negative_prompt=negative, image=image, mask=255 - mask, strength=strength,
+        height=height, width=width, steps=STEPS, guidance_scale=guidance, seed=5, scheduler=named,
+        num_images=n,
     ).images  # fmt: skip
     assert max_abs_diff(ours, other) > 2 * MAX_ABS_DIFF  # the mask reaches the UNet
 
