@@ -156,6 +156,8 @@ def valid_tensors(model: str, config: PipelineConfig) -> dict[str, np.ndarray]:
         "latent_sample": rng.standard_normal((1, *latent)).astype(np.float32),
         c.DECODED.name: rng.uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32),
     }
+    if model == c.VAE_ENCODER.name:  # its `sample` is pixels, the UNet's latents
+        arrays["sample"] = rng.uniform(-1, 1, (1, 3, SIDE, SIDE)).astype(np.float32)
     by_name = {spec.name: value for spec, value in params.items()}
     tensors = {}
     for spec in c.MODELS[model].inputs:

@@ -141,7 +141,7 @@ def test_a_stack_faster_than_its_floor_is_an_anomaly_not_met() -> None:
 def test_the_floor_runs_the_stacks_engine_settings(exported: dict) -> None:
     """(b) runs each engine with the artifact, threads and spinning its Triton config sets."""
     engines = floor_engines(exported["repo"])
-    assert set(engines) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(engines) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert engines["unet"] == {"artifact": "model.onnx", "intra_op_threads": 0, "allow_spinning": False}
 
 
