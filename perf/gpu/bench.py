@@ -148,6 +148,7 @@ def main() -> None:
     sample = torch.randn(2, 4, latent, latent, device="cuda", dtype=dtype)
     timestep = torch.tensor([500.0, 500.0], device="cuda")
     latents = torch.randn(1, 4, latent, latent, device="cuda", dtype=dtype)
+    pixels = torch.rand(1, 3, args.size, args.size, device="cuda", dtype=dtype) * 2 - 1  # an init image
 
     # 2. Each component alone, PyTorch eager (batch 2 = one step with guidance).
     log.info("[2/4] components, PyTorch %s", args.dtype)
@@ -156,6 +157,8 @@ def main() -> None:
             "text_encoder_b2": cuda_ms(lambda: pipe.text_encoder(ids), 20),
             "unet_step_b2": cuda_ms(lambda: pipe.unet(sample, timestep, hidden), 20),
             "vae_decode_b1": cuda_ms(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), 10),
+            # image-to-image and inpainting: one encode per request (two for an inpainting UNet)
+            "vae_encode_b1": cuda_ms(lambda: pipe.vae.encode(pixels), 10),
         }
         # The headroom continuous batching has on this GPU: one UNet call at growing batch sizes
         # (rows = 2 per request with guidance), as image-steps per second.
