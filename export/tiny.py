@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    EulerDiscreteScheduler,
     DiffusionPipeline,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 SEED = 0
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -73,22 +75,63 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def _small_text_config(tokenizer: CLIPTokenizer, hidden: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def small_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """A 2-layer, 32-wide CLIP text model over the full vocabulary, initialised from SEED."""
     torch.manual_seed(SEED)
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    return CLIPTextModel(_small_text_config(tokenizer))
+
+
+def build_tiny_xl_pipeline() -> StableDiffusionXLPipeline:
+    """An SDXL-shaped model at the smallest size: two CLIP text encoders (32 and 48 wide, the second with
+    a 32-wide projection: the pooled embeddings), a UNet with SDXL's added conditioning ("text_time":
+    pooled text + the six size numbers) and cross-attention over both encoders' states (80 wide), the tiny
+    VAE. Random weights from SEED, 64x64 native."""
+    tokenizer = build_clip_tokenizer()
+    text_encoder = small_text_encoder(tokenizer)
+    torch.manual_seed(SEED + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_small_text_config(tokenizer, hidden=48))
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    torch.manual_seed(SEED)
+    vae = small_vae(norm_num_groups=16)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config({**SCHEDULER_CONFIG, "timestep_spacing": "leading"}),
     )
 
 

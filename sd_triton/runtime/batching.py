@@ -257,7 +257,12 @@ class ContinuousBatcher:
         group = self._active[shape]
         try:
             inputs = [t.job.unet_inputs() for t in group]  # type: ignore[union-attr] - admitted: prepared
-            batch = (*(joined([x[i] for x in inputs]) for i in range(2)), self._hidden(shape, group, inputs))
+            # sample, timestep, the text embeddings (cached), an SDXL UNet's added conditioning
+            batch = (
+                *(joined([x[i] for x in inputs]) for i in range(2)),
+                self._hidden(shape, group, inputs),
+                *(joined([x[i] for x in inputs]) for i in range(3, len(inputs[0]))),
+            )
             noise = self.unet(*batch)
         except Exception as exc:  # noqa: BLE001 - every request of the call gets the error
             log.error("continuous batcher: UNet call for %s failed: %s", shape, exc)

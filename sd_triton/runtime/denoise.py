@@ -23,11 +23,29 @@ from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, start_step
 from sd_triton.runtime.schedulers import prepared_scheduler
 
-# (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D]) -> noise_pred [B,C,h,w]
-UNetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D], then for an SDXL UNet text_embeds
+# [B,P] and time_ids [B,6]) -> noise_pred [B,C,h,w]
+UNetFn = Callable[..., np.ndarray]
 # (step index, number of steps) -> None
 StepCallback = Callable[[int, int], None]
-UNetInputs = tuple[np.ndarray, np.ndarray, np.ndarray]
+UNetInputs = tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class AddedConditioning:
+    """SDXL's added UNet conditioning, one row per prompt row ([uncond,] cond, as the embeddings): the
+    pooled embeddings of the second text encoder, and the time ids (`time_ids`: original size, crop
+    top-left, target size)."""
+
+    text_embeds: np.ndarray  # [1 or 2, P]
+    time_ids: np.ndarray  # [1 or 2, 6]
+
+
+def time_ids(
+    original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
+) -> list[float]:
+    """SDXL's size conditioning, (height, width) pairs, in diffusers' order."""
+    return [float(v) for v in (*original, *crop_top_left, *target)]
 
 
 def _embeddings(prompt_embeds: np.ndarray, params: GenerationParams, config: PipelineConfig) -> torch.Tensor:
@@ -138,6 +156,7 @@ class DenoiseJob:
         params: GenerationParams,
         config: PipelineConfig,
         init: InitImage | None = None,
+        added: AddedConditioning | None = None,
     ) -> None:
         self.params = params
         self.config = config
@@ -160,8 +179,19 @@ class DenoiseJob:
         if init is not None and hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(self.start)
         self.timesteps = self.scheduler.timesteps
-        # 2. Text embeddings, one row per UNet batch item.
+        # 2. Text embeddings, one row per UNet batch item (and an SDXL UNet's added conditioning, alike).
         self.embeds = _embeddings(prompt_embeds, params, config).numpy()
+        self.added: tuple[np.ndarray, ...] = ()
+        if added is not None:
+            rows = []
+            for name, value in (("TEXT_EMBEDS", added.text_embeds), ("TIME_IDS", added.time_ids)):
+                array = np.ascontiguousarray(value, dtype=np.float32)
+                if array.ndim != 2 or len(array) != len(prompt_embeds):
+                    raise InvalidRequest(
+                        name, f"has shape {list(array.shape)}, expected [{len(prompt_embeds)}, n]"
+                    )
+                rows.append(np.repeat(array, params.num_images, axis=0))
+            self.added = tuple(rows)
         # 3. Initial noise: one CPU generator per image (Euler a's steps draw from them too).
         self.generators = [
             torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)
@@ -276,7 +306,7 @@ class DenoiseJob:
             sample = self.scheduler.scale_model_input(model_input, t).numpy()
         if self.extra_channels is not None:  # a 9-channel UNet: latents, mask, masked image
             sample = np.concatenate([sample, self.extra_channels], axis=1)
-        return sample, timestep, self.embeds
+        return (sample, timestep, self.embeds, *self.added)
 
     def advance(self, noise_pred: np.ndarray) -> None:
         """Guidance and the scheduler step with this step's UNet output."""
@@ -395,9 +425,10 @@ def denoise(
     unet: UNetFn,
     on_step: StepCallback | None = None,
     init: InitImage | None = None,
+    added: AddedConditioning | None = None,
 ) -> np.ndarray:
     """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone."""
-    job = DenoiseJob(prompt_embeds, params, config, init)
+    job = DenoiseJob(prompt_embeds, params, config, init, added)
     while not job.done:
         job.advance(unet(*job.unet_inputs()))
         if on_step is not None:

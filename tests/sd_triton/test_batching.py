@@ -349,3 +349,54 @@ def test_embeddings_are_joined_once_per_group_and_a_joining_request_refreshes_th
     assert calls[0][0] == calls[1][0] == id(first.job.embeds)  # alone: its own array, no copy per step
     assert calls[2][0] == calls[3][0] != calls[1][0]  # joined once, when the group changed
     assert calls[2][1] == first.job.rows + second.job.rows
+
+
+def test_sdxl_requests_batch_their_added_conditioning_row_by_row() -> None:
+    """SDXL jobs in one call: each job's pooled embeddings and time ids go with its own rows (a tiny-xl
+    UNet in torch), so every job gets the latents it gets alone."""
+    import torch
+
+    from sd_triton.export.tiny import build_tiny_xl_pipeline
+    from sd_triton.pipeline_config import PipelineConfig
+    from sd_triton.runtime.denoise import AddedConditioning, time_ids
+
+    xl = build_tiny_xl_pipeline()
+    config = PipelineConfig(4, 8, 0.18215, {**xl.scheduler.config, "_class_name": "EulerDiscreteScheduler"})
+    calls: list[int] = []
+
+    def unet(sample, timestep, hidden, text, time) -> np.ndarray:
+        calls.append(len(sample))
+        with torch.no_grad():
+            added = {"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(time)}
+            args = (
+                torch.from_numpy(sample),
+                torch.from_numpy(timestep).reshape(-1),
+                torch.from_numpy(hidden),
+            )
+            return xl.unet(*args, added_cond_kwargs=added).sample.numpy()
+
+    rng = np.random.default_rng(1)
+    jobs = []
+    for seed, (n, guidance, size) in enumerate([(1, 5.0, (64, 64)), (2, 7.5, (128, 96)), (1, 1.0, (32, 32))]):
+        rows = 2 if guidance > 1 else 1
+        params = GenerationParams(64, 64, 5, guidance, seed, "euler", n)
+        added = AddedConditioning(
+            rng.standard_normal((rows, 32)).astype(np.float32),
+            np.array([time_ids(size, (0, 0), (64, 64))] * rows, dtype=np.float32),
+        )
+        jobs.append((rng.standard_normal((rows, 77, 80)).astype(np.float32), params, added))
+    solo = [denoise(e, p, config, unet, added=a) for e, p, a in jobs]
+    calls.clear()
+    batcher = ContinuousBatcher(unet, BatchingConfig(max_batch=16))
+    outcomes = [Outcome() for _ in jobs]
+    for (e, p, a), outcome in zip(jobs, outcomes, strict=True):
+        done = lambda x, o=outcome: setattr(o, "latents", x)  # noqa: E731
+        failed = lambda exc, o=outcome: setattr(o, "error", exc)  # noqa: E731
+        batcher.submit(Ticket(DenoiseJob(e, p, config, added=a), done, failed))
+    batcher.run_until_idle()
+    assert max(calls) == 2 + 4 + 1  # all three jobs' rows in one call
+    for outcome, alone_latents in zip(outcomes, solo, strict=True):
+        assert outcome.error is None and outcome.latents is not None
+        # float32: a batched call sums in another order
+        scale = max(1.0, float(np.abs(alone_latents).max()))
+        np.testing.assert_allclose(outcome.latents, alone_latents, atol=1e-5 * scale)

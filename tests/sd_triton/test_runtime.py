@@ -509,3 +509,71 @@ def test_resizing_and_mask_binarizing_are_diffusers_image_processors() -> None:
     masked, _ = inpaint_mask(mask_pixels(grey, 48, 32), ours, 8)
     np.testing.assert_array_equal(masked, ours * (their_mask < 0.5))
     assert 0.2 < their_mask.mean() < 0.8
+
+
+# (scheduler, guidance, negative prompt, num_images, size conditioning: original, crop, target or None)
+SDXL_CASES = [
+    ("default", 5.0, None, 1, None),  # the checkpoint's Euler; no negative prompt: zeros, as diffusers
+    ("ddim", 7.5, "blurry", 2, None),
+    ("euler_a", 1.0, None, 2, ((128, 96), (8, 4), (64, 48))),
+    ("dpmpp_2m", 6.0, "fog", 1, ((256, 256), (0, 0), (64, 48))),
+]
+
+
+@pytest.mark.parametrize(("scheduler", "guidance", "negative", "n", "sizes"), SDXL_CASES)
+def test_sdxl_conditioning_is_diffusers_sdxl(
+    scheduler: str, guidance: float, negative: str | None, n: int, sizes: tuple | None
+) -> None:
+    """Our loop with SDXL's added conditioning (pooled text embeddings, size time ids) and diffusers' own
+    tiny-xl UNet gives StableDiffusionXLPipeline's latents."""
+    from sd_triton.export.tiny import build_tiny_xl_pipeline
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import AddedConditioning, denoise, time_ids
+    from tests.integration.test_parity import REFERENCE
+
+    xl = build_tiny_xl_pipeline()
+    xl.set_progress_bar_config(disable=True)
+    base = {**xl.scheduler.config, "_class_name": type(xl.scheduler).__name__}  # as the export reads it
+    cls, overrides = REFERENCE[scheduler]
+    xl.scheduler = (cls or type(xl.scheduler)).from_config(base, **overrides)
+    height, width, seed, prompt = 48, 64, 23, "a lighthouse"
+    original, crop, target = sizes or ((height, width), (0, 0), (height, width))
+    conditioning = (
+        {}
+        if sizes is None
+        else {"original_size": original, "crops_coords_top_left": crop, "target_size": target}
+    )
+    expected = xl(
+        prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=6,
+        guidance_scale=guidance, num_images_per_prompt=n, output_type="latent",
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], **conditioning,
+    ).images  # fmt: skip
+    with torch.no_grad():
+        cond, uncond, pooled, uncond_pooled = xl.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=guidance > 1,
+            negative_prompt=negative,
+        )  # fmt: skip
+    cfg = guidance > 1
+    embeds = torch.cat([uncond, cond]) if cfg else cond
+    text_embeds = torch.cat([uncond_pooled, pooled]) if cfg else pooled
+    ids = np.array([time_ids(original, crop, target)] * (2 if cfg else 1), dtype=np.float32)
+
+    def unet(sample, timestep, hidden, text, time) -> np.ndarray:
+        with torch.no_grad():
+            added = {"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(time)}
+            args = (
+                torch.from_numpy(sample),
+                torch.from_numpy(timestep).reshape(-1),
+                torch.from_numpy(hidden),
+            )
+            return xl.unet(*args, added_cond_kwargs=added).sample.numpy()
+
+    config = PipelineConfig(4, 8, xl.vae.config.scaling_factor, base)
+    params = GenerationParams(height, width, 6, guidance, seed, scheduler, n)
+    added = AddedConditioning(text_embeds.numpy(), ids)
+    ours = denoise(embeds.numpy(), params, config, unet, added=added)
+    theirs = expected.numpy() / xl.vae.config.scaling_factor
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * max(1.0, float(np.abs(theirs).max())))
+    if sizes is not None:  # the size conditioning reaches the UNet: other sizes, other latents
+        other = AddedConditioning(text_embeds.numpy(), ids + 64)
+        assert np.abs(denoise(embeds.numpy(), params, config, unet, added=other) - ours).max() > 1e-3
