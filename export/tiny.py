@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
-    EulerDiscreteScheduler,
     DiffusionPipeline,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
