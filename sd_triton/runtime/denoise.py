@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sd_triton.contract import PROMPT_EMBEDS, TOKEN_LENGTH
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, start_step
+from sd_triton.runtime.postprocess import from_uint8_images
 from sd_triton.runtime.schedulers import prepared_scheduler
 
 # (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D], then for an SDXL UNet text_embeds
@@ -116,6 +117,26 @@ def inpaint_mask(mask: np.ndarray, image: np.ndarray, scale: int) -> tuple[np.nd
     size = (mask.shape[0] // scale, mask.shape[1] // scale)
     small = torch.nn.functional.interpolate(torch.from_numpy(binary), size=size).numpy()
     return masked.astype(np.float32), small
+
+
+def encode_init_image(
+    image: np.ndarray,
+    strength: float,
+    mask: np.ndarray | None,
+    config: PipelineConfig,
+    encoder: Callable[[np.ndarray], np.ndarray],
+) -> InitImage:
+    """A uint8 [H, W, 3] image (and uint8 [H, W] mask) through the VAE `encoder` (VAE input [B, 3, H, W] ->
+    latent distribution parameters): the request's InitImage. An inpainting UNet's masked image is
+    encoded in the same call as the image."""
+    pixels = from_uint8_images(image[None])
+    if mask is None:
+        return InitImage(encoder(pixels), strength)
+    masked, small = inpaint_mask(mask, pixels, config.vae_scale_factor)
+    if not config.inpainting_unet:
+        return InitImage(encoder(pixels), strength, small)
+    both = encoder(np.concatenate([pixels, masked]))
+    return InitImage(both[:1], strength, small, both[1:])
 
 
 def _distribution(moments: np.ndarray, rows: int, channels: int, field: str) -> torch.Tensor:

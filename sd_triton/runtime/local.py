@@ -5,6 +5,7 @@ engine floor the serving benchmarks compare against, and a way to debug an expor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from sd_triton import contract as c
 from sd_triton.model_params import EngineParams
 from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import validate_params
-from sd_triton.runtime.denoise import InitImage, denoise, inpaint_mask
+from sd_triton.runtime.denoise import denoise, encode_init_image
 from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
-from sd_triton.runtime.postprocess import from_uint8_images, to_uint8_images
+from sd_triton.runtime.postprocess import to_uint8_images
 from sd_triton.runtime.tokenize import PromptTokenizer
 
 
@@ -87,12 +88,8 @@ class LocalPipeline:
         init = None
         if image is not None:
             strength = c.DEFAULT_STRENGTH if params.strength is None else params.strength
-            pixels = from_uint8_images(image[None])
-            init = InitImage(self._run(c.VAE_ENCODER.name, pixels), strength)
-            if mask is not None:
-                masked, small = inpaint_mask(mask, pixels, self.config.vae_scale_factor)
-                encoded = self._run(c.VAE_ENCODER.name, masked) if self.config.inpainting_unet else None
-                init = InitImage(init.moments, strength, small, encoded)
+            encoder = partial(self._run, c.VAE_ENCODER.name)
+            init = encode_init_image(image, strength, mask, self.config, encoder)
         # 2. The denoising loop over the UNet session.
         latents = denoise(embeds, params, self.config, lambda *a: self._run(c.UNET.name, *a), init=init)
         # 3. Decode and convert.

@@ -60,9 +60,8 @@ class TritonPythonModel:
         params = triton_io.model_params(args, DenoiseParams)
         self.unet = triton_io.live_unet(params, args)
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
-        self.encoder = triton_io.ImageEncoder(
-            params, args, self.config
-        )  # image-to-image requests' init images
+        # image-to-image and inpainting requests' init images
+        self.encoder = triton_io.ImageEncoder(params, args, self.config)
         # finished requests are decoded and answered on a thread of their own, so the loop steps the
         # others meanwhile (the engines release the GIL), as it did while Triton's vae_decoder decoded;
         # those finished since its last turn share VAE calls (`_answer_finished`)

@@ -460,17 +460,12 @@ class ImageEncoder:
         Inpainting with an inpainting UNet encodes the masked image too (in the same call)."""
         if read is None:
             return None
-        from sd_triton.runtime.denoise import InitImage, inpaint_mask
-        from sd_triton.runtime.postprocess import from_uint8_images
+        from sd_triton.runtime.denoise import encode_init_image  # torch: not for the engines' stubs
 
-        image = from_uint8_images(read.image[None])
-        if read.mask is None:
-            return InitImage(run_engine(c.VAE_ENCODER, self.engine, image), read.strength)
-        masked, small = inpaint_mask(read.mask, image, self.config.vae_scale_factor)
-        if not self.config.inpainting_unet:
-            return InitImage(run_engine(c.VAE_ENCODER, self.engine, image), read.strength, small)
-        both = run_engine(c.VAE_ENCODER, self.engine, np.concatenate([image, masked]))
-        return InitImage(both[:1], read.strength, small, both[1:])
+        def encoder(pixels: np.ndarray) -> np.ndarray:
+            return run_engine(c.VAE_ENCODER, self.engine, pixels)
+
+        return encode_init_image(read.image, read.strength, read.mask, self.config, encoder)
 
 
 def run_engine(spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray) -> np.ndarray:

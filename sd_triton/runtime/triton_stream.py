@@ -51,9 +51,8 @@ class TritonPythonModel:
         params = triton_io.model_params(args, BatchingParams)
         self.unet = triton_io.live_unet(params, args)
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
-        self.encoder = triton_io.ImageEncoder(
-            params, args, self.config
-        )  # image-to-image requests' init images
+        # image-to-image and inpainting requests' init images
+        self.encoder = triton_io.ImageEncoder(params, args, self.config)
         config = BatchingConfig(
             max_batch=params.max_batch,
             max_wait_s=params.max_wait_us / 1e6,
