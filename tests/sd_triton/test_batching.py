@@ -354,26 +354,21 @@ def test_embeddings_are_joined_once_per_group_and_a_joining_request_refreshes_th
 def test_sdxl_requests_batch_their_added_conditioning_row_by_row() -> None:
     """SDXL jobs in one call: each job's pooled embeddings and time ids go with its own rows (a tiny-xl
     UNet in torch), so every job gets the latents it gets alone."""
-    import torch
-
     from sd_triton.export.tiny import build_tiny_xl_pipeline
     from sd_triton.pipeline_config import PipelineConfig
     from sd_triton.runtime.denoise import AddedConditioning, time_ids
+    from tests.sd_triton.test_runtime import torch_unet
 
     xl = build_tiny_xl_pipeline()
     config = PipelineConfig(4, 8, 0.18215, {**xl.scheduler.config, "_class_name": "EulerDiscreteScheduler"})
     calls: list[int] = []
 
-    def unet(sample, timestep, hidden, text, time) -> np.ndarray:
-        calls.append(len(sample))
-        with torch.no_grad():
-            added = {"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(time)}
-            args = (
-                torch.from_numpy(sample),
-                torch.from_numpy(timestep).reshape(-1),
-                torch.from_numpy(hidden),
-            )
-            return xl.unet(*args, added_cond_kwargs=added).sample.numpy()
+    xl_unet = torch_unet(xl.unet)
+
+    def unet(*inputs: np.ndarray) -> np.ndarray:
+        assert len(inputs) == 5  # sample, timestep, hidden states, text_embeds, time_ids
+        calls.append(len(inputs[0]))
+        return xl_unet(*inputs)
 
     rng = np.random.default_rng(1)
     jobs = []

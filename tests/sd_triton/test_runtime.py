@@ -139,16 +139,21 @@ V_PRED = {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}
 
 
 def torch_unet(unet: torch.nn.Module):  # noqa: ANN201 - sd_triton.runtime.denoise.UNetFn
-    """A diffusers UNet as the loop calls an engine: numpy in, numpy out, timesteps [B, 1]."""
+    """A diffusers UNet as the loop calls an engine: numpy in, numpy out, timesteps [B, 1]; an SDXL
+    UNet's text_embeds and time_ids after the hidden states."""
 
-    def call(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    def call(sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray, *added: np.ndarray) -> np.ndarray:
+        kwargs = {}
+        if added:
+            text_embeds, time_ids = (torch.from_numpy(a) for a in added)
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
         with torch.no_grad():
             args = (
                 torch.from_numpy(sample),
                 torch.from_numpy(timestep).reshape(-1),
                 torch.from_numpy(hidden),
             )
-            return unet(*args).sample.numpy()
+            return unet(*args, **kwargs).sample.numpy()
 
     return call
 
@@ -558,15 +563,7 @@ def test_sdxl_conditioning_is_diffusers_sdxl(
     text_embeds = torch.cat([uncond_pooled, pooled]) if cfg else pooled
     ids = np.array([time_ids(original, crop, target)] * (2 if cfg else 1), dtype=np.float32)
 
-    def unet(sample, timestep, hidden, text, time) -> np.ndarray:
-        with torch.no_grad():
-            added = {"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(time)}
-            args = (
-                torch.from_numpy(sample),
-                torch.from_numpy(timestep).reshape(-1),
-                torch.from_numpy(hidden),
-            )
-            return xl.unet(*args, added_cond_kwargs=added).sample.numpy()
+    unet = torch_unet(xl.unet)
 
     config = PipelineConfig(4, 8, xl.vae.config.scaling_factor, base)
     params = GenerationParams(height, width, 6, guidance, seed, scheduler, n)
