@@ -53,24 +53,13 @@ class Load:
                     time.sleep(0.1)
                     continue
                 job_id = job.json()["id"]
-                view = self._job_end(http, job_id)
+                view = job_end(http, job_id)
                 record = view.json() if view.status_code == 200 else {"error": view.text}
                 status = (
                     200 if record.get("status") == "completed" else view.status_code if view.is_error else 500
                 )
                 self._record("job", seed, started, status, record.get("result") or record, job_id=job_id)
                 time.sleep(self.pace_s)
-
-    @staticmethod
-    def _job_end(http: httpx.Client, job_id: str) -> httpx.Response:
-        """GET the job until it ends (a 503, the store down, is asked again: the job may still end)."""
-        while True:
-            view = http.get(f"/v1/jobs/{job_id}")
-            if view.status_code != 503 and (
-                view.is_error or view.json()["status"] not in ("queued", "running")
-            ):
-                return view
-            time.sleep(0.05)
 
     def _record(
         self, kind: str, seed: int, started: float, status: int, body: dict[str, Any], **more: Any
@@ -103,6 +92,15 @@ class Load:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout=120)
+
+
+def job_end(http: httpx.Client, job_id: str) -> httpx.Response:
+    """GET the job until it ends (a 503, the store down, is asked again: the job may still end)."""
+    while True:
+        view = http.get(f"/v1/jobs/{job_id}")
+        if view.status_code != 503 and (view.is_error or view.json()["status"] not in ("queued", "running")):
+            return view
+        time.sleep(0.05)
 
 
 def job_events(
