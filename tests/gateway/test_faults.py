@@ -68,9 +68,10 @@ def test_triton_killed_mid_load(spare_triton: TritonServer, tmp_path: Path) -> N
     gateway = GatewayProcess(spare_triton.grpc_url, port=free_port(), log_file=tmp_path / "gw.log", env=env)
     marks: dict[str, float] = {}
     with gateway:
-        with Load(gateway.url, BODY, sync_clients=2, job_clients=3) as load, httpx.Client(
-            base_url=gateway.url, timeout=30, headers=NO_CACHE
-        ) as http:
+        with (
+            Load(gateway.url, BODY, sync_clients=2, job_clients=3) as load,
+            httpx.Client(base_url=gateway.url, timeout=30, headers=NO_CACHE) as http,
+        ):
             load.wait_for(0, 8)
             # 1. Kill Triton mid-load, while a job is surely in its denoising loop (the load's own short
             # jobs may all sit between polls at that instant); it stays down a few seconds.
