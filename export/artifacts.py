@@ -38,6 +38,7 @@ class ArtifactSource:
     onnx: Path  # the exported graph (version 1's model.onnx)
     onnx_sha256: str  # its hash, as the caller already has it (the manifest, or hashed once)
     weights: Path  # the checkpoint's folder of the component's weights
+    extra_weights: tuple[Path, ...] = ()  # and more folders (SDXL's second text encoder)
     profile: Profile | None = None  # the engine's shape profile (TensorRT plans)
     work_dir: Path | None = None  # TensorRT's timing cache
 
@@ -93,11 +94,16 @@ class TorchWeights:
     label = "torch"
 
     def key(self, source: ArtifactSource, precision: str) -> dict[str, Any]:
-        return {"weights": sha256_tree(source.weights), "precision": precision}
+        key = {"weights": sha256_tree(source.weights), "precision": precision}
+        return {**key, **{f"weights:{w.name}": sha256_tree(w) for w in source.extra_weights}}
 
     def build(self, source: ArtifactSource, precision: str, target: Path) -> dict[str, Any] | None:
         shutil.rmtree(target, ignore_errors=True)  # no stale file of other weights left beside them
-        link_tree(source.weights, target)
+        if not source.extra_weights:
+            link_tree(source.weights, target)
+            return None
+        for folder in (source.weights, *source.extra_weights):  # several: each in a subfolder of its name
+            link_tree(folder, target / folder.name)
         return None
 
 

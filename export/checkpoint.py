@@ -1,4 +1,4 @@
-"""A Stable Diffusion 1.x/2.x checkpoint in diffusers format, in a local folder."""
+"""A Stable Diffusion checkpoint (1.x/2.x, or SDXL) in diffusers format, in a local folder."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sd_triton.contract import Architecture
 from sd_triton.export.components import ModelDims
+from sd_triton.runtime.torch_modules import architecture_of
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+XL_SUBFOLDERS = ("tokenizer_2", "text_encoder_2")  # SDXL's second tokenizer and text encoder
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,9 @@ class Checkpoint:
     vae_scaling_factor: float
     scheduler_config: dict[str, Any]
     native_size: tuple[int, int]  # (height, width) the UNet was trained at, in pixels
+    architecture: Architecture = "sd"
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero unconditional embeddings
+    vae_force_upcast: bool = False  # SDXL: the VAE overflows in FP16 (diffusers upcasts it to FP32)
 
     @classmethod
     def open(cls, path: Path) -> Checkpoint:
@@ -41,17 +47,58 @@ class Checkpoint:
         named = _json(path / "model_index.json").get("scheduler")
         if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str):
             scheduler = {**scheduler, "_class_name": named[1]}
+        architecture = architecture_of(path)
+        text_hidden, vocab_size = int(text["hidden_size"]), int(text["vocab_size"])
+        pooled_dim = time_ids = 0
+        if architecture == "sdxl":
+            missing = [s for s in XL_SUBFOLDERS if not (path / s).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"--model {path}: an SDXL checkpoint without {', '.join(missing)}")
+            text_2 = _json(path / "text_encoder_2" / "config.json")
+            text_hidden += int(text_2["hidden_size"])
+            vocab_size = min(vocab_size, int(text_2["vocab_size"]))
+            pooled_dim = int(text_2.get("projection_dim", text_2["hidden_size"]))
+            time_ids = _time_ids(unet, pooled_dim, path)
         dims = ModelDims(
-            text_hidden=int(text["hidden_size"]),
+            text_hidden=text_hidden,
             latent_channels=int(vae.get("latent_channels", unet.get("out_channels", 4))),
             vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
-            vocab_size=int(text["vocab_size"]),
+            vocab_size=vocab_size,
             unet_in_channels=int(unet.get("in_channels", 4)),
+            pooled_dim=pooled_dim,
+            time_ids=time_ids,
         )
         sample = unet.get("sample_size", 64)
         latent_h, latent_w = (sample, sample) if isinstance(sample, int) else sample
         native = (latent_h * dims.vae_scale_factor, latent_w * dims.vae_scale_factor)
-        return cls(path, dims, float(vae.get("scaling_factor", 0.18215)), scheduler, native)
+        index = _json(path / "model_index.json")
+        return cls(
+            path,
+            dims,
+            float(vae.get("scaling_factor", 0.18215)),
+            scheduler,
+            native,
+            architecture=architecture,
+            # StableDiffusionXLPipeline's default: no negative prompt -> zero unconditional embeddings
+            force_zeros_for_empty_prompt=architecture == "sdxl"
+            and bool(index.get("force_zeros_for_empty_prompt", True)),
+            # diffusers' SDXL pipelines upcast such a VAE (config default: true); SD's never do
+            vae_force_upcast=architecture == "sdxl" and bool(vae.get("force_upcast", True)),
+        )
+
+
+def _time_ids(unet: dict[str, Any], pooled_dim: int, path: Path) -> int:
+    """How many time ids an SDXL UNet's added embedding takes: 6 (sizes) or 5 (the refiner's, with the
+    aesthetic score)."""
+    per_id = int(unet.get("addition_time_embed_dim") or 0)
+    total = int(unet.get("projection_class_embeddings_input_dim") or 0)
+    if unet.get("addition_embed_type") != "text_time" or per_id < 1 or (total - pooled_dim) % per_id:
+        raise ValueError(
+            f"--model {path}: unet/config.json is not an SDXL UNet for this text encoder (needs"
+            " addition_embed_type 'text_time' and projection_class_embeddings_input_dim ="
+            f" {pooled_dim} + n x addition_time_embed_dim)"
+        )
+    return (total - pooled_dim) // per_id
 
 
 def _json(path: Path) -> dict[str, Any]:

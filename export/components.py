@@ -12,12 +12,15 @@ import torch
 from sd_triton.contract import (
     CHECKPOINT_SUBFOLDERS,
     TEXT_ENCODER,
+    TEXT_ENCODER_XL,
     TOKEN_LENGTH,
     UNET,
+    UNET_XL,
     VAE_DECODER,
     VAE_ENCODER,
     Limits,
     ModelSpec,
+    checkpoint_subfolders,
 )
 from sd_triton.runtime.torch_modules import load_module
 
@@ -33,6 +36,9 @@ class ModelDims:
     vae_scale_factor: int
     vocab_size: int
     unet_in_channels: int = 4  # latent_channels, or 9 for an inpainting UNet (latents, mask, masked image)
+    # SDXL: the second text encoder's pooled projection width and the UNet's number of time ids (0: none)
+    pooled_dim: int = 0
+    time_ids: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,11 @@ class Profile:
 class Component(ABC):
     spec: ModelSpec
     subfolder: str  # the checkpoint folder its weights come from
+    extra_subfolders: tuple[str, ...] = ()  # and more (SDXL's second text encoder)
+
+    @property
+    def subfolders(self) -> tuple[str, ...]:
+        return (self.subfolder, *self.extra_subfolders)
 
     @property
     def name(self) -> str:
@@ -181,4 +192,54 @@ class VaeEncoder(Component):
         return Profile({"sample": ((1, 3, lo, lo), (1, 3, opt, opt), (b, 3, hi, hi))})
 
 
+class TextEncoderXL(TextEncoder):
+    """SDXL's two text encoders as one engine: both tokenizers' ids in, the concatenated states and the
+    pooled embeddings out."""
+
+    spec = TEXT_ENCODER_XL
+    extra_subfolders = checkpoint_subfolders(TEXT_ENCODER.name, "sdxl")[1:]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
+
+    def sample_inputs(
+        self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        (ids,) = super().sample_inputs(dims, batch, latent_hw)
+        return ids, ids.flip(0).contiguous()
+
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        (shapes,) = super().profile(dims, limits).shapes.values()
+        return Profile({"input_ids": shapes, "input_ids_2": shapes})
+
+
+class UNetXL(UNet):
+    """An SDXL UNet: the pooled text embeddings and the time ids besides SD's inputs."""
+
+    spec = UNET_XL
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {**super().dynamic_axes(), "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}}
+
+    def sample_inputs(
+        self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(batch + 1)
+        pooled = torch.randn((batch, dims.pooled_dim), generator=generator)
+        sizes = [float(dims.vae_scale_factor * side) for side in latent_hw]
+        time_ids = torch.tensor([[*sizes, 0.0, 0.0, *sizes][: dims.time_ids]] * batch)
+        return (*super().sample_inputs(dims, batch, latent_hw), pooled, time_ids)
+
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        b, p, t = limits.max_unet_batch, dims.pooled_dim, dims.time_ids
+        added = {"text_embeds": ((1, p), (2, p), (b, p)), "time_ids": ((1, t), (2, t), (b, t))}
+        return Profile({**super().profile(dims, limits).shapes, **added})
+
+
 COMPONENTS: dict[str, Component] = {c.name: c for c in (TextEncoder(), UNet(), VaeDecoder(), VaeEncoder())}
+_XL_COMPONENTS: dict[str, Component] = {c.name: c for c in (TextEncoderXL(), UNetXL())}
+
+
+def components(architecture: str) -> dict[str, Component]:
+    """Each engine model's component for a checkpoint of that architecture (contract.models)."""
+    return {**COMPONENTS, **_XL_COMPONENTS} if architecture == "sdxl" else COMPONENTS

@@ -35,7 +35,7 @@ from sd_triton import paths
 from sd_triton.engine_record import EngineRecord, versions_on_disk
 from sd_triton.export.artifacts import ArtifactSource, ArtifactUnavailable, link, make_artifact
 from sd_triton.export.checkpoint import Checkpoint, artifact_sha256, sha256_file
-from sd_triton.export.components import COMPONENTS
+from sd_triton.export.components import components
 from sd_triton.export.manifest import Manifest, ManifestError
 from sd_triton.export.parity import ParityGate, ParityReport, render_parity
 from sd_triton.export.pipeline import engine_profile
@@ -130,7 +130,8 @@ class Repository:
     def write_live(self, record: EngineRecord, history: list[int]) -> None:
         """config.pbtxt serving `record`, and the manifest's settings and history to match."""
         settings = self.settings_for(record)
-        write_config(self.path, engine_config(c.MODELS[record.component], settings, record))
+        spec = c.models(settings.architecture)[record.component]
+        write_config(self.path, engine_config(spec, settings, record))
         self.manifest.settings = settings
         self.manifest.live[record.component] = history
         self.manifest.save(self.path)
@@ -140,15 +141,18 @@ class Repository:
         export's profile, for a TensorRT plan)."""
         checkpoint = self.manifest.checkpoint
         profile = None
+        chosen = components(self.settings.architecture)[component]
         if kind == "tensorrt":
             opened = Checkpoint.open(checkpoint)
-            profile = engine_profile(COMPONENTS[component], opened, self.settings, self.manifest.limits)
+            profile = engine_profile(chosen, opened, self.settings, self.manifest.limits)
         onnx = self.path / component / "1" / "model.onnx"
+        first, *more = (checkpoint / folder for folder in chosen.subfolders)
         return ArtifactSource(
             component=component,
             onnx=onnx,
             onnx_sha256=sha256_file(onnx),
-            weights=checkpoint / c.CHECKPOINT_SUBFOLDERS[component],
+            weights=first,
+            extra_weights=tuple(more),
             profile=profile,
             work_dir=work_dir,
         )

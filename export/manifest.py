@@ -62,7 +62,7 @@ class Manifest:
         if missing:
             raise ManifestError(f"{path}: made by an older export (no {', '.join(missing)}); re-export it")
         settings = stored["settings"]
-        tuples = {key: tuple(settings.get(key, ())) for key in ("int8", "fp16")}
+        tuples = {key: tuple(settings.get(key, ())) for key in ("int8", "fp16", "fp32")}
         return cls(
             source=stored["source"],
             limits=Limits(**stored["limits"]),

@@ -78,12 +78,17 @@ def _max_abs_diff(
     module: torch.nn.Module, path: Path, component: Component, inputs: tuple[torch.Tensor, ...]
 ) -> float:
     with torch.no_grad():
-        expected = module(*inputs).numpy()
+        output = module(*inputs)
+    expected = [o.numpy() for o in (output if isinstance(output, tuple) else (output,))]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {name: t.numpy() for name, t in zip(component.input_names, inputs, strict=True)}
-    (actual,) = session.run(component.output_names, feeds)
-    if actual.shape != expected.shape:
-        raise OnnxCheckError(
-            f"{component.name}: ONNX output shape {actual.shape} != PyTorch {expected.shape}"
-        )
-    return float(np.abs(actual - expected).max())
+    diff = 0.0
+    for name, actual, wanted in zip(
+        component.output_names, session.run(component.output_names, feeds), expected, strict=True
+    ):
+        if actual.shape != wanted.shape:
+            raise OnnxCheckError(
+                f"{component.name}: ONNX output {name} shape {actual.shape} != PyTorch {wanted.shape}"
+            )
+        diff = max(diff, float(np.abs(actual - wanted).max()))
+    return diff

@@ -20,7 +20,7 @@ from sd_triton.contract import UNET, Limits
 from sd_triton.engine_record import EngineRecord
 from sd_triton.export.artifacts import BUILDERS, Artifact, ArtifactSource, ArtifactUnavailable, make_artifact
 from sd_triton.export.checkpoint import Checkpoint, sha256_file, sha256_tree
-from sd_triton.export.components import COMPONENTS, Component, Profile
+from sd_triton.export.components import Component, Profile, components
 from sd_triton.export.manifest import Manifest, ManifestError
 from sd_triton.export.onnx_export import OPSET, export_onnx
 from sd_triton.export.presets import PRESETS, ensure_preset_checkpoint
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # committed in the source tree (see its README), not in the wheel: 22 MB that only the demo uses
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 STEPS = 6
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")  # in tokenizer/1/, as the checkpoint names them
 
 
 @dataclass(frozen=True)
@@ -80,23 +81,24 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     scheduler = default_scheduler_class(checkpoint.scheduler_config).__name__  # refused here if unknown
     log.info("requests without a scheduler run the checkpoint's own: %s", scheduler)
 
-    components: dict[str, Any] = {}
+    log.info("architecture: %s", checkpoint.architecture)
+    entries: dict[str, Any] = {}
     settings = repository_settings(options.settings, checkpoint, options.limits)
-    for name, component in COMPONENTS.items():
+    for name, component in components(checkpoint.architecture).items():
         _step(2, f"{name}: ONNX ({settings.engines[name]})")
-        components[name] = _export_component(component, checkpoint, repo, settings, old)
+        entries[name] = _export_component(component, checkpoint, repo, settings, old)
 
     _step(3, "engine artifacts: INT8 graphs, PyTorch weights, TensorRT plans (export/artifacts.py)")
     artifacts: dict[str, Artifact] = {}
-    for name, component in COMPONENTS.items():
-        artifacts[name], entry = _engine_artifact(component, checkpoint, repo, settings, options, components)
-        components[name].update(entry)
+    for name, component in components(checkpoint.architecture).items():
+        artifacts[name], entry = _engine_artifact(component, checkpoint, repo, settings, options, entries)
+        entries[name].update(entry)
 
     _step(4, "python steps: tokenizer files, pipeline.json, model.py files")
-    components.update(_write_python_steps(checkpoint, repo, options.limits))
+    entries.update(_write_python_steps(checkpoint, repo, options.limits))
 
     _step(5, "config.pbtxt for every model, engine.json in every engine's version 1")
-    records = _engine_records(repo, settings, components, artifacts)
+    records = _engine_records(repo, settings, entries, artifacts)
     write_configs(repo, settings, served_model(options.model, checkpoint, options.limits), records)
 
     _step(6, f"manifest {repo / MANIFEST}")
@@ -105,7 +107,7 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
         limits=options.limits,
         settings=settings,
         live={name: [1] for name in records},  # a re-export serves version 1 again
-        components=components,
+        components=entries,
         export_seconds=round(time.monotonic() - started, 2),
     )
     manifest.save(repo)
@@ -122,6 +124,7 @@ def served_model(model: str, checkpoint: Checkpoint, limits: Limits) -> ServedMo
         spatial_multiple=checkpoint.dims.vae_scale_factor,
         limits=limits,
         default_scheduler=default_scheduler_class(checkpoint.scheduler_config).__name__,
+        architecture=checkpoint.architecture,
     )
 
 
@@ -138,14 +141,20 @@ def engine_profile(
 def repository_settings(
     settings: RepositorySettings, checkpoint: Checkpoint, limits: Limits
 ) -> RepositorySettings:
-    """Each engine's Triton max_batch_size is its profile's max batch."""
+    """Each engine's Triton max_batch_size is its profile's max batch; the checkpoint's architecture; a
+    VAE that says it overflows in FP16 (`force_upcast`) kept FP32 in an FP16 repository."""
     max_batch = {
         name: max(
             shapes[2][0] for shapes in engine_profile(component, checkpoint, settings, limits).shapes.values()
         )
-        for name, component in COMPONENTS.items()
+        for name, component in components(checkpoint.architecture).items()
     }
-    return RepositorySettings(**{**asdict(settings), "max_batch": max_batch})
+    fp32 = settings.fp32
+    if checkpoint.vae_force_upcast and settings.precision == "fp16":
+        fp32 = tuple(sorted({*fp32, c.VAE_DECODER.name, c.VAE_ENCODER.name}))
+        log.info("the VAE stays FP32: its config says force_upcast (FP16 overflows in it)")
+    changes = {"max_batch": max_batch, "architecture": checkpoint.architecture, "fp32": fp32}
+    return RepositorySettings(**{**asdict(settings), **changes})
 
 
 def _load_manifest(repo: Path) -> dict[str, Any]:
@@ -181,6 +190,8 @@ def _export_component(
     version.mkdir(parents=True, exist_ok=True)
     onnx_path = version / "model.onnx"
     source = sha256_tree(checkpoint.path / component.subfolder, salt=f"opset={OPSET}")
+    for extra in component.extra_subfolders:
+        source = sha256_tree(checkpoint.path / extra, salt=source)
     entry = {"engine": settings.engines[component.name], "precision": settings.precision_of(component.name)}
     previous = old.get(component.name) or {}
     onnx_files = [onnx_path, onnx_path.with_name("model.onnx.data")]
@@ -206,7 +217,7 @@ def _engine_artifact(
     repo: Path,
     settings: RepositorySettings,
     options: ExportOptions,
-    components: dict[str, Any],
+    entries: dict[str, Any],
 ) -> tuple[Artifact, dict[str, Any]]:
     """Version 1's artifact (export/artifacts.py: the builder of the component's engine kind), and what
     the manifest says of it besides the ONNX: the INT8 graph, the PyTorch weights or the TensorRT plan."""
@@ -216,8 +227,9 @@ def _engine_artifact(
     source = ArtifactSource(
         component=name,
         onnx=repo / name / "1" / "model.onnx",
-        onnx_sha256=components[name]["onnx"]["artifacts"][f"{name}/1/model.onnx"],
+        onnx_sha256=entries[name]["onnx"]["artifacts"][f"{name}/1/model.onnx"],
         weights=checkpoint.path / component.subfolder,
+        extra_weights=tuple(checkpoint.path / folder for folder in component.extra_subfolders),
         profile=profile,
         work_dir=options.work_dir,
     )
@@ -237,7 +249,7 @@ def _engine_artifact(
 
 
 def _engine_records(
-    repo: Path, settings: RepositorySettings, components: dict[str, Any], artifacts: dict[str, Artifact]
+    repo: Path, settings: RepositorySettings, entries: dict[str, Any], artifacts: dict[str, Artifact]
 ) -> dict[str, EngineRecord]:
     """Version 1 of every engine model: engine.json (rewritten only when what it says changed)."""
     records = {}
@@ -251,7 +263,7 @@ def _engine_records(
             artifact=settings.artifact_of(name),
             sha256=artifacts[name].sha256,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            source_sha256=components[name]["onnx"]["artifacts"].get(f"{name}/1/model.onnx", ""),
+            source_sha256=entries[name]["onnx"]["artifacts"].get(f"{name}/1/model.onnx", ""),
             build=artifacts[name].build,
             artifact_key=artifacts[name].key,
         )
@@ -265,10 +277,16 @@ def _engine_records(
 
 
 def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> dict[str, Any]:
-    # tokenizer: the checkpoint's own tokenizer files
-    tokenizer_dir = repo / "tokenizer" / "1" / "tokenizer"
-    shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    shutil.copytree(checkpoint.path / "tokenizer", tokenizer_dir)
+    # tokenizer: the checkpoint's own tokenizer files (SDXL: both tokenizers')
+    tokenizer_files = []
+    for folder in TOKENIZER_FOLDERS:
+        target = repo / c.TOKENIZER.name / "1" / folder
+        shutil.rmtree(target, ignore_errors=True)
+        if (checkpoint.path / folder).is_dir() and (
+            folder == "tokenizer" or checkpoint.architecture == "sdxl"
+        ):
+            shutil.copytree(checkpoint.path / folder, target)
+            tokenizer_files += sorted(p for p in target.rglob("*") if p.is_file())
     # denoise: scheduler config, latent geometry and the request limits
     pipeline = PipelineConfig(
         latent_channels=checkpoint.dims.latent_channels,
@@ -278,6 +296,10 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
         limits=limits,
         text_hidden_size=checkpoint.dims.text_hidden,
         unet_in_channels=checkpoint.dims.unet_in_channels,
+        architecture=checkpoint.architecture,
+        force_zeros_for_empty_prompt=checkpoint.force_zeros_for_empty_prompt,
+        pooled_dim=checkpoint.dims.pooled_dim or None,
+        time_ids=checkpoint.dims.time_ids or None,
         preview_weights=fit_preview_weights(
             repo / c.VAE_DECODER.name / "1" / "model.onnx",
             checkpoint.dims.latent_channels,
@@ -293,9 +315,7 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
     for model in PYTHON_MODELS:
         write_model_py(repo / model / "1", model)
     return {
-        "tokenizer": {
-            "artifacts": _artifacts(repo, sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()))
-        },
+        c.TOKENIZER.name: {"artifacts": _artifacts(repo, tokenizer_files)},
         c.DENOISE.name: {"artifacts": _artifacts(repo, pipeline_paths[:1])},
         c.TXT2IMG_STREAM.name: {"artifacts": _artifacts(repo, pipeline_paths[1:])},
     }

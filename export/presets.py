@@ -8,9 +8,10 @@
   256x256 (32x32 latents): one UNet step with guidance costs about 0.1 s on a 2-core CPU. The
   benchmark default.
 - `sd15`: SD 1.5's architecture at full size (860M-parameter UNet, 512x512); for GPU machines.
-
-SDXL is not a preset: the serving pipeline is SD 1.x/2.x-shaped (one text encoder, no added
-time conditioning), so an SDXL checkpoint would not load into it.
+- `tiny-xl`: the smallest SDXL-shaped model (two text encoders, the UNet's added size and pooled-text
+  conditioning; 64x64); tests and the SDXL benchmarks on a CPU.
+- `sdxl`: SDXL 1.0 base's architecture at full size (2.6B-parameter UNet, both text encoders, 1024x1024;
+  about 10 GB of FP32 weights to build); for GPU machines (perf/gpu/bench.py).
 """
 
 from __future__ import annotations
@@ -22,14 +23,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sd_triton.export.tiny import (
+    SCHEDULER_CONFIG,
     SEED,
     build_clip_tokenizer,
     build_tiny_inpaint_pipeline,
     build_tiny_pipeline,
+    build_tiny_xl_pipeline,
     save_pipeline,
     sd_pipeline,
 )
@@ -100,11 +110,59 @@ def build_sd15_pipeline() -> StableDiffusionPipeline:
     return _sd15_shaped((320, 640, 1280, 1280), 768, 12, (128, 256, 512, 512), sample_size=64)
 
 
+def build_sdxl_pipeline() -> StableDiffusionXLPipeline:
+    """SDXL 1.0 base's published configs (UNet, CLIP ViT-L and OpenCLIP bigG text encoders, the VAE with
+    its FP16 overflow flag, Euler with leading spacing), random weights from SEED."""
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
+
+    def text_config(tok: CLIPTokenizer, hidden: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, projection_dim=hidden,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(text_config(tokenizer, 768, 12, 12, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, 1280, 32, 20, "gelu"))
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2, 10),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=6 * 256 + 1280,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler.from_config({**SCHEDULER_CONFIG, "timestep_spacing": "leading"})
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+    )  # fmt: skip
+
+
 PRESETS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny": build_tiny_pipeline,
     "tiny-inpaint": build_tiny_inpaint_pipeline,
     "small": build_small_pipeline,
     "sd15": build_sd15_pipeline,
+    "tiny-xl": build_tiny_xl_pipeline,
+    "sdxl": build_sdxl_pipeline,
 }
 
 

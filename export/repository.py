@@ -36,42 +36,55 @@ MANIFEST = "manifest.json"  # what the export made, and the live engine versions
 
 # The ensemble's data flow, step by step: (model, {model input: ensemble tensor}, {model output: ensemble
 # tensor}). On the inline UNet path the denoising loop runs the text encoder and the VAE decoder in its
-# own process too (IMAGES from the tokenizer's ids); on the bls path each is a step of its own.
-_TOKENIZER_STEP = (
-    c.TOKENIZER.name,
-    {t.name: t.name for t in c.TOKENIZER.inputs},
-    {
-        c.INPUT_IDS.name: "input_ids",
-        c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
-        c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
-    },
-)
+# own process too (IMAGES from the tokenizer's ids); on the bls path each is a step of its own. SDXL adds
+# the second tokenizer's ids and the pooled embeddings between the steps.
+Step = tuple[str, dict[str, str], dict[str, str]]
+# the request's inputs the denoising loop reads (SD's loop refuses SDXL's, naming them)
 _PARAMS = {
     t.name: t.name
-    for t in (*c.DENOISE_GENERATION_INPUTS, *c.DENOISE_IMAGE_INPUTS)
+    for t in (
+        *c.DENOISE_GENERATION_INPUTS,
+        *c.DENOISE_IMAGE_INPUTS,
+        c.SIZE_CONDITIONING,
+        c.NEGATIVE_SIZE_CONDITIONING,
+        c.NEGATIVE_PROMPT,
+    )
     if t is not c.PROMPT_EMBEDS
 }
-ENSEMBLE_STEPS: dict[str, tuple[tuple[str, dict[str, str], dict[str, str]], ...]] = {
-    "inline": (
-        _TOKENIZER_STEP,
+
+
+def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]:
+    """txt2img's steps for a denoising loop on that UNet path, for a model of that architecture."""
+    xl = architecture == "sdxl"
+    ids = {c.INPUT_IDS.name: "input_ids", **({c.INPUT_IDS_2.name: "input_ids_2"} if xl else {})}
+    tokenizer = (
+        c.TOKENIZER.name,
+        {t.name: t.name for t in c.TOKENIZER.inputs},
+        {
+            **ids,
+            c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
+            c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
+        },
+    )
+    if unet_path == "inline":
+        outputs = {c.IMAGES.name: c.IMAGES.name, c.ENGINES.name: c.ENGINES.name}
+        return tokenizer, (c.DENOISE.name, {**ids, **_PARAMS}, outputs)
+    encoder = c.models(architecture)[c.TEXT_ENCODER.name]
+    embeds = {
+        c.PROMPT_EMBEDS.name: "prompt_embeds",
+        **({c.POOLED_EMBEDS.name: "pooled_embeds"} if xl else {}),
+    }
+    return (
+        tokenizer,
         (
-            c.DENOISE.name,
-            {c.INPUT_IDS.name: "input_ids", **_PARAMS},
-            {c.IMAGES.name: c.IMAGES.name, c.ENGINES.name: c.ENGINES.name},
+            encoder.name,
+            {t.name: value for t, value in zip(encoder.inputs, ids.values(), strict=True)},
+            {t.name: value for t, value in zip(encoder.outputs, embeds.values(), strict=True)},
         ),
-    ),
-    "bls": (
-        _TOKENIZER_STEP,
-        (c.TEXT_ENCODER.name, {"input_ids": "input_ids"}, {"last_hidden_state": "prompt_embeds"}),
-        (
-            c.DENOISE.name,
-            {c.PROMPT_EMBEDS.name: "prompt_embeds", **_PARAMS},
-            {c.LATENTS.name: "latents", c.ENGINES.name: c.ENGINES.name},
-        ),
+        (c.DENOISE.name, {**embeds, **_PARAMS}, {c.LATENTS.name: "latents", c.ENGINES.name: c.ENGINES.name}),
         (c.VAE_DECODER.name, {"latent_sample": "latents"}, {"sample": "decoded"}),
         (c.POSTPROCESS.name, {c.DECODED.name: "decoded"}, {c.IMAGES.name: c.IMAGES.name}),
-    ),
-}
+    )
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,8 @@ class RepositorySettings:
     max_queue_delay_us: int = 2000  # Triton's dynamic batching window (none: unused; continuous: 0)
     int8: tuple[str, ...] = ()  # components served INT8-quantized (ONNX Runtime engines; export/quantize.py)
     fp16: tuple[str, ...] = ()  # components served FP16 (TensorRT) in an otherwise FP32 repository
+    fp32: tuple[str, ...] = ()  # components kept FP32 in an FP16 repository (a VAE that overflows in FP16)
+    architecture: c.Architecture = "sd"  # the checkpoint's (contract.models): which engine contracts
     # How the denoising loops reach the UNet engine (docs/engines.md, "The UNet path"): inline (the
     # loop's process runs the live version itself), bls (a BLS call to the unet model per step), or
     # auto: inline where the loop batches continuously, bls where Triton's dynamic batcher merges loops
@@ -110,7 +125,12 @@ class RepositorySettings:
             raise ValueError(f"engines: no engine kind for {', '.join(sorted(missing))}")
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
-        for model in self.engines if self.precision == "fp16" else self.fp16:
+        if self.architecture not in c.ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {', '.join(c.ARCHITECTURES)}, got {self.architecture!r}"
+            )
+        fp16 = [m for m in self.engines if m not in self.fp32] if self.precision == "fp16" else self.fp16
+        for model in fp16:
             kind = self.engines.get(model)
             if not (kind == "tensorrt" or (kind == "onnxruntime" and self.ort_tensorrt)):
                 what = "precision=fp16" if self.precision == "fp16" else "fp16"
@@ -155,14 +175,17 @@ class RepositorySettings:
     def precision_of(self, model: str) -> str:
         if model in self.int8:
             return "int8"
+        if model in self.fp32:
+            return "fp32"
         return "fp16" if model in self.fp16 else self.precision
 
     def artifact_of(self, model: str) -> str:
         """The file (python-torch: the diffusers folder) the model's engine loads from its version folder."""
         if self.engines[model] == "tensorrt":
             return "model.plan"
-        if self.engines[model] == "python-torch":
-            return c.CHECKPOINT_SUBFOLDERS[model]
+        if self.engines[model] == "python-torch":  # several folders (SDXL's text encoders): in weights/
+            folders = c.checkpoint_subfolders(model, self.architecture)
+            return folders[0] if len(folders) == 1 else "weights"
         return INT8_FILE if model in self.int8 else "model.onnx"
 
     def queue_delay_us(self, model: str) -> int | None:
@@ -293,11 +316,11 @@ def _set_parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
         config.parameters[key].string_value = value
 
 
-def ensemble_config(unet_path: str) -> mc.ModelConfig:
-    """txt2img for a denoising loop on that UNet path (ENSEMBLE_STEPS)."""
+def ensemble_config(unet_path: str, architecture: str = "sd") -> mc.ModelConfig:
+    """txt2img for a denoising loop on that UNet path (ensemble_steps)."""
     config = _base(c.TXT2IMG)
     config.platform = "ensemble"
-    for model, inputs, outputs in ENSEMBLE_STEPS[unet_path]:
+    for model, inputs, outputs in ensemble_steps(unet_path, architecture):
         step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
         step.input_map.update(inputs)
         step.output_map.update(outputs)
@@ -308,7 +331,7 @@ def all_configs(
     settings: RepositorySettings, served: ServedModel, records: dict[str, EngineRecord] | None = None
 ) -> dict[str, mc.ModelConfig]:
     """`records`: the served version of each engine model (the export's: version 1)."""
-    configs = {c.TXT2IMG.name: ensemble_config(settings.unet_path_of(c.DENOISE.name))}
+    configs = {c.TXT2IMG.name: ensemble_config(settings.unet_path_of(c.DENOISE.name), settings.architecture)}
     _set_parameters(configs[c.TXT2IMG.name], served.to_parameters())
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
     continuous = settings.batching == "continuous"
@@ -327,7 +350,9 @@ def all_configs(
     configs[c.TXT2IMG_STREAM.name] = stream
     configs[c.POSTPROCESS.name] = _python_step(c.POSTPROCESS)
     for name in c.ENGINE_MODELS:
-        configs[name] = engine_config(c.MODELS[name], settings, (records or {}).get(name))
+        configs[name] = engine_config(
+            c.models(settings.architecture)[name], settings, (records or {}).get(name)
+        )
     return configs
 
 

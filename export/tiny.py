@@ -64,15 +64,16 @@ def clip_bpe_file() -> Path:
     return path
 
 
-def build_clip_tokenizer() -> CLIPTokenizer:
-    """The SD 1.x CLIP tokenizer: 49,408 tokens, context length 77."""
+def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The SD 1.x CLIP tokenizer: 49,408 tokens, context length 77 (SDXL's second tokenizer pads with
+    "!")."""
     lines = gzip.open(clip_bpe_file(), "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
     alphabet = _byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
 def _small_text_config(tokenizer: CLIPTokenizer, hidden: int = 32) -> CLIPTextConfig:
@@ -100,11 +101,12 @@ def build_tiny_xl_pipeline() -> StableDiffusionXLPipeline:
     """An SDXL-shaped model at the smallest size: two CLIP text encoders (32 and 48 wide, the second with
     a 32-wide projection: the pooled embeddings), a UNet with SDXL's added conditioning ("text_time":
     pooled text + the six size numbers) and cross-attention over both encoders' states (80 wide), the tiny
-    VAE. Random weights from SEED, 64x64 native."""
+    VAE. Random weights from SEED, 64x64 native. The second tokenizer pads with "!", as SDXL's does."""
     tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
     text_encoder = small_text_encoder(tokenizer)
     torch.manual_seed(SEED + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_small_text_config(tokenizer, hidden=48))
+    text_encoder_2 = CLIPTextModelWithProjection(_small_text_config(tokenizer_2, hidden=48))
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -129,7 +131,7 @@ def build_tiny_xl_pipeline() -> StableDiffusionXLPipeline:
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
+        tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=EulerDiscreteScheduler.from_config({**SCHEDULER_CONFIG, "timestep_spacing": "leading"}),
     )

@@ -39,6 +39,9 @@ class _PlannedJob(Protocol):  # service.Job, without importing the service
     @property
     def params(self) -> Any: ...
 
+    @property
+    def conditioning(self) -> dict[str, list[int]]: ...
+
 
 def cache_key(
     fingerprint: str,
@@ -65,6 +68,8 @@ def cache_key(
         "num_images": checked["num_images"],
         "output_format": request.output_format,
     }
+    if jobs[0].conditioning:  # SDXL: its size conditioning; and no negative prompt (zeros) is not ""
+        described |= {"conditioning": jobs[0].conditioning, "negative_prompt": request.negative_prompt}
     if image_digest is not None:  # text-to-image keys stay what they were
         described |= {"image": image_digest, "strength": checked["strength"]}
     blob = json.dumps(described, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -4,11 +4,17 @@ steps, images) are checked against what Triton reports, in `service.py`."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sd_triton.contract import DEFAULT_SCHEDULER, DEFAULT_STRENGTH, SCHEDULERS, SchedulerName
+from sd_triton.contract import (
+    DEFAULT_SCHEDULER,
+    DEFAULT_STRENGTH,
+    MAX_SIZE_CONDITIONING,
+    SCHEDULERS,
+    SchedulerName,
+)
 from sd_triton.requests import DEFAULTS
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -16,6 +22,11 @@ MAX_SEED = 2**63 - 1
 MAX_FP32 = 3.4028234663852886e38  # the largest float32: GUIDANCE_SCALE goes to Triton as TYPE_FP32
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=100_000)
 MAX_IMAGE_CHARS = 32 * 1024 * 1024  # base64; the body limit (max_body_bytes) is what binds
+
+
+# SDXL's size conditioning: a pair of pixel counts, (height, width) or, for a crop, (top, left)
+SizeValue = Annotated[int, Field(ge=0, le=MAX_SIZE_CONDITIONING)]
+Size = tuple[SizeValue, SizeValue]
 
 
 class GenerationOptions(BaseModel):
@@ -60,6 +71,28 @@ class GenerationOptions(BaseModel):
         le=1.0,
         description=f"image-to-image: the share of the steps run over the image (1 repaints it, small "
         f"values keep it); default {DEFAULT_STRENGTH} with an image. Runs int(steps x strength) steps",
+    )
+    original_size: Size | None = Field(
+        None,
+        description="SDXL models only: the size conditioning's original (height, width); default the "
+        "request's size (diffusers' original_size)",
+    )
+    crops_coords_top_left: Size | None = Field(
+        None, description="SDXL models only: the crop conditioning (top, left); default (0, 0)"
+    )
+    target_size: Size | None = Field(
+        None, description="SDXL models only: the target (height, width); default the request's size"
+    )
+    negative_original_size: Size | None = Field(
+        None,
+        description="SDXL models only: the unconditional rows' original size; with negative_target_size "
+        "(diffusers uses neither without the other); default: the same conditioning as the prompt's",
+    )
+    negative_crops_coords_top_left: Size | None = Field(
+        None, description="SDXL models only: the unconditional rows' crop; default (0, 0)"
+    )
+    negative_target_size: Size | None = Field(
+        None, description="SDXL models only: the unconditional rows' target size, with negative_original_size"
     )
     output_format: OutputFormat = "png"
     response_format: Literal["base64", "url"] = Field(

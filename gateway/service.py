@@ -48,6 +48,47 @@ class Job:
 
     prompt: str
     params: GenerationParams
+    # an SDXL model's size conditioning, as txt2img_inputs takes it (size_conditioning, and
+    # negative_size_conditioning when the request set it); empty for SD
+    conditioning: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+
+SIZE_FIELDS = ("original_size", "crops_coords_top_left", "target_size")  # diffusers' names, in time-id order
+
+
+def size_conditioning(
+    request: GenerationOptions, served: ServedModel, height: int, width: int
+) -> dict[str, list[int]]:
+    """An SDXL request's SIZE_CONDITIONING (diffusers' defaults filled: the request's size, no crop) and,
+    when it set the negative fields, NEGATIVE_SIZE_CONDITIONING; {} for an SD model, which refuses them."""
+    fields = {
+        name: getattr(request, name) for name in (*SIZE_FIELDS, *(f"negative_{n}" for n in SIZE_FIELDS))
+    }
+    if not served.xl:
+        for name, value in fields.items():
+            if value is not None:
+                raise InvalidRequestError(
+                    f"{name}: applies to SDXL models only; {served.model} is {served.architecture}",
+                    field=name,
+                )
+        return {}
+    for name, value in fields.items():  # sizes, not crops, must be positive
+        if value is not None and "size" in name and min(value) < 1:
+            raise InvalidRequestError(f"{name}: both sides must be >= 1, got {list(value)}", field=name)
+    size = (height, width)
+    original, crop, target = (fields[n] for n in SIZE_FIELDS)
+    params = {"size_conditioning": [*(original or size), *(crop or (0, 0)), *(target or size)]}
+    negative = [fields[f"negative_{n}"] for n in SIZE_FIELDS]
+    if any(value is not None for value in negative):  # diffusers takes them only as a pair of sizes
+        for name, value in (("negative_original_size", negative[0]), ("negative_target_size", negative[2])):
+            if value is None:
+                raise InvalidRequestError(
+                    f"{name}: required with the other negative size fields (diffusers uses the negative size "
+                    "conditioning only when negative_original_size and negative_target_size are both set)",
+                    field=name,
+                )
+        params["negative_size_conditioning"] = [*negative[0], *(negative[1] or (0, 0)), *negative[2]]
+    return params
 
 
 @dataclass(frozen=True)
@@ -123,6 +164,7 @@ class Generator:
             preview,
             negative_prompt=request.negative_prompt,
             **({} if init is None else init.backend_params()),
+            **job.conditioning,
             **dataclasses.asdict(job.params),
         )
         async with aclosing(stream):
@@ -192,6 +234,7 @@ class Generator:
                 f"width x height: at most {settings.max_pixels} pixels, got {width}x{height}", field="width"
             )
         seed = secrets.randbelow(SEED_RANGE) if request.seed is None else request.seed
+        conditioning = size_conditioning(request, served, height, width)
         jobs = []
         for index, prompt in enumerate(prompts):
             try:
@@ -219,7 +262,7 @@ class Generator:
                             field="image",
                         ) from None
                 raise _invalid(exc) from None
-            jobs.append(Job(prompt, checked))
+            jobs.append(Job(prompt, checked, conditioning))
         return jobs
 
     async def generate(
@@ -262,6 +305,7 @@ class Generator:
                         job.prompt,
                         negative_prompt=request.negative_prompt,
                         **({} if init is None else init.backend_params()),
+                        **job.conditioning,
                         **dataclasses.asdict(job.params),
                     )
                     for job in jobs

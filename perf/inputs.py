@@ -99,16 +99,19 @@ def init_picture(height: int, width: int, seed: int) -> np.ndarray[Any, Any]:
 
 
 def component_data(
-    component: str, pipeline: PipelineConfig, request: Request, token_ids: np.ndarray[Any, Any] | None = None
+    component: str,
+    pipeline: PipelineConfig,
+    request: Request,
+    token_ids: tuple[np.ndarray[Any, Any], ...] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry (one sample, no batch dimension) of realistic values for an engine component."""
     rng = np.random.default_rng(request.seed)
-    spec = contract.MODELS[component]
+    spec = contract.models(pipeline.architecture)[component]
     names = [t.name for t in spec.inputs]
-    if component == "text_encoder":
-        if token_ids is None:
-            raise ValueError("text_encoder data needs token ids")
-        return [{names[0]: _tensor(token_ids.astype(np.int32))}]
+    if component == "text_encoder":  # SDXL: both tokenizers' ids
+        if token_ids is None or len(token_ids) != len(names):
+            raise ValueError(f"text_encoder data needs the ids of {len(names)} tokenizer(s)")
+        return [{name: _tensor(ids.astype(np.int32)) for name, ids in zip(names, token_ids, strict=True)}]
     latent = _latent_shape(pipeline, request)
     if component == "unet":
         latent = (pipeline.unet_in_channels or latent[0], *latent[1:])  # an inpainting UNet's 9 channels
@@ -121,6 +124,7 @@ def component_data(
                 names[2]: _tensor(
                     rng.standard_normal((contract.TOKEN_LENGTH, pipeline.text_hidden_size), dtype=np.float32)
                 ),
+                **_added_conditioning(names[3:], pipeline, request, rng),
             }
         ]
     if component == "vae_decoder":
@@ -130,6 +134,21 @@ def component_data(
         picture = init_picture(request.height, request.width, request.seed).astype(np.float32) / 127.5 - 1
         return [{names[0]: _tensor(picture.transpose(2, 0, 1))}]
     raise ValueError(f"component {component!r}: expected one of {', '.join(COMPONENTS)}")
+
+
+def _added_conditioning(
+    names: list[str], pipeline: PipelineConfig, request: Request, rng: np.random.Generator
+) -> dict[str, Any]:
+    """An SDXL UNet's text_embeds and time_ids (the request's size, no crop); nothing for SD's."""
+    if not names:
+        return {}
+    if pipeline.pooled_dim is None:
+        raise ValueError("pipeline.json has no pooled_dim for this SDXL model: re-export the repository")
+    sizes = [request.height, request.width, 0, 0, request.height, request.width]
+    return {
+        names[0]: _tensor(rng.standard_normal((pipeline.pooled_dim,), dtype=np.float32)),
+        names[1]: _tensor(np.array(sizes, np.float32)),
+    }
 
 
 def write_inputs(
@@ -142,9 +161,9 @@ def write_inputs(
     if "text_encoder" in components:
         from sd_triton.runtime.tokenize import PromptTokenizer
 
-        token_ids = PromptTokenizer(Path(repo) / "tokenizer" / "1" / "tokenizer").encode(request.prompts[0])[
-            0
-        ]
+        tokenizer = PromptTokenizer.in_folder(Path(repo) / "tokenizer" / "1")
+        token_ids = tokenizer.tokenize(request.prompts[0], "", guidance=False).text_encoder_inputs
+        token_ids = tuple(ids[0] for ids in token_ids)  # one row: perf_analyzer batches with -b
     written = {}
     for component in components:
         if component == "txt2img":

@@ -1,8 +1,8 @@
 """Alternative (c) of `sd-triton perf compare`: the service most teams write first — FastAPI with
-diffusers' StableDiffusionPipeline called inside an `async def` handler. Requests therefore run
-one at a time (the pipeline blocks the event loop), which also keeps the pipeline's stateful
-scheduler safe. It answers `/v1/generate` with the gateway's body and response shape, so the same
-load driver measures both.
+diffusers' pipeline (StableDiffusionPipeline, or the SDXL one) called inside an `async def` handler.
+Requests therefore run one at a time (the pipeline blocks the event loop), which also keeps the
+pipeline's stateful scheduler safe. It answers `/v1/generate` with the gateway's body and response
+shape, so the same load driver measures both.
 
     SD_NAIVE_MODEL=<diffusers folder> uvicorn perf.naive_service:app --port 8090
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from sd_triton.gateway.process import GatewayProcess
+from sd_triton.perf.reference import diffusers_pipeline
 
 
 class Body(BaseModel):
@@ -43,12 +43,7 @@ state: dict[str, Any] = {}
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    pipe = StableDiffusionPipeline.from_pretrained(
-        os.environ["SD_NAIVE_MODEL"], safety_checker=None, requires_safety_checker=False
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    state["pipe"] = pipe
+    state["pipe"] = diffusers_pipeline(os.environ["SD_NAIVE_MODEL"])
     yield
 
 

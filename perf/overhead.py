@@ -36,12 +36,12 @@ from sd_triton import contract as c
 from sd_triton.model_params import UNET_PATHS
 from sd_triton.perf.batching import MODES, BatchingSettings
 from sd_triton.perf.compare import (
-    OVERHEAD_LIMITS,
     floor_generate,
     floor_pipeline,
     http_levels,
     machine,
     measure_in_process,
+    overhead_limit,
     request_body,
     stack_torch_threads,
     target,
@@ -172,7 +172,7 @@ def targets_of(
 ) -> list[dict[str, Any]]:
     """Issue 20's targets at concurrency 1 for `mode`, from the per-round splits."""
     at_1 = {system: rounds for (system, level), rounds in per_round.items() if level == 1}
-    ratio_limit = OVERHEAD_LIMITS.get(preset, OVERHEAD_LIMITS["small"])
+    ratio_limit = overhead_limit(preset)
     ratios = [
         s["p50_low_ms"] / f["p50_low_ms"]
         for s, f in zip(at_1.get(mode, []), at_1.get(FLOOR, []), strict=False)

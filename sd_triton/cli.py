@@ -53,6 +53,13 @@ def _triton(args: argparse.Namespace) -> int:
     return 0
 
 
+SIZE_ARGS = tuple(
+    f"{side}{name}"
+    for side in ("", "negative_")
+    for name in ("original_size", "crops_coords_top_left", "target_size")
+)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from sd_triton.sdk import Client, SDTritonError
 
@@ -68,6 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
         "image": args.image,
         "mask": args.mask,
         "strength": args.strength,
+        **{name: getattr(args, name) for name in SIZE_ARGS},
     }
     out = Path(args.output)
     try:
@@ -122,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--mask", type=Path, default=None, help="inpainting, with --image: white is repainted")
     gen.add_argument("--strength", type=float, default=None, help="image-to-image: 0 < s <= 1 (default 0.8)")
+    for name in SIZE_ARGS:  # SDXL's size conditioning, diffusers' parameter names
+        gen.add_argument(
+            f"--{name.replace('_', '-')}", type=int, nargs=2, default=None, metavar=("A", "B"),
+            help=f"SDXL models only: {name} (height width, or top left for a crop)",
+        )  # fmt: skip
     gen.set_defaults(run=_generate, extra=None)
 
     add_perf_parser(sub)

@@ -140,6 +140,12 @@ STRENGTH = _t("STRENGTH", "TYPE_FP32", 1, optional=True)
 # inpainting: with IMAGE, a mask at the same size, grey levels >= 128 repainted (diffusers binarizes at 0.5)
 MASK = _t("MASK", "TYPE_UINT8", -1, -1, optional=True)  # [H, W]
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+# SDXL's size conditioning (the UNet's time ids), diffusers' parameters in pixels: original size (h, w),
+# crop top-left (top, left), target size (h, w); absent: (HEIGHT, WIDTH), (0, 0), (HEIGHT, WIDTH). The
+# negative one conditions the unconditional rows (absent: the same as SIZE_CONDITIONING). SDXL models only
+SIZE_CONDITIONING = _t("SIZE_CONDITIONING", "TYPE_INT32", 6, optional=True)
+NEGATIVE_SIZE_CONDITIONING = _t("NEGATIVE_SIZE_CONDITIONING", "TYPE_INT32", 6, optional=True)
+MAX_SIZE_CONDITIONING = 1 << 16  # pixels: a size or crop past this is a client's mistake
 
 # --- pipeline outputs ---
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
@@ -165,6 +171,9 @@ INLINE_UNET_ROWS_METRIC = "sd_triton_inline_unet_rows"  # the batch rows they ca
 # --- tensors between steps ---
 INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, TOKEN_LENGTH)  # rows: [uncond,] cond
 PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, TOKEN_LENGTH, -1)
+# SDXL: the second tokenizer's ids (same rows), and the second text encoder's pooled embeddings
+INPUT_IDS_2 = _t("INPUT_IDS_2", "TYPE_INT32", -1, TOKEN_LENGTH, optional=True)
+POOLED_EMBEDS = _t("POOLED_EMBEDS", "TYPE_FP32", -1, -1, optional=True)
 LATENTS = _t("LATENTS", "TYPE_FP32", -1, 4, -1, -1)  # already divided by the VAE scaling factor
 DECODED = _t("DECODED", "TYPE_FP32", -1, 3, -1, -1)  # VAE output, about [-1, 1]
 
@@ -183,6 +192,8 @@ TXT2IMG = ModelSpec(
         STRENGTH,
         IMAGE,
         MASK,
+        SIZE_CONDITIONING,
+        NEGATIVE_SIZE_CONDITIONING,
     ),
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES),
     batching=False,
@@ -200,7 +211,13 @@ TXT2IMG_STREAM = ModelSpec(
 TOKENIZER = ModelSpec(
     "tokenizer",
     inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE),
-    outputs=(INPUT_IDS, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS),
+    # INPUT_IDS_2 where the model has a second tokenizer (SDXL)
+    outputs=(
+        INPUT_IDS,
+        PROMPT_TRUNCATED_TOKENS,
+        NEGATIVE_PROMPT_TRUNCATED_TOKENS,
+        dataclasses.replace(INPUT_IDS_2, optional=False),  # (outputs have no optional flag)
+    ),
     batching=False,
     engine=False,
 )
@@ -216,6 +233,15 @@ TEXT_ENCODER = ModelSpec(
 CANCEL = _t("CANCEL", "TYPE_STRING", -1, optional=True)
 DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES)
 DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: image-to-image, inpainting
+# SDXL's: the second text encoder's pooled embeddings (or, inline, the second tokenizer's ids) and the size
+# conditioning; NEGATIVE_PROMPT's absence zeroes the unconditional rows where the checkpoint says so
+DENOISE_XL_INPUTS = (
+    POOLED_EMBEDS,
+    INPUT_IDS_2,
+    SIZE_CONDITIONING,
+    NEGATIVE_SIZE_CONDITIONING,
+    NEGATIVE_PROMPT,
+)
 DENOISE = ModelSpec(
     "denoise",
     # optional in the config so that a control request may come without them; a generation still
@@ -224,6 +250,7 @@ DENOISE = ModelSpec(
     inputs=(
         *(dataclasses.replace(t, optional=True) for t in (*DENOISE_GENERATION_INPUTS, INPUT_IDS)),
         *DENOISE_IMAGE_INPUTS,
+        *DENOISE_XL_INPUTS,
         CANCEL,
     ),
     # LATENTS on the bls UNet path (the ensemble decodes them in vae_decoder and postprocess); IMAGES on
@@ -260,6 +287,25 @@ VAE_ENCODER = ModelSpec(
     batching=True,
     engine=True,
 )
+# SDXL's engines under the same model names (one model, one name, whatever the architecture): its text
+# encoder runs both CLIP encoders on their tokenizers' ids (the penultimate layers' states concatenated,
+# and the second encoder's pooled projection), its UNet takes the added conditioning too (the pooled
+# embeddings and the size time ids)
+TEXT_EMBEDS = _t("text_embeds", "TYPE_FP32", -1)
+TEXT_ENCODER_XL = ModelSpec(
+    "text_encoder",
+    inputs=(*TEXT_ENCODER.inputs, _t("input_ids_2", "TYPE_INT32", TOKEN_LENGTH)),
+    outputs=(*TEXT_ENCODER.outputs, TEXT_EMBEDS),
+    batching=True,
+    engine=True,
+)
+UNET_XL = ModelSpec(
+    "unet",
+    inputs=(*UNET.inputs, TEXT_EMBEDS, _t("time_ids", "TYPE_FP32", -1)),
+    outputs=UNET.outputs,
+    batching=True,
+    engine=True,
+)
 POSTPROCESS = ModelSpec(
     "postprocess",
     inputs=(DECODED,),
@@ -283,6 +329,28 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 ENGINE_MODELS: tuple[str, ...] = tuple(m.name for m in MODELS.values() if m.engine)
+
+# The model families the export reads: "sd" (SD 1.x/2.x: one tokenizer and text encoder) and "sdxl" (two
+# of each, the UNet's added conditioning). A repository serves one; its pipeline.json says which.
+Architecture = Literal["sd", "sdxl"]
+ARCHITECTURES: tuple[str, ...] = Architecture.__args__  # type: ignore[attr-defined]
+_XL_ENGINES = {m.name: m for m in (TEXT_ENCODER_XL, UNET_XL)}
+
+
+def checkpoint_subfolders(model: str, architecture: str = "sd") -> tuple[str, ...]:
+    """The checkpoint folders an engine model's weights come from (SDXL's text encoder: two)."""
+    if architecture == "sdxl" and model == TEXT_ENCODER.name:
+        return ("text_encoder", "text_encoder_2")
+    return (CHECKPOINT_SUBFOLDERS[model],)
+
+
+def models(architecture: str = "sd") -> dict[str, ModelSpec]:
+    """Every model's contract in a repository of that architecture."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    return MODELS if architecture == "sd" else {**MODELS, **_XL_ENGINES}
+
+
 # where each engine model's weights live in a diffusers checkpoint (the python-torch kind loads them)
 CHECKPOINT_SUBFOLDERS = {
     TEXT_ENCODER.name: "text_encoder",

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_triton.contract import Limits
+from sd_triton.contract import ARCHITECTURES, Limits
 
 FILENAME = "pipeline.json"
 
@@ -27,6 +27,11 @@ class PipelineConfig:
     # the UNet's input channels: latent_channels, or latents + mask + masked image for an inpainting UNet
     # (9 for SD); None: latent_channels
     unet_in_channels: int | None = None
+    # "sdxl": two tokenizers and text encoders, the UNet's added conditioning (contract.ARCHITECTURES)
+    architecture: str = "sd"
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero unconditional embeddings
+    pooled_dim: int | None = None  # SDXL: the pooled text embeddings' width (the UNet's text_embeds)
+    time_ids: int | None = None  # SDXL: the UNet's time ids per row (6: sizes)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -40,6 +45,13 @@ class PipelineConfig:
             raise ValueError(f"vae_scale_factor must be >= 1, got {self.vae_scale_factor}")
         if not self.vae_scaling_factor > 0:
             raise ValueError(f"vae_scaling_factor must be > 0, got {self.vae_scaling_factor}")
+        if self.architecture not in ARCHITECTURES:
+            choices = ", ".join(ARCHITECTURES)
+            raise ValueError(f"architecture must be one of {choices}, got {self.architecture!r}")
+
+    @property
+    def xl(self) -> bool:
+        return self.architecture == "sdxl"
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

@@ -36,11 +36,17 @@ class ServedModel:
     default_scheduler: str = ""
     engines: dict[str, EngineInfo] = field(default_factory=dict)
     fingerprint: str = ""  # `config_fingerprint` of what Triton serves; "" when unknown
+    architecture: str = "sd"  # contract.ARCHITECTURES: "sdxl" takes size conditioning
+
+    @property
+    def xl(self) -> bool:
+        return self.architecture == "sdxl"
 
     def to_parameters(self) -> dict[str, str]:
         """txt2img's config parameters (string values, as Triton keeps them)."""
         params = {"model": self.model, **{k: str(getattr(self, k)) for k in _INT_KEYS}}
         params["default_scheduler"] = self.default_scheduler
+        params["architecture"] = self.architecture
         params.update({k: str(v) for k, v in asdict(self.limits).items()})
         return params
 
@@ -66,6 +72,7 @@ class ServedModel:
             limits=limits,
             default_scheduler=params.get("default_scheduler", ""),
             engines=engines,
+            architecture=params.get("architecture", "sd"),  # an export before SDXL: SD
         )
 
 

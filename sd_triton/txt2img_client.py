@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,13 +58,16 @@ def txt2img_inputs(
     negative_prompt: str | bytes | None = None,
     image: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
     mask: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
+    size_conditioning: Sequence[int] | None = None,
+    negative_size_conditioning: Sequence[int] | None = None,
     **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
     rest; scheduler None: left out, the checkpoint's own). `image`: image-to-image from this uint8
     [height, width, 3] image (`strength` in `params`). Values are not checked against the model's
     limits (Triton does that), only against what the wire type can hold. `mask`: inpainting, uint8
-    [height, width], grey levels >= 128 repainted."""
+    [height, width], grey levels >= 128 repainted. `size_conditioning`, `negative_size_conditioning`:
+    an SDXL model's (6 integers: original height, width, crop top, left, target height, width)."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
@@ -75,6 +79,12 @@ def txt2img_inputs(
     for spec, array in ((c.IMAGE, image), (c.MASK, mask)):
         if array is not None:
             inputs.append(infer_input(spec, np.ascontiguousarray(array, dtype=np.uint8)))
+    for spec, sizes in (
+        (c.SIZE_CONDITIONING, size_conditioning),
+        (c.NEGATIVE_SIZE_CONDITIONING, negative_size_conditioning),
+    ):
+        if sizes is not None:
+            inputs.append(infer_input(spec, np.asarray(sizes, dtype=np.int32).reshape(-1)))
     return inputs
 
 

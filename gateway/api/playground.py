@@ -59,6 +59,9 @@ class InfoResponse(BaseModel):
         ..., examples=["PNDMScheduler"], description="the checkpoint's own scheduler: what `default` runs"
     )
     defaults: InfoDefaults
+    architecture: str = Field(
+        "sd", examples=["sd", "sdxl"], description="sdxl: the model takes the size-conditioning fields"
+    )
 
 
 class ModelCard(BaseModel):
@@ -72,6 +75,9 @@ class ModelCard(BaseModel):
     native_height: int
     schedulers: list[str]
     default_scheduler_class: str = Field(..., examples=["PNDMScheduler"])
+    architecture: str = Field(
+        "sd", examples=["sd", "sdxl"], description="sdxl: the model takes the size-conditioning fields"
+    )
 
 
 class ModelList(BaseModel):
@@ -118,6 +124,7 @@ async def info(backend: BackendDep, settings: SettingsDep) -> InfoResponse:
         ),
         schedulers=list(SCHEDULERS),
         default_scheduler_class=served.default_scheduler,
+        architecture=served.architecture,
         defaults=InfoDefaults(
             width=served.native_width,
             height=served.native_height,
@@ -141,5 +148,6 @@ async def models(backend: BackendDep) -> ModelList:
         native_height=served.native_height,
         schedulers=list(SCHEDULERS),
         default_scheduler_class=served.default_scheduler,
+        architecture=served.architecture,
     )
     return ModelList(data=[card])

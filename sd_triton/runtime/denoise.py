@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from sd_triton.contract import PROMPT_EMBEDS, TOKEN_LENGTH
+from sd_triton.contract import (
+    MAX_SIZE_CONDITIONING,
+    NEGATIVE_SIZE_CONDITIONING,
+    POOLED_EMBEDS,
+    PROMPT_EMBEDS,
+    SIZE_CONDITIONING,
+    TOKEN_LENGTH,
+)
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, start_step
 from sd_triton.runtime.postprocess import from_uint8_images
@@ -47,6 +54,71 @@ def time_ids(
 ) -> list[float]:
     """SDXL's size conditioning, (height, width) pairs, in diffusers' order."""
     return [float(v) for v in (*original, *crop_top_left, *target)]
+
+
+def size_conditioning(
+    params: GenerationParams,
+    config: PipelineConfig,
+    sizes: np.ndarray | None = None,
+    negative_sizes: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """An SDXL request's time ids, one row per prompt row ([uncond,] cond): SIZE_CONDITIONING (default:
+    the request's size, no crop) and NEGATIVE_SIZE_CONDITIONING (default: the same), as
+    StableDiffusionXLPipeline builds them from original_size, crops_coords_top_left, target_size and their
+    negative_ twins. None for an SD model, which refuses them."""
+    given = ((NEGATIVE_SIZE_CONDITIONING, negative_sizes), (SIZE_CONDITIONING, sizes))
+    if not config.xl:
+        for spec, value in given:
+            if value is not None:
+                raise InvalidRequest(spec.name, "applies to SDXL models only; this model is SD")
+        return None
+    default = time_ids((params.height, params.width), (0, 0), (params.height, params.width))
+    rows: list[list[float] | None] = []
+    for spec, value in given:
+        if value is None:
+            rows.append(None)
+            continue
+        values = np.asarray(value).reshape(-1)
+        if values.size != 6 or not np.issubdtype(values.dtype, np.integer):
+            raise InvalidRequest(spec.name, f"must be 6 integers, got {values.size} of {values.dtype}")
+        if values.min() < 0 or values.max() > MAX_SIZE_CONDITIONING:
+            raise InvalidRequest(
+                spec.name, f"values must be within 0..{MAX_SIZE_CONDITIONING}, got {values.tolist()}"
+            )
+        if min(values[0], values[1], values[4], values[5]) < 1:
+            raise InvalidRequest(spec.name, f"sizes (items 1, 2, 5, 6) must be >= 1, got {values.tolist()}")
+        rows.append([float(v) for v in values])
+    negative, positive = rows
+    positive = positive or default
+    chosen = [negative or positive, positive] if params.classifier_free_guidance else [positive]
+    return np.array(chosen, dtype=np.float32)
+
+
+def sdxl_conditioning(
+    prompt_embeds: np.ndarray,
+    pooled: np.ndarray | None,
+    params: GenerationParams,
+    config: PipelineConfig,
+    ids: np.ndarray | None,
+    negative_prompt_given: bool = True,
+) -> tuple[np.ndarray, AddedConditioning | None]:
+    """A request's text embeddings and, for an SDXL model, its added conditioning: the pooled embeddings
+    and the time ids (`size_conditioning`). Without a negative prompt, a checkpoint with
+    force_zeros_for_empty_prompt takes zeros for the unconditional rows (diffusers' rule)."""
+    if not config.xl:
+        return prompt_embeds, None
+    if pooled is None:
+        raise InvalidRequest(POOLED_EMBEDS.name, "is required by an SDXL model")
+    assert ids is not None, "an SDXL request's time ids (size_conditioning)"
+    rows = 2 if params.classifier_free_guidance else 1
+    pooled = np.ascontiguousarray(pooled, dtype=np.float32)
+    if pooled.ndim != 2 or len(pooled) != rows:
+        raise InvalidRequest(POOLED_EMBEDS.name, f"must be [{rows}, n], got {list(pooled.shape)}")
+    if rows == 2 and config.force_zeros_for_empty_prompt and not negative_prompt_given:
+        prompt_embeds, pooled = np.array(prompt_embeds, dtype=np.float32), pooled.copy()
+        prompt_embeds[0] = 0.0
+        pooled[0] = 0.0
+    return prompt_embeds, AddedConditioning(pooled, ids)
 
 
 def _embeddings(prompt_embeds: np.ndarray, params: GenerationParams, config: PipelineConfig) -> torch.Tensor:

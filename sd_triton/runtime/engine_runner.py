@@ -20,9 +20,10 @@ def load_runner(
     if kind == "python-torch":
         from sd_triton.runtime.torch_runner import TorchRunner  # torch and diffusers: only for this kind
 
-        return TorchRunner(
-            component, version_dir, params.device, params.intra_op_threads, params.torch_compile
-        )
+        # the artifact: the component's checkpoint subfolder, or a folder of its subfolders (SDXL's text
+        # encoders)
+        root = version_dir if (version_dir / artifact / "config.json").is_file() else version_dir / artifact
+        return TorchRunner(component, root, params.device, params.intra_op_threads, params.torch_compile)
     if kind == "tensorrt":
         from sd_triton.runtime.trt_runner import TrtRunner  # tensorrt and CUDA: only for this kind
 

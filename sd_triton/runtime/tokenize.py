@@ -15,14 +15,31 @@ class Tokenized:
     input_ids: np.ndarray  # int32 [rows, 77]; rows: [uncond, cond] with guidance, else [cond]
     prompt_truncated_tokens: int
     negative_prompt_truncated_tokens: int
+    input_ids_2: np.ndarray | None = None  # SDXL: the second tokenizer's, the same rows
+
+    @property
+    def text_encoder_inputs(self) -> tuple[np.ndarray, ...]:
+        """The text encoder engine's inputs in contract order (SD: one; SDXL: both tokenizers' ids)."""
+        return (self.input_ids,) if self.input_ids_2 is None else (self.input_ids, self.input_ids_2)
+
+
+SECOND_TOKENIZER = "tokenizer_2"  # SDXL's, beside the first in the tokenizer model's version folder
 
 
 class PromptTokenizer:
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, second: str | Path | None = None) -> None:
+        """`folder`: a CLIP tokenizer's files; `second`: SDXL's second tokenizer (its pad token differs)."""
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_length = int(self.tokenizer.model_max_length)
+        self.second = None if second is None else PromptTokenizer(second)
         # the fast tokenizer keeps padding/truncation settings between calls: one call at a time
         self._lock = threading.Lock()
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> PromptTokenizer:
+        """The tokenizers an export copied into `folder` (tokenizer/, and for SDXL tokenizer_2/)."""
+        second = folder / SECOND_TOKENIZER
+        return cls(folder / "tokenizer", second if second.is_dir() else None)
 
     def encode(self, text: str) -> tuple[np.ndarray, int]:
         """Token ids padded/truncated to the context length, and how many tokens were cut."""
@@ -37,4 +54,7 @@ class PromptTokenizer:
         cond, cut = self.encode(prompt)
         uncond, negative_cut = self.encode(negative_prompt)
         rows = [uncond, cond] if guidance else [cond]
-        return Tokenized(np.stack(rows), cut, negative_cut if guidance else 0)
+        second = (
+            None if self.second is None else self.second.tokenize(prompt, negative_prompt, guidance).input_ids
+        )
+        return Tokenized(np.stack(rows), cut, negative_cut if guidance else 0, second)

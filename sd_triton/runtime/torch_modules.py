@@ -4,13 +4,23 @@ engine runs them (torch_runner.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from sd_triton.contract import CHECKPOINT_SUBFOLDERS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sd_triton.contract import (
+    CHECKPOINT_SUBFOLDERS,
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    Architecture,
+    ModelSpec,
+    models,
+)
 
 
 class TextEncoderModule(torch.nn.Module):
@@ -22,6 +32,24 @@ class TextEncoderModule(torch.nn.Module):
         return self.encoder(input_ids.long(), return_dict=False)[0]
 
 
+class TextEncoderXLModule(torch.nn.Module):
+    """SDXL's two CLIP text encoders, as StableDiffusionXLPipeline.encode_prompt runs them: each one's
+    penultimate layer states, concatenated, and the second's pooled projection."""
+
+    def __init__(self, encoder: CLIPTextModel, encoder_2: CLIPTextModelWithProjection) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.encoder_2 = encoder_2
+
+    def forward(
+        self, input_ids: torch.Tensor, input_ids_2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.encoder(input_ids.long(), output_hidden_states=True)
+        second = self.encoder_2(input_ids_2.long(), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return hidden, second.text_embeds
+
+
 class UNetModule(torch.nn.Module):
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
@@ -30,6 +58,25 @@ class UNetModule(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # timestep arrives as [B, 1] (Triton's batched [1]); the UNet wants [B]
         return self.unet(sample, timestep.reshape(-1), hidden, return_dict=False)[0]
+
+
+class UNetXLModule(torch.nn.Module):
+    """An SDXL UNet: the added conditioning (pooled text embeddings, time ids) as two more inputs."""
+
+    def __init__(self, unet: UNet2DConditionModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        hidden: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep.reshape(-1), hidden, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoderModule(torch.nn.Module):
@@ -54,13 +101,38 @@ class VaeEncoderModule(torch.nn.Module):
         return moments if self.vae.quant_conv is None else self.vae.quant_conv(moments)
 
 
+def architecture_of(checkpoint: Path) -> Architecture:
+    """ "sdxl" for a checkpoint (or a python-torch engine's folder of its subfolders) with SDXL's second
+    text encoder or an SDXL UNet (added "text_time" conditioning), "sd" otherwise."""
+    if (checkpoint / "text_encoder_2").is_dir():
+        return "sdxl"
+    unet = checkpoint / CHECKPOINT_SUBFOLDERS[UNET.name] / "config.json"
+    if unet.is_file() and json.loads(unet.read_text()).get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd"
+
+
+def module_spec(model: str, checkpoint: Path) -> ModelSpec:
+    """The contract of the engine model `model` for that checkpoint's architecture."""
+    return models(architecture_of(checkpoint))[model]
+
+
 def load_module(model: str, checkpoint: Path) -> torch.nn.Module:
-    """The engine model `model` (a contract name) from a diffusers checkpoint folder, in eval mode."""
+    """The engine model `model` (a contract name) from a diffusers checkpoint folder (or a folder holding
+    the model's subfolders of one), in eval mode."""
     folder = checkpoint / CHECKPOINT_SUBFOLDERS[model]
+    xl = architecture_of(checkpoint) == "sdxl"
     if model == TEXT_ENCODER.name:
-        return TextEncoderModule(CLIPTextModel.from_pretrained(folder, attn_implementation="eager")).eval()
+        encoder = CLIPTextModel.from_pretrained(folder, attn_implementation="eager")
+        if xl:
+            encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                checkpoint / "text_encoder_2", attn_implementation="eager"
+            )
+            return TextEncoderXLModule(encoder, encoder_2).eval()
+        return TextEncoderModule(encoder).eval()
     if model == UNET.name:
-        return UNetModule(UNet2DConditionModel.from_pretrained(folder)).eval()
+        unet = UNet2DConditionModel.from_pretrained(folder)
+        return (UNetXLModule(unet) if xl else UNetModule(unet)).eval()
     if model == VAE_DECODER.name:
         return VaeDecoderModule(AutoencoderKL.from_pretrained(folder)).eval()
     if model == VAE_ENCODER.name:

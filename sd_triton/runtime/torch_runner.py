@@ -16,7 +16,7 @@ import torch
 
 from sd_triton import contract as c
 from sd_triton.runtime.ort_runner import BatchRunner, Feeds
-from sd_triton.runtime.torch_modules import load_module
+from sd_triton.runtime.torch_modules import load_module, module_spec
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ class TorchRunner(BatchRunner):
     def __init__(
         self, component: str, root: Path, device: str = "auto", threads: int = 0, compile: bool = False
     ) -> None:
-        """`root`: a folder holding the component's diffusers subfolder (`unet/`, `text_encoder/`, `vae/`)."""
-        spec = c.MODELS[component]
+        """`root`: a folder holding the component's diffusers subfolders (`unet/`, `text_encoder/` and for
+        SDXL `text_encoder_2/`, `vae/`)."""
+        spec = module_spec(component, root)
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
         self.device = choose_device(device)
@@ -56,4 +57,5 @@ class TorchRunner(BatchRunner):
     def run(self, feeds: Feeds) -> Feeds:
         arrays = [np.ascontiguousarray(feeds[name]) for name in self.input_names]
         output = self.module(*(torch.from_numpy(a).to(self.device) for a in arrays))
-        return {self.output_names[0]: output.float().cpu().numpy()}
+        outputs = output if isinstance(output, tuple) else (output,)
+        return {name: o.float().cpu().numpy() for name, o in zip(self.output_names, outputs, strict=True)}

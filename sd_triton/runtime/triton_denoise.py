@@ -58,8 +58,8 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, DenoiseParams)
-        self.unet = triton_io.live_unet(params, args)
-        self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
+        self.unet = triton_io.live_unet(params, args, self.config)
+        self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
         # image-to-image and inpainting requests' init images
         self.encoder = triton_io.ImageEncoder(params, args, self.config)
         # finished requests are decoded and answered on a thread of their own, so the loop steps the
@@ -93,23 +93,29 @@ class TritonPythonModel:
     def _params(self, request: Any) -> GenerationParams:
         return triton_io.generation_params(request, self.config)
 
-    def _embeds(self, request: Any) -> np.ndarray:
-        """PROMPT_EMBEDS, or on the inline path the text encoder's output for INPUT_IDS."""
+    def _embeds(self, request: Any, params: GenerationParams) -> tuple[np.ndarray, Any]:
+        """PROMPT_EMBEDS (and an SDXL model's POOLED_EMBEDS), or on the inline path the text encoder's
+        outputs for INPUT_IDS (and INPUT_IDS_2); with an SDXL model's added conditioning (or None)."""
+        conditioning = triton_io.Conditioning.read(request, self.config, params)  # checked first
         # the config's (optional) specs: either may be absent
         embeds = triton_io.get_array(request, c.DENOISE.input(c.PROMPT_EMBEDS.name))
-        if embeds is not None:
-            return embeds
-        input_ids = (
-            triton_io.get_array(request, c.DENOISE.input(c.INPUT_IDS.name)) if self.text_encoder else None
-        )
-        if input_ids is None:
-            alternative = f" (or {c.INPUT_IDS.name})" if self.text_encoder else ""
-            raise InvalidRequest(c.PROMPT_EMBEDS.name, f"is required{alternative}")
-        if input_ids.ndim != 2 or input_ids.shape[1] != c.TOKEN_LENGTH:
-            raise InvalidRequest(
-                c.INPUT_IDS.name, f"must be [rows, {c.TOKEN_LENGTH}], got {list(input_ids.shape)}"
-            )
-        return triton_io.run_engine(c.TEXT_ENCODER, self.text_encoder, input_ids)
+        pooled = triton_io.get_array(request, c.POOLED_EMBEDS)
+        inline = self.text_encoder.inline is not None
+        if embeds is None:
+            ids = [c.INPUT_IDS, c.INPUT_IDS_2] if self.config.xl else [c.INPUT_IDS]
+            arrays = [triton_io.get_array(request, c.DENOISE.input(t.name)) if inline else None for t in ids]
+            if arrays[0] is None:
+                alternative = f" (or {c.INPUT_IDS.name})" if inline else ""
+                raise InvalidRequest(c.PROMPT_EMBEDS.name, f"is required{alternative}")
+            for spec, array in zip(ids, arrays, strict=True):
+                if array is None:
+                    raise InvalidRequest(spec.name, "is required by an SDXL model")
+                if array.ndim != 2 or array.shape != arrays[0].shape or array.shape[1] != c.TOKEN_LENGTH:
+                    raise InvalidRequest(
+                        spec.name, f"must be [rows, {c.TOKEN_LENGTH}], got {list(array.shape)}"
+                    )
+            embeds, pooled = self.text_encoder(*arrays)
+        return conditioning.apply(self.config, params, embeds, pooled)
 
     def _outputs(
         self,
@@ -134,12 +140,12 @@ class TritonPythonModel:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         params = self._params(request)
         image = self.encoder.read(request, params)
-        embeds = self._embeds(request)
+        embeds, added = self._embeds(request, params)
         init = self.encoder.encode(image)
         engines = triton_io.EngineLog()
         self.unet.refresh()  # the request runs on the live UNet version
         on_step = lambda i, n: engines.add(self.unet.last)  # noqa: E731
-        latents = denoise(embeds, params, self.config, self.unet, on_step, init)
+        latents = denoise(embeds, params, self.config, self.unet, on_step, init, added)
         self.unet.idle()
         return self._outputs(latents, set(request.requested_output_names()), engines)
 
@@ -192,7 +198,8 @@ class TritonPythonModel:
         try:
             params = self._params(request)
             image = self.encoder.read(request, params)
-            job = DenoiseJob(self._embeds(request), params, self.config, self.encoder.encode(image))
+            embeds, added = self._embeds(request, params)
+            job = DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added)
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return

@@ -205,10 +205,16 @@ class PinnedUNet(LiveEngine):
     """The `bls` UNet path: every call a BLS request to the UNet model, pinned to the READY version; a
     call to a version unloaded meanwhile is retried once on the one now ready."""
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    def __init__(self, model: str, model_dir: Path, spec: ModelSpec) -> None:
+        """`spec`: the UNet's contract (SD's, or SDXL's with the added conditioning)."""
+        super().__init__(model, model_dir)
+        self.spec = spec
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> noise_pred."""
         version = self._resolve_when_due()
-        inputs = dict(zip((t.name for t in c.UNET.inputs), (sample, timestep, hidden), strict=True))
-        output = c.UNET.outputs[0].name
+        inputs = dict(zip((t.name for t in self.spec.inputs), arrays, strict=True))
+        output = self.spec.outputs[0].name
         try:
             noise = bls_infer(self.model, inputs, output, version)
         except RuntimeError:
@@ -333,14 +339,18 @@ class InlineEngine(LiveEngine):
 
     def __call__(self, *arrays: np.ndarray) -> np.ndarray:
         """The engine's first output for its inputs in contract order."""
+        return self.run_all(*arrays)[self.spec.outputs[0].name]
+
+    def run_all(self, *arrays: np.ndarray) -> Outputs:
+        """The engine's outputs for its inputs in contract order."""
         version, runner = self._current()
         feeds = dict(zip((t.name for t in self.spec.inputs), arrays, strict=True))
         started = time.perf_counter()
-        output = runner.run(feeds)[self.spec.outputs[0].name]
+        outputs = runner.run(feeds)
         if self.timer:
             self.timer.add(time.perf_counter() - started, len(arrays[0]))
         self.last = self.provenance(version)
-        return output
+        return outputs
 
     def call_each(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray | Exception]:
         """The first output of a one-input engine (the VAE decoder) for each input: inputs of one shape
@@ -384,30 +394,80 @@ class InlineTimer:
             self.pending = [0.0, 0.0, 0.0]
 
 
-def live_unet(params: BatchingParams, args: dict[str, Any]) -> LiveEngine:
-    """The UNet of a denoising loop's config (`unet_model`, `unet_path`)."""
+def live_unet(params: BatchingParams, args: dict[str, Any], config: PipelineConfig) -> LiveEngine:
+    """The UNet of a denoising loop's config (`unet_model`, `unet_path`), for the model's architecture."""
     if params.unet_path not in UNET_PATHS:
         raise ValueError(
             f"parameters.unet_path must be one of {', '.join(UNET_PATHS)}, got {params.unet_path!r}"
         )
     model_dir = version_dir(args).parents[1] / params.unet_model
+    spec = c.models(config.architecture)[c.UNET.name]
     if params.unet_path == "inline":
         return InlineEngine(
-            params.unet_model, model_dir, c.UNET, owner=json.loads(args["model_config"])["name"]
+            params.unet_model, model_dir, spec, owner=json.loads(args["model_config"])["name"]
         )
-    return PinnedUNet(params.unet_model, model_dir)
+    return PinnedUNet(params.unet_model, model_dir, spec)
+
+
+class TextEncoder:
+    """A loop's text encoder: its engine in this process on the inline UNet path, or (`inline` None) the
+    bls path's BLS call to Triton's `text_encoder` model; SD's one encoder or SDXL's two."""
+
+    def __init__(self, config: PipelineConfig, inline: InlineEngine | None) -> None:
+        self.spec = c.models(config.architecture)[c.TEXT_ENCODER.name]
+        self.inline = inline
+
+    def __call__(self, *input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids (one array per tokenizer) -> (the prompt embeddings, SDXL's pooled embeddings)."""
+        names = [t.name for t in self.spec.outputs]
+        if self.inline is None:
+            feeds = dict(zip((t.name for t in self.spec.inputs), input_ids, strict=True))
+            outputs = bls_infer_all(self.spec.name, feeds, names)
+        else:
+            self.inline.refresh()
+            outputs = self.inline.run_all(*input_ids)
+        return outputs[names[0]], outputs[names[1]] if len(names) > 1 else None
 
 
 def inline_text_and_image(
-    params: BatchingParams, args: dict[str, Any]
-) -> tuple[InlineEngine | None, InlineEngine | None]:
-    """A loop's text encoder and VAE decoder: run in its process on the inline UNet path, (None, None)
-    on the bls path (`run_engine` then calls Triton's models)."""
+    params: BatchingParams, args: dict[str, Any], config: PipelineConfig
+) -> tuple[TextEncoder, InlineEngine | None]:
+    """A loop's text encoder and VAE decoder: run in its process on the inline UNet path; on the bls
+    path the text encoder calls Triton's model, and no decoder (`run_engine` calls Triton's)."""
+    text = TextEncoder(config, None)
     if params.unet_path != "inline":
-        return None, None
+        return text, None
     models = version_dir(args).parents[1]
-    text, image = (InlineEngine(s.name, models / s.name, s) for s in (c.TEXT_ENCODER, c.VAE_DECODER))
-    return text, image
+    text.inline = InlineEngine(text.spec.name, models / text.spec.name, text.spec)
+    return text, InlineEngine(c.VAE_DECODER.name, models / c.VAE_DECODER.name, c.VAE_DECODER)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A request's inputs that shape its text conditioning, read and checked before anything runs: an
+    SDXL model's time ids (None for SD, which refuses the size inputs) and whether a negative prompt came."""
+
+    time_ids: np.ndarray | None
+    negative_prompt_given: bool
+
+    @classmethod
+    def read(cls, request: Any, config: PipelineConfig, params: GenerationParams) -> Conditioning:
+        from sd_triton.runtime.denoise import size_conditioning  # torch: not for the engines' stubs
+
+        sizes, negative = (
+            get_array(request, c.SIZE_CONDITIONING),
+            get_array(request, c.NEGATIVE_SIZE_CONDITIONING),
+        )
+        ids = size_conditioning(params, config, sizes, negative)
+        return cls(ids, get_array(request, c.NEGATIVE_PROMPT) is not None)
+
+    def apply(
+        self, config: PipelineConfig, params: GenerationParams, embeds: np.ndarray, pooled: np.ndarray | None
+    ) -> tuple[np.ndarray, Any]:
+        """The text embeddings and the SDXL conditioning (denoise.AddedConditioning, or None)."""
+        from sd_triton.runtime.denoise import sdxl_conditioning
+
+        return sdxl_conditioning(embeds, pooled, params, config, self.time_ids, self.negative_prompt_given)
 
 
 class ImageEncoder:

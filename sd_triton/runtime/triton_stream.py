@@ -49,8 +49,8 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # see triton_denoise: the scheduler math is small
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, BatchingParams)
-        self.unet = triton_io.live_unet(params, args)
-        self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args)
+        self.unet = triton_io.live_unet(params, args, self.config)
+        self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
         # image-to-image and inpainting requests' init images
         self.encoder = triton_io.ImageEncoder(params, args, self.config)
         config = BatchingConfig(
@@ -102,6 +102,7 @@ class TritonPythonModel:
             }
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
+            conditioning = triton_io.Conditioning.read(request, self.config, params)
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return
@@ -119,11 +120,13 @@ class TritonPythonModel:
         def prepare() -> DenoiseJob:
             self.in_flight_gauge.set(self._count(0))
             inputs = {name: value for name, value in text.items() if value is not None}
-            outputs = [t.name for t in c.TOKENIZER.outputs]
-            tokens = triton_io.bls_infer_all(c.TOKENIZER.name, inputs, outputs)
-            truncation.update({name: tokens[name] for name in outputs[1:]})
-            embeds = triton_io.run_engine(c.TEXT_ENCODER, self.text_encoder, tokens[c.INPUT_IDS.name])
-            return DenoiseJob(embeds, params, self.config, self.encoder.encode(image))
+            ids = [c.INPUT_IDS.name, *([c.INPUT_IDS_2.name] if self.config.xl else [])]
+            counts = [c.PROMPT_TRUNCATED_TOKENS.name, c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name]
+            tokens = triton_io.bls_infer_all(c.TOKENIZER.name, inputs, [*ids, *counts])
+            truncation.update({name: tokens[name] for name in counts})
+            embeds, pooled = self.text_encoder(*(tokens[name] for name in ids))
+            embeds, added = conditioning.apply(self.config, params, embeds, pooled)
+            return DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added)
 
         def step(index: int, steps: int) -> None:
             engines.add(self.unet.last)

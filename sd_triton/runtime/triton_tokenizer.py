@@ -1,4 +1,4 @@
-"""Step 1 of txt2img: CLIP tokenization of prompt and negative prompt.
+"""Step 1 of txt2img: CLIP tokenization of prompt and negative prompt (SDXL: by both tokenizers).
 
 Only importable inside Triton's python backend; the repository's `tokenizer/1/model.py` imports
 `TritonPythonModel` from here.
@@ -18,7 +18,7 @@ from sd_triton.runtime.tokenize import PromptTokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        self.tokenizer = PromptTokenizer(triton_io.version_dir(args) / "tokenizer")
+        self.tokenizer = PromptTokenizer.in_folder(triton_io.version_dir(args))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return triton_io.respond(requests, c.TOKENIZER, self._tokenize)
@@ -28,7 +28,9 @@ class TritonPythonModel:
         negative_prompt = triton_io.get_text(request, c.NEGATIVE_PROMPT, default="")
         guidance = uses_guidance(check_guidance_scale(triton_io.get_scalar(request, c.GUIDANCE_SCALE)))
         out = self.tokenizer.tokenize(prompt, negative_prompt, guidance)
+        second = {} if out.input_ids_2 is None else {c.INPUT_IDS_2.name: out.input_ids_2}
         return {
+            **second,
             c.INPUT_IDS.name: out.input_ids,
             c.PROMPT_TRUNCATED_TOKENS.name: np.array([out.prompt_truncated_tokens], np.int32),
             c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: np.array(

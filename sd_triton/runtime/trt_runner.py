@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from sd_triton import contract as c
 from sd_triton.runtime.ort_runner import BatchRunner, Feeds
 
 log = logging.getLogger(__name__)
@@ -54,15 +53,17 @@ class TrtRunner(BatchRunner):
         import torch
 
         self.torch = torch
-        spec = c.MODELS[component]
-        self.input_names = [t.name for t in spec.inputs]
-        self.output_names = [t.name for t in spec.outputs]
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise RuntimeError(
                 f"{component}: TensorRT could not deserialize {plan} (built for another GPU or version?)"
             )
+        # the plan's own tensors (the contract's names, as exported: SD's or SDXL's engines)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_input[n]]
+        self.output_names = [n for n in names if not is_input[n]]
         self.dtypes = {
             name: torch.float16 if self.engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
             for name in [*self.input_names, *self.output_names]

@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sd_triton import contract as c
 from sd_triton.export.checkpoint import Checkpoint
 from sd_triton.export.components import COMPONENTS
-from sd_triton.export.repository import ARTIFACT_SHA256, CONFIG_FILE, ENSEMBLE_STEPS, MODEL_PY, parse, render
+from sd_triton.export.repository import ARTIFACT_SHA256, CONFIG_FILE, MODEL_PY, ensemble_steps, parse, render
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_REPO = ROOT / "model_repository"
@@ -75,14 +75,15 @@ def test_every_python_model_has_a_model_py(demo_repo: Path) -> None:
             assert (demo_repo / name / "1" / MODEL_PY).is_file(), name
 
 
-@pytest.mark.parametrize("unet_path", sorted(ENSEMBLE_STEPS))
-def test_ensemble_wiring_is_complete(unet_path: str) -> None:
+@pytest.mark.parametrize("architecture", c.ARCHITECTURES)
+@pytest.mark.parametrize("unet_path", ["bls", "inline"])
+def test_ensemble_wiring_is_complete(unet_path: str, architecture: str) -> None:
     """Each step gets every required input of its model, from an ensemble input or an earlier
     step's output; every ensemble output is produced."""
     available = {t.name for t in c.TXT2IMG.inputs}
     optional = {t.name for t in c.TXT2IMG.inputs if t.optional}
-    for model, inputs, outputs in ENSEMBLE_STEPS[unet_path]:
-        spec = c.MODELS[model]
+    for model, inputs, outputs in ensemble_steps(unet_path, architecture):
+        spec = c.models(architecture)[model]
         required = {t.name for t in spec.inputs if not t.optional}
         assert required <= set(inputs), f"{model} misses {required - set(inputs)}"
         assert set(inputs) <= {t.name for t in spec.inputs}, model

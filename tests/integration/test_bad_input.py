@@ -31,6 +31,9 @@ CASES = [
     ("seed-negative", {"seed": -1}, ["SEED", "between 0 and"]),
     ("prompt-not-utf8", {"prompt": b"a cat \xff\xfe"}, ["PROMPT", "UTF-8", "0xff"]),
     ("negative-not-utf8", {"negative_prompt": b"\xc3\x28"}, ["NEGATIVE_PROMPT", "UTF-8"]),
+    # SDXL's size conditioning sent to an SD model
+    ("sizes-to-sd", {"size_conditioning": [64] * 6}, ["SIZE_CONDITIONING", "SDXL models only"]),
+    ("negative-sizes-to-sd", {"negative_size_conditioning": [8] * 6}, ["NEGATIVE_SIZE_CONDITIONING", "SDXL"]),
 ]
 
 

@@ -39,3 +39,20 @@ def test_the_step_split_adds_up_on_the_tiny_checkpoint(tiny_checkpoint: Path) ->
     split = step_split(pipe, steps=4, size=64, dtype=torch.float32, device="cpu")
     assert split["unet_call_ms"] > 0 and split["other_ms"] > 0
     assert split["step_ms"] == pytest.approx(split["unet_call_ms"] + split["other_ms"], abs=2e-3)
+
+
+def test_the_step_split_runs_an_sdxl_unet_with_its_added_conditioning() -> None:
+    """`--preset sdxl`'s split on the tiny SDXL-shaped model, here on the CPU."""
+    from diffusers import DDIMScheduler
+
+    from sd_triton.export.tiny import build_tiny_xl_pipeline
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from bench import step_split
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    pipe = build_tiny_xl_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    split = step_split(pipe, steps=3, size=64, dtype=torch.float32, device="cpu")
+    assert split["unet_call_ms"] > 0 and split["other_ms"] > 0

@@ -85,3 +85,30 @@ def test_batch_size_matches_one_pipeline_call(
     component: str, guidance: float, images: int, expected: int
 ) -> None:
     assert batch_size_for(component, Request(guidance_scale=guidance, num_images=images)) == expected
+
+
+def test_sdxl_components_get_the_added_tensors_and_their_graphs_take_them(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """tiny-xl: the text encoder's data holds both tokenizers' ids, the UNet's the pooled embeddings and
+    the time ids; each component's data runs through its exported graph (as perf_analyzer sends it)."""
+    import numpy as np
+
+    from sd_triton.export.pipeline import ExportOptions, run_export
+    from sd_triton.runtime.ort_runner import OrtRunner
+    from tests.conftest import WORK_DIR
+
+    repo = tmp_path_factory.mktemp("xl-inputs") / "repo"
+    run_export(ExportOptions("tiny-xl", repo, work_dir=WORK_DIR))
+    written = write_inputs(
+        repo, tmp_path_factory.mktemp("data"), Request(height=48, width=64), COMPONENTS[1:]
+    )
+    data = {name: json.loads(path.read_text())["data"][0] for name, path in written.items()}
+    assert data["text_encoder"]["input_ids_2"]["content"][-1] == 0  # the second tokenizer pads with "!"
+    assert data["unet"]["time_ids"]["content"] == [48, 64, 0, 0, 48, 64]
+    assert data["unet"]["text_embeds"]["shape"] == [load_pipeline(repo).pooled_dim]
+    for name, entry in data.items():
+        feeds = {k: np.asarray(v["content"], np.float32).reshape(1, *v["shape"]) for k, v in entry.items()}
+        feeds = {k: v.astype(np.int32) if k.startswith("input_ids") else v for k, v in feeds.items()}
+        outputs = OrtRunner(repo / name / "1" / "model.onnx").run(feeds)
+        assert all(np.isfinite(v).all() for v in outputs.values()), name
