@@ -130,7 +130,7 @@ class ContinuousBatcher:
         """Requests waiting or in the batch."""
         with self._cond:
             waiting = self._waiting_count()
-        return waiting + sum(len(group) for group in self._active.values())
+        return waiting + sum(len(group) for group in list(self._active.values()))  # list(): one step
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
@@ -174,8 +174,14 @@ class ContinuousBatcher:
     def _run(self) -> None:
         idle = getattr(self.unet, "idle", None)  # a UNet with work to do between bursts (its metrics)
         while True:
-            if idle is not None and not self._active and not self._waiting_count():
-                idle()
+            if idle is not None:
+                with self._cond:  # submit() adds shapes to _waiting from other threads meanwhile
+                    quiet = not self._active and not self._waiting_count()
+                if quiet:
+                    try:
+                        idle()
+                    except Exception:  # noqa: BLE001 - the loop must outlive its metrics
+                        log.exception("continuous batcher: the UNet's idle work failed")
             with self._cond:
                 while not self._stopping and not self._waiting_count() and not self._active:
                     self._cond.wait()
@@ -188,6 +194,7 @@ class ContinuousBatcher:
                 log.exception("continuous batcher: iteration failed")
 
     def _waiting_count(self) -> int:
+        """With the lock held (a submit adding a shape would break the iteration)."""
         return sum(len(q) for q in self._waiting.values())
 
     def _wait_for_company(self) -> None:

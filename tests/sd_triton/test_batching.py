@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -395,3 +396,49 @@ def test_sdxl_requests_batch_their_added_conditioning_row_by_row() -> None:
         # float32: a batched call sums in another order
         scale = max(1.0, float(np.abs(alone_latents).max()))
         np.testing.assert_allclose(outcome.latents, alone_latents, atol=1e-5 * scale)
+
+
+def test_the_worker_reads_the_queues_only_under_the_lock() -> None:
+    """Every read of the waiting queues holds the batcher's lock, the worker's idle check included: a
+    submit from another thread adds a shape to them, and a read without the lock once died on the dict
+    changing size ("dictionary changed size during iteration"), killing the worker: every later request
+    hung. Checked on every read, not left to a race to show."""
+
+    class IdleUNet:
+        def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+            raise AssertionError("no request gets this far")
+
+        def idle(self) -> None:  # a UNet with work between bursts (the inline path's metrics)
+            pass
+
+    batcher = ContinuousBatcher(IdleUNet(), BatchingConfig())  # type: ignore[arg-type]
+
+    class Guarded(dict):  # type: ignore[type-arg]
+        def values(self) -> Any:
+            assert batcher._cond._is_owned(), "the queues read without the lock"  # type: ignore[attr-defined]
+            return super().values()
+
+        def items(self) -> Any:
+            assert batcher._cond._is_owned(), "the queues read without the lock"  # type: ignore[attr-defined]
+            return super().items()
+
+    def prepare() -> Any:
+        raise ValueError("this request fails at once")
+
+    batcher._waiting = Guarded()
+    answered = threading.Semaphore(0)
+    batcher.start()
+    try:
+        for side in range(1, 50):
+            ticket = Ticket(
+                None,
+                lambda _: None,
+                lambda _: answered.release(),
+                prepare=prepare,
+                latent_shape=(4, side, side),
+            )
+            batcher.submit(ticket)
+        assert all(answered.acquire(timeout=10) for _ in range(49)), "requests were left unanswered"
+        assert batcher._thread is not None and batcher._thread.is_alive()
+    finally:
+        batcher.stop()
