@@ -16,6 +16,7 @@ from sd_triton.runtime.torch_modules import architecture_of
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 XL_SUBFOLDERS = ("tokenizer_2", "text_encoder_2")  # SDXL's second tokenizer and text encoder
+REFINER_SUBFOLDERS = ("tokenizer_2", "text_encoder_2", "unet", "vae", "scheduler")  # an SDXL refiner's
 
 
 @dataclass(frozen=True)
@@ -36,20 +37,26 @@ class Checkpoint:
             raise FileNotFoundError(
                 f"--model {path}: not a diffusers checkpoint folder (no model_index.json)"
             )
-        missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+        architecture = architecture_of(path)
+        needed = REFINER_SUBFOLDERS if architecture == "sdxl-refiner" else SUBFOLDERS
+        missing = [s for s in needed if not (path / s).is_dir()]
         if missing:
             raise FileNotFoundError(f"--model {path}: missing subfolder(s) {', '.join(missing)}")
         unet = _json(path / "unet" / "config.json")
         vae = _json(path / "vae" / "config.json")
-        text = _json(path / "text_encoder" / "config.json")
+        text = _json(
+            path / ("text_encoder_2" if architecture == "sdxl-refiner" else "text_encoder") / "config.json"
+        )
         scheduler = _json(path / "scheduler" / "scheduler_config.json")
         # diffusers' from_pretrained builds the class model_index.json names (usually the config's own)
         named = _json(path / "model_index.json").get("scheduler")
         if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str):
             scheduler = {**scheduler, "_class_name": named[1]}
-        architecture = architecture_of(path)
         text_hidden, vocab_size = int(text["hidden_size"]), int(text["vocab_size"])
         pooled_dim = time_ids = 0
+        if architecture == "sdxl-refiner":  # the second encoder alone: its states and its projection
+            pooled_dim = int(text.get("projection_dim", text["hidden_size"]))
+            time_ids = _time_ids(unet, pooled_dim, path)
         if architecture == "sdxl":
             missing = [s for s in XL_SUBFOLDERS if not (path / s).is_dir()]
             if missing:
@@ -80,10 +87,10 @@ class Checkpoint:
             native,
             architecture=architecture,
             # StableDiffusionXLPipeline's default: no negative prompt -> zero unconditional embeddings
-            force_zeros_for_empty_prompt=architecture == "sdxl"
+            force_zeros_for_empty_prompt=architecture != "sd"
             and bool(index.get("force_zeros_for_empty_prompt", True)),
             # diffusers' SDXL pipelines upcast such a VAE (config default: true); SD's never do
-            vae_force_upcast=architecture == "sdxl" and bool(vae.get("force_upcast", True)),
+            vae_force_upcast=architecture != "sd" and bool(vae.get("force_upcast", True)),
         )
 
 

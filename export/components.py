@@ -12,6 +12,7 @@ import torch
 from sd_triton.contract import (
     CHECKPOINT_SUBFOLDERS,
     TEXT_ENCODER,
+    TEXT_ENCODER_REFINER,
     TEXT_ENCODER_XL,
     TOKEN_LENGTH,
     UNET,
@@ -213,6 +214,17 @@ class TextEncoderXL(TextEncoder):
         return Profile({"input_ids": shapes, "input_ids_2": shapes})
 
 
+class TextEncoderRefiner(TextEncoder):
+    """An SDXL refiner's text encoder (SDXL's second): its tokenizer's ids in, the states and the pooled
+    embeddings out."""
+
+    spec = TEXT_ENCODER_REFINER
+    subfolder = checkpoint_subfolders(TEXT_ENCODER.name, "sdxl-refiner")[0]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
+
+
 class UNetXL(UNet):
     """An SDXL UNet: the pooled text embeddings and the time ids besides SD's inputs."""
 
@@ -237,9 +249,13 @@ class UNetXL(UNet):
 
 
 COMPONENTS: dict[str, Component] = {c.name: c for c in (TextEncoder(), UNet(), VaeDecoder(), VaeEncoder())}
-_XL_COMPONENTS: dict[str, Component] = {c.name: c for c in (TextEncoderXL(), UNetXL())}
+_ARCHITECTURE_COMPONENTS: dict[str, dict[str, Component]] = {
+    "sd": {},
+    "sdxl": {c.name: c for c in (TextEncoderXL(), UNetXL())},
+    "sdxl-refiner": {c.name: c for c in (TextEncoderRefiner(), UNetXL())},
+}
 
 
 def components(architecture: str) -> dict[str, Component]:
     """Each engine model's component for a checkpoint of that architecture (contract.models)."""
-    return {**COMPONENTS, **_XL_COMPONENTS} if architecture == "sdxl" else COMPONENTS
+    return {**COMPONENTS, **_ARCHITECTURE_COMPONENTS[architecture]}

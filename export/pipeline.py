@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 # committed in the source tree (see its README), not in the wheel: 22 MB that only the demo uses
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 STEPS = 6
-TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")  # in tokenizer/1/, as the checkpoint names them
+# the checkpoint's tokenizer folders -> tokenizer/1/'s, by architecture (a refiner's one is SDXL's second)
+TOKENIZER_FOLDERS = {
+    "sd": {"tokenizer": "tokenizer"},
+    "sdxl": {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer_2"},
+    "sdxl-refiner": {"tokenizer_2": "tokenizer"},
+}
 
 
 @dataclass(frozen=True)
@@ -279,14 +284,12 @@ def _engine_records(
 def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> dict[str, Any]:
     # tokenizer: the checkpoint's own tokenizer files (SDXL: both tokenizers')
     tokenizer_files = []
-    for folder in TOKENIZER_FOLDERS:
+    for folder in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(repo / c.TOKENIZER.name / "1" / folder, ignore_errors=True)
+    for source, folder in TOKENIZER_FOLDERS[checkpoint.architecture].items():
         target = repo / c.TOKENIZER.name / "1" / folder
-        shutil.rmtree(target, ignore_errors=True)
-        if (checkpoint.path / folder).is_dir() and (
-            folder == "tokenizer" or checkpoint.architecture == "sdxl"
-        ):
-            shutil.copytree(checkpoint.path / folder, target)
-            tokenizer_files += sorted(p for p in target.rglob("*") if p.is_file())
+        shutil.copytree(checkpoint.path / source, target)
+        tokenizer_files += sorted(p for p in target.rglob("*") if p.is_file())
     # denoise: scheduler config, latent geometry and the request limits
     pipeline = PipelineConfig(
         latent_channels=checkpoint.dims.latent_channels,

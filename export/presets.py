@@ -10,6 +10,7 @@
 - `sd15`: SD 1.5's architecture at full size (860M-parameter UNet, 512x512); for GPU machines.
 - `tiny-xl`: the smallest SDXL-shaped model (two text encoders, the UNet's added size and pooled-text
   conditioning; 64x64); tests and the SDXL benchmarks on a CPU.
+- `tiny-xl-refiner`: tiny-xl's refiner (its second text encoder alone, aesthetic-score time ids); tests.
 - `sdxl`: SDXL 1.0 base's architecture at full size (2.6B-parameter UNet, both text encoders, 1024x1024;
   about 10 GB of FP32 weights to build); for GPU machines (perf/gpu/bench.py).
 """
@@ -40,6 +41,7 @@ from sd_triton.export.tiny import (
     build_tiny_inpaint_pipeline,
     build_tiny_pipeline,
     build_tiny_xl_pipeline,
+    build_tiny_xl_refiner_pipeline,
     save_pipeline,
     sd_pipeline,
 )
@@ -162,6 +164,7 @@ PRESETS: dict[str, Callable[[], DiffusionPipeline]] = {
     "small": build_small_pipeline,
     "sd15": build_sd15_pipeline,
     "tiny-xl": build_tiny_xl_pipeline,
+    "tiny-xl-refiner": build_tiny_xl_refiner_pipeline,
     "sdxl": build_sdxl_pipeline,
 }
 

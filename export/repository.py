@@ -47,6 +47,8 @@ _PARAMS = {
         *c.DENOISE_IMAGE_INPUTS,
         c.SIZE_CONDITIONING,
         c.NEGATIVE_SIZE_CONDITIONING,
+        c.AESTHETIC_SCORE,
+        c.NEGATIVE_AESTHETIC_SCORE,
         c.NEGATIVE_PROMPT,
     )
     if t is not c.PROMPT_EMBEDS
@@ -55,8 +57,8 @@ _PARAMS = {
 
 def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]:
     """txt2img's steps for a denoising loop on that UNet path, for a model of that architecture."""
-    xl = architecture == "sdxl"
-    ids = {c.INPUT_IDS.name: "input_ids", **({c.INPUT_IDS_2.name: "input_ids_2"} if xl else {})}
+    second = architecture == "sdxl"  # a second tokenizer (a refiner has SDXL's second alone, as its first)
+    ids = {c.INPUT_IDS.name: "input_ids", **({c.INPUT_IDS_2.name: "input_ids_2"} if second else {})}
     tokenizer = (
         c.TOKENIZER.name,
         {t.name: t.name for t in c.TOKENIZER.inputs},
@@ -70,10 +72,8 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
         outputs = {c.IMAGES.name: c.IMAGES.name, c.ENGINES.name: c.ENGINES.name}
         return tokenizer, (c.DENOISE.name, {**ids, **_PARAMS}, outputs)
     encoder = c.models(architecture)[c.TEXT_ENCODER.name]
-    embeds = {
-        c.PROMPT_EMBEDS.name: "prompt_embeds",
-        **({c.POOLED_EMBEDS.name: "pooled_embeds"} if xl else {}),
-    }
+    pooled = {c.POOLED_EMBEDS.name: "pooled_embeds"} if architecture != "sd" else {}
+    embeds = {c.PROMPT_EMBEDS.name: "prompt_embeds", **pooled}
     return (
         tokenizer,
         (

@@ -19,6 +19,7 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -134,6 +135,40 @@ def build_tiny_xl_pipeline() -> StableDiffusionXLPipeline:
         tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=EulerDiscreteScheduler.from_config({**SCHEDULER_CONFIG, "timestep_spacing": "leading"}),
+    )
+
+
+def build_tiny_xl_refiner_pipeline() -> StableDiffusionXLImg2ImgPipeline:
+    """tiny-xl's refiner, shaped as SDXL's: the second tokenizer and text encoder only (tiny-xl's very
+    ones), a UNet with cross-attention over that encoder's states (48 wide) and the aesthetic-score time
+    ids (5: original size, crop, score), tiny-xl's VAE (the hand-off passes latents between the two)."""
+    base = build_tiny_xl_pipeline()
+    torch.manual_seed(SEED + 2)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=5 * 8 + 32,
+    )
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=unet,
+        scheduler=base.scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
     )
 
 

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sd_triton.contract import (
+    DEFAULT_AESTHETIC_SCORE,
+    DEFAULT_NEGATIVE_AESTHETIC_SCORE,
     DEFAULT_SCHEDULER,
     DEFAULT_STRENGTH,
     MAX_SIZE_CONDITIONING,
@@ -93,6 +95,16 @@ class GenerationOptions(BaseModel):
     )
     negative_target_size: Size | None = Field(
         None, description="SDXL models only: the unconditional rows' target size, with negative_original_size"
+    )
+    aesthetic_score: float | None = Field(
+        None, ge=-100, le=100, description=f"SDXL refiner models only: default {DEFAULT_AESTHETIC_SCORE}"
+    )
+    negative_aesthetic_score: float | None = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="SDXL refiner models only: the unconditional rows' score; default "
+        f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE}",
     )
     output_format: OutputFormat = "png"
     response_format: Literal["base64", "url"] = Field(

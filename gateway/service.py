@@ -49,18 +49,25 @@ class Job:
     prompt: str
     params: GenerationParams
     # an SDXL model's size conditioning, as txt2img_inputs takes it (size_conditioning, and
-    # negative_size_conditioning when the request set it); empty for SD
-    conditioning: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # negative_size_conditioning when the request set it; a refiner's aesthetic scores); empty for SD
+    conditioning: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 SIZE_FIELDS = ("original_size", "crops_coords_top_left", "target_size")  # diffusers' names, in time-id order
+AESTHETIC_FIELDS = ("aesthetic_score", "negative_aesthetic_score")  # an SDXL refiner's
 
 
 def size_conditioning(
     request: GenerationOptions, served: ServedModel, height: int, width: int
-) -> dict[str, list[int]]:
+) -> dict[str, Any]:
     """An SDXL request's SIZE_CONDITIONING (diffusers' defaults filled: the request's size, no crop) and,
-    when it set the negative fields, NEGATIVE_SIZE_CONDITIONING; {} for an SD model, which refuses them."""
+    when it set the negative fields, NEGATIVE_SIZE_CONDITIONING, and a refiner's aesthetic scores when
+    set; {} for an SD model, which refuses them."""
+    scores = {name: getattr(request, name) for name in AESTHETIC_FIELDS}
+    for name, score in scores.items():
+        if score is not None and served.architecture != "sdxl-refiner":
+            what = f"{served.model} is {served.architecture}"
+            raise InvalidRequestError(f"{name}: applies to SDXL refiner models only; {what}", field=name)
     fields = {
         name: getattr(request, name) for name in (*SIZE_FIELDS, *(f"negative_{n}" for n in SIZE_FIELDS))
     }
@@ -88,7 +95,7 @@ def size_conditioning(
                     field=name,
                 )
         params["negative_size_conditioning"] = [*negative[0], *(negative[1] or (0, 0)), *negative[2]]
-    return params
+    return {**params, **{name: score for name, score in scores.items() if score is not None}}
 
 
 @dataclass(frozen=True)

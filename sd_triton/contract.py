@@ -146,6 +146,12 @@ DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 SIZE_CONDITIONING = _t("SIZE_CONDITIONING", "TYPE_INT32", 6, optional=True)
 NEGATIVE_SIZE_CONDITIONING = _t("NEGATIVE_SIZE_CONDITIONING", "TYPE_INT32", 6, optional=True)
 MAX_SIZE_CONDITIONING = 1 << 16  # pixels: a size or crop past this is a client's mistake
+# an SDXL refiner's aesthetic-score conditioning (its time ids: original size, crop, score), diffusers'
+# defaults; the refiner takes SIZE_CONDITIONING's original size and crop, not its target size
+AESTHETIC_SCORE = _t("AESTHETIC_SCORE", "TYPE_FP32", 1, optional=True)
+NEGATIVE_AESTHETIC_SCORE = _t("NEGATIVE_AESTHETIC_SCORE", "TYPE_FP32", 1, optional=True)
+DEFAULT_AESTHETIC_SCORE = 6.0
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 # --- pipeline outputs ---
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
@@ -194,6 +200,8 @@ TXT2IMG = ModelSpec(
         MASK,
         SIZE_CONDITIONING,
         NEGATIVE_SIZE_CONDITIONING,
+        AESTHETIC_SCORE,
+        NEGATIVE_AESTHETIC_SCORE,
     ),
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES),
     batching=False,
@@ -240,6 +248,8 @@ DENOISE_XL_INPUTS = (
     INPUT_IDS_2,
     SIZE_CONDITIONING,
     NEGATIVE_SIZE_CONDITIONING,
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
     NEGATIVE_PROMPT,
 )
 DENOISE = ModelSpec(
@@ -299,6 +309,14 @@ TEXT_ENCODER_XL = ModelSpec(
     batching=True,
     engine=True,
 )
+# an SDXL refiner has the second encoder only: its tokenizer's ids (as INPUT_IDS) in, the same outputs
+TEXT_ENCODER_REFINER = ModelSpec(
+    "text_encoder",
+    inputs=TEXT_ENCODER.inputs,
+    outputs=(*TEXT_ENCODER.outputs, TEXT_EMBEDS),
+    batching=True,
+    engine=True,
+)
 UNET_XL = ModelSpec(
     "unet",
     inputs=(*UNET.inputs, TEXT_EMBEDS, _t("time_ids", "TYPE_FP32", -1)),
@@ -330,17 +348,24 @@ MODELS: dict[str, ModelSpec] = {
 }
 ENGINE_MODELS: tuple[str, ...] = tuple(m.name for m in MODELS.values() if m.engine)
 
-# The model families the export reads: "sd" (SD 1.x/2.x: one tokenizer and text encoder) and "sdxl" (two
-# of each, the UNet's added conditioning). A repository serves one; its pipeline.json says which.
-Architecture = Literal["sd", "sdxl"]
+# The model families the export reads: "sd" (SD 1.x/2.x: one tokenizer and text encoder), "sdxl" (two of
+# each, the UNet's added conditioning) and "sdxl-refiner" (SDXL's second tokenizer and encoder only, the
+# aesthetic-score time ids). A repository serves one; its pipeline.json says which.
+Architecture = Literal["sd", "sdxl", "sdxl-refiner"]
 ARCHITECTURES: tuple[str, ...] = Architecture.__args__  # type: ignore[attr-defined]
-_XL_ENGINES = {m.name: m for m in (TEXT_ENCODER_XL, UNET_XL)}
+_ENGINES: dict[str, dict[str, ModelSpec]] = {
+    "sd": {},
+    "sdxl": {m.name: m for m in (TEXT_ENCODER_XL, UNET_XL)},
+    "sdxl-refiner": {m.name: m for m in (TEXT_ENCODER_REFINER, UNET_XL)},
+}
 
 
 def checkpoint_subfolders(model: str, architecture: str = "sd") -> tuple[str, ...]:
     """The checkpoint folders an engine model's weights come from (SDXL's text encoder: two)."""
     if architecture == "sdxl" and model == TEXT_ENCODER.name:
         return ("text_encoder", "text_encoder_2")
+    if architecture == "sdxl-refiner" and model == TEXT_ENCODER.name:
+        return ("text_encoder_2",)
     return (CHECKPOINT_SUBFOLDERS[model],)
 
 
@@ -348,7 +373,7 @@ def models(architecture: str = "sd") -> dict[str, ModelSpec]:
     """Every model's contract in a repository of that architecture."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
-    return MODELS if architecture == "sd" else {**MODELS, **_XL_ENGINES}
+    return {**MODELS, **_ENGINES[architecture]}
 
 
 # where each engine model's weights live in a diffusers checkpoint (the python-torch kind loads them)

@@ -31,7 +31,7 @@ class PipelineConfig:
     architecture: str = "sd"
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero unconditional embeddings
     pooled_dim: int | None = None  # SDXL: the pooled text embeddings' width (the UNet's text_embeds)
-    time_ids: int | None = None  # SDXL: the UNet's time ids per row (6: sizes)
+    time_ids: int | None = None  # SDXL: the UNet's time ids per row (6: sizes; a refiner's 5: with the score)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -51,7 +51,13 @@ class PipelineConfig:
 
     @property
     def xl(self) -> bool:
-        return self.architecture == "sdxl"
+        """SDXL's added conditioning (a base model or a refiner)."""
+        return self.architecture.startswith("sdxl")
+
+    @property
+    def refiner(self) -> bool:
+        """An SDXL refiner: aesthetic-score time ids, one tokenizer and encoder."""
+        return self.architecture == "sdxl-refiner"
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

@@ -40,7 +40,8 @@ class ServedModel:
 
     @property
     def xl(self) -> bool:
-        return self.architecture == "sdxl"
+        """SDXL's size conditioning (a base model or a refiner)."""
+        return self.architecture.startswith("sdxl")
 
     def to_parameters(self) -> dict[str, str]:
         """txt2img's config parameters (string values, as Triton keeps them)."""

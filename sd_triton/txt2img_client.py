@@ -60,6 +60,8 @@ def txt2img_inputs(
     mask: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
     size_conditioning: Sequence[int] | None = None,
     negative_size_conditioning: Sequence[int] | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
     **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
@@ -67,7 +69,8 @@ def txt2img_inputs(
     [height, width, 3] image (`strength` in `params`). Values are not checked against the model's
     limits (Triton does that), only against what the wire type can hold. `mask`: inpainting, uint8
     [height, width], grey levels >= 128 repainted. `size_conditioning`, `negative_size_conditioning`:
-    an SDXL model's (6 integers: original height, width, crop top, left, target height, width)."""
+    an SDXL model's (6 integers: original height, width, crop top, left, target height, width);
+    `aesthetic_score`, `negative_aesthetic_score`: an SDXL refiner's."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
@@ -85,6 +88,12 @@ def txt2img_inputs(
     ):
         if sizes is not None:
             inputs.append(infer_input(spec, np.asarray(sizes, dtype=np.int32).reshape(-1)))
+    for spec, score in (
+        (c.AESTHETIC_SCORE, aesthetic_score),
+        (c.NEGATIVE_AESTHETIC_SCORE, negative_aesthetic_score),
+    ):
+        if score is not None:
+            inputs.append(infer_input(spec, np.array([score], dtype=np.float32)))
     return inputs
 
 

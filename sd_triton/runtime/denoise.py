@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,11 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from sd_triton.contract import (
+    AESTHETIC_SCORE,
+    DEFAULT_AESTHETIC_SCORE,
+    DEFAULT_NEGATIVE_AESTHETIC_SCORE,
     MAX_SIZE_CONDITIONING,
+    NEGATIVE_AESTHETIC_SCORE,
     NEGATIVE_SIZE_CONDITIONING,
     POOLED_EMBEDS,
     PROMPT_EMBEDS,
@@ -61,12 +66,22 @@ def size_conditioning(
     config: PipelineConfig,
     sizes: np.ndarray | None = None,
     negative_sizes: np.ndarray | None = None,
+    aesthetic: float | None = None,
+    negative_aesthetic: float | None = None,
 ) -> np.ndarray | None:
     """An SDXL request's time ids, one row per prompt row ([uncond,] cond): SIZE_CONDITIONING (default:
     the request's size, no crop) and NEGATIVE_SIZE_CONDITIONING (default: the same), as
     StableDiffusionXLPipeline builds them from original_size, crops_coords_top_left, target_size and their
-    negative_ twins. None for an SD model, which refuses them."""
+    negative_ twins. A refiner's (`refiner_time_ids`) take the aesthetic scores. None for an SD model,
+    which refuses them."""
     given = ((NEGATIVE_SIZE_CONDITIONING, negative_sizes), (SIZE_CONDITIONING, sizes))
+    scores = ((AESTHETIC_SCORE, aesthetic), (NEGATIVE_AESTHETIC_SCORE, negative_aesthetic))
+    if not config.refiner:
+        for spec, score in scores:
+            if score is not None:
+                raise InvalidRequest(
+                    spec.name, f"applies to SDXL refiner models only; this one is {config.architecture}"
+                )
     if not config.xl:
         for spec, value in given:
             if value is not None:
@@ -89,9 +104,33 @@ def size_conditioning(
             raise InvalidRequest(spec.name, f"sizes (items 1, 2, 5, 6) must be >= 1, got {values.tolist()}")
         rows.append([float(v) for v in values])
     negative, positive = rows
+    if config.refiner:
+        return refiner_time_ids(params, positive or default, negative, aesthetic, negative_aesthetic)
     positive = positive or default
     chosen = [negative or positive, positive] if params.classifier_free_guidance else [positive]
     return np.array(chosen, dtype=np.float32)
+
+
+def refiner_time_ids(
+    params: GenerationParams,
+    positive: list[float],
+    negative: list[float] | None,
+    aesthetic: float | None,
+    negative_aesthetic: float | None,
+) -> np.ndarray:
+    """An SDXL refiner's time ids (StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score):
+    original size, crop top-left, aesthetic score; the target size is not among them. The unconditional
+    row's defaults are diffusers': the prompt's original size, no crop, the negative score."""
+    for spec, score in ((AESTHETIC_SCORE, aesthetic), (NEGATIVE_AESTHETIC_SCORE, negative_aesthetic)):
+        if score is not None and not math.isfinite(score):
+            raise InvalidRequest(spec.name, f"must be a finite number, got {score}")
+    score = DEFAULT_AESTHETIC_SCORE if aesthetic is None else float(aesthetic)
+    negative_score = (
+        DEFAULT_NEGATIVE_AESTHETIC_SCORE if negative_aesthetic is None else float(negative_aesthetic)
+    )
+    cond = [*positive[:4], score]
+    uncond = [*negative[:4], negative_score] if negative else [*positive[:2], 0.0, 0.0, negative_score]
+    return np.array([uncond, cond] if params.classifier_free_guidance else [cond], dtype=np.float32)
 
 
 def sdxl_conditioning(

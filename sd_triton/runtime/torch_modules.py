@@ -50,6 +50,19 @@ class TextEncoderXLModule(torch.nn.Module):
         return hidden, second.text_embeds
 
 
+class RefinerTextEncoderModule(torch.nn.Module):
+    """An SDXL refiner's one text encoder (SDXL's second): its penultimate layer states and its pooled
+    projection, as StableDiffusionXLImg2ImgPipeline.encode_prompt runs it."""
+
+    def __init__(self, encoder: CLIPTextModelWithProjection) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(input_ids.long(), output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
 class UNetModule(torch.nn.Module):
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
@@ -102,10 +115,11 @@ class VaeEncoderModule(torch.nn.Module):
 
 
 def architecture_of(checkpoint: Path) -> Architecture:
-    """ "sdxl" for a checkpoint (or a python-torch engine's folder of its subfolders) with SDXL's second
-    text encoder or an SDXL UNet (added "text_time" conditioning), "sd" otherwise."""
+    """The checkpoint's (or a python-torch engine's folder of its subfolders') family: "sdxl" with SDXL's
+    second text encoder beside the first or an SDXL UNet (added "text_time" conditioning), "sdxl-refiner"
+    with the second text encoder alone, "sd" otherwise."""
     if (checkpoint / "text_encoder_2").is_dir():
-        return "sdxl"
+        return "sdxl" if (checkpoint / "text_encoder").is_dir() else "sdxl-refiner"
     unet = checkpoint / CHECKPOINT_SUBFOLDERS[UNET.name] / "config.json"
     if unet.is_file() and json.loads(unet.read_text()).get("addition_embed_type") == "text_time":
         return "sdxl"
@@ -121,7 +135,12 @@ def load_module(model: str, checkpoint: Path) -> torch.nn.Module:
     """The engine model `model` (a contract name) from a diffusers checkpoint folder (or a folder holding
     the model's subfolders of one), in eval mode."""
     folder = checkpoint / CHECKPOINT_SUBFOLDERS[model]
-    xl = architecture_of(checkpoint) == "sdxl"
+    architecture = architecture_of(checkpoint)
+    xl = architecture != "sd"
+    if model == TEXT_ENCODER.name and architecture == "sdxl-refiner":
+        second = checkpoint / "text_encoder_2"
+        encoder_2 = CLIPTextModelWithProjection.from_pretrained(second, attn_implementation="eager")
+        return RefinerTextEncoderModule(encoder_2).eval()
     if model == TEXT_ENCODER.name:
         encoder = CLIPTextModel.from_pretrained(folder, attn_implementation="eager")
         if xl:

@@ -102,7 +102,7 @@ class TritonPythonModel:
         pooled = triton_io.get_array(request, c.POOLED_EMBEDS)
         inline = self.text_encoder.inline is not None
         if embeds is None:
-            ids = [c.INPUT_IDS, c.INPUT_IDS_2] if self.config.xl else [c.INPUT_IDS]
+            ids = [c.INPUT_IDS, c.INPUT_IDS_2][: len(self.text_encoder.spec.inputs)]  # SDXL: two tokenizers
             arrays = [triton_io.get_array(request, c.DENOISE.input(t.name)) if inline else None for t in ids]
             if arrays[0] is None:
                 alternative = f" (or {c.INPUT_IDS.name})" if inline else ""

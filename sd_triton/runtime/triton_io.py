@@ -458,7 +458,10 @@ class Conditioning:
             get_array(request, c.SIZE_CONDITIONING),
             get_array(request, c.NEGATIVE_SIZE_CONDITIONING),
         )
-        ids = size_conditioning(params, config, sizes, negative)
+        scores = (get_scalar(request, c.AESTHETIC_SCORE), get_scalar(request, c.NEGATIVE_AESTHETIC_SCORE))
+        ids = size_conditioning(
+            params, config, sizes, negative, *(None if s is None else float(s) for s in scores)
+        )
         return cls(ids, get_array(request, c.NEGATIVE_PROMPT) is not None)
 
     def apply(

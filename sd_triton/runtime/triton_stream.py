@@ -120,7 +120,7 @@ class TritonPythonModel:
         def prepare() -> DenoiseJob:
             self.in_flight_gauge.set(self._count(0))
             inputs = {name: value for name, value in text.items() if value is not None}
-            ids = [c.INPUT_IDS.name, *([c.INPUT_IDS_2.name] if self.config.xl else [])]
+            ids = [c.INPUT_IDS.name, c.INPUT_IDS_2.name][: len(self.text_encoder.spec.inputs)]  # SDXL: two
             counts = [c.PROMPT_TRUNCATED_TOKENS.name, c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name]
             tokens = triton_io.bls_infer_all(c.TOKENIZER.name, inputs, [*ids, *counts])
             truncation.update({name: tokens[name] for name in counts})

@@ -87,3 +87,27 @@ def test_the_cache_key_holds_the_conditioning_and_tells_no_negative_from_empty()
         for r in (sd, GenerateRequest(prompt="x", seed=1, negative_prompt=""))
     }
     assert len(sd_keys) == 1  # SD: no negative prompt and "" are the same images
+
+
+def test_a_refiner_takes_the_aesthetic_scores_and_the_others_refuse_them() -> None:
+    refiner = dataclasses.replace(XL, architecture="sdxl-refiner", model="fake-refiner")
+    with gateway_client(FakeTriton(served=refiner)) as http:
+        body = {
+            "prompt": "x",
+            "aesthetic_score": 7.0,
+            "negative_aesthetic_score": 1.5,
+            "original_size": [96, 96],
+        }
+        assert http.post(GEN, json=body).status_code == 200
+        call = http.app.state.backend.calls[-1]
+        assert http.post(GEN, json={"prompt": "x"}).status_code == 200
+        plain = http.app.state.backend.calls[-1]
+    assert (call["aesthetic_score"], call["negative_aesthetic_score"]) == (7.0, 1.5)
+    assert call["size_conditioning"] == [96, 96, 0, 0, 64, 64]
+    assert "aesthetic_score" not in plain  # the model's defaults (diffusers': 6.0 and 2.5)
+    for served in (XL, fake_served_model()):
+        with gateway_client(FakeTriton(served=served)) as http:
+            response = http.post(GEN, json={"prompt": "x", "negative_aesthetic_score": 2.0})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == "negative_aesthetic_score" and "refiner models only" in error["message"]

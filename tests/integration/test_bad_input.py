@@ -33,6 +33,7 @@ CASES = [
     ("negative-not-utf8", {"negative_prompt": b"\xc3\x28"}, ["NEGATIVE_PROMPT", "UTF-8"]),
     # SDXL's size conditioning sent to an SD model
     ("sizes-to-sd", {"size_conditioning": [64] * 6}, ["SIZE_CONDITIONING", "SDXL models only"]),
+    ("aesthetic-to-sd", {"aesthetic_score": 6.0}, ["AESTHETIC_SCORE", "refiner models only"]),
     ("negative-sizes-to-sd", {"negative_size_conditioning": [8] * 6}, ["NEGATIVE_SIZE_CONDITIONING", "SDXL"]),
 ]
 
