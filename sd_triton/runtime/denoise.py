@@ -219,6 +219,35 @@ class InitImage:
         return self.mask is not None and self.masked_moments is None
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """A base + refiner run split at a fraction of the schedule (diffusers' `denoising_end` on the base,
+    `denoising_start` on the refiner, 0 < f < 1): the base stops once the timesteps fall below
+    (1 - end) x the training steps and answers its latents; the refiner starts there from `latents` (the
+    base's, divided by the VAE scaling factor as LATENTS are), with no noise added. Each side's
+    generators start from the request's seeds (diffusers' hand-off reuses one generator object, which
+    only ancestral and SDE schedulers read after the start)."""
+
+    end: float | None = None
+    start: float | None = None
+    latents: np.ndarray | None = None  # with `start`: [num_images, C, h, w]
+
+    def __post_init__(self) -> None:
+        for name, value in (("DENOISING_END", self.end), ("DENOISING_START", self.start)):
+            if value is not None and not 0.0 < value < 1.0:
+                raise InvalidRequest(name, f"must be between 0 and 1 (exclusive), got {value}")
+        if (self.start is None) != (self.latents is None):
+            raise InvalidRequest(
+                "DENOISING_START", "and LATENTS go together: the refiner starts from latents"
+            )
+
+
+def _cutoff(fraction: float, scheduler: object) -> int:
+    """The training timestep a hand-off fraction cuts the schedule at (diffusers' rounding)."""
+    trained = int(scheduler.config.num_train_timesteps)  # type: ignore[attr-defined]
+    return int(round(trained - fraction * trained))
+
+
 def inpaint_mask(mask: np.ndarray, image: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
     """A uint8 [H, W] mask (white: repaint) and the VAE input [1, 3, H, W] of its image -> the masked
     image (the repainted area zeroed, the VAE encoder's input for a 9-channel UNet) and the mask at
@@ -289,6 +318,7 @@ class DenoiseJob:
         config: PipelineConfig,
         init: InitImage | None = None,
         added: AddedConditioning | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self.params = params
         self.config = config
@@ -301,14 +331,26 @@ class DenoiseJob:
         prepared, self.linear = prepared_scheduler(params.scheduler, config.scheduler_config, params.steps)
         order = int(getattr(prepared, "order", 1))
         self.start = 0 if init is None else start_step(params.steps, init.strength) * order
+        self.stop = len(prepared.timesteps)  # a base handing off stops early (diffusers' denoising_end)
+        refining = handoff is not None and handoff.start is not None
+        if handoff is not None and handoff.end is not None:
+            cutoff = _cutoff(handoff.end, prepared)
+            self.stop = int((prepared.timesteps >= cutoff).sum())
+        if refining:  # the refiner's share: the timesteps below the cutoff, whole 2nd-order steps
+            if init is not None:
+                raise InvalidRequest("DENOISING_START", "starts from the base's latents, not from an image")
+            assert handoff is not None
+            count = int((prepared.timesteps < _cutoff(handoff.start, prepared)).sum())  # type: ignore[arg-type]
+            count += 1 if order == 2 and count % 2 == 0 else 0
+            self.start = len(prepared.timesteps) - count
         if self.start and self.linear is not None and self.linear.c is not None:
             self.linear = None
         self.blend = init is not None and init.blends  # its steps put the unmasked area back: diffusers'
         if self.blend:  # step, whose scheduler state add_noise reads
             self.linear = None
-        shared = self.linear is not None and init is None
+        shared = self.linear is not None and init is None and not refining
         self.scheduler = prepared if shared else copy.deepcopy(prepared)
-        if init is not None and hasattr(self.scheduler, "set_begin_index"):
+        if (init is not None or refining) and hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(self.start)
         self.timesteps = self.scheduler.timesteps
         # 2. Text embeddings, one row per UNet batch item (and an SDXL UNet's added conditioning, alike).
@@ -333,7 +375,16 @@ class DenoiseJob:
             params.height // config.vae_scale_factor,
             params.width // config.vae_scale_factor,
         )
-        if init is None:
+        if refining:  # the base's latents as they are: no noise drawn, none added
+            assert handoff is not None and handoff.latents is not None
+            given = torch.from_numpy(np.array(handoff.latents, dtype=np.float32))
+            if tuple(given.shape) != (params.num_images, *self.latent_shape):
+                expected = [params.num_images, *self.latent_shape]
+                raise InvalidRequest(
+                    "LATENTS", f"must be {expected} (NUM_IMAGES, the latents), got {list(given.shape)}"
+                )
+            self.latents = given * config.vae_scaling_factor
+        elif init is None:
             latents = randn_tensor(
                 (params.num_images, *self.latent_shape), generator=self.generators, dtype=torch.float32
             )
@@ -408,8 +459,8 @@ class DenoiseJob:
 
     @property
     def steps(self) -> int:
-        """UNet calls this request makes (fewer than `timesteps` from an init image)."""
-        return len(self.timesteps) - self.start
+        """UNet calls this request makes (fewer than `timesteps` from an init image, or in a hand-off)."""
+        return self.stop - self.start
 
     @property
     def steps_done(self) -> int:
@@ -422,7 +473,7 @@ class DenoiseJob:
 
     @property
     def done(self) -> bool:
-        return self.step_index >= len(self.timesteps)
+        return self.step_index >= self.stop
 
     def unet_inputs(self) -> UNetInputs:
         """(sample, timestep, encoder_hidden_states) for this step, `rows` rows each."""
@@ -558,9 +609,10 @@ def denoise(
     on_step: StepCallback | None = None,
     init: InitImage | None = None,
     added: AddedConditioning | None = None,
+    handoff: Handoff | None = None,
 ) -> np.ndarray:
     """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone."""
-    job = DenoiseJob(prompt_embeds, params, config, init, added)
+    job = DenoiseJob(prompt_embeds, params, config, init, added, handoff)
     while not job.done:
         job.advance(unet(*job.unet_inputs()))
         if on_step is not None:

@@ -574,3 +574,72 @@ def test_sdxl_conditioning_is_diffusers_sdxl(
     if sizes is not None:  # the size conditioning reaches the UNet: other sizes, other latents
         other = AddedConditioning(text_embeds.numpy(), ids + 64)
         assert np.abs(denoise(embeds.numpy(), params, config, unet, added=other) - ours).max() > 1e-3
+
+
+# (scheduler, hand-off fraction, guidance, num_images): Euler (the checkpoint's), a multistep closed
+# form, an ancestral one (its steps draw noise), second-order ones (a cut inside a pair of calls)
+HANDOFF_CASES = [
+    ("default", 0.8, 7.5, 1),
+    ("dpmpp_2m", 0.7, 5.0, 2),
+    ("euler_a", 0.6, 6.0, 1),
+    ("heun", 0.75, 7.5, 1),
+    ("dpmpp_sde", 0.5, 4.0, 2),
+    ("ddim", 0.9, 1.0, 1),
+]
+
+
+@pytest.mark.parametrize(("scheduler", "fraction", "guidance", "n"), HANDOFF_CASES)
+def test_base_and_refiner_hand_off_as_diffusers(
+    scheduler: str, fraction: float, guidance: float, n: int
+) -> None:
+    """Our loop split with Handoff (the base to `end`, the refiner from `start` on the base's latents)
+    gives diffusers' StableDiffusionXLPipeline(denoising_end) -> StableDiffusionXLImg2ImgPipeline
+    (denoising_start) on tiny-xl and its refiner; each side's generators seeded alike."""
+    from diffusers import DPMSolverSDEScheduler
+
+    from sd_triton.export.tiny import build_tiny_xl_pipeline, build_tiny_xl_refiner_pipeline
+    from sd_triton.requests import GenerationParams
+    from sd_triton.runtime.denoise import AddedConditioning, Handoff, denoise, size_conditioning
+    from tests.integration.test_parity import REFERENCE
+
+    base, refiner = build_tiny_xl_pipeline(), build_tiny_xl_refiner_pipeline()
+    height, width, steps, seed, prompt = 48, 64, 10, 31, "a lighthouse"
+    configs = {}
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+        own = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+        cls, overrides = REFERENCE[scheduler]
+        if cls is DPMSolverSDEScheduler:
+            overrides = {**overrides, "noise_sampler_seed": seed if n == 1 else [seed + i for i in range(n)]}
+        pipe.scheduler = (cls or type(pipe.scheduler)).from_config(own, **overrides)
+        configs[id(pipe)] = own
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+    common = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n)
+    handed = base(prompt, height=height, width=width, denoising_end=fraction, output_type="latent",
+                  generator=generators(), **common).images  # fmt: skip
+    expected = refiner(prompt, image=handed, denoising_start=fraction, output_type="latent",
+                       generator=generators(), **common).images  # fmt: skip
+
+    params = GenerationParams(height, width, steps, guidance, seed, scheduler, n)
+    ours = None
+    for pipe, arch, hand in ((base, "sdxl", Handoff(end=fraction)), (refiner, "sdxl-refiner", None)):
+        scaling = pipe.vae.config.scaling_factor
+        time_ids = 6 if arch == "sdxl" else 5
+        config = PipelineConfig(4, 8, scaling, configs[id(pipe)], architecture=arch, time_ids=time_ids)
+        with torch.no_grad():
+            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=guidance > 1
+            )
+        cfg = guidance > 1
+        embeds = (torch.cat([uncond, cond]) if cfg else cond).numpy()
+        pooled_rows = (torch.cat([uncond_pooled, pooled]) if cfg else pooled).numpy()
+        added = AddedConditioning(pooled_rows, size_conditioning(params, config))
+        if hand is None:
+            assert ours is not None
+            hand = Handoff(start=fraction, latents=ours)
+        ours = denoise(embeds, params, config, torch_unet(pipe.unet), added=added, handoff=hand)
+    theirs = expected.numpy() / refiner.vae.config.scaling_factor
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1.0, float(np.abs(theirs).max())))
