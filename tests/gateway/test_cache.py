@@ -9,7 +9,6 @@ import copy
 import logging
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,6 +17,7 @@ import pytest
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.schemas import GenerateResponse, GenerationOptions
+from sd_triton.gateway.service import Job
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.state import MemoryStore
 from sd_triton.gateway.triton.backend import GrpcTritonBackend
@@ -157,12 +157,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class _Job:
-    params: CheckedParams
-
-
-def _jobs(request: GenerationOptions, n: int = 1) -> list[_Job]:
+def _jobs(request: GenerationOptions, n: int = 1) -> list[Job]:
     assert request.seed is not None
     params = CheckedParams(
         height=64,
@@ -173,7 +168,7 @@ def _jobs(request: GenerationOptions, n: int = 1) -> list[_Job]:
         scheduler=request.scheduler,
         num_images=request.num_images,
     )
-    return [_Job(params)] * n
+    return [Job("a prompt", params)] * n  # the service's planned jobs (no SDXL conditioning)
 
 
 def test_fingerprint_follows_the_served_engines() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from diffusers import DPMSolverSDEScheduler, StableDiffusionInpaintPipeline
+from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -18,7 +18,13 @@ from sd_triton.contract import SCHEDULERS
 from sd_triton.export.pipeline import ExportOptions, run_export
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import WORK_DIR, triton_server
-from tests.integration.test_parity import MAX_ABS_DIFF, REFERENCE, init_image, inpainting_mask, max_abs_diff
+from tests.integration.test_parity import (
+    MAX_ABS_DIFF,
+    init_image,
+    inpainting_mask,
+    max_abs_diff,
+    reference_scheduler,
+)
 
 PROMPT = "a red door in a white wall"
 STEPS = 8
@@ -73,10 +79,9 @@ def test_an_inpainting_unet_matches_diffusers(
         client, PROMPT, negative_prompt=negative, image=image, mask=mask, strength=strength, height=height,
         width=width, steps=STEPS, guidance_scale=guidance, seed=5, scheduler=named, num_images=n,
     ).images  # fmt: skip
-    cls, overrides = REFERENCE[scheduler]
-    if cls is DPMSolverSDEScheduler:  # its Brownian trees seeded per image, as test_parity does it
-        overrides = {**overrides, "noise_sampler_seed": 5 if n == 1 else [5 + i for i in range(n)]}
-    pipe.scheduler = (cls or type(pipe.checkpoint_scheduler)).from_config(pipe.checkpoint_config, **overrides)
+    pipe.scheduler = reference_scheduler(
+        scheduler, type(pipe.checkpoint_scheduler), pipe.checkpoint_config, 5, n
+    )
     theirs = pipe(
         PROMPT, negative_prompt=negative, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
         strength=strength, height=height, width=width, num_inference_steps=STEPS, guidance_scale=guidance,

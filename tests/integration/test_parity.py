@@ -148,17 +148,25 @@ def report() -> object:
     log.info("parity figures written to %s", REPORT)
 
 
-def diffusers_images(pipe: StableDiffusionPipeline, scheduler: str, prompt: str, **kw: object) -> np.ndarray:
+def reference_scheduler(
+    scheduler: str, checkpoint_class: type, checkpoint_config: dict[str, Any], seed: int, n: int
+) -> Any:
+    """diffusers' scheduler behind a scheduler name (REFERENCE; "default": the checkpoint's class), built
+    from the checkpoint's config every time: a previous test's scheduler config would leak its options
+    (use_karras_sigmas, ...) into the next. DPM++ SDE's noise comes from Brownian trees it seeds itself:
+    one per image (seed + i), diffusers' list form, as the loop seeds them."""
     cls, overrides = REFERENCE[scheduler]
+    if cls is DPMSolverSDEScheduler:
+        overrides = {**overrides, "noise_sampler_seed": seed if n == 1 else [seed + i for i in range(n)]}
+    return (cls or checkpoint_class).from_config(checkpoint_config, **overrides)
+
+
+def diffusers_images(pipe: StableDiffusionPipeline, scheduler: str, prompt: str, **kw: object) -> np.ndarray:
     n = int(kw.pop("num_images"))  # type: ignore[call-overload]
     seed = int(kw.pop("seed"))  # type: ignore[call-overload]
-    if cls is DPMSolverSDEScheduler:
-        # its noise comes from Brownian trees it seeds itself: one per image (seed + i), diffusers' list form
-        overrides = {**overrides, "noise_sampler_seed": seed if n == 1 else [seed + i for i in range(n)]}
-    # from the checkpoint's config every time: a previous test's scheduler config would leak
-    # its options (use_karras_sigmas, ...) into this one
-    cls = cls or type(pipe.checkpoint_scheduler)
-    pipe.scheduler = cls.from_config(pipe.checkpoint_scheduler_config, **overrides)
+    pipe.scheduler = reference_scheduler(
+        scheduler, type(pipe.checkpoint_scheduler), pipe.checkpoint_scheduler_config, seed, n
+    )
     # with an init image: the img2img pipeline on the same modules and this scheduler
     run = pipe
     if "image" in kw:

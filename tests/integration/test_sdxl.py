@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from diffusers import DPMSolverSDEScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from tritonclient.utils import InferenceServerException
 
 from sd_triton.contract import SCHEDULERS
@@ -21,7 +21,7 @@ from sd_triton.export.repository import RepositorySettings
 from sd_triton.gateway.process import GatewayProcess
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import WORK_DIR, free_port, triton_server
-from tests.integration.test_parity import MAX_ABS_DIFF, REFERENCE, max_abs_diff
+from tests.integration.test_parity import MAX_ABS_DIFF, max_abs_diff, reference_scheduler
 from tests.load import NO_CACHE, job_end, job_events
 
 PROMPT = "a lighthouse on a cliff at dusk"
@@ -48,6 +48,10 @@ def pipe(xl: dict) -> StableDiffusionXLPipeline:
     pipe.set_progress_bar_config(disable=True)
     pipe.checkpoint_scheduler, pipe.checkpoint_config = pipe.scheduler, dict(pipe.scheduler.config)
     return pipe
+
+
+def _scheduler(pipe: StableDiffusionXLPipeline, scheduler: str, seed: int, n: int) -> object:
+    return reference_scheduler(scheduler, type(pipe.checkpoint_scheduler), pipe.checkpoint_config, seed, n)
 
 
 def test_the_export_is_sdxl(xl: dict) -> None:
@@ -97,10 +101,7 @@ def test_sdxl_matches_diffusers(
         guidance_scale=guidance, seed=11, scheduler=named, num_images=n, size_conditioning=sizes,
         negative_size_conditioning=negative_sizes,
     ).images  # fmt: skip
-    cls, overrides = REFERENCE[scheduler]
-    if cls is DPMSolverSDEScheduler:  # its Brownian trees seeded per image, as test_parity does it
-        overrides = {**overrides, "noise_sampler_seed": 11 if n == 1 else [11 + i for i in range(n)]}
-    pipe.scheduler = (cls or type(pipe.checkpoint_scheduler)).from_config(pipe.checkpoint_config, **overrides)
+    pipe.scheduler = _scheduler(pipe, scheduler, 11, n)
     theirs = pipe(
         PROMPT, negative_prompt=negative, height=height, width=width, num_inference_steps=STEPS,
         guidance_scale=guidance, num_images_per_prompt=n, output_type="np",
@@ -191,12 +192,10 @@ def test_sdxl_img2img_matches_diffusers(
         xl["client"], PROMPT, negative_prompt=negative, image=image, strength=strength, height=height,
         width=width, steps=STEPS, guidance_scale=guidance, seed=9, scheduler=named, num_images=n,
     ).images  # fmt: skip
-    cls, overrides = REFERENCE[scheduler]
-    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
-    img2img.scheduler = (cls or type(pipe.checkpoint_scheduler)).from_config(
-        pipe.checkpoint_config, **overrides
+    img2img = StableDiffusionXLImg2ImgPipeline(
+        **{**pipe.components, "scheduler": _scheduler(pipe, scheduler, 9, n)}
     )
+    img2img.set_progress_bar_config(disable=True)
     theirs = img2img(
         PROMPT, image=Image.fromarray(image), strength=strength, negative_prompt=negative,
         num_inference_steps=STEPS, guidance_scale=guidance, num_images_per_prompt=n, output_type="np",
@@ -227,12 +226,10 @@ def test_sdxl_inpainting_matches_diffusers(
         xl["client"], PROMPT, negative_prompt=negative, image=image, mask=mask, strength=strength, height=64,
         width=48, steps=STEPS, guidance_scale=guidance, seed=13, scheduler=named, num_images=n,
     ).images  # fmt: skip
-    cls, overrides = REFERENCE[scheduler]
-    inpaint = StableDiffusionXLInpaintPipeline(**pipe.components)
-    inpaint.set_progress_bar_config(disable=True)
-    inpaint.scheduler = (cls or type(pipe.checkpoint_scheduler)).from_config(
-        pipe.checkpoint_config, **overrides
+    inpaint = StableDiffusionXLInpaintPipeline(
+        **{**pipe.components, "scheduler": _scheduler(pipe, scheduler, 13, n)}
     )
+    inpaint.set_progress_bar_config(disable=True)
     theirs = inpaint(
         PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask), strength=strength,
         negative_prompt=negative, height=64, width=48, num_inference_steps=STEPS, guidance_scale=guidance,

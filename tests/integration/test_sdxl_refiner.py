@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from diffusers import DPMSolverSDEScheduler, StableDiffusionXLImg2ImgPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -21,7 +21,7 @@ from sd_triton.export.repository import RepositorySettings
 from sd_triton.runtime.local import LocalPipeline
 from sd_triton.txt2img_client import txt2img
 from tests.conftest import WORK_DIR, triton_server
-from tests.integration.test_parity import MAX_ABS_DIFF, REFERENCE, init_image, max_abs_diff
+from tests.integration.test_parity import MAX_ABS_DIFF, init_image, max_abs_diff, reference_scheduler
 
 PROMPT = "a lighthouse on a cliff at dusk"
 STEPS = 8
@@ -81,10 +81,9 @@ def test_the_refiner_matches_diffusers(
         refiner["client"], PROMPT, negative_prompt=negative, image=image, strength=strength, height=height,
         width=width, steps=STEPS, guidance_scale=guidance, seed=21, scheduler=named, num_images=n, **scores,
     ).images  # fmt: skip
-    cls, overrides = REFERENCE[scheduler]
-    if cls is DPMSolverSDEScheduler:  # its Brownian trees seeded per image, as test_parity does it
-        overrides = {**overrides, "noise_sampler_seed": 21 if n == 1 else [21 + i for i in range(n)]}
-    pipe.scheduler = (cls or type(pipe.checkpoint_scheduler)).from_config(pipe.checkpoint_config, **overrides)
+    pipe.scheduler = reference_scheduler(
+        scheduler, type(pipe.checkpoint_scheduler), pipe.checkpoint_config, 21, n
+    )
     theirs = pipe(
         PROMPT, image=Image.fromarray(image), strength=strength, negative_prompt=negative,
         num_inference_steps=STEPS, guidance_scale=guidance, num_images_per_prompt=n, output_type="np",

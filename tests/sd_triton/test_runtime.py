@@ -595,12 +595,10 @@ def test_base_and_refiner_hand_off_as_diffusers(
     """Our loop split with Handoff (the base to `end`, the refiner from `start` on the base's latents)
     gives diffusers' StableDiffusionXLPipeline(denoising_end) -> StableDiffusionXLImg2ImgPipeline
     (denoising_start) on tiny-xl and its refiner; each side's generators seeded alike."""
-    from diffusers import DPMSolverSDEScheduler
-
     from sd_triton.export.tiny import build_tiny_xl_pipeline, build_tiny_xl_refiner_pipeline
     from sd_triton.requests import GenerationParams
     from sd_triton.runtime.denoise import AddedConditioning, Handoff, denoise, size_conditioning
-    from tests.integration.test_parity import REFERENCE
+    from tests.integration.test_parity import reference_scheduler
 
     base, refiner = build_tiny_xl_pipeline(), build_tiny_xl_refiner_pipeline()
     height, width, steps, seed, prompt = 48, 64, 10, 31, "a lighthouse"
@@ -608,10 +606,7 @@ def test_base_and_refiner_hand_off_as_diffusers(
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
         own = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
-        cls, overrides = REFERENCE[scheduler]
-        if cls is DPMSolverSDEScheduler:
-            overrides = {**overrides, "noise_sampler_seed": seed if n == 1 else [seed + i for i in range(n)]}
-        pipe.scheduler = (cls or type(pipe.scheduler)).from_config(own, **overrides)
+        pipe.scheduler = reference_scheduler(scheduler, type(pipe.scheduler), own, seed, n)
         configs[id(pipe)] = own
 
     def generators() -> list[torch.Generator]:
