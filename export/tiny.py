@@ -98,6 +98,28 @@ def small_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(_small_text_config(tokenizer))
 
 
+def _tiny_xl_unet(cross_attention_dim: int, time_ids: int, seed: int) -> UNet2DConditionModel:
+    """An SDXL-shaped UNet at the smallest size: "text_time" added conditioning (the pooled 32-wide text
+    embeddings and `time_ids` numbers, 8 wide each), cross-attention over `cross_attention_dim`."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=time_ids * 8 + 32,
+    )
+
+
 def build_tiny_xl_pipeline() -> StableDiffusionXLPipeline:
     """An SDXL-shaped model at the smallest size: two CLIP text encoders (32 and 48 wide, the second with
     a 32-wide projection: the pooled embeddings), a UNet with SDXL's added conditioning ("text_time":
@@ -108,23 +130,7 @@ def build_tiny_xl_pipeline() -> StableDiffusionXLPipeline:
     text_encoder = small_text_encoder(tokenizer)
     torch.manual_seed(SEED + 1)
     text_encoder_2 = CLIPTextModelWithProjection(_small_text_config(tokenizer_2, hidden=48))
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32 + 48,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-    )
+    unet = _tiny_xl_unet(cross_attention_dim=32 + 48, time_ids=6, seed=SEED)
     torch.manual_seed(SEED)
     vae = small_vae(norm_num_groups=16)
     return StableDiffusionXLPipeline(
@@ -143,22 +149,7 @@ def build_tiny_xl_refiner_pipeline() -> StableDiffusionXLImg2ImgPipeline:
     ones), a UNet with cross-attention over that encoder's states (48 wide) and the aesthetic-score time
     ids (5: original size, crop, score), tiny-xl's VAE (the hand-off passes latents between the two)."""
     base = build_tiny_xl_pipeline()
-    torch.manual_seed(SEED + 2)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=48,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=5 * 8 + 32,
-    )
+    unet = _tiny_xl_unet(cross_attention_dim=48, time_ids=5, seed=SEED + 2)
     return StableDiffusionXLImg2ImgPipeline(
         vae=base.vae,
         text_encoder=None,
