@@ -108,6 +108,7 @@ def _export(args: argparse.Namespace) -> int:
         engines=parse_engines(args.engine),
         int8=tuple(name for name in args.int8.split(",") if name),
         fp16=tuple(name for name in args.fp16.split(",") if name),
+        pipeline=args.name,
     )
     run_export(ExportOptions(model=args.model, repo=Path(args.repo), settings=settings, limits=limits))
     return 0
@@ -130,8 +131,8 @@ def add_parser(sub: Any) -> None:
     ex.add_argument(
         "--model",
         required=True,
-        help="a diffusers checkpoint folder, a preset with random weights (tiny, tiny-inpaint, small, sd15) "
-        "or 'demo'",
+        help="a diffusers checkpoint folder, a preset with random weights (tiny, tiny-inpaint, small, sd15, "
+        "tiny-xl, tiny-xl-refiner, sdxl) or 'demo'",
     )
     ex.add_argument(
         "--engine",
@@ -140,6 +141,12 @@ def add_parser(sub: Any) -> None:
         "unet=tensorrt,text_encoder=onnxruntime (others python-ort)",
     )
     ex.add_argument("--repo", default="model_repository")
+    ex.add_argument(
+        "--name",
+        default="",
+        help="export as a named pipeline beside the repository's others: its models are NAME_<model> "
+        "(xl_txt2img, ...), its manifest manifest.NAME.json; one Triton serves them all",
+    )
     ex.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ex.add_argument("--ort-tensorrt", action="store_true", help="onnxruntime kind: TensorRT accelerator")
     ex.add_argument(

@@ -16,14 +16,18 @@ from sd_triton.export import tensorrt
 from sd_triton.export.manifest import Manifest
 
 
-def live_records(repo: Path, manifest: Manifest | None = None) -> dict[str, EngineRecord | None]:
-    """The live version's engine.json of each engine model (the manifest says which is live; read here
-    unless given); none for a repository never exported."""
-    manifest = manifest or Manifest.find(repo)
+def live_records(
+    repo: Path, manifest: Manifest | None = None, pipeline: str = ""
+) -> dict[str, EngineRecord | None]:
+    """The live version's engine.json of each engine model of a pipeline (the manifest says which is
+    live; read here unless given); none for a repository never exported."""
+    manifest = manifest or Manifest.find(repo, pipeline)
     if manifest is None:
         return {}
+    folder = manifest.settings.name_of
     return {
-        name: EngineRecord.load(repo / name / str(manifest.live_version(name))) for name in c.ENGINE_MODELS
+        name: EngineRecord.load(repo / folder(name) / str(manifest.live_version(name)))
+        for name in c.ENGINE_MODELS
     }
 
 
@@ -97,7 +101,12 @@ def tensorrt_problems(repo: Path, target: dict[str, str] | None = None) -> list[
     """Why Triton cannot serve the repository's live TensorRT plans on this machine: a plan not built,
     or built for another GPU or TensorRT version. `target`: this machine's (default: asked)."""
     problems = []
-    records = {name: r for name, r in live_records(repo).items() if r is not None and r.kind == "tensorrt"}
+    records = {
+        c.model_name(pipeline, name): r
+        for pipeline in Manifest.pipelines(repo)  # every pipeline the repository serves
+        for name, r in live_records(repo, pipeline=pipeline).items()
+        if r is not None and r.kind == "tensorrt"
+    }
     if records and target is None:
         target = tensorrt.build_target()
     for name, record in records.items():

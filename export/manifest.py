@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from sd_triton import __version__
+from sd_triton import contract as c
 from sd_triton.contract import Limits
-from sd_triton.export.repository import MANIFEST, RepositorySettings
+from sd_triton.export.repository import RepositorySettings, manifest_file
 
 
 class ManifestError(RuntimeError):
@@ -43,20 +44,29 @@ class Manifest:
         return asdict(self)
 
     def save(self, repo: Path) -> Path:
-        path = repo / MANIFEST
+        path = repo / manifest_file(self.settings.pipeline)
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
         return path
 
-    @classmethod
-    def find(cls, repo: Path) -> Manifest | None:
-        """The repository's manifest; None for a repository never exported (the committed configs)."""
-        return cls.load(repo) if (repo / MANIFEST).is_file() else None
+    @staticmethod
+    def pipelines(repo: Path) -> list[str]:
+        """The repository's exported pipelines, by their manifests ("": the unnamed one)."""
+        names = [
+            p.name.removeprefix("manifest").removesuffix(".json").lstrip(".")
+            for p in repo.glob("manifest*.json")
+        ]
+        return sorted(n for n in names if n == "" or c.PIPELINE_NAME.match(n))
 
     @classmethod
-    def load(cls, repo: Path) -> Manifest:
-        path = repo / MANIFEST
+    def find(cls, repo: Path, pipeline: str = "") -> Manifest | None:
+        """A pipeline's manifest ("": the unnamed one); None for one never exported (committed configs)."""
+        return cls.load(repo, pipeline) if (repo / manifest_file(pipeline)).is_file() else None
+
+    @classmethod
+    def load(cls, repo: Path, pipeline: str = "") -> Manifest:
+        path = repo / manifest_file(pipeline)
         if not path.is_file():
-            raise ManifestError(f"{repo}: no {MANIFEST}; export a repository first (sd-triton export)")
+            raise ManifestError(f"{repo}: no {path.name}; export a repository first (sd-triton export)")
         stored = json.loads(path.read_text())
         missing = [key for key in ("source", "limits", "settings", "live") if key not in stored]
         if missing:

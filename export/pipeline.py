@@ -26,9 +26,9 @@ from sd_triton.export.onnx_export import OPSET, export_onnx
 from sd_triton.export.presets import PRESETS, ensure_preset_checkpoint
 from sd_triton.export.preview import fit_preview_weights
 from sd_triton.export.repository import (
-    MANIFEST,
     PYTHON_MODELS,
     RepositorySettings,
+    manifest_file,
     write_configs,
     write_model_py,
 )
@@ -67,7 +67,7 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     started = time.monotonic()
     repo = options.repo.resolve()
     repo.mkdir(parents=True, exist_ok=True)
-    old = _load_manifest(repo)
+    old = _load_manifest(repo, options.settings.pipeline)
 
     _step(1, f"checkpoint {options.model}")
     if options.model in PRESETS:
@@ -100,13 +100,14 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
         entries[name].update(entry)
 
     _step(4, "python steps: tokenizer files, pipeline.json, model.py files")
-    entries.update(_write_python_steps(checkpoint, repo, options.limits))
+    entries.update(_write_python_steps(checkpoint, repo, options.limits, settings))
 
     _step(5, "config.pbtxt for every model, engine.json in every engine's version 1")
     records = _engine_records(repo, settings, entries, artifacts)
-    write_configs(repo, settings, served_model(options.model, checkpoint, options.limits), records)
+    served = served_model(options.model, checkpoint, options.limits, settings.pipeline)
+    write_configs(repo, settings, served, records)
 
-    _step(6, f"manifest {repo / MANIFEST}")
+    _step(6, f"manifest {repo / manifest_file(settings.pipeline)}")
     manifest = Manifest(
         source={"model": options.model, "path": str(checkpoint.path.resolve())},
         limits=options.limits,
@@ -120,10 +121,10 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     return manifest.to_json()
 
 
-def served_model(model: str, checkpoint: Checkpoint, limits: Limits) -> ServedModel:
-    """What txt2img's config tells the gateway about the model."""
+def served_model(model: str, checkpoint: Checkpoint, limits: Limits, pipeline: str = "") -> ServedModel:
+    """What txt2img's config tells the gateway about the model (a named pipeline: its name)."""
     return ServedModel(
-        model=model if model in (*PRESETS, "demo") else checkpoint.path.resolve().name,
+        model=pipeline or (model if model in (*PRESETS, "demo") else checkpoint.path.resolve().name),
         native_height=checkpoint.native_size[0],
         native_width=checkpoint.native_size[1],
         spatial_multiple=checkpoint.dims.vae_scale_factor,
@@ -162,10 +163,10 @@ def repository_settings(
     return RepositorySettings(**{**asdict(settings), **changes})
 
 
-def _load_manifest(repo: Path) -> dict[str, Any]:
-    """The components of the repository's last export, if it was one this version reads."""
+def _load_manifest(repo: Path, pipeline: str) -> dict[str, Any]:
+    """The components of the pipeline's last export, if it was one this version reads."""
     try:
-        manifest = Manifest.find(repo)
+        manifest = Manifest.find(repo, pipeline)
     except ManifestError:
         return {}  # an older export's: everything is made again
     return manifest.components if manifest else {}
@@ -191,7 +192,7 @@ def _export_component(
     settings: RepositorySettings,
     old: dict[str, Any],
 ) -> dict[str, Any]:
-    version = repo / component.name / "1"
+    version = repo / settings.name_of(component.name) / "1"
     version.mkdir(parents=True, exist_ok=True)
     onnx_path = version / "model.onnx"
     source = sha256_tree(checkpoint.path / component.subfolder, salt=f"opset={OPSET}")
@@ -226,13 +227,13 @@ def _engine_artifact(
 ) -> tuple[Artifact, dict[str, Any]]:
     """Version 1's artifact (export/artifacts.py: the builder of the component's engine kind), and what
     the manifest says of it besides the ONNX: the INT8 graph, the PyTorch weights or the TensorRT plan."""
-    name = component.name
+    name, folder = component.name, settings.name_of(component.name)
     kind, precision, file = settings.engines[name], settings.precision_of(name), settings.artifact_of(name)
     profile = engine_profile(component, checkpoint, settings, options.limits) if kind == "tensorrt" else None
     source = ArtifactSource(
         component=name,
-        onnx=repo / name / "1" / "model.onnx",
-        onnx_sha256=entries[name]["onnx"]["artifacts"][f"{name}/1/model.onnx"],
+        onnx=repo / folder / "1" / "model.onnx",
+        onnx_sha256=entries[name]["onnx"]["artifacts"][f"{folder}/1/model.onnx"],
         weights=checkpoint.path / component.subfolder,
         extra_weights=tuple(checkpoint.path / folder for folder in component.extra_subfolders),
         profile=profile,
@@ -240,14 +241,14 @@ def _engine_artifact(
     )
     label = BUILDERS[kind].label
     try:
-        made = make_artifact(repo / name, 1, kind, precision, file, source)
+        made = make_artifact(repo / folder, 1, kind, precision, file, source)
     except ArtifactUnavailable as exc:
         log.warning("  %s NOT built. Rerun this export on the GPU host to build it.", exc)
         assert profile is not None  # only a TensorRT plan cannot be built here
         return Artifact(key="", sha256=""), {label: {"missing": str(exc), "profile": profile.shapes}}
     if file == "model.onnx":
         return made, {}  # the exported graph itself
-    entry: dict[str, Any] = {"key": made.key, "artifacts": {f"{name}/1/{file}": made.sha256}}
+    entry: dict[str, Any] = {"key": made.key, "artifacts": {f"{folder}/1/{file}": made.sha256}}
     if profile is not None:
         entry.update(profile=profile.shapes, build=made.build)
     return made, {label: entry}
@@ -259,7 +260,7 @@ def _engine_records(
     """Version 1 of every engine model: engine.json (rewritten only when what it says changed)."""
     records = {}
     for name in c.ENGINE_MODELS:
-        version_dir = repo / name / "1"
+        version_dir = repo / settings.name_of(name) / "1"
         record = EngineRecord(
             component=name,
             version=1,
@@ -268,7 +269,9 @@ def _engine_records(
             artifact=settings.artifact_of(name),
             sha256=artifacts[name].sha256,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            source_sha256=entries[name]["onnx"]["artifacts"].get(f"{name}/1/model.onnx", ""),
+            source_sha256=entries[name]["onnx"]["artifacts"].get(
+                f"{settings.name_of(name)}/1/model.onnx", ""
+            ),
             build=artifacts[name].build,
             artifact_key=artifacts[name].key,
         )
@@ -281,13 +284,16 @@ def _engine_records(
     return records
 
 
-def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> dict[str, Any]:
+def _write_python_steps(
+    checkpoint: Checkpoint, repo: Path, limits: Limits, settings: RepositorySettings
+) -> dict[str, Any]:
+    named = settings.name_of
     # tokenizer: the checkpoint's own tokenizer files (SDXL: both tokenizers')
     tokenizer_files = []
     for folder in ("tokenizer", "tokenizer_2"):
-        shutil.rmtree(repo / c.TOKENIZER.name / "1" / folder, ignore_errors=True)
+        shutil.rmtree(repo / named(c.TOKENIZER.name) / "1" / folder, ignore_errors=True)
     for source, folder in TOKENIZER_FOLDERS[checkpoint.architecture].items():
-        target = repo / c.TOKENIZER.name / "1" / folder
+        target = repo / named(c.TOKENIZER.name) / "1" / folder
         shutil.copytree(checkpoint.path / source, target)
         tokenizer_files += sorted(p for p in target.rglob("*") if p.is_file())
     # denoise: scheduler config, latent geometry and the request limits
@@ -301,22 +307,25 @@ def _write_python_steps(checkpoint: Checkpoint, repo: Path, limits: Limits) -> d
         unet_in_channels=checkpoint.dims.unet_in_channels,
         architecture=checkpoint.architecture,
         force_zeros_for_empty_prompt=checkpoint.force_zeros_for_empty_prompt,
+        pipeline=settings.pipeline,
         pooled_dim=checkpoint.dims.pooled_dim or None,
         time_ids=checkpoint.dims.time_ids or None,
         preview_weights=fit_preview_weights(
-            repo / c.VAE_DECODER.name / "1" / "model.onnx",
+            repo / named(c.VAE_DECODER.name) / "1" / "model.onnx",
             checkpoint.dims.latent_channels,
             checkpoint.dims.vae_scale_factor,
             checkpoint.vae_scaling_factor,
         ),
     )
-    pipeline_paths = [repo / model / "1" / PIPELINE_FILE for model in (c.DENOISE.name, c.TXT2IMG_STREAM.name)]
+    pipeline_paths = [
+        repo / named(model) / "1" / PIPELINE_FILE for model in (c.DENOISE.name, c.TXT2IMG_STREAM.name)
+    ]
     for pipeline_path in pipeline_paths:
         pipeline_path.parent.mkdir(parents=True, exist_ok=True)
         pipeline.save(pipeline_path)
     # model.py files: one import of the runtime module each (export/repository.py)
     for model in PYTHON_MODELS:
-        write_model_py(repo / model / "1", model)
+        write_model_py(repo / named(model) / "1", model)
     return {
         c.TOKENIZER.name: {"artifacts": _artifacts(repo, tokenizer_files)},
         c.DENOISE.name: {"artifacts": _artifacts(repo, pipeline_paths[:1])},

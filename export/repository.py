@@ -34,6 +34,12 @@ CONFIG_FILE = "config.pbtxt"
 ARTIFACT_SHA256 = "artifact_sha256"
 MANIFEST = "manifest.json"  # what the export made, and the live engine versions (export/pipeline.py)
 
+
+def manifest_file(pipeline: str = "") -> str:
+    """The manifest of a pipeline: manifest.json (the unnamed one), manifest.NAME.json."""
+    return f"manifest.{pipeline}.json" if pipeline else MANIFEST
+
+
 # The ensemble's data flow, step by step: (model, {model input: ensemble tensor}, {model output: ensemble
 # tensor}). On the inline UNet path the denoising loop runs the text encoder and the VAE decoder in its
 # own process too (IMAGES from the tokenizer's ids); on the bls path each is a step of its own. SDXL adds
@@ -107,6 +113,7 @@ class RepositorySettings:
     fp16: tuple[str, ...] = ()  # components served FP16 (TensorRT) in an otherwise FP32 repository
     fp32: tuple[str, ...] = ()  # components kept FP32 in an FP16 repository (a VAE that overflows in FP16)
     architecture: c.Architecture = "sd"  # the checkpoint's (contract.models): which engine contracts
+    pipeline: str = ""  # the pipeline's name: its models are NAME_<model> ("": the plain names)
     # How the denoising loops reach the UNet engine (docs/engines.md, "The UNet path"): inline (the
     # loop's process runs the live version itself), bls (a BLS call to the unet model per step), or
     # auto: inline where the loop batches continuously, bls where Triton's dynamic batcher merges loops
@@ -125,6 +132,7 @@ class RepositorySettings:
             raise ValueError(f"engines: no engine kind for {', '.join(sorted(missing))}")
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        c.check_pipeline_name(self.pipeline)
         if self.architecture not in c.ARCHITECTURES:
             raise ValueError(
                 f"architecture must be one of {', '.join(c.ARCHITECTURES)}, got {self.architecture!r}"
@@ -164,6 +172,10 @@ class RepositorySettings:
         for name in ("max_wait_us", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def name_of(self, model: str) -> str:
+        """A model's name in the repository (its pipeline's prefix)."""
+        return c.model_name(self.pipeline, model)
 
     def unet_path_of(self, model: str) -> str:
         """The UNet path a denoising loop (`denoise`, `txt2img_stream`) is configured with."""
@@ -316,12 +328,13 @@ def _set_parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
         config.parameters[key].string_value = value
 
 
-def ensemble_config(unet_path: str, architecture: str = "sd") -> mc.ModelConfig:
-    """txt2img for a denoising loop on that UNet path (ensemble_steps)."""
+def ensemble_config(unet_path: str, architecture: str = "sd", pipeline: str = "") -> mc.ModelConfig:
+    """txt2img for a denoising loop on that UNet path (ensemble_steps), over its pipeline's models."""
     config = _base(c.TXT2IMG)
     config.platform = "ensemble"
     for model, inputs, outputs in ensemble_steps(unet_path, architecture):
-        step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        name = c.model_name(pipeline, model)
+        step = config.ensemble_scheduling.step.add(model_name=name, model_version=-1)
         step.input_map.update(inputs)
         step.output_map.update(outputs)
     return config
@@ -331,12 +344,17 @@ def all_configs(
     settings: RepositorySettings, served: ServedModel, records: dict[str, EngineRecord] | None = None
 ) -> dict[str, mc.ModelConfig]:
     """`records`: the served version of each engine model (the export's: version 1)."""
-    configs = {c.TXT2IMG.name: ensemble_config(settings.unet_path_of(c.DENOISE.name), settings.architecture)}
+    path = settings.unet_path_of(c.DENOISE.name)
+    configs = {c.TXT2IMG.name: ensemble_config(path, settings.architecture, settings.pipeline)}
     _set_parameters(configs[c.TXT2IMG.name], served.to_parameters())
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
     continuous = settings.batching == "continuous"
     denoise = _python_step(c.DENOISE, 1 if continuous else settings.denoise_instances)
-    batcher = BatchingParams(max_batch=settings.max_batch_rows, max_wait_us=settings.max_wait_us)
+    batcher = BatchingParams(
+        unet_model=settings.name_of(c.UNET.name),
+        max_batch=settings.max_batch_rows,
+        max_wait_us=settings.max_wait_us,
+    )
     denoise_params = DenoiseParams(
         **vars(replace(batcher, unet_path=settings.unet_path_of(c.DENOISE.name))), batching=settings.batching
     )
@@ -353,6 +371,8 @@ def all_configs(
         configs[name] = engine_config(
             c.models(settings.architecture)[name], settings, (records or {}).get(name)
         )
+    for model, config in configs.items():  # the pipeline's model names
+        config.name = settings.name_of(model)
     return configs
 
 
@@ -364,12 +384,12 @@ def parse(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
-def engine_params(repo: Path) -> dict[str, EngineParams]:
+def engine_params(repo: Path, pipeline: str = "") -> dict[str, EngineParams]:
     """The runtime settings of each engine the python backend runs (python-ort, python-torch), read
     from its config.pbtxt: what the stack runs them with. Engines of Triton's own backends are left out."""
     found = {}
     for name in c.ENGINE_MODELS:
-        config = parse((repo / name / CONFIG_FILE).read_text())
+        config = parse((repo / c.model_name(pipeline, name) / CONFIG_FILE).read_text())
         if config.backend == "python":
             found[name] = EngineParams.from_parameters(
                 {k: v.string_value for k, v in config.parameters.items()}

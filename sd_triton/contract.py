@@ -11,6 +11,7 @@ dimension is left out; -1 is a dimension that varies.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -358,6 +359,33 @@ _ENGINES: dict[str, dict[str, ModelSpec]] = {
     "sdxl": {m.name: m for m in (TEXT_ENCODER_XL, UNET_XL)},
     "sdxl-refiner": {m.name: m for m in (TEXT_ENCODER_REFINER, UNET_XL)},
 }
+
+
+# Several pipelines in one repository (`sd-triton export --name NAME`): a named pipeline's models are
+# NAME_<model> (xl_txt2img, xl_unet, ...); the unnamed one keeps the plain names.
+PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def model_name(pipeline: str, model: str) -> str:
+    """A model's name in the repository: `model` prefixed with the pipeline's name ("": the plain name)."""
+    return f"{pipeline}_{model}" if pipeline else model
+
+
+def check_pipeline_name(pipeline: str) -> str:
+    if pipeline and not PIPELINE_NAME.match(pipeline):
+        raise ValueError(
+            f"pipeline name {pipeline!r}: 1-32 of a-z, 0-9 and '-', starting with a letter or digit"
+        )
+    return pipeline
+
+
+def pipeline_of(name: str, model: str) -> str:
+    """The pipeline a repository model named `name` belongs to, knowing it is a `model` ("" unnamed)."""
+    if name == model:
+        return ""
+    if not name.endswith(f"_{model}"):
+        raise ValueError(f"model {name!r} is not a {model!r} (neither {model!r} nor NAME_{model})")
+    return name[: -len(model) - 1]
 
 
 def checkpoint_subfolders(model: str, architecture: str = "sd") -> tuple[str, ...]:

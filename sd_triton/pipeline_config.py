@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_triton.contract import ARCHITECTURES, Limits
+from sd_triton.contract import ARCHITECTURES, Limits, model_name
 
 FILENAME = "pipeline.json"
 
@@ -32,6 +32,7 @@ class PipelineConfig:
     force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero unconditional embeddings
     pooled_dim: int | None = None  # SDXL: the pooled text embeddings' width (the UNet's text_embeds)
     time_ids: int | None = None  # SDXL: the UNet's time ids per row (6: sizes; a refiner's 5: with the score)
+    pipeline: str = ""  # the pipeline's name in its repository: its models are NAME_<model> ("": plain)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -53,6 +54,10 @@ class PipelineConfig:
     def xl(self) -> bool:
         """SDXL's added conditioning (a base model or a refiner)."""
         return self.architecture.startswith("sdxl")
+
+    def name_of(self, model: str) -> str:
+        """A model of this pipeline, by its name in the repository."""
+        return model_name(self.pipeline, model)
 
     @property
     def refiner(self) -> bool:

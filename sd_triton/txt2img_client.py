@@ -126,8 +126,13 @@ def parse_stream_response(result: grpcclient.InferResult) -> Progress | Txt2ImgR
     return Progress(int(step[0]), int(steps[0]), result.as_numpy(c.PREVIEW_IMAGES.name))
 
 
-def txt2img(client: grpcclient.InferenceServerClient, prompt: str | bytes, **params: Any) -> Txt2ImgResult:
-    """One synchronous request; Triton's errors raise InferenceServerException."""
+def txt2img(
+    client: grpcclient.InferenceServerClient, prompt: str | bytes, pipeline: str = "", **params: Any
+) -> Txt2ImgResult:
+    """One synchronous request (to a named pipeline's txt2img with `pipeline`); Triton's errors raise
+    InferenceServerException."""
     outputs = [grpcclient.InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
-    result = client.infer(c.TXT2IMG.name, txt2img_inputs(prompt, **params), outputs=outputs)
+    result = client.infer(
+        c.model_name(pipeline, c.TXT2IMG.name), txt2img_inputs(prompt, **params), outputs=outputs
+    )
     return parse_result(result)

@@ -37,20 +37,22 @@ class LocalPipeline:
         threads: int = 0,
         model_files: dict[str, str] | None = None,
         engine_params: dict[str, EngineParams] | None = None,
+        pipeline: str = "",
     ) -> None:
         """`model_files`: per component, a graph other than version 1's model.onnx (e.g. {"unet":
         "model.int8.onnx"}, or any path), or a diffusers weights folder (python-torch, e.g. "unet").
         `engine_params`: per component, the runtime settings to run it with, as the Triton engine's
         config sets them (its threads and ONNX Runtime's spinning; the benchmarks' engine floor passes
-        the stack's own). Without them: `threads`, and ONNX Runtime's default spinning."""
+        the stack's own). Without them: `threads`, and ONNX Runtime's default spinning. `pipeline`: a
+        named pipeline of the repository (`sd-triton export --name`)."""
         repo = Path(repo)
         files = {name: "model.onnx" for name in c.ENGINE_MODELS} | (model_files or {})
-        self.config = PipelineConfig.load(repo / c.DENOISE.name / "1" / FILENAME)
-        self.tokenizer = PromptTokenizer.in_folder(repo / c.TOKENIZER.name / "1")
+        self.config = PipelineConfig.load(repo / c.model_name(pipeline, c.DENOISE.name) / "1" / FILENAME)
+        self.tokenizer = PromptTokenizer.in_folder(repo / self.config.name_of(c.TOKENIZER.name) / "1")
         self.specs = c.models(self.config.architecture)
         self.runners: dict[str, BatchRunner] = {}
         for name in c.ENGINE_MODELS:
-            path = repo / name / "1" / files[name]
+            path = repo / self.config.name_of(name) / "1" / files[name]
             if name == c.VAE_ENCODER.name and not path.exists():
                 continue  # exported before image inputs: text-to-image only
             if path.is_dir():  # a checkpoint's subfolder, or a folder of several (SDXL's text encoders)

@@ -131,7 +131,9 @@ class TritonPythonModel:
             outputs[c.LATENTS.name] = latents
         if c.IMAGES.name in wanted and self.decoder is not None:
             if decoded is None:
-                decoded = triton_io.run_engine(c.VAE_DECODER, self.decoder, latents)
+                decoded = triton_io.run_engine(
+                    c.VAE_DECODER, self.decoder, latents, self.config.name_of(c.VAE_DECODER.name)
+                )
             outputs[c.IMAGES.name] = to_uint8_images(decoded)
         return outputs
 

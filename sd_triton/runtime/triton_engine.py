@@ -10,6 +10,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from sd_triton.contract import ENGINE_MODELS
 from sd_triton.model_params import EngineParams
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.engine_runner import load_runner
@@ -18,8 +19,9 @@ from sd_triton.runtime.ort_runner import BatchRunner
 
 def make_runner(args: dict[str, Any]) -> BatchRunner:
     params = triton_io.model_params(args, EngineParams)
-    name = json.loads(args["model_config"])["name"]
-    return load_runner(name, triton_io.version_dir(args), params.engine, params.model_file, params)
+    name = json.loads(args["model_config"])["name"]  # in a named pipeline NAME_<component>
+    component = next(m for m in ENGINE_MODELS if name == m or name.endswith(f"_{m}"))
+    return load_runner(component, triton_io.version_dir(args), params.engine, params.model_file, params)
 
 
 class TritonPythonModel:

@@ -400,7 +400,7 @@ def live_unet(params: BatchingParams, args: dict[str, Any], config: PipelineConf
         raise ValueError(
             f"parameters.unet_path must be one of {', '.join(UNET_PATHS)}, got {params.unet_path!r}"
         )
-    model_dir = version_dir(args).parents[1] / params.unet_model
+    model_dir = version_dir(args).parents[1] / params.unet_model  # the export names it in the pipeline
     spec = c.models(config.architecture)[c.UNET.name]
     if params.unet_path == "inline":
         return InlineEngine(
@@ -415,6 +415,7 @@ class TextEncoder:
 
     def __init__(self, config: PipelineConfig, inline: InlineEngine | None) -> None:
         self.spec = c.models(config.architecture)[c.TEXT_ENCODER.name]
+        self.model = config.name_of(c.TEXT_ENCODER.name)  # Triton's model, in the loop's pipeline
         self.inline = inline
 
     def __call__(self, *input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -422,7 +423,7 @@ class TextEncoder:
         names = [t.name for t in self.spec.outputs]
         if self.inline is None:
             feeds = dict(zip((t.name for t in self.spec.inputs), input_ids, strict=True))
-            outputs = bls_infer_all(self.spec.name, feeds, names)
+            outputs = bls_infer_all(self.model, feeds, names)
         else:
             self.inline.refresh()
             outputs = self.inline.run_all(*input_ids)
@@ -438,8 +439,9 @@ def inline_text_and_image(
     if params.unet_path != "inline":
         return text, None
     models = version_dir(args).parents[1]
-    text.inline = InlineEngine(text.spec.name, models / text.spec.name, text.spec)
-    return text, InlineEngine(c.VAE_DECODER.name, models / c.VAE_DECODER.name, c.VAE_DECODER)
+    text.inline = InlineEngine(text.model, models / text.model, text.spec)
+    decoder = config.name_of(c.VAE_DECODER.name)
+    return text, InlineEngine(decoder, models / decoder, c.VAE_DECODER)
 
 
 @dataclass(frozen=True)
@@ -479,11 +481,12 @@ class ImageEncoder:
     has neither: its image requests are refused, naming the input."""
 
     def __init__(self, params: BatchingParams, args: dict[str, Any], config: PipelineConfig) -> None:
-        folder = version_dir(args).parents[1] / c.VAE_ENCODER.name
+        self.model = config.name_of(c.VAE_ENCODER.name)
+        folder = version_dir(args).parents[1] / self.model
         self.config = config
         self.available = (folder / CONFIG_FILE).is_file()
         inline = self.available and params.unet_path == "inline"
-        self.engine = InlineEngine(c.VAE_ENCODER.name, folder, c.VAE_ENCODER) if inline else None
+        self.engine = InlineEngine(self.model, folder, c.VAE_ENCODER) if inline else None
 
     def read(self, request: Any, params: GenerationParams) -> PendingImage | None:
         """The request's init image, strength and mask, checked (shapes, the strength and the steps it
@@ -526,16 +529,19 @@ class ImageEncoder:
         from sd_triton.runtime.denoise import encode_init_image  # torch: not for the engines' stubs
 
         def encoder(pixels: np.ndarray) -> np.ndarray:
-            return run_engine(c.VAE_ENCODER, self.engine, pixels)
+            return run_engine(c.VAE_ENCODER, self.engine, pixels, self.model)
 
         return encode_init_image(read.image, read.strength, read.mask, self.config, encoder)
 
 
-def run_engine(spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray) -> np.ndarray:
+def run_engine(
+    spec: ModelSpec, inline: InlineEngine | None, array: np.ndarray, model: str | None = None
+) -> np.ndarray:
     """The first output of the engine model `spec` (one input): run by `inline`, on the version live now,
-    or without it by a BLS call to Triton's model. An engine's error raises."""
+    or without it by a BLS call to Triton's model (`model`: its name in the pipeline; spec's by default).
+    An engine's error raises."""
     if inline is None:
-        return bls_infer(spec.name, {spec.inputs[0].name: array}, spec.outputs[0].name)
+        return bls_infer(model or spec.name, {spec.inputs[0].name: array}, spec.outputs[0].name)
     inline.refresh()
     return inline(array)
 

@@ -122,7 +122,7 @@ class TritonPythonModel:
             inputs = {name: value for name, value in text.items() if value is not None}
             ids = [c.INPUT_IDS.name, c.INPUT_IDS_2.name][: len(self.text_encoder.spec.inputs)]  # SDXL: two
             counts = [c.PROMPT_TRUNCATED_TOKENS.name, c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name]
-            tokens = triton_io.bls_infer_all(c.TOKENIZER.name, inputs, [*ids, *counts])
+            tokens = triton_io.bls_infer_all(self.config.name_of(c.TOKENIZER.name), inputs, [*ids, *counts])
             truncation.update({name: tokens[name] for name in counts})
             embeds, pooled = self.text_encoder(*(tokens[name] for name in ids))
             embeds, added = conditioning.apply(self.config, params, embeds, pooled)
@@ -142,7 +142,9 @@ class TritonPythonModel:
 
         def done(latents: np.ndarray) -> None:
             try:
-                decoded = triton_io.run_engine(c.VAE_DECODER, self.decoder, latents)
+                decoded = triton_io.run_engine(
+                    c.VAE_DECODER, self.decoder, latents, self.config.name_of(c.VAE_DECODER.name)
+                )
             except Exception as exc:  # noqa: BLE001 - this request alone fails
                 failed(exc)
                 return

@@ -12,7 +12,8 @@ from diffusers import UNet2DConditionModel
 
 from sd_triton.cli import main
 from sd_triton.export.checkpoint import Checkpoint, sha256_file
-from sd_triton.export.pipeline import MANIFEST, ExportOptions, run_export
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.export.repository import MANIFEST
 from sd_triton.pipeline_config import PipelineConfig
 from tests.conftest import WORK_DIR
 
