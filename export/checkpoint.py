@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sd_triton.contract import Architecture
+from sd_triton.contract import Architecture, added_conditioning
 from sd_triton.export.components import ModelDims
 from sd_triton.runtime.torch_modules import architecture_of
 
@@ -87,10 +87,10 @@ class Checkpoint:
             native,
             architecture=architecture,
             # StableDiffusionXLPipeline's default: no negative prompt -> zero unconditional embeddings
-            force_zeros_for_empty_prompt=architecture != "sd"
+            force_zeros_for_empty_prompt=added_conditioning(architecture)
             and bool(index.get("force_zeros_for_empty_prompt", True)),
             # diffusers' SDXL pipelines upcast such a VAE (config default: true); SD's never do
-            vae_force_upcast=architecture != "sd" and bool(vae.get("force_upcast", True)),
+            vae_force_upcast=added_conditioning(architecture) and bool(vae.get("force_upcast", True)),
         )
 
 

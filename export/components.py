@@ -103,8 +103,8 @@ class TextEncoder(Component):
     spec = TEXT_ENCODER
     subfolder = CHECKPOINT_SUBFOLDERS[TEXT_ENCODER.name]
 
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:  # every tensor (SDXL's ids and pooled ones too)
+        return {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
 
     def sample_inputs(
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
@@ -200,9 +200,6 @@ class TextEncoderXL(TextEncoder):
     spec = TEXT_ENCODER_XL
     extra_subfolders = checkpoint_subfolders(TEXT_ENCODER.name, "sdxl")[1:]
 
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
-
     def sample_inputs(
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, ...]:
@@ -220,9 +217,6 @@ class TextEncoderRefiner(TextEncoder):
 
     spec = TEXT_ENCODER_REFINER
     subfolder = checkpoint_subfolders(TEXT_ENCODER.name, "sdxl-refiner")[0]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
 
 
 class UNetXL(UNet):

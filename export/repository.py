@@ -78,7 +78,7 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
         outputs = {c.IMAGES.name: c.IMAGES.name, c.ENGINES.name: c.ENGINES.name}
         return tokenizer, (c.DENOISE.name, {**ids, **_PARAMS}, outputs)
     encoder = c.models(architecture)[c.TEXT_ENCODER.name]
-    pooled = {c.POOLED_EMBEDS.name: "pooled_embeds"} if architecture != "sd" else {}
+    pooled = {c.POOLED_EMBEDS.name: "pooled_embeds"} if c.added_conditioning(architecture) else {}
     embeds = {c.PROMPT_EMBEDS.name: "prompt_embeds", **pooled}
     return (
         tokenizer,

@@ -379,13 +379,9 @@ def check_pipeline_name(pipeline: str) -> str:
     return pipeline
 
 
-def pipeline_of(name: str, model: str) -> str:
-    """The pipeline a repository model named `name` belongs to, knowing it is a `model` ("" unnamed)."""
-    if name == model:
-        return ""
-    if not name.endswith(f"_{model}"):
-        raise ValueError(f"model {name!r} is not a {model!r} (neither {model!r} nor NAME_{model})")
-    return name[: -len(model) - 1]
+def added_conditioning(architecture: str) -> bool:
+    """SDXL's family (a base model or a refiner): pooled text embeddings and time ids into the UNet."""
+    return architecture.startswith("sdxl")
 
 
 def checkpoint_subfolders(model: str, architecture: str = "sd") -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_triton.contract import ARCHITECTURES, Limits, model_name
+from sd_triton.contract import ARCHITECTURES, Limits, added_conditioning, model_name
 
 FILENAME = "pipeline.json"
 
@@ -53,7 +53,7 @@ class PipelineConfig:
     @property
     def xl(self) -> bool:
         """SDXL's added conditioning (a base model or a refiner)."""
-        return self.architecture.startswith("sdxl")
+        return added_conditioning(self.architecture)
 
     def name_of(self, model: str) -> str:
         """A model of this pipeline, by its name in the repository."""

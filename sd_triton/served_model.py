@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sd_triton.contract import DEFAULT_SCHEDULER, ENGINE_MODELS, SCHEDULER_CLASSES, Limits
+from sd_triton.contract import DEFAULT_SCHEDULER, ENGINE_MODELS, SCHEDULER_CLASSES, Limits, added_conditioning
 
 _INT_KEYS = ("native_height", "native_width", "spatial_multiple")
 
@@ -41,7 +41,7 @@ class ServedModel:
     @property
     def xl(self) -> bool:
         """SDXL's size conditioning (a base model or a refiner)."""
-        return self.architecture.startswith("sdxl")
+        return added_conditioning(self.architecture)
 
     def to_parameters(self) -> dict[str, str]:
         """txt2img's config parameters (string values, as Triton keeps them)."""

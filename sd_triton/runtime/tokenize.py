@@ -41,20 +41,29 @@ class PromptTokenizer:
         second = folder / SECOND_TOKENIZER
         return cls(folder / "tokenizer", second if second.is_dir() else None)
 
+    def _padded(self, text: str) -> np.ndarray:
+        """Token ids padded/truncated to the context length (the caller holds the lock)."""
+        ids = self.tokenizer(
+            text, padding="max_length", max_length=self.max_length, truncation=True
+        ).input_ids
+        return np.asarray(ids, dtype=np.int32)
+
     def encode(self, text: str) -> tuple[np.ndarray, int]:
         """Token ids padded/truncated to the context length, and how many tokens were cut."""
         with self._lock:
-            ids = self.tokenizer(
-                text, padding="max_length", max_length=self.max_length, truncation=True
-            ).input_ids
+            ids = self._padded(text)
             full = self.tokenizer(text).input_ids
-        return np.asarray(ids, dtype=np.int32), max(0, len(full) - self.max_length)
+        return ids, max(0, len(full) - self.max_length)
+
+    def rows(self, prompt: str, negative_prompt: str, guidance: bool) -> np.ndarray:
+        """Padded ids only, [uncond, cond] with guidance, else [cond] (SDXL's second tokenizer: the
+        truncation counts are the first's)."""
+        with self._lock:
+            return np.stack([self._padded(t) for t in ([negative_prompt, prompt] if guidance else [prompt])])
 
     def tokenize(self, prompt: str, negative_prompt: str, guidance: bool) -> Tokenized:
         cond, cut = self.encode(prompt)
         uncond, negative_cut = self.encode(negative_prompt)
         rows = [uncond, cond] if guidance else [cond]
-        second = (
-            None if self.second is None else self.second.tokenize(prompt, negative_prompt, guidance).input_ids
-        )
+        second = None if self.second is None else self.second.rows(prompt, negative_prompt, guidance)
         return Tokenized(np.stack(rows), cut, negative_cut if guidance else 0, second)

@@ -19,6 +19,7 @@ from sd_triton.contract import (
     VAE_ENCODER,
     Architecture,
     ModelSpec,
+    added_conditioning,
     models,
 )
 
@@ -136,7 +137,7 @@ def load_module(model: str, checkpoint: Path) -> torch.nn.Module:
     the model's subfolders of one), in eval mode."""
     folder = checkpoint / CHECKPOINT_SUBFOLDERS[model]
     architecture = architecture_of(checkpoint)
-    xl = architecture != "sd"
+    xl = added_conditioning(architecture)
     if model == TEXT_ENCODER.name and architecture == "sdxl-refiner":
         second = checkpoint / "text_encoder_2"
         encoder_2 = CLIPTextModelWithProjection.from_pretrained(second, attn_implementation="eager")
