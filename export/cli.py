@@ -30,7 +30,7 @@ def parse_engines(value: str) -> dict[str, str]:
 def _engine_list(args: argparse.Namespace) -> int:
     from sd_triton.export.engines import engine_rows, table
 
-    rows = engine_rows(Path(args.repo), args.triton_http)
+    rows = engine_rows(Path(args.repo), args.triton_http, args.pipeline)
     print(json.dumps(rows, indent=2) if args.json else table(rows))  # the command's output
     return 0
 
@@ -57,6 +57,7 @@ def _engine_set(args: argparse.Namespace) -> int:
         force=args.force,
         gate=gate,
         triton_http=args.triton_http,
+        pipeline=args.pipeline or "",
     )
     try:
         result = set_engine(Path(args.repo), options)
@@ -76,7 +77,7 @@ def _engine_rollback(args: argparse.Namespace) -> int:
     from sd_triton.export.engine_swap import EngineSwapError, rollback
 
     try:
-        record = rollback(Path(args.repo), args.component, args.triton_http)
+        record = rollback(Path(args.repo), args.component, args.triton_http, args.pipeline or "")
     except EngineSwapError as exc:
         log.error("%s", exc)
         return 1
@@ -234,7 +235,15 @@ def add_parser(sub: Any) -> None:
     back = engine_sub.add_parser("rollback", help="make the version live before the current one live again")
     back.add_argument("component", choices=list(ENGINE_MODELS))
     back.set_defaults(run=_engine_rollback)
+    listing.add_argument(
+        "--pipeline",
+        default=None,
+        help="one pipeline's engines (its --name at export); default: every pipeline",
+    )
     for parser_ in (setting, back):
+        parser_.add_argument(
+            "--pipeline", default="", help="the pipeline's name (--name at export); default: the unnamed one"
+        )
         parser_.add_argument("--repo", default="model_repository")
         parser_.add_argument(
             "--triton-http",

@@ -80,6 +80,7 @@ class SwapOptions:
     gate: GateSettings = field(default_factory=GateSettings)
     triton_http: str | None = None  # HOST:PORT of the Triton to load it into; None: only the files
     work_dir: Path = field(default_factory=paths.work_dir)  # TensorRT's timing cache
+    pipeline: str = ""  # a named pipeline of the repository (`sd-triton export --name`); "": the unnamed one
 
 
 @dataclass
@@ -94,14 +95,23 @@ class SwapResult:
 
 class Repository:
     """An exported repository as engine swaps see it: its manifest (the export's settings and each
-    engine model's history of live versions) and the version folders' engine.json."""
+    engine model's history of live versions) and the version folders' engine.json. `pipeline`: which of
+    the repository's pipelines (its models are PIPELINE_<component>; "": the plain names)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pipeline: str = "") -> None:
         self.path = path
+        self.pipeline = pipeline
         try:
-            self.manifest = Manifest.load(path)
+            self.manifest = Manifest.load(path, pipeline)
         except ManifestError as exc:
             raise EngineSwapError(str(exc)) from exc
+
+    def model_name(self, component: str) -> str:
+        """The component's model in the repository and in Triton."""
+        return c.model_name(self.pipeline, component)
+
+    def folder(self, component: str) -> Path:
+        return self.path / self.model_name(component)
 
     @property
     def settings(self) -> RepositorySettings:
@@ -111,9 +121,9 @@ class Repository:
         return list(self.manifest.live.get(component, []))
 
     def record(self, component: str, version: int) -> EngineRecord:
-        record = EngineRecord.load(self.path / component / str(version))
+        record = EngineRecord.load(self.folder(component) / str(version))
         if record is None:
-            raise EngineSwapError(f"{component}/{version}: no engine.json")
+            raise EngineSwapError(f"{self.model_name(component)}/{version}: no engine.json")
         return record
 
     def live_record(self, component: str) -> EngineRecord:
@@ -131,7 +141,9 @@ class Repository:
         """config.pbtxt serving `record`, and the manifest's settings and history to match."""
         settings = self.settings_for(record)
         spec = c.models(settings.architecture)[record.component]
-        write_config(self.path, engine_config(spec, settings, record))
+        config = engine_config(spec, settings, record)
+        config.name = self.model_name(record.component)
+        write_config(self.path, config)
         self.manifest.settings = settings
         self.manifest.live[record.component] = history
         self.manifest.save(self.path)
@@ -145,7 +157,7 @@ class Repository:
         if kind == "tensorrt":
             opened = Checkpoint.open(checkpoint)
             profile = engine_profile(chosen, opened, self.settings, self.manifest.limits)
-        onnx = self.path / component / "1" / "model.onnx"
+        onnx = self.folder(component) / "1" / "model.onnx"
         first, *more = (checkpoint / folder for folder in chosen.subfolders)
         return ArtifactSource(
             component=component,
@@ -174,13 +186,13 @@ def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptio
         if not options.artifact.is_file():
             raise EngineSwapError(f"--artifact: {options.artifact} is not a file")
         log.info("  %s: the operator's artifact %s", name, options.artifact)
-        target = repo.path / name / str(candidate.version) / candidate.artifact
+        target = repo.folder(name) / str(candidate.version) / candidate.artifact
         link(options.artifact, target)
         return replace(candidate, sha256=artifact_sha256(target))
     source = repo.artifact_source(name, options.work_dir, candidate.kind)
     try:
         made = make_artifact(
-            repo.path / name,
+            repo.folder(name),
             candidate.version,
             candidate.kind,
             candidate.precision,
@@ -201,25 +213,25 @@ def _make_artifact(repo: Repository, candidate: EngineRecord, options: SwapOptio
 # -- 3. the parity gate -------------------------------------------------------------------------------
 
 
-def _native_size(repo: Path) -> tuple[int, int]:
-    config = parse((repo / c.TXT2IMG.name / CONFIG_FILE).read_text())
+def _native_size(repo: Path, pipeline: str = "") -> tuple[int, int]:
+    config = parse((repo / c.model_name(pipeline, c.TXT2IMG.name) / CONFIG_FILE).read_text())
     return int(config.parameters["native_height"].string_value), int(
         config.parameters["native_width"].string_value
     )
 
 
 def run_gate(
-    repo: Path, live: Path, candidate: Path, component: str, settings: GateSettings
+    repo: Path, live: Path, candidate: Path, component: str, settings: GateSettings, pipeline: str = ""
 ) -> tuple[ParityReport | None, list[str]]:
-    """Renders the golden images with both engines (ONNX Runtime, this process). A candidate that does
-    not load or run fails the gate with its error."""
+    """Renders the golden images with both engines (ONNX Runtime, this process; `pipeline`'s models). A
+    candidate that does not load or run fails the gate with its error."""
     from sd_triton.runtime.local import LocalPipeline  # torch: only when a gate runs
 
     if ".plan" in (live.suffix, candidate.suffix):
         return None, [
             "the parity gate runs ONNX graphs and PyTorch weights, not TensorRT plans (use --force)"
         ]
-    height, width = _native_size(repo)
+    height, width = _native_size(repo, pipeline)
     params = {
         "height": settings.height or height,
         "width": settings.width or width,
@@ -228,10 +240,10 @@ def run_gate(
         "guidance_scale": settings.guidance_scale,
     }
     log.info("parity gate: %s live %s vs candidate %s, %s", component, live, candidate, params)
-    current = LocalPipeline(repo, model_files={component: str(live)})
+    current = LocalPipeline(repo, model_files={component: str(live)}, pipeline=pipeline)
     try:
         report = render_parity(
-            current, LocalPipeline(repo, model_files={component: str(candidate)}), **params
+            current, LocalPipeline(repo, model_files={component: str(candidate)}, pipeline=pipeline), **params
         )
     except Exception as exc:  # noqa: BLE001 - whatever a broken candidate raises refuses it
         return None, [f"the candidate does not run: {type(exc).__name__}: {exc}"]
@@ -273,25 +285,28 @@ def _go_live(
     `triton_http`: one HOST:PORT, or several comma-separated (every Triton serving the repository,
     loaded one after the other; a failure restores the previous version on all of them)."""
     name = record.component
+    model = repo.model_name(name)
     previous = repo.live_record(name)
     previous_history = repo.history(name)
     repo.write_live(record, history)
     if triton_http is None:
-        log.info("%s: version %d written; Triton serves it from its next load or start", name, record.version)
+        log.info(
+            "%s: version %d written; Triton serves it from its next load or start", model, record.version
+        )
         return None
     servers = [address.strip() for address in triton_http.split(",") if address.strip()]
     started = time.monotonic()
     try:
         for server in servers:
-            triton_load(server, name)
+            triton_load(server, model)
     except EngineSwapError:
-        log.error("%s: restoring version %d", name, previous.version)
+        log.error("%s: restoring version %d", model, previous.version)
         repo.write_live(previous, previous_history)
         for server in servers:
-            triton_load(server, name)
+            triton_load(server, model)
         raise
     done = time.monotonic()
-    log.info("%s: Triton serves version %d (%s, %s), loaded in %.1f s", name, record.version, record.kind,
+    log.info("%s: Triton serves version %d (%s, %s), loaded in %.1f s", model, record.version, record.kind,
              record.precision, done - started)  # fmt: skip
     return started, done
 
@@ -301,7 +316,7 @@ def _go_live(
 
 def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     # 1. The change, checked against the export's settings.
-    repo = Repository(repo_path)
+    repo = Repository(repo_path, options.pipeline)
     name = options.component
     if name not in c.ENGINE_MODELS:
         raise EngineSwapError(f"component: {name!r} is not an engine model ({', '.join(c.ENGINE_MODELS)})")
@@ -312,7 +327,7 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     if precision == "int8" and name not in INT8_COMPONENTS:
         raise EngineSwapError(f"precision: {name} cannot be int8; only {', '.join(INT8_COMPONENTS)}")
     previous = repo.live_record(name)
-    version = max(versions_on_disk(repo.path / name)) + 1
+    version = max(versions_on_disk(repo.folder(name))) + 1
     candidate = EngineRecord(
         component=name,
         version=version,
@@ -329,7 +344,7 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     candidate = replace(candidate, artifact=settings.artifact_of(name))
 
     # 2. The artifact, in the new version folder.
-    folder = repo.path / name / str(version)
+    folder = repo.folder(name) / str(version)
     folder.mkdir()
     try:
         candidate = _make_artifact(repo, candidate, options)
@@ -337,8 +352,10 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
             write_model_py(folder, name)
 
         # 3. The parity gate against the live engine.
-        live_artifact = repo.path / name / str(previous.version) / previous.artifact
-        report, failures = run_gate(repo.path, live_artifact, folder / candidate.artifact, name, options.gate)
+        live_artifact = repo.folder(name) / str(previous.version) / previous.artifact
+        report, failures = run_gate(
+            repo.path, live_artifact, folder / candidate.artifact, name, options.gate, options.pipeline
+        )
         result = SwapResult(False, candidate, report, failures, previous)
         if failures and not options.force:
             log.error(
@@ -371,9 +388,11 @@ def set_engine(repo_path: Path, options: SwapOptions) -> SwapResult:
     return result
 
 
-def rollback(repo_path: Path, component: str, triton_http: str | None = None) -> EngineRecord:
+def rollback(
+    repo_path: Path, component: str, triton_http: str | None = None, pipeline: str = ""
+) -> EngineRecord:
     """The version live before the current one, live again (no gate: it served before)."""
-    repo = Repository(repo_path)
+    repo = Repository(repo_path, pipeline)
     history = repo.history(component)
     if len(history) < 2:
         raise EngineSwapError(f"{component}: no earlier version to roll back to (history {history})")

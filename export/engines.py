@@ -43,29 +43,41 @@ def loaded_versions(triton_http: str) -> dict[str, list[str]]:
     return versions
 
 
-def engine_rows(repo: Path, triton_http: str | None = None) -> list[dict[str, Any]]:
-    manifest = Manifest.load(repo)
+def engine_rows(
+    repo: Path, triton_http: str | None = None, pipeline: str | None = None
+) -> list[dict[str, Any]]:
+    """A row per engine model of `pipeline` ("": the unnamed one), or of every pipeline when None."""
+    pipelines = Manifest.pipelines(repo) if pipeline is None else [pipeline]
+    if not pipelines:
+        Manifest.load(repo)  # raises: no manifest, export first
     loaded = loaded_versions(triton_http) if triton_http else None
+    return [row for p in pipelines for row in _pipeline_rows(repo, p, loaded)]
+
+
+def _pipeline_rows(repo: Path, pipeline: str, loaded: dict[str, list[str]] | None) -> list[dict[str, Any]]:
+    manifest = Manifest.load(repo, pipeline)
     rows = []
     for name, record in live_records(repo, manifest).items():
+        model = c.model_name(pipeline, name)
         if record is None:
             raise FileNotFoundError(
-                f"{repo / name}: the live version has no engine.json; re-export the repository"
+                f"{repo / model}: the live version has no engine.json; re-export the repository"
             )
         plan = (manifest.components.get(name) or {}).get("plan") or {}
         parity = record.parity or {}
         rows.append(
             {
+                "pipeline": pipeline,
                 "component": name,
                 "version": record.version,
                 "engine": record.kind,
                 "precision": record.precision,
-                "artifact": f"{name}/{record.version}/{record.artifact}",
+                "artifact": f"{model}/{record.version}/{record.artifact}",
                 "sha256": record.sha256 or None,
                 "missing": plan.get("missing") if record.kind == "tensorrt" and not record.sha256 else None,
                 "profile": (record.build or {}).get("profile") or plan.get("profile"),
                 "build": record.build,
-                "loaded_versions": None if loaded is None else loaded.get(name, []),
+                "loaded_versions": None if loaded is None else loaded.get(model, []),
                 "parity": {
                     k: parity[k]
                     for k in ("against_version", "passed", "forced", "max_abs", "min_psnr_db")
@@ -79,8 +91,8 @@ def engine_rows(repo: Path, triton_http: str | None = None) -> list[dict[str, An
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| component | version | engine | precision | artifact | sha256 | loaded | parity |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pipeline | component | version | engine | precision | artifact | sha256 | loaded | parity |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         sha = (row["sha256"] or "not built")[:12]
@@ -93,6 +105,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             figures = f"PSNR {gate['min_psnr_db']} dB, max abs {gate['max_abs']}"
             parity = f"vs v{gate['against_version']}: {verdict}, {figures}"
         cells = [row[k] for k in ("component", "version", "engine", "precision", "artifact")]
+        cells.insert(0, row["pipeline"] or "(unnamed)")
         lines.append("| " + " | ".join(str(x) for x in [*cells, sha, loaded, parity]) + " |")
     return "\n".join(lines)
 

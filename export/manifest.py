@@ -66,6 +66,9 @@ class Manifest:
     def load(cls, repo: Path, pipeline: str = "") -> Manifest:
         path = repo / manifest_file(pipeline)
         if not path.is_file():
+            known = ", ".join(repr(p) for p in cls.pipelines(repo)) if repo.is_dir() else ""
+            if pipeline and known:
+                raise ManifestError(f"{repo}: no pipeline {pipeline!r} ({path.name}); its pipelines: {known}")
             raise ManifestError(f"{repo}: no {path.name}; export a repository first (sd-triton export)")
         stored = json.loads(path.read_text())
         missing = [key for key in ("source", "limits", "settings", "live") if key not in stored]

@@ -27,13 +27,15 @@ class TritonBackend(Protocol):
     def endpoint_states(self) -> dict[str, str]:
         """Each endpoint and its state ("ready", or why not), for /readyz."""
 
-    async def served_model(self) -> ServedModel:
-        """What txt2img serves: name, sizes, limits, engines, default scheduler, fingerprint."""
+    async def served_models(self) -> list[ServedModel]:
+        """Each pipeline txt2img serves (the unnamed one first, then by name): name, sizes, limits,
+        engines, default scheduler, fingerprint."""
 
-    async def txt2img(self, prompt: str, **params: Any) -> Txt2ImgResult:
-        """One prompt's images. `params`: negative_prompt and sd_triton.requests.GenerationOptions' fields."""
+    async def txt2img(self, prompt: str, pipeline: str = "", **params: Any) -> Txt2ImgResult:
+        """One prompt's images from `pipeline` (ServedModel.pipeline). `params`: negative_prompt and
+        sd_triton.requests.GenerationOptions' fields."""
 
     def txt2img_stream(
-        self, prompt: str, preview: bool = False, **params: Any
+        self, prompt: str, preview: bool = False, pipeline: str = "", **params: Any
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         """A Progress per denoising step, then the result; closing it early cancels the request."""

@@ -37,6 +37,11 @@ class GenerationOptions(BaseModel):
 
     model_config = STRICT
 
+    model: str | None = Field(
+        None,
+        max_length=200,
+        description="which served model answers (an id of GET /v1/models); default: the default model",
+    )
     negative_prompt: str | None = Field(None, description="what to steer away from; empty = unconditional")
     width: int | None = Field(None, ge=1, description="pixels; default: the model's native width")
     height: int | None = Field(None, ge=1, description="pixels; default: the model's native height")
@@ -237,7 +242,11 @@ class OpenAIImageRequest(BaseModel):
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description='"WIDTHxHEIGHT"; default: the model\'s native size')
     response_format: Literal["b64_json", "url"] = "b64_json"
-    model: str | None = Field(None, description="accepted for compatibility; the served model answers")
+    model: str | None = Field(
+        None,
+        max_length=200,
+        description="a served model's id (GET /v1/models) or an alias; OpenAI's names: the default model",
+    )
     quality: str | None = None
     style: str | None = None
     user: str | None = None

@@ -22,6 +22,7 @@ from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.errors import InvalidRequestError
 from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder, init_pixels, mask_pixels, open_image
 from sd_triton.gateway.metrics import GatewayMetrics
+from sd_triton.gateway.routing import pick
 from sd_triton.gateway.schemas import (
     ComponentProvenance,
     GenerateResponse,
@@ -162,6 +163,7 @@ class Generator:
         progress: ProgressCallback,
         preview: bool,
         init: InitImage | None,
+        pipeline: str,
     ) -> Txt2ImgResult:
         if len(jobs) != 1:
             raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
@@ -169,6 +171,7 @@ class Generator:
         stream = self.backend.txt2img_stream(
             job.prompt,
             preview,
+            pipeline=pipeline,
             negative_prompt=request.negative_prompt,
             **({} if init is None else init.backend_params()),
             **job.conditioning,
@@ -200,11 +203,16 @@ class Generator:
             raise InvalidRequestError(f"mask: {mw}x{mh}, the image {iw}x{ih}: they must match", field="mask")
         return InitImage(image, mask)
 
+    async def served(self, model: str | None = None) -> ServedModel:
+        """The served pipeline a request's `model` names (the default without one); a 422 naming `model`
+        and the served ids when it names none."""
+        return pick(await self.backend.served_models(), model, self.settings)
+
     async def check(self, prompts: list[str], request: GenerationOptions) -> None:
         """Every check `generate` makes before Triton (the init image decoded, the request planned),
         for requests answered later (jobs)."""
         init = await self._init_image(request)
-        served = await self.backend.served_model()
+        served = await self.served(request.model)
         self.plan(prompts, request, served, None if init is None else init.opened.size)
 
     def plan(
@@ -288,7 +296,7 @@ class Generator:
         #    image at that size; a seeded request whose result is cached (same served model, same
         #    parameters, same pixels): no inference.
         init = await self._init_image(request)
-        served = await self.backend.served_model()
+        served = await self.served(request.model)
         jobs = self.plan(prompts, request, served, None if init is None else init.opened.size)
         if init is not None:
             init = await self.encoder.run(init.sized, jobs[0].params.width, jobs[0].params.height)
@@ -304,12 +312,13 @@ class Generator:
         # 1. One txt2img call per prompt, all in flight together: Triton batches them at the UNet.
         called = time.perf_counter()
         if progress is not None:
-            results = [await self._streamed(jobs, request, progress, preview, init)]
+            results = [await self._streamed(jobs, request, progress, preview, init, served.pipeline)]
         else:
             results = await asyncio.gather(
                 *(
                     self.backend.txt2img(
                         job.prompt,
+                        pipeline=served.pipeline,
                         negative_prompt=request.negative_prompt,
                         **({} if init is None else init.backend_params()),
                         **job.conditioning,

@@ -25,6 +25,9 @@ def parse_endpoints(value: str) -> list[str]:
     return entries
 
 
+OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1")  # what OpenAI clients send as `model`
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SD_GATEWAY_", env_file=os.environ.get("SD_GATEWAY_ENV_FILE"), extra="forbid"
@@ -46,6 +49,17 @@ class GatewaySettings(BaseSettings):
         ge=1,
         description="requests outstanding on one Triton endpoint (running and queued there); with every "
         "endpoint at it, a request gets 429 + Retry-After instead of waiting without bound",
+    )
+    # --- which served pipeline answers (gateway/routing.py) ---
+    default_model: str = Field(
+        "",
+        description="the model (GET /v1/models' id) a request without `model` gets; empty: the pipeline "
+        "exported without --name, else the first by name",
+    )
+    model_aliases: dict[str, str] = Field(
+        default_factory=lambda: dict.fromkeys(OPENAI_MODELS, ""),
+        description="other names a request's `model` may use -> a served model's id (empty: the default); "
+        "by default OpenAI's image model names go to the default model. JSON in the environment",
     )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)

@@ -64,6 +64,7 @@ def _generate(args: argparse.Namespace) -> int:
     from sd_triton.sdk import Client, SDTritonError
 
     params = {
+        "model": args.model,
         "negative_prompt": args.negative_prompt,
         "width": args.width,
         "height": args.height,
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.png")
     gen.add_argument("--gateway-url", default="http://127.0.0.1:8080")
     gen.add_argument("--api-key", default=None)
+    gen.add_argument(
+        "--model", default=None, help="a served model's id (GET /v1/models); default: the gateway's"
+    )
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -369,6 +370,15 @@ PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 def model_name(pipeline: str, model: str) -> str:
     """A model's name in the repository: `model` prefixed with the pipeline's name ("": the plain name)."""
     return f"{pipeline}_{model}" if pipeline else model
+
+
+def pipelines(model_names: Collection[str]) -> list[str]:
+    """The pipelines whose txt2img is among `model_names` (a repository's or Triton's): "" (the plain
+    names) first, then the named ones by name."""
+    suffix = f"_{TXT2IMG.name}"
+    named = {n.removesuffix(suffix) for n in model_names if n.endswith(suffix)}
+    found = sorted(p for p in named if PIPELINE_NAME.match(p))
+    return ([""] if TXT2IMG.name in model_names else []) + found
 
 
 def check_pipeline_name(pipeline: str) -> str:

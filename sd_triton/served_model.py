@@ -27,7 +27,7 @@ class EngineInfo:
 
 @dataclass(frozen=True)
 class ServedModel:
-    model: str
+    model: str  # the name requests pick it by (`model`); a named pipeline's is the pipeline's name
     native_height: int
     native_width: int
     spatial_multiple: int
@@ -37,6 +37,7 @@ class ServedModel:
     engines: dict[str, EngineInfo] = field(default_factory=dict)
     fingerprint: str = ""  # `config_fingerprint` of what Triton serves; "" when unknown
     architecture: str = "sd"  # contract.ARCHITECTURES: "sdxl" takes size conditioning
+    pipeline: str = ""  # `sd-triton export --name`: its models are PIPELINE_<model>; "" for plain names
 
     @property
     def xl(self) -> bool:
@@ -56,9 +57,10 @@ class ServedModel:
         return self.default_scheduler if name == DEFAULT_SCHEDULER else SCHEDULER_CLASSES[name]
 
     @classmethod
-    def from_configs(cls, configs: dict[str, dict[str, Any]]) -> ServedModel:
-        """From Triton's model configs as JSON (`get_model_config(..., as_json=True)["config"]`),
-        keyed by model name: txt2img's parameters and each engine model's platform/backend."""
+    def from_configs(cls, configs: dict[str, dict[str, Any]], pipeline: str = "") -> ServedModel:
+        """From Triton's model configs as JSON (`get_model_config(..., as_json=True)["config"]`) of one
+        pipeline, keyed by model name without the pipeline's prefix: txt2img's parameters and each engine
+        model's platform/backend."""
         params = _parameters(configs["txt2img"])
         missing = [k for k in ("model", *_INT_KEYS) if k not in params]
         if missing:
@@ -74,6 +76,7 @@ class ServedModel:
             default_scheduler=params.get("default_scheduler", ""),
             engines=engines,
             architecture=params.get("architecture", "sd"),  # an export before SDXL: SD
+            pipeline=pipeline,
         )
 
 

@@ -81,8 +81,8 @@ async def openai_generations(
 ) -> OpenAIImagesResponse:
     """The OpenAI Images API: point an OpenAI client's base URL at this gateway."""
     width, height = _size(body.size)
-    params = GenerationOptions(width=width, height=height, num_images=body.n)
     with _openai_fields():
+        params = GenerationOptions(model=body.model, width=width, height=height, num_images=body.n)
         async with access.generation([body.prompt], body.n, field="prompt"):
             result = await generator.generate([body.prompt], params)
     return await _openai_response(result, body.response_format, storage, base_url)
@@ -123,7 +123,7 @@ async def openai_edits(
     size: Annotated[str | None, Form(description='"WIDTHxHEIGHT"; default: the image\'s')] = None,
     response_format: Annotated[Literal["b64_json", "url"], Form()] = "b64_json",
     strength: Annotated[float | None, Form(gt=0.0, le=1.0, description="ours: as on /v1/generate")] = None,
-    model: Annotated[str | None, Form(description="accepted; the served model answers")] = None,
+    model: Annotated[str | None, Form(max_length=200, description="as on /v1/images/generations")] = None,
     user: Annotated[str | None, Form()] = None,
 ) -> OpenAIImagesResponse:
     """OpenAI's image edit (`images.edit` of the official clients): the image and a mask whose
@@ -134,6 +134,7 @@ async def openai_edits(
     with _openai_fields():
         repaint = await generator.encoder.run(edit_mask, image_bytes, mask_bytes, settings.max_image_pixels)
         params = GenerationOptions(
+            model=model,
             width=width,
             height=height,
             num_images=n,

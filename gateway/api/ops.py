@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sd_triton.gateway.deps import BackendDep, SettingsDep
+from sd_triton.gateway.deps import BackendDep, GeneratorDep, SettingsDep
 from sd_triton.gateway.errors import GatewayError
 from sd_triton.gateway.openapi import with_served_limits
 
@@ -42,12 +42,12 @@ async def prometheus(request: Request) -> Response:
 
 
 @router.get("/openapi.json", include_in_schema=False)
-async def openapi_document(request: Request, backend: BackendDep, settings: SettingsDep) -> JSONResponse:
-    """FastAPI's document plus the served model's limits; the static one while Triton cannot say what it
+async def openapi_document(request: Request, generator: GeneratorDep, settings: SettingsDep) -> JSONResponse:
+    """FastAPI's document plus the default model's limits; the static one while Triton cannot say what it
     serves. `create_app` turns FastAPI's own /openapi.json off for this one."""
     schema = request.app.openapi()
     try:
-        served = await backend.served_model()
+        served = await generator.served()
     except GatewayError:
         return JSONResponse(schema)
     return JSONResponse(with_served_limits(schema, served, settings))

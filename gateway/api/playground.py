@@ -7,14 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd_triton.contract import SCHEDULERS
-from sd_triton.gateway.deps import BackendDep, SettingsDep
+from sd_triton.gateway.deps import BackendDep, GeneratorDep, SettingsDep
+from sd_triton.gateway.routing import listed
 from sd_triton.gateway.schemas import GenerationOptions
+from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.served_model import ServedModel
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # gateway/static: package data
 MEDIA_TYPES = {
@@ -67,12 +70,14 @@ class InfoResponse(BaseModel):
 class ModelCard(BaseModel):
     """One entry of GET /v1/models (the OpenAI list shape, with the served model's own facts)."""
 
-    id: str = Field(..., examples=["sd-1.5"])
+    id: str = Field(..., examples=["sd-1.5"], description="what a request's `model` names")
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "sd-triton"
+    default: bool = Field(..., description="what a request without `model` gets")
     native_width: int
     native_height: int
+    limits: InfoLimits
     schedulers: list[str]
     default_scheduler_class: str = Field(..., examples=["PNDMScheduler"])
     architecture: str = Field(
@@ -104,24 +109,32 @@ async def static(name: str) -> FileResponse:
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=NO_CACHE)
 
 
+def _limits(served: ServedModel, settings: GatewaySettings) -> InfoLimits:
+    return InfoLimits(
+        max_side=served.limits.max_side,
+        spatial_multiple=served.spatial_multiple,
+        max_steps=served.limits.max_steps,
+        max_images=served.limits.max_num_images,
+        max_pixels=settings.max_pixels,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
+
+
 @router.get("/v1/info", response_model=InfoResponse, tags=["info"])
-async def info(backend: BackendDep, settings: SettingsDep) -> InfoResponse:
-    """The served model, its request limits, the schedulers and the defaults: what a client needs to
+async def info(
+    generator: GeneratorDep,
+    settings: SettingsDep,
+    model: str | None = Query(None, description="a served model's id; default: the default model"),
+) -> InfoResponse:
+    """A served model, its request limits, the schedulers and the defaults: what a client needs to
     build a form (the playground at `/` does)."""
-    served = await backend.served_model()
+    served = await generator.served(model)
     defaults = GenerationOptions()  # every field has its default: the same a request without it gets
     return InfoResponse(
         model=served.model,
         native_width=served.native_width,
         native_height=served.native_height,
-        limits=InfoLimits(
-            max_side=served.limits.max_side,
-            spatial_multiple=served.spatial_multiple,
-            max_steps=served.limits.max_steps,
-            max_images=served.limits.max_num_images,
-            max_pixels=settings.max_pixels,
-            max_prompt_chars=settings.max_prompt_chars,
-        ),
+        limits=_limits(served, settings),
         schedulers=list(SCHEDULERS),
         default_scheduler_class=served.default_scheduler,
         architecture=served.architecture,
@@ -138,16 +151,21 @@ async def info(backend: BackendDep, settings: SettingsDep) -> InfoResponse:
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["info"])
-async def models(backend: BackendDep) -> ModelList:
-    """The served model in the OpenAI models-list shape (`client.models.list()`), with its native size,
-    the scheduler names and the class `default` runs."""
-    served = await backend.served_model()
-    card = ModelCard(
-        id=served.model,
-        native_width=served.native_width,
-        native_height=served.native_height,
-        schedulers=list(SCHEDULERS),
-        default_scheduler_class=served.default_scheduler,
-        architecture=served.architecture,
-    )
-    return ModelList(data=[card])
+async def models(backend: BackendDep, settings: SettingsDep) -> ModelList:
+    """Every served model in the OpenAI models-list shape (`client.models.list()`), the default first,
+    each with its native size, limits, the scheduler names and the class `default` runs."""
+    served = listed(await backend.served_models(), settings)
+    cards = [
+        ModelCard(
+            id=model.model,
+            default=index == 0,
+            native_width=model.native_width,
+            native_height=model.native_height,
+            limits=_limits(model, settings),
+            schedulers=list(SCHEDULERS),
+            default_scheduler_class=model.default_scheduler,
+            architecture=model.architecture,
+        )
+        for index, model in enumerate(served)
+    ]
+    return ModelList(data=cards)

@@ -144,13 +144,30 @@ function parseJson(text) {
 
 // ---------- the form ----------
 
+// The served models (GET v1/models, the default first and selected), then the chosen one's form.
 async function loadInfo() {
   try {
-    const info = await (await call("GET", "v1/info")).json();
-    applyInfo(info);
+    const models = (await (await call("GET", "v1/models")).json()).data;
+    const select = $("model");
+    const chosen = select.value || models[0].id;
+    select.replaceChildren(
+      ...models.map((m) => {
+        const label = `${m.id}${m.default ? " (default)" : ""}: ${m.architecture}, ${m.native_width}×${m.native_height}`;
+        return new Option(label, m.id, false, m.id === chosen);
+      })
+    );
+    await loadModel();
   } catch (error) {
     $("model-info").textContent = `Could not read the served model: ${error.message}`;
   }
+}
+
+// The chosen model's limits and defaults (GET v1/info?model=); `reset`: its own size and steps, not the last one's.
+async function loadModel(reset = false) {
+  const model = $("model").value;
+  const info = await (await call("GET", `v1/info?model=${encodeURIComponent(model)}`)).json();
+  if (reset) for (const id of ["width", "height", "steps"]) $(id).value = "";
+  applyInfo(info);
 }
 
 function applyInfo(info) {
@@ -189,6 +206,7 @@ function setIfEmpty(id, value) {
 // The /v1/generate body: empty fields are left out, so the gateway's defaults apply (a blank seed is drawn).
 function readForm() {
   const body = { prompt: $("prompt").value, preview: true };
+  if ($("model").value) body.model = $("model").value;
   const negative = $("negative_prompt").value;
   if (negative.trim()) body.negative_prompt = negative;
   for (const id of NUMBER_FIELDS) {
@@ -480,6 +498,11 @@ function main() {
   $("api_key").addEventListener("input", saveApiKey);
   $("api_key").addEventListener("change", loadInfo); // a key may be what reading the model needed
   $("form").addEventListener("submit", generate);
+  $("model").addEventListener("change", () =>
+    loadModel(true).catch((error) => {
+      $("model-info").textContent = `Could not read the model: ${error.message}`;
+    })
+  );
   $("cancel").addEventListener("click", cancel);
   $("image").addEventListener("change", () => {
     if ($("image").files.length) loadImage($("image").files[0]);

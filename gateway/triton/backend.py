@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 INVALID = {"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"}
 NOT_READY = ("not found", "unavailable", "not ready")  # Triton's words for a model it cannot run now
+ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")  # Triton's words before an ensemble step's error
 INPUT_NAMES = [t.name for t in c.TXT2IMG_STREAM.inputs]  # what an INVALID_ARG message may name
 T = TypeVar("T")
 
@@ -57,7 +59,7 @@ class GrpcTritonBackend:
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         self.settings = settings
         self.pool = EndpointPool(settings, metrics)
-        self._served: ServedModel | None = None
+        self._served: dict[str, ServedModel] = {}  # by pipeline
         self._served_until = 0.0  # monotonic time of the next re-read
         self._served_lock = asyncio.Lock()
         self._drops: set[asyncio.Task[None]] = set()  # `_drop` calls under way
@@ -104,7 +106,7 @@ class GrpcTritonBackend:
             # Triton's own checks name an input in quotes ("missing required input(s) ['PROMPT']")
             named = next((name for name in INPUT_NAMES if f"'{name}'" in message), None)
             field = None if named is None else named.lower()
-            return InvalidRequestError(message.removeprefix("in ensemble 'txt2img', "), field=field)
+            return InvalidRequestError(ENSEMBLE_PREFIX.sub("", message), field=field)
         if any(words in message for words in NOT_READY):
             return Retryable(f"Triton at {where}: {message}", headers=retry)
         return TritonError(f"Triton error ({what}): {message}")
@@ -114,59 +116,72 @@ class GrpcTritonBackend:
         await self.pool.check_health()
         return any(e.healthy for e in self.pool.endpoints.values())
 
-    async def served_model(self) -> ServedModel:
-        """What txt2img serves, from Triton's configs: re-read every `served_model_refresh_s` and after
-        a failed txt2img call, so a swapped engine shows (its `fingerprint` changes)."""
+    async def served_models(self) -> list[ServedModel]:
+        """Every pipeline txt2img serves (the unnamed one first), from Triton's configs: re-read every
+        `served_model_refresh_s` and after a failed txt2img call, so a swapped engine shows (its
+        `fingerprint` changes)."""
         async with self._served_lock:  # one re-read at a time; the others wait for it
-            if self._served is None or time.monotonic() >= self._served_until:
-                served = await self._read_served_model()
-                if self._served is None or served.fingerprint != self._served.fingerprint:
-                    log.info(
-                        "serving %s via Triton at %s (fingerprint %s)",
-                        served.model, self.settings.triton_url, served.fingerprint[:12],
-                    )  # fmt: skip
-                self._served = served
+            if not self._served or time.monotonic() >= self._served_until:
+                served = await self._routed("reading model configs", self._read_from)
+                known = {m.pipeline: m.fingerprint for m in self._served.values()}
+                for model in served:
+                    if known.get(model.pipeline) != model.fingerprint:
+                        log.info(
+                            "serving %s via Triton at %s (fingerprint %s)",
+                            model.model, self.settings.triton_url, model.fingerprint[:12],
+                        )  # fmt: skip
+                self._served = {m.pipeline: m for m in served}
                 self._served_until = time.monotonic() + self.settings.served_model_refresh_s
-            return self._served
+            return list(self._served.values())
 
-    async def _read_served_model(self) -> ServedModel:
-        return await self._routed("reading model configs", self._read_from)
-
-    async def _read_from(self, endpoint: Endpoint) -> ServedModel:
+    async def _read_from(self, endpoint: Endpoint) -> list[ServedModel]:
         timeout, client = self.settings.triton_probe_timeout_s, endpoint.client
         index = await client.get_model_repository_index(as_json=True, client_timeout=timeout)
         versions: dict[str, list[str]] = {}
         for model in index.get("models", []):
             if model.get("state") == "READY":
                 versions.setdefault(model["name"], []).append(str(model.get("version", "")))
-        names = [name for name in c.MODELS if name in versions or name == c.TXT2IMG.name]
+        pipelines = c.pipelines(versions)
+        if not pipelines:
+            raise InferenceServerException(msg=f"{c.TXT2IMG.name} not ready", status="StatusCode.UNAVAILABLE")
+        return list(await asyncio.gather(*(self._read_pipeline(client, p, versions) for p in pipelines)))
+
+    async def _read_pipeline(self, client: Any, pipeline: str, versions: dict[str, list[str]]) -> ServedModel:
+        """One pipeline's ServedModel from its models' configs (the names without its prefix)."""
+        names = [name for name in c.MODELS if c.model_name(pipeline, name) in versions]
+        timeout = self.settings.triton_probe_timeout_s
         responses = await asyncio.gather(
-            *(client.get_model_config(name, as_json=True, client_timeout=timeout) for name in names)
+            *(
+                client.get_model_config(c.model_name(pipeline, name), as_json=True, client_timeout=timeout)
+                for name in names
+            )
         )
         configs = {name: response["config"] for name, response in zip(names, responses, strict=True)}
-        served = ServedModel.from_configs(configs)
-        return dataclasses.replace(served, fingerprint=config_fingerprint(configs, versions))
+        mine = {name: versions[c.model_name(pipeline, name)] for name in names}
+        served = ServedModel.from_configs(configs, pipeline)
+        return dataclasses.replace(served, fingerprint=config_fingerprint(configs, mine))
 
-    async def txt2img(self, prompt: str, **params: Any) -> Txt2ImgResult:
-        """txt2img with a deadline (`triton_timeout_s`, Triton cancels the request past it). A call
-        given up (the deadline passed, or the caller cancelled: its client went away) also has its
-        denoise loop dropped (`_drop`)."""
+    async def txt2img(self, prompt: str, pipeline: str = "", **params: Any) -> Txt2ImgResult:
+        """txt2img (`pipeline`'s) with a deadline (`triton_timeout_s`, Triton cancels the request past
+        it). A call given up (the deadline passed, or the caller cancelled: its client went away) also
+        has its denoise loop dropped (`_drop`)."""
         outputs = [InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
         inputs = txt2img_inputs(prompt, **params)
         request_id = f"gw-{secrets.token_hex(8)}"
+        model = c.model_name(pipeline, c.TXT2IMG.name)
 
         async def call(endpoint: Endpoint) -> Any:
             timeout = self.settings.triton_timeout_s
             try:
                 return await endpoint.client.infer(
-                    c.TXT2IMG.name, inputs, outputs=outputs, request_id=request_id, client_timeout=timeout
+                    model, inputs, outputs=outputs, request_id=request_id, client_timeout=timeout
                 )
             except asyncio.CancelledError:
-                self._drop_later(endpoint, request_id, "its client went away")
+                self._drop_later(endpoint, pipeline, request_id, "its client went away")
                 raise
             except InferenceServerException as exc:
                 if str(exc.status()) == "StatusCode.DEADLINE_EXCEEDED":
-                    self._drop_later(endpoint, request_id, "past its deadline")
+                    self._drop_later(endpoint, pipeline, request_id, "past its deadline")
                 raise
 
         try:
@@ -174,14 +189,14 @@ class GrpcTritonBackend:
         except (TritonError, TritonUnavailableError, TritonTimeoutError):
             self._served_until = 0.0  # re-read the configs next time: the model may have changed
             raise
-        return self._noted(parse_result(result))
+        return self._noted(pipeline, parse_result(result))
 
-    def _drop_later(self, endpoint: Endpoint, request_id: str, why: str) -> None:
-        task = asyncio.create_task(self._drop(endpoint, request_id, why))
+    def _drop_later(self, endpoint: Endpoint, pipeline: str, request_id: str, why: str) -> None:
+        task = asyncio.create_task(self._drop(endpoint, pipeline, request_id, why))
         self._drops.add(task)
         task.add_done_callback(self._drops.discard)
 
-    async def _drop(self, endpoint: Endpoint, request_id: str, why: str) -> None:
+    async def _drop(self, endpoint: Endpoint, pipeline: str, request_id: str, why: str) -> None:
         """Ask the endpoint's denoise model to drop a txt2img request's loop. Triton cancels an
         ensemble request only between its steps, never inside the running denoise step, which
         would otherwise run all its UNet steps for nobody; the request id reaches that step."""
@@ -189,21 +204,22 @@ class GrpcTritonBackend:
         where = f"txt2img {request_id} on {endpoint.address} ({why})"
         timeout = self.settings.triton_probe_timeout_s
         try:
-            await endpoint.client.infer(c.DENOISE.name, drop, client_timeout=timeout)
+            await endpoint.client.infer(c.model_name(pipeline, c.DENOISE.name), drop, client_timeout=timeout)
         except InferenceServerException as exc:
             log.warning("%s: could not drop it: %s", where, exc)
             return
         log.info("%s: dropped", where)
 
-    def _noted(self, result: Txt2ImgResult) -> Txt2ImgResult:
+    def _noted(self, pipeline: str, result: Txt2ImgResult) -> Txt2ImgResult:
         """A result's UNet version other than the configs said: an engine swap; re-read them next time."""
-        known = self._served.engines.get(c.UNET.name) if self._served else None
+        served = self._served.get(pipeline)
+        known = served.engines.get(c.UNET.name) if served else None
         if result.engines and known is not None and result.engines[-1].get("version") != known.version:
             self._served_until = 0.0
         return result
 
     async def txt2img_stream(
-        self, prompt: str, preview: bool = False, **params: Any
+        self, prompt: str, preview: bool = False, pipeline: str = "", **params: Any
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         """txt2img_stream over gRPC streaming: a Progress per denoising step, then the result.
         Closing the generator early (a cancelled job) cancels the stream, and Triton drops the
@@ -216,7 +232,7 @@ class GrpcTritonBackend:
         while True:
             with self.pool.busy(tried) as endpoint:
                 try:
-                    async for event in self._stream_on(endpoint, inputs):
+                    async for event in self._stream_on(endpoint, pipeline, inputs):
                         yield event
                     return
                 except Retryable as error:
@@ -224,10 +240,10 @@ class GrpcTritonBackend:
                         raise
 
     async def _stream_on(
-        self, endpoint: Endpoint, inputs: list[Any]
+        self, endpoint: Endpoint, pipeline: str, inputs: list[Any]
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": c.TXT2IMG_STREAM.name, "inputs": inputs}
+            yield {"model_name": c.model_name(pipeline, c.TXT2IMG_STREAM.name), "inputs": inputs}
 
         stream = endpoint.client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
         try:
@@ -236,7 +252,7 @@ class GrpcTritonBackend:
                     raise self._map(error, "txt2img_stream", endpoint)
                 event = parse_stream_response(result)
                 if isinstance(event, Txt2ImgResult):
-                    yield self._noted(event)
+                    yield self._noted(pipeline, event)
                     return
                 yield event
         except InferenceServerException as exc:

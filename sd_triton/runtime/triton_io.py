@@ -277,7 +277,7 @@ class InlineEngine(LiveEngine):
         record = EngineRecord.load(folder)
         kind, artifact = (record.kind, record.artifact) if record else (params.engine, params.model_file)
         log.info("%s: loading version %d (%s) into the denoising loop's process", self.model, version, kind)
-        return load_runner(self.model, folder, kind, artifact, params)
+        return load_runner(self.spec.name, folder, kind, artifact, params)  # the component, not the model
 
     def _load_in_background(self, version: int) -> None:
         if version < 0 or version in self.runners or version in self._loading or version in self._failed:

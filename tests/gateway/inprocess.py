@@ -50,6 +50,7 @@ class FakeTriton:
     """A TritonBackend (sd_triton.gateway.backend) in memory: every call is recorded in `calls`."""
 
     served: ServedModel = field(default_factory=fake_served_model)
+    more: list[ServedModel] = field(default_factory=list)  # other pipelines (ServedModel.pipeline set)
     step_s: float = 0.0  # each denoising step takes this long (for concurrency and job tests)
     error: Exception | None = None  # raised by every call while set (TritonUnavailableError, ...)
     healthy: bool = True
@@ -67,10 +68,10 @@ class FakeTriton:
     def endpoint_states(self) -> dict[str, str]:
         return {"fake:8001": "ready" if self.healthy else "not ready: the test says so"}
 
-    async def served_model(self) -> ServedModel:
+    async def served_models(self) -> list[ServedModel]:
         if self.error is not None:
             raise self.error
-        return self.served
+        return [self.served, *self.more]
 
     def _result(self, prompt: str, params: dict[str, Any]) -> Txt2ImgResult:
         images = fake_images(prompt, params["seed"], params["num_images"], params["height"], params["width"])
@@ -78,17 +79,17 @@ class FakeTriton:
             images, prompt_truncated_tokens=0, negative_prompt_truncated_tokens=0, engines=[UNET]
         )
 
-    async def txt2img(self, prompt: str, **params: Any) -> Txt2ImgResult:
-        self.calls.append({"prompt": prompt, **params})
+    async def txt2img(self, prompt: str, pipeline: str = "", **params: Any) -> Txt2ImgResult:
+        self.calls.append({"prompt": prompt, "pipeline": pipeline, **params})
         if self.error is not None:
             raise self.error
         await asyncio.sleep(self.step_s * params["steps"])
         return self._result(prompt, params)
 
     async def txt2img_stream(
-        self, prompt: str, preview: bool = False, **params: Any
+        self, prompt: str, preview: bool = False, pipeline: str = "", **params: Any
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
-        self.calls.append({"prompt": prompt, "preview": preview, **params})
+        self.calls.append({"prompt": prompt, "preview": preview, "pipeline": pipeline, **params})
         if self.error is not None:
             raise self.error
         steps = params["steps"]

@@ -245,10 +245,10 @@ def test_served_model_refresh_rereads_triton(triton: TritonServer) -> None:
             GatewaySettings(triton_url=triton.grpc_url, served_model_refresh_s=refresh_s)
         )
         try:
-            first = await backend.served_model()
-            assert await backend.served_model() is first  # within the refresh interval: the same read
+            [first] = await backend.served_models()
+            assert (await backend.served_models())[0] is first  # within the refresh interval: the same read
             await asyncio.sleep(refresh_s + 0.05)
-            again = await backend.served_model()
+            [again] = await backend.served_models()
             assert again is not first and again.fingerprint == first.fingerprint
             assert len(first.fingerprint) == 64 and first.model == "tiny"
         finally:

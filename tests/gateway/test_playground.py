@@ -360,6 +360,7 @@ def test_an_uploaded_image_and_a_painted_mask_inpaint(
     page.wait(lambda: page.el("mask-box").is_displayed(), 10, "the image and its mask canvas")
     assert [page.el(n).get_attribute("value") for n in ("width", "height")] == ["64", "48"]  # its size
     canvas = page.el("mask-canvas")
+    page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # a person scrolls
     box = canvas.size
     stroke = ActionChains(page.driver).move_to_element_with_offset(canvas, -box["width"] // 4, 0)
     stroke.click_and_hold().move_by_offset(box["width"] // 3, box["height"] // 5).release().perform()

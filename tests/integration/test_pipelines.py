@@ -4,23 +4,32 @@ to both in flight at once each matching its own diffusers pipeline."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import io
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 
 from sd_triton import contract as c
 from sd_triton.export.pipeline import ExportOptions, run_export
 from sd_triton.export.repository import RepositorySettings
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.txt2img_client import txt2img
-from tests.conftest import WORK_DIR, triton_server
+from tests.conftest import WORK_DIR, free_port, triton_server
+from tests.gateway.test_playground import Playground, browser, decode  # noqa: F401 - browser: its fixture
 from tests.integration.test_parity import MAX_ABS_DIFF, max_abs_diff
+from tests.load import job_events
 
 PROMPT = "a red circle on a blue background"
 
@@ -34,11 +43,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             ExportOptions("tiny-xl", repo, settings=RepositorySettings(pipeline="xl"), work_dir=WORK_DIR)
         ),
     }
+    gateway = GatewayProcess("", port=free_port(), log_file=repo.parent / "gateway.log")
     with (
         triton_server(repo, repo.parent / "triton.log") as server,
         grpcclient.InferenceServerClient(server.grpc_url) as client,
     ):
-        yield {"client": client, "repo": repo, "manifests": manifests}
+        gateway.triton_url = server.grpc_url
+        gateway.start()
+        try:
+            with httpx.Client(base_url=gateway.url, timeout=120) as http:
+                yield {
+                    "client": client, "repo": repo, "manifests": manifests, "http": http,
+                    "http_port": server.http_port,
+                }  # fmt: skip
+        finally:
+            gateway.stop()
 
 
 def test_each_pipeline_has_its_models_and_manifest(served: dict) -> None:
@@ -77,6 +96,79 @@ def test_requests_to_both_in_flight_together_match_their_own_diffusers(served: d
         assert max_abs_diff(images, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF, (pipeline, seed)
 
 
+def test_the_gateway_lists_and_routes_to_each_pipeline(served: dict) -> None:
+    """GET /v1/models lists both (the unnamed one the default); `model` routes a request, a job's stream
+    and OpenAI's route, each giving what that pipeline gives directly; an unknown model is a 422 naming
+    the ids."""
+    http, client = served["http"], served["client"]
+    cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert set(cards) == {"tiny", "xl"} and cards["tiny"]["default"] and not cards["xl"]["default"]
+    assert cards["xl"]["architecture"] == "sdxl" and cards["tiny"]["architecture"] == "sd"
+    assert cards["xl"]["limits"]["max_steps"] >= 8
+    body = {"prompt": PROMPT, "steps": 8, "seed": 3, "scheduler": "ddim", "width": 64, "height": 64}
+    common = dict(height=64, width=64, steps=8, guidance_scale=7.5, scheduler="ddim", seed=3)
+    for model, pipeline in (("xl", "xl"), ("tiny", ""), (None, "")):
+        response = http.post("/v1/generate", json={**body, **({} if model is None else {"model": model})})
+        assert response.status_code == 200, response.text
+        assert response.json()["provenance"]["model"] == (model or "tiny")
+        direct = txt2img(client, PROMPT, pipeline=pipeline, **common).images[0]
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["base64"]))))
+        assert np.array_equal(image, direct), model
+    job = http.post("/v1/jobs", json={**body, "model": "xl", "seed": 4}).json()  # not a cached one
+    frames = [f["event"] for f in job_events(http, job["id"])]
+    assert frames == ["queued"] + ["step"] * 8 + ["completed"], frames
+    result = http.get(f"/v1/jobs/{job['id']}").json()["result"]
+    assert result["provenance"]["model"] == "xl"
+    unknown = http.post("/v1/generate", json={**body, "model": "sd-9"})
+    assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "model"
+    assert "tiny, xl" in unknown.json()["error"]["message"]
+    openai = http.post("/v1/images/generations", json={"prompt": PROMPT, "model": "xl", "size": "64x64"})
+    assert openai.status_code == 200, openai.text
+    assert http.get("/readyz").status_code == 200
+
+
+def test_the_cli_generates_with_a_model(served: dict, tmp_path: Path) -> None:
+    from sd_triton.cli import main
+
+    out = tmp_path / "xl.png"
+    args = ["--steps", "8", "--seed", "3", "--scheduler", "ddim", "--width", "64", "--height", "64"]
+    assert (
+        main(
+            [
+                "generate",
+                PROMPT,
+                "--model",
+                "xl",
+                "--gateway-url",
+                str(served["http"].base_url),
+                "-o",
+                str(out),
+                *args,
+            ]
+        )
+        == 0
+    )
+    direct = txt2img(
+        served["client"], PROMPT, pipeline="xl", height=64, width=64, steps=8, scheduler="ddim", seed=3
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), direct.images[0])
+    assert (
+        main(
+            [
+                "generate",
+                PROMPT,
+                "--model",
+                "nope",
+                "--gateway-url",
+                str(served["http"].base_url),
+                "-o",
+                str(out),
+            ]
+        )
+        == 1
+    )
+
+
 def test_a_pipeline_name_is_checked() -> None:
     with pytest.raises(ValueError, match="pipeline name 'Bad Name'"):
         RepositorySettings(pipeline="Bad Name")
@@ -96,3 +188,60 @@ def test_the_tensorrt_check_covers_every_pipeline(served: dict, tmp_path: Path) 
     run_export(ExportOptions("tiny-xl", repo, settings=settings, work_dir=WORK_DIR))
     (problem,) = tensorrt_problems(repo, target={"gpu": "none"})
     assert problem.startswith("xl_unet/1/model.plan") and "never built" in problem
+
+
+def test_engine_set_list_and_rollback_act_on_the_named_pipeline(served: dict) -> None:
+    """`engine set/rollback --pipeline xl` swap xl's text encoder (its own folder, config, manifest and
+    Triton model, behind the gate on xl's weights) and leave the unnamed pipeline alone; `engine list`
+    shows both pipelines. Requests to xl still match diffusers after the swap. Runs last: it rolls back."""
+    from sd_triton.export.engine_swap import EngineSwapError, GateSettings, SwapOptions, rollback, set_engine
+    from sd_triton.export.engines import engine_rows, loaded_versions
+
+    repo, client = served["repo"], served["client"]
+    triton_http = f"localhost:{served['http_port']}"
+    before = {(r["pipeline"], r["component"]): r for r in engine_rows(repo, triton_http)}
+    assert {p for p, _ in before} == {"", "xl"} and before[("xl", "text_encoder")]["loaded_versions"] == ["1"]
+    options = SwapOptions("text_encoder", "python-torch", gate=GateSettings(steps=3), triton_http=triton_http)
+    with pytest.raises(EngineSwapError, match="no pipeline 'nope'.*'', 'xl'"):
+        set_engine(repo, dataclasses.replace(options, pipeline="nope"))
+    result = set_engine(repo, dataclasses.replace(options, pipeline="xl"))
+    assert result.switched and result.report is not None and result.report.max_abs <= 2, result.failures
+    assert (repo / "xl_text_encoder" / "2" / "engine.json").is_file()
+    assert not (repo / "text_encoder" / "2").exists()  # the unnamed pipeline untouched
+    assert loaded_versions(triton_http)["xl_text_encoder"] == ["2"]
+    assert loaded_versions(triton_http)["text_encoder"] == ["1"]
+    rows = {(r["pipeline"], r["component"]): r for r in engine_rows(repo, triton_http, pipeline="xl")}
+    assert set(rows) == {("xl", m) for m in c.ENGINE_MODELS}
+    assert rows[("xl", "text_encoder")]["engine"] == "python-torch"
+    assert rows[("xl", "text_encoder")]["artifact"].startswith("xl_text_encoder/2/")
+    assert json.loads((repo / "manifest.xl.json").read_text())["live"]["text_encoder"] == [1, 2]
+    assert json.loads((repo / "manifest.json").read_text())["live"]["text_encoder"] == [1]
+    test_requests_to_both_in_flight_together_match_their_own_diffusers(served)
+    assert rollback(repo, "text_encoder", triton_http, pipeline="xl").version == 1
+    assert loaded_versions(triton_http)["xl_text_encoder"] == ["1"]
+    assert txt2img(client, PROMPT, pipeline="xl", height=64, width=64, steps=2).images.shape == (1, 64, 64, 3)
+
+
+def test_the_playground_picks_a_model(served: dict, browser: Any) -> None:  # noqa: F811 - the fixture
+    """The page lists the served models (the default selected), builds its form from the chosen one's
+    /v1/info, and its job runs on that model: the image shown is the one xl gives directly."""
+    from selenium.webdriver.support.select import Select
+
+    http = served["http"]
+    page = Playground(browser, str(http.base_url).rstrip("/")).open()
+    select = Select(page.el("model"))
+    assert [o.get_attribute("value") for o in select.options] == ["tiny", "xl"]
+    assert select.first_selected_option.get_attribute("value") == "tiny"
+    assert page.text("model-info").startswith("model tiny")
+    select.select_by_value("xl")
+    page.wait(lambda: page.text("model-info").startswith("model xl"), 10, "xl's /v1/info")
+    page.fill(prompt=PROMPT, steps=8, seed=3)
+    Select(page.el("scheduler")).select_by_value("ddim")
+    page.el("generate").click()
+    page.wait(lambda: page.driver.find_elements("css selector", "#images img.result"), 120, "the image")
+    shown = decode(page.driver.find_element("css selector", "#images img.result").get_attribute("src"))
+    direct = txt2img(
+        served["client"], PROMPT, pipeline="xl", height=64, width=64, steps=8, scheduler="ddim", seed=3
+    )
+    np.testing.assert_array_equal(shown, direct.images[0])
+    assert not [e for e in page.console() if e["level"] == "SEVERE"]
