@@ -51,6 +51,7 @@ _PARAMS = {
     for t in (
         *c.DENOISE_GENERATION_INPUTS,
         *c.DENOISE_IMAGE_INPUTS,
+        *c.DENOISE_HANDOFF_INPUTS,
         c.SIZE_CONDITIONING,
         c.NEGATIVE_SIZE_CONDITIONING,
         c.AESTHETIC_SCORE,
@@ -75,7 +76,11 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
         },
     )
     if unet_path == "inline":
-        outputs = {c.IMAGES.name: c.IMAGES.name, c.ENGINES.name: c.ENGINES.name}
+        outputs = {
+            c.IMAGES.name: c.IMAGES.name,
+            c.ENGINES.name: c.ENGINES.name,
+            c.LATENTS.name: c.LATENTS.name,
+        }
         return tokenizer, (c.DENOISE.name, {**ids, **_PARAMS}, outputs)
     encoder = c.models(architecture)[c.TEXT_ENCODER.name]
     pooled = {c.POOLED_EMBEDS.name: "pooled_embeds"} if c.added_conditioning(architecture) else {}
@@ -87,8 +92,12 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
             {t.name: value for t, value in zip(encoder.inputs, ids.values(), strict=True)},
             {t.name: value for t, value in zip(encoder.outputs, embeds.values(), strict=True)},
         ),
-        (c.DENOISE.name, {**embeds, **_PARAMS}, {c.LATENTS.name: "latents", c.ENGINES.name: c.ENGINES.name}),
-        (c.VAE_DECODER.name, {"latent_sample": "latents"}, {"sample": "decoded"}),
+        (
+            c.DENOISE.name,
+            {**embeds, **_PARAMS},
+            {c.LATENTS.name: c.LATENTS.name, c.ENGINES.name: c.ENGINES.name},
+        ),
+        (c.VAE_DECODER.name, {"latent_sample": c.LATENTS.name}, {"sample": "decoded"}),
         (c.POSTPROCESS.name, {c.DECODED.name: "decoded"}, {c.IMAGES.name: c.IMAGES.name}),
     )
 

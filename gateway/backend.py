@@ -31,11 +31,13 @@ class TritonBackend(Protocol):
         """Each pipeline txt2img serves (the unnamed one first, then by name): name, sizes, limits,
         engines, default scheduler, fingerprint."""
 
-    async def txt2img(self, prompt: str, pipeline: str = "", **params: Any) -> Txt2ImgResult:
-        """One prompt's images from `pipeline` (ServedModel.pipeline). `params`: negative_prompt and
-        sd_triton.requests.GenerationOptions' fields."""
+    async def txt2img(
+        self, prompt: str, pipeline: str = "", latents: bool = False, **params: Any
+    ) -> Txt2ImgResult:
+        """One prompt's images from `pipeline` (ServedModel.pipeline; `latents`: with its final latents, a
+        hand-off's base). `params`: negative_prompt and sd_triton.txt2img_client.txt2img_inputs' arguments."""
 
     def txt2img_stream(
-        self, prompt: str, preview: bool = False, pipeline: str = "", **params: Any
+        self, prompt: str, preview: bool = False, pipeline: str = "", latents: bool = False, **params: Any
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         """A Progress per denoising step, then the result; closing it early cancels the request."""

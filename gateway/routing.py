@@ -23,8 +23,11 @@ def default_model(models: list[ServedModel], settings: GatewaySettings) -> Serve
     return (unnamed or models)[0]
 
 
-def pick(models: list[ServedModel], requested: str | None, settings: GatewaySettings) -> ServedModel:
-    """The served model a request's `model` names; a 422 naming the field and the served ids when none."""
+def pick(
+    models: list[ServedModel], requested: str | None, settings: GatewaySettings, field: str = "model"
+) -> ServedModel:
+    """The served model a request's `model` (or `field`) names; a 422 naming the field and the served ids
+    when none."""
     by_id = {m.model: m for m in models}
     name = requested
     if name is not None and name not in by_id and name in settings.model_aliases:
@@ -33,9 +36,9 @@ def pick(models: list[ServedModel], requested: str | None, settings: GatewaySett
         return default_model(models, settings)
     if name not in by_id:
         raise InvalidRequestError(
-            f"model: {requested!r} is not served here; the models are {', '.join(sorted(by_id))} "
+            f"{field}: {requested!r} is not served here; the models are {', '.join(sorted(by_id))} "
             "(GET /v1/models)",
-            field="model",
+            field=field,
         )
     return by_id[name]
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sd_triton.contract import (
     DEFAULT_AESTHETIC_SCORE,
+    DEFAULT_DENOISING_END,
     DEFAULT_NEGATIVE_AESTHETIC_SCORE,
     DEFAULT_SCHEDULER,
     DEFAULT_STRENGTH,
@@ -111,6 +112,20 @@ class GenerationOptions(BaseModel):
         description="SDXL refiner models only: the unconditional rows' score; default "
         f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE}",
     )
+    refiner: str | None = Field(
+        None,
+        max_length=200,
+        description="SDXL base + refiner: a served refiner's id (GET /v1/models, architecture sdxl-refiner); "
+        "the model runs until denoising_end, the refiner finishes from its latents, as diffusers' "
+        "denoising_end / denoising_start do (same prompt, seed, steps, scheduler and guidance)",
+    )
+    denoising_end: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=f"with `refiner`: the share of the schedule the model runs before the refiner takes "
+        f"over (diffusers' high_noise_frac); default {DEFAULT_DENOISING_END}",
+    )
     output_format: OutputFormat = "png"
     response_format: Literal["base64", "url"] = Field(
         "base64", description="url: images are stored and each carries a signed, expiring `url` instead"
@@ -195,8 +210,12 @@ class Provenance(BaseModel):
     unet_engines: list[ComponentProvenance] = Field(
         default_factory=list,
         description="the UNet engines that ran the denoising steps, in order, as Triton reported them "
-        "with the response: two when an engine swap landed while it ran",
+        "with the response: two when an engine swap landed while it ran (or a refiner finished it)",
     )
+    refiner: str | None = Field(
+        None, description="the refiner that finished the denoising, with denoising_end"
+    )
+    denoising_end: float | None = None
 
 
 class Truncation(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ import numpy as np
 from PIL.Image import Image as PILImage
 
 from sd_triton import contract as c
-from sd_triton.contract import DEFAULT_STRENGTH
+from sd_triton.contract import DEFAULT_DENOISING_END, DEFAULT_STRENGTH
 from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.errors import InvalidRequestError
@@ -133,6 +134,21 @@ class InitImage:
         return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Refine:
+    """A base + refiner request's second half: the refiner, the fraction where the base hands off, and the
+    refiner's jobs (one per prompt, as the base's, with the same seeds)."""
+
+    served: ServedModel
+    end: float
+    jobs: list[Job]
+
+    @property
+    def key(self) -> str:
+        """What of it decides the images, for the result cache's key."""
+        return json.dumps([self.served.fingerprint, self.end, self.jobs[0].conditioning], sort_keys=True)
+
+
 def _invalid(exc: InvalidRequest) -> InvalidRequestError:
     return InvalidRequestError(f"{exc.json_field}: {exc.detail}", field=exc.json_field)
 
@@ -163,11 +179,51 @@ class Generator:
         progress: ProgressCallback,
         preview: bool,
         init: InitImage | None,
-        pipeline: str,
+        served: ServedModel,
+        refine: Refine | None,
     ) -> Txt2ImgResult:
+        """One prompt through txt2img_stream, `progress` awaited after every step. A base + refiner run
+        streams the base's steps then the refiner's as one count: until the hand-off the total is the
+        request's steps (exact for first-order schedulers; a second-order one's is settled at the
+        hand-off), then the steps both ran."""
         if len(jobs) != 1:
             raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
         job = jobs[0]
+        if refine is None:
+            return await self._stream_one(job, request, preview, init, served.pipeline, progress, {})
+        base_steps = 0  # the base's steps, as it reports them
+
+        async def base_progress(event: Progress) -> None:  # the refiner runs one step at least
+            nonlocal base_steps
+            base_steps = event.steps
+            await progress(
+                dataclasses.replace(event, steps=event.steps + max(1, job.params.steps - event.steps))
+            )
+
+        async def refiner_progress(event: Progress) -> None:
+            await progress(
+                dataclasses.replace(event, step=base_steps + event.step, steps=base_steps + event.steps)
+            )
+
+        handoff = {"latents": True, "denoising_end": refine.end}
+        base = await self._stream_one(job, request, preview, init, served.pipeline, base_progress, handoff)
+        refined = {"denoising_start": refine.end, "start_latents": base.latents}
+        second = refine.jobs[0]
+        final = await self._stream_one(
+            second, request, preview, None, refine.served.pipeline, refiner_progress, refined
+        )
+        return _handed_off(base, final)
+
+    async def _stream_one(
+        self,
+        job: Job,
+        request: GenerationOptions,
+        preview: bool,
+        init: InitImage | None,
+        pipeline: str,
+        progress: ProgressCallback,
+        extra: dict[str, Any],
+    ) -> Txt2ImgResult:
         stream = self.backend.txt2img_stream(
             job.prompt,
             preview,
@@ -175,6 +231,7 @@ class Generator:
             negative_prompt=request.negative_prompt,
             **({} if init is None else init.backend_params()),
             **job.conditioning,
+            **extra,
             **dataclasses.asdict(job.params),
         )
         async with aclosing(stream):
@@ -183,6 +240,69 @@ class Generator:
                     return event
                 await progress(event)
         raise AssertionError("txt2img_stream yields its result last")
+
+    async def _run(
+        self, index: int, jobs: list[Job], request: GenerationOptions, init: InitImage | None,
+        served: ServedModel, refine: Refine | None,
+    ) -> Txt2ImgResult:  # fmt: skip
+        """Prompt `index`'s txt2img call; a base + refiner run's two (the refiner from the base's latents)."""
+        job = jobs[index]
+        handoff: dict[str, Any] = {} if refine is None else {"latents": True, "denoising_end": refine.end}
+        base = await self.backend.txt2img(
+            job.prompt,
+            pipeline=served.pipeline,
+            negative_prompt=request.negative_prompt,
+            **({} if init is None else init.backend_params()),
+            **job.conditioning,
+            **handoff,
+            **dataclasses.asdict(job.params),
+        )
+        if refine is None:
+            return base
+        second = refine.jobs[index]
+        final = await self.backend.txt2img(
+            second.prompt,
+            pipeline=refine.served.pipeline,
+            negative_prompt=request.negative_prompt,
+            denoising_start=refine.end,
+            start_latents=base.latents,
+            **second.conditioning,
+            **dataclasses.asdict(second.params),
+        )
+        return _handed_off(base, final)
+
+    async def _refine(
+        self, prompts: list[str], request: GenerationOptions, served: ServedModel, jobs: list[Job],
+        init: InitImage | None,
+    ) -> Refine | None:  # fmt: skip
+        """A base + refiner request's refiner and its jobs, checked (the refiner's own limits too); None
+        without `refiner`."""
+        if request.refiner is None:
+            if request.denoising_end is not None:
+                raise InvalidRequestError(
+                    "denoising_end: applies with a refiner (refiner); none was sent", field="denoising_end"
+                )
+            return None
+        if served.architecture != "sdxl":
+            raise InvalidRequestError(
+                f"refiner: hands off from an SDXL base model; {served.model} is {served.architecture}",
+                field="refiner",
+            )
+        if init is not None:
+            raise InvalidRequestError(
+                "refiner: a base + refiner run starts from text; send image-to-image to one model",
+                field="refiner",
+            )
+        refiner = pick(await self.backend.served_models(), request.refiner, self.settings, field="refiner")
+        if refiner.architecture != "sdxl-refiner":
+            raise InvalidRequestError(
+                f"refiner: {refiner.model} is {refiner.architecture}, not an SDXL refiner (sdxl-refiner)",
+                field="refiner",
+            )
+        first = jobs[0].params  # the same size and seeds
+        second = request.model_copy(update={"height": first.height, "width": first.width, "seed": first.seed})
+        end = DEFAULT_DENOISING_END if request.denoising_end is None else request.denoising_end
+        return Refine(refiner, end, self.plan(prompts, second, refiner))
 
     async def _init_image(self, request: GenerationOptions) -> InitImage | None:
         """The request's init image (and mask), opened and checked off the event loop; None without one."""
@@ -213,7 +333,9 @@ class Generator:
         for requests answered later (jobs)."""
         init = await self._init_image(request)
         served = await self.served(request.model)
-        self.plan(prompts, request, served, None if init is None else init.opened.size)
+        base = _base_request(request)
+        jobs = self.plan(prompts, base, served, None if init is None else init.opened.size)
+        await self._refine(prompts, request, served, jobs, init)
 
     def plan(
         self,
@@ -297,11 +419,15 @@ class Generator:
         #    parameters, same pixels): no inference.
         init = await self._init_image(request)
         served = await self.served(request.model)
-        jobs = self.plan(prompts, request, served, None if init is None else init.opened.size)
+        jobs = self.plan(prompts, _base_request(request), served, None if init is None else init.opened.size)
+        refine = await self._refine(prompts, request, served, jobs, init)
         if init is not None:
             init = await self.encoder.run(init.sized, jobs[0].params.width, jobs[0].params.height)
         digest = None if init is None else init.digest
-        key = cache_key(served.fingerprint, prompts, request, jobs, digest) if self.cache else None
+        fingerprint = (
+            served.fingerprint if refine is None else f"{served.fingerprint} refined by {refine.key}"
+        )
+        key = cache_key(fingerprint, prompts, request, jobs, digest) if self.cache else None
         bypass = self.cache is not None and not use_cache and self.cache.bypass(key)
         if self.cache and use_cache and (hit := await self.cache.get(key)) is not None:
             self.metrics.images.inc(len(hit.images))
@@ -312,20 +438,10 @@ class Generator:
         # 1. One txt2img call per prompt, all in flight together: Triton batches them at the UNet.
         called = time.perf_counter()
         if progress is not None:
-            results = [await self._streamed(jobs, request, progress, preview, init, served.pipeline)]
+            results = [await self._streamed(jobs, request, progress, preview, init, served, refine)]
         else:
             results = await asyncio.gather(
-                *(
-                    self.backend.txt2img(
-                        job.prompt,
-                        pipeline=served.pipeline,
-                        negative_prompt=request.negative_prompt,
-                        **({} if init is None else init.backend_params()),
-                        **job.conditioning,
-                        **dataclasses.asdict(job.params),
-                    )
-                    for job in jobs
-                )
+                *(self._run(index, jobs, request, init, served, refine) for index in range(len(jobs)))
             )
         inferred = time.perf_counter()
 
@@ -363,7 +479,9 @@ class Generator:
                 encode_ms=_ms(finished - inferred),
                 total_ms=_ms(finished - started),
             ),
-            provenance=_provenance(served, request.scheduler, results, None if init is None else init.mode),
+            provenance=_provenance(
+                served, request.scheduler, results, None if init is None else init.mode, refine
+            ),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -377,8 +495,32 @@ class Generator:
         return response.model_copy(update={"cache": "bypass"}) if bypass else response
 
 
+def _base_request(request: GenerationOptions) -> GenerationOptions:
+    """The base model's share of a base + refiner request: the aesthetic scores are the refiner's."""
+    if request.refiner is None:
+        return request
+    return request.model_copy(update=dict.fromkeys(AESTHETIC_FIELDS))
+
+
+def _handed_off(base: Txt2ImgResult, final: Txt2ImgResult) -> Txt2ImgResult:
+    """A base + refiner run's result: the refiner's images, the base's truncation counts (the prompt the
+    user wrote), every UNet engine that ran, base first."""
+    engines = [*base.engines, *(e for e in final.engines if e not in base.engines)]
+    return dataclasses.replace(
+        final,
+        engines=engines,
+        latents=None,
+        prompt_truncated_tokens=base.prompt_truncated_tokens,
+        negative_prompt_truncated_tokens=base.negative_prompt_truncated_tokens,
+    )
+
+
 def _provenance(
-    served: ServedModel, scheduler: str, results: list[Txt2ImgResult], mode: str | None = None
+    served: ServedModel,
+    scheduler: str,
+    results: list[Txt2ImgResult],
+    mode: str | None = None,
+    refine: Refine | None = None,
 ) -> Provenance:
     """Each component as Triton's configs say (re-read every few seconds), the UNet as Triton reported
     it with these results (exact: each UNet call is pinned to a version; sd_triton.runtime.triton_io)."""
@@ -403,6 +545,8 @@ def _provenance(
         components[c.UNET.name] = unet[-1]
     return Provenance(
         model=served.model,
+        refiner=None if refine is None else refine.served.model,
+        denoising_end=None if refine is None else refine.end,
         mode=mode or "text-to-image",
         scheduler=SchedulerProvenance(name=scheduler, class_name=served.scheduler_class(scheduler)),
         components=components,

@@ -154,6 +154,13 @@ AESTHETIC_SCORE = _t("AESTHETIC_SCORE", "TYPE_FP32", 1, optional=True)
 NEGATIVE_AESTHETIC_SCORE = _t("NEGATIVE_AESTHETIC_SCORE", "TYPE_FP32", 1, optional=True)
 DEFAULT_AESTHETIC_SCORE = 6.0
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
+# base + refiner hand-off (diffusers' denoising_end / denoising_start, 0 < f < 1): a base request with
+# DENOISING_END stops once the timesteps fall below (1 - f) of training's and answers its LATENTS too; the
+# refiner's request takes them as START_LATENTS [NUM_IMAGES, C, HEIGHT/8, WIDTH/8] with DENOISING_START f
+DENOISING_END = _t("DENOISING_END", "TYPE_FP32", 1, optional=True)
+DENOISING_START = _t("DENOISING_START", "TYPE_FP32", 1, optional=True)
+START_LATENTS = _t("START_LATENTS", "TYPE_FP32", -1, -1, -1, -1, optional=True)
+DEFAULT_DENOISING_END = 0.8  # diffusers' documented high_noise_frac for SDXL base + refiner
 
 # --- pipeline outputs ---
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
@@ -204,8 +211,12 @@ TXT2IMG = ModelSpec(
         NEGATIVE_SIZE_CONDITIONING,
         AESTHETIC_SCORE,
         NEGATIVE_AESTHETIC_SCORE,
+        DENOISING_END,
+        DENOISING_START,
+        START_LATENTS,
     ),
-    outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES),
+    # LATENTS: the final latents (a hand-off's base passes them to the refiner); ask for them only then
+    outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES, LATENTS),
     batching=False,
     engine=False,
 )
@@ -243,6 +254,7 @@ TEXT_ENCODER = ModelSpec(
 CANCEL = _t("CANCEL", "TYPE_STRING", -1, optional=True)
 DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES)
 DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: image-to-image, inpainting
+DENOISE_HANDOFF_INPUTS = (DENOISING_END, DENOISING_START, START_LATENTS)  # optional: base + refiner
 # SDXL's: the second text encoder's pooled embeddings (or, inline, the second tokenizer's ids) and the size
 # conditioning; NEGATIVE_PROMPT's absence zeroes the unconditional rows where the checkpoint says so
 DENOISE_XL_INPUTS = (
@@ -263,6 +275,7 @@ DENOISE = ModelSpec(
         *(dataclasses.replace(t, optional=True) for t in (*DENOISE_GENERATION_INPUTS, INPUT_IDS)),
         *DENOISE_IMAGE_INPUTS,
         *DENOISE_XL_INPUTS,
+        *DENOISE_HANDOFF_INPUTS,
         CANCEL,
     ),
     # LATENTS on the bls UNet path (the ensemble decodes them in vae_decoder and postprocess); IMAGES on

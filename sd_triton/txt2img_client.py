@@ -25,6 +25,8 @@ class Txt2ImgResult:
     negative_prompt_truncated_tokens: int
     # the UNet engines that ran it (contract.ENGINES): [{component, version, engine, precision, sha256}]
     engines: list[dict[str, Any]] = field(default_factory=list)
+    # the final latents [N, C, h, w] (contract.LATENTS), when asked for: a hand-off's base
+    latents: np.ndarray[Any, np.dtype[np.float32]] | None = None
 
 
 def _array(spec: c.TensorSpec, value: Any) -> np.ndarray[Any, Any]:
@@ -62,6 +64,9 @@ def txt2img_inputs(
     negative_size_conditioning: Sequence[int] | None = None,
     aesthetic_score: float | None = None,
     negative_aesthetic_score: float | None = None,
+    denoising_end: float | None = None,
+    denoising_start: float | None = None,
+    start_latents: np.ndarray[Any, Any] | None = None,
     **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
@@ -70,7 +75,9 @@ def txt2img_inputs(
     limits (Triton does that), only against what the wire type can hold. `mask`: inpainting, uint8
     [height, width], grey levels >= 128 repainted. `size_conditioning`, `negative_size_conditioning`:
     an SDXL model's (6 integers: original height, width, crop top, left, target height, width);
-    `aesthetic_score`, `negative_aesthetic_score`: an SDXL refiner's."""
+    `aesthetic_score`, `negative_aesthetic_score`: an SDXL refiner's. A base + refiner hand-off:
+    `denoising_end` on the base (ask it for LATENTS: `output_names(..., latents=True)`), `denoising_start`
+    and the base's `start_latents` on the refiner."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
@@ -91,10 +98,19 @@ def txt2img_inputs(
     for spec, score in (
         (c.AESTHETIC_SCORE, aesthetic_score),
         (c.NEGATIVE_AESTHETIC_SCORE, negative_aesthetic_score),
+        (c.DENOISING_END, denoising_end),
+        (c.DENOISING_START, denoising_start),
     ):
         if score is not None:
             inputs.append(infer_input(spec, np.array([score], dtype=np.float32)))
+    if start_latents is not None:
+        inputs.append(infer_input(c.START_LATENTS, np.ascontiguousarray(start_latents, dtype=np.float32)))
     return inputs
+
+
+def output_names(spec: c.ModelSpec, latents: bool = False) -> list[str]:
+    """The outputs to ask `txt2img` or `txt2img_stream` for: all but LATENTS, unless `latents`."""
+    return [t.name for t in spec.outputs if latents or t.name != c.LATENTS.name]
 
 
 def parse_result(result: grpcclient.InferResult) -> Txt2ImgResult:
@@ -104,6 +120,7 @@ def parse_result(result: grpcclient.InferResult) -> Txt2ImgResult:
         prompt_truncated_tokens=int(result.as_numpy(c.PROMPT_TRUNCATED_TOKENS.name)[0]),
         negative_prompt_truncated_tokens=int(result.as_numpy(c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name)[0]),
         engines=[] if engines is None else json.loads(engines.reshape(-1)[0]),
+        latents=result.as_numpy(c.LATENTS.name),
     )
 
 
@@ -127,11 +144,15 @@ def parse_stream_response(result: grpcclient.InferResult) -> Progress | Txt2ImgR
 
 
 def txt2img(
-    client: grpcclient.InferenceServerClient, prompt: str | bytes, pipeline: str = "", **params: Any
+    client: grpcclient.InferenceServerClient,
+    prompt: str | bytes,
+    pipeline: str = "",
+    latents: bool = False,
+    **params: Any,
 ) -> Txt2ImgResult:
-    """One synchronous request (to a named pipeline's txt2img with `pipeline`); Triton's errors raise
-    InferenceServerException."""
-    outputs = [grpcclient.InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
+    """One synchronous request (to a named pipeline's txt2img with `pipeline`; `latents`: the result
+    carries them too); Triton's errors raise InferenceServerException."""
+    outputs = [grpcclient.InferRequestedOutput(name) for name in output_names(c.TXT2IMG, latents)]
     result = client.infer(
         c.model_name(pipeline, c.TXT2IMG.name), txt2img_inputs(prompt, **params), outputs=outputs
     )

@@ -38,6 +38,7 @@ from sd_triton.txt2img_client import (
     Progress,
     Txt2ImgResult,
     infer_input,
+    output_names,
     parse_result,
     parse_stream_response,
     txt2img_inputs,
@@ -161,11 +162,13 @@ class GrpcTritonBackend:
         served = ServedModel.from_configs(configs, pipeline)
         return dataclasses.replace(served, fingerprint=config_fingerprint(configs, mine))
 
-    async def txt2img(self, prompt: str, pipeline: str = "", **params: Any) -> Txt2ImgResult:
-        """txt2img (`pipeline`'s) with a deadline (`triton_timeout_s`, Triton cancels the request past
-        it). A call given up (the deadline passed, or the caller cancelled: its client went away) also
-        has its denoise loop dropped (`_drop`)."""
-        outputs = [InferRequestedOutput(t.name) for t in c.TXT2IMG.outputs]
+    async def txt2img(
+        self, prompt: str, pipeline: str = "", latents: bool = False, **params: Any
+    ) -> Txt2ImgResult:
+        """txt2img (`pipeline`'s; `latents`: the result carries them) with a deadline (`triton_timeout_s`,
+        Triton cancels the request past it). A call given up (the deadline passed, or the caller
+        cancelled: its client went away) also has its denoise loop dropped (`_drop`)."""
+        outputs = [InferRequestedOutput(name) for name in output_names(c.TXT2IMG, latents)]
         inputs = txt2img_inputs(prompt, **params)
         request_id = f"gw-{secrets.token_hex(8)}"
         model = c.model_name(pipeline, c.TXT2IMG.name)
@@ -219,7 +222,7 @@ class GrpcTritonBackend:
         return result
 
     async def txt2img_stream(
-        self, prompt: str, preview: bool = False, pipeline: str = "", **params: Any
+        self, prompt: str, preview: bool = False, pipeline: str = "", latents: bool = False, **params: Any
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         """txt2img_stream over gRPC streaming: a Progress per denoising step, then the result.
         Closing the generator early (a cancelled job) cancels the stream, and Triton drops the
@@ -232,7 +235,7 @@ class GrpcTritonBackend:
         while True:
             with self.pool.busy(tried) as endpoint:
                 try:
-                    async for event in self._stream_on(endpoint, pipeline, inputs):
+                    async for event in self._stream_on(endpoint, pipeline, inputs, latents):
                         yield event
                     return
                 except Retryable as error:
@@ -240,10 +243,13 @@ class GrpcTritonBackend:
                         raise
 
     async def _stream_on(
-        self, endpoint: Endpoint, pipeline: str, inputs: list[Any]
+        self, endpoint: Endpoint, pipeline: str, inputs: list[Any], latents: bool
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
+        outputs = [InferRequestedOutput(name) for name in output_names(c.TXT2IMG_STREAM, latents)]
+
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": c.model_name(pipeline, c.TXT2IMG_STREAM.name), "inputs": inputs}
+            model = c.model_name(pipeline, c.TXT2IMG_STREAM.name)
+            yield {"model_name": model, "inputs": inputs, "outputs": outputs}
 
         stream = endpoint.client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
         try:

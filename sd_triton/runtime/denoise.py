@@ -238,7 +238,7 @@ class Handoff:
                 raise InvalidRequest(name, f"must be between 0 and 1 (exclusive), got {value}")
         if (self.start is None) != (self.latents is None):
             raise InvalidRequest(
-                "DENOISING_START", "and LATENTS go together: the refiner starts from latents"
+                "DENOISING_START", "and START_LATENTS go together: the refiner starts from the base's latents"
             )
 
 
@@ -381,7 +381,7 @@ class DenoiseJob:
             if tuple(given.shape) != (params.num_images, *self.latent_shape):
                 expected = [params.num_images, *self.latent_shape]
                 raise InvalidRequest(
-                    "LATENTS", f"must be {expected} (NUM_IMAGES, the latents), got {list(given.shape)}"
+                    "START_LATENTS", f"must be {expected} (NUM_IMAGES, the latents), got {list(given.shape)}"
                 )
             self.latents = given * config.vae_scaling_factor
         elif init is None:

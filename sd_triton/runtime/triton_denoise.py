@@ -142,12 +142,13 @@ class TritonPythonModel:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         params = self._params(request)
         image = self.encoder.read(request, params)
+        handoff = triton_io.read_handoff(request, params, self.config)
         embeds, added = self._embeds(request, params)
         init = self.encoder.encode(image)
         engines = triton_io.EngineLog()
         self.unet.refresh()  # the request runs on the live UNet version
         on_step = lambda i, n: engines.add(self.unet.last)  # noqa: E731
-        latents = denoise(embeds, params, self.config, self.unet, on_step, init, added)
+        latents = denoise(embeds, params, self.config, self.unet, on_step, init, added, handoff)
         self.unet.idle()
         return self._outputs(latents, set(request.requested_output_names()), engines)
 
@@ -200,8 +201,9 @@ class TritonPythonModel:
         try:
             params = self._params(request)
             image = self.encoder.read(request, params)
+            handoff = triton_io.read_handoff(request, params, self.config)
             embeds, added = self._embeds(request, params)
-            job = DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added)
+            job = DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added, handoff)
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return

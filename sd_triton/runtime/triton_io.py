@@ -475,6 +475,33 @@ class Conditioning:
         return sdxl_conditioning(embeds, pooled, params, config, self.time_ids, self.negative_prompt_given)
 
 
+def read_handoff(request: Any, params: GenerationParams, config: PipelineConfig) -> Any:
+    """A base + refiner request's hand-off (denoise.Handoff: DENOISING_END on the base; DENOISING_START
+    and START_LATENTS on the refiner), checked before anything runs; None without one."""
+    end, start = get_scalar(request, c.DENOISING_END), get_scalar(request, c.DENOISING_START)
+    latents = get_array(request, c.START_LATENTS)
+    if end is None and start is None and latents is None:
+        return None
+    from sd_triton.runtime.denoise import Handoff  # torch: not for the engines' stubs
+
+    handoff = Handoff(
+        end=None if end is None else float(end),
+        start=None if start is None else float(start),
+        latents=latents,
+    )
+    if latents is not None:
+        scale = config.vae_scale_factor
+        expected = [params.num_images, config.latent_channels, params.height // scale, params.width // scale]
+        if list(latents.shape) != expected:
+            raise InvalidRequest(
+                c.START_LATENTS.name,
+                f"must be [NUM_IMAGES, C, HEIGHT/8, WIDTH/8] = {expected}, got {list(latents.shape)}",
+            )
+        if get_array(request, c.IMAGE) is not None:
+            raise InvalidRequest(c.DENOISING_START.name, "starts from START_LATENTS, not from an IMAGE")
+    return handoff
+
+
 class ImageEncoder:
     """A loop's VAE encoder for image-to-image and inpainting requests: in its process on the inline UNet
     path, Triton's `vae_encoder` model by BLS on the bls path. A repository exported before image inputs

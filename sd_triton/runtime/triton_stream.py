@@ -12,7 +12,7 @@ one worker thread; `execute` only hands requests over. For each request the work
 2. advances it with every other active request, one UNet call per latent shape per step
    (`ContinuousBatcher`), sending a step response (STEP, STEPS_TOTAL, PREVIEW_IMAGES when asked),
 3. decodes it (the `vae_decoder` engine, in this process or by BLS as the text encoder, then uint8)
-   and sends the final response (IMAGES, truncation).
+   and sends the final response (IMAGES, truncation; LATENTS when asked: a hand-off's base).
 
 Requests here batch with each other; `txt2img` requests batch in `denoise`'s own batcher.
 """
@@ -102,7 +102,9 @@ class TritonPythonModel:
             }
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
+            handoff = triton_io.read_handoff(request, params, self.config)
             conditioning = triton_io.Conditioning.read(request, self.config, params)
+            wanted = set(request.requested_output_names())
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return
@@ -126,7 +128,7 @@ class TritonPythonModel:
             truncation.update({name: tokens[name] for name in counts})
             embeds, pooled = self.text_encoder(*(tokens[name] for name in ids))
             embeds, added = conditioning.apply(self.config, params, embeds, pooled)
-            return DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added)
+            return DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added, handoff)
 
         def step(index: int, steps: int) -> None:
             engines.add(self.unet.last)
@@ -148,7 +150,7 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - this request alone fails
                 failed(exc)
                 return
-            ran = params.steps if ticket.job is None else ticket.job.steps  # img2img: fewer
+            ran = params.steps if ticket.job is None else ticket.job.steps  # img2img, a hand-off: fewer
             outputs = {
                 c.IMAGES.name: to_uint8_images(decoded),
                 c.STEP.name: _int32(ran),
@@ -156,6 +158,8 @@ class TritonPythonModel:
                 c.ENGINES.name: engines.array(),
                 **truncation,
             }
+            if c.LATENTS.name in wanted:  # a hand-off's base: the refiner starts from them
+                outputs[c.LATENTS.name] = latents
             tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
             self._answered()

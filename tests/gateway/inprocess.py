@@ -22,6 +22,11 @@ from sd_triton.txt2img_client import Progress, Txt2ImgResult
 UNET = {"component": "unet", "version": 1, "engine": "python-ort", "precision": "fp32", "sha256": "ab" * 32}
 
 
+def _engine(pipeline: str) -> dict[str, Any]:
+    """The UNet engine a pipeline's results name (a named pipeline's: an engine of its own)."""
+    return UNET if not pipeline else {**UNET, "sha256": f"{zlib.crc32(pipeline.encode()):08x}" * 8}
+
+
 def fake_served_model() -> ServedModel:
     """Shaped like the tiny export: 64 px native, multiples of 8, the default limits."""
     engine = EngineInfo(kind="python-ort", precision="fp32", version=1, sha256="ab" * 32)
@@ -73,33 +78,54 @@ class FakeTriton:
             raise self.error
         return [self.served, *self.more]
 
-    def _result(self, prompt: str, params: dict[str, Any]) -> Txt2ImgResult:
+    def _result(self, prompt: str, params: dict[str, Any], latents: bool = False) -> Txt2ImgResult:
         images = fake_images(prompt, params["seed"], params["num_images"], params["height"], params["width"])
+        if "start_latents" in params:  # a refiner: the images depend on the latents it was given too
+            images = images ^ np.uint8(int(np.abs(params["start_latents"]).sum() * 1000) % 256)
+        shape = (params["num_images"], 4, params["height"] // 8, params["width"] // 8)
         return Txt2ImgResult(
-            images, prompt_truncated_tokens=0, negative_prompt_truncated_tokens=0, engines=[UNET]
+            images,
+            prompt_truncated_tokens=0,
+            negative_prompt_truncated_tokens=0,
+            engines=[_engine(params.get("pipeline", ""))],
+            latents=np.random.default_rng(params["seed"]).normal(size=shape).astype(np.float32)
+            if latents
+            else None,
         )
 
-    async def txt2img(self, prompt: str, pipeline: str = "", **params: Any) -> Txt2ImgResult:
+    @staticmethod
+    def steps(params: dict[str, Any]) -> int:
+        """The steps a request runs: a hand-off's base, or its refiner, runs its share only."""
+        steps = params["steps"]
+        if params.get("denoising_end") is not None:
+            return max(1, round(steps * params["denoising_end"]))
+        if params.get("denoising_start") is not None:
+            return max(1, steps - round(steps * params["denoising_start"]))
+        return int(steps)
+
+    async def txt2img(
+        self, prompt: str, pipeline: str = "", latents: bool = False, **params: Any
+    ) -> Txt2ImgResult:
         self.calls.append({"prompt": prompt, "pipeline": pipeline, **params})
         if self.error is not None:
             raise self.error
-        await asyncio.sleep(self.step_s * params["steps"])
-        return self._result(prompt, params)
+        await asyncio.sleep(self.step_s * self.steps(params))
+        return self._result(prompt, {**params, "pipeline": pipeline}, latents)
 
     async def txt2img_stream(
-        self, prompt: str, preview: bool = False, pipeline: str = "", **params: Any
+        self, prompt: str, preview: bool = False, pipeline: str = "", latents: bool = False, **params: Any
     ) -> AsyncGenerator[Progress | Txt2ImgResult, None]:
         self.calls.append({"prompt": prompt, "preview": preview, "pipeline": pipeline, **params})
         if self.error is not None:
             raise self.error
-        steps = params["steps"]
+        steps = self.steps(params)
         for step in range(1, steps + 1):
             await asyncio.sleep(self.step_s)
             small = (
                 fake_images(prompt, params["seed"] + step, params["num_images"], 8, 8) if preview else None
             )
             yield Progress(step=step, steps=steps, previews=small)
-        yield self._result(prompt, params)
+        yield self._result(prompt, {**params, "pipeline": pipeline}, latents)
 
 
 @contextmanager

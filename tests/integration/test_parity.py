@@ -323,6 +323,19 @@ def test_each_image_reproducible_alone(client) -> None:
     assert max_abs_diff(pair[:1], second) > 10, "different seeds must give different images"
 
 
+def test_latents_on_request_are_the_images_latents(client, pipe) -> None:
+    """txt2img answers LATENTS when asked (a hand-off's base needs them), on both UNet paths: the VAE
+    decodes them to the images it answers; a request that does not ask gets none."""
+    params = dict(height=64, width=64, steps=4, guidance_scale=7.5, scheduler="ddim", seed=3, num_images=2)
+    result = txt2img(client, PROMPT, latents=True, **params)
+    assert result.latents is not None and result.latents.shape == (2, 4, 8, 8)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(torch.from_numpy(result.latents)).sample
+    images = ((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert max_abs_diff(result.images, images) <= MAX_ABS_DIFF
+    assert txt2img(client, PROMPT, **params).latents is None
+
+
 def test_long_prompt_truncated_like_diffusers(client, pipe) -> None:
     prompt = " ".join(f"word{i}" for i in range(120))
     result = txt2img(

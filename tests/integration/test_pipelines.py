@@ -42,6 +42,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "xl": run_export(
             ExportOptions("tiny-xl", repo, settings=RepositorySettings(pipeline="xl"), work_dir=WORK_DIR)
         ),
+        # the refiner on the bls UNet path (the base's is inline): the hand-off crosses both
+        "refiner": run_export(
+            ExportOptions(
+                "tiny-xl-refiner",
+                repo,
+                settings=RepositorySettings(pipeline="refiner", unet_path="bls"),
+                work_dir=WORK_DIR,
+            )
+        ),
     }
     gateway = GatewayProcess("", port=free_port(), log_file=repo.parent / "gateway.log")
     with (
@@ -102,7 +111,7 @@ def test_the_gateway_lists_and_routes_to_each_pipeline(served: dict) -> None:
     the ids."""
     http, client = served["http"], served["client"]
     cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
-    assert set(cards) == {"tiny", "xl"} and cards["tiny"]["default"] and not cards["xl"]["default"]
+    assert set(cards) == {"tiny", "xl", "refiner"} and cards["tiny"]["default"] and not cards["xl"]["default"]
     assert cards["xl"]["architecture"] == "sdxl" and cards["tiny"]["architecture"] == "sd"
     assert cards["xl"]["limits"]["max_steps"] >= 8
     body = {"prompt": PROMPT, "steps": 8, "seed": 3, "scheduler": "ddim", "width": 64, "height": 64}
@@ -121,7 +130,7 @@ def test_the_gateway_lists_and_routes_to_each_pipeline(served: dict) -> None:
     assert result["provenance"]["model"] == "xl"
     unknown = http.post("/v1/generate", json={**body, "model": "sd-9"})
     assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "model"
-    assert "tiny, xl" in unknown.json()["error"]["message"]
+    assert "refiner, tiny, xl" in unknown.json()["error"]["message"]
     openai = http.post("/v1/images/generations", json={"prompt": PROMPT, "model": "xl", "size": "64x64"})
     assert openai.status_code == 200, openai.text
     assert http.get("/readyz").status_code == 200
@@ -180,7 +189,7 @@ def test_the_tensorrt_check_covers_every_pipeline(served: dict, tmp_path: Path) 
     from sd_triton.export.engines import tensorrt_problems
     from sd_triton.export.manifest import Manifest
 
-    assert Manifest.pipelines(served["repo"]) == ["", "xl"]
+    assert Manifest.pipelines(served["repo"]) == ["", "refiner", "xl"]
     assert tensorrt_problems(served["repo"]) == []  # python-ort everywhere
     repo = tmp_path / "repo"
     engines = {**dict.fromkeys(c.ENGINE_MODELS, "python-ort"), "unet": "tensorrt"}
@@ -188,6 +197,99 @@ def test_the_tensorrt_check_covers_every_pipeline(served: dict, tmp_path: Path) 
     run_export(ExportOptions("tiny-xl", repo, settings=settings, work_dir=WORK_DIR))
     (problem,) = tensorrt_problems(repo, target={"gpu": "none"})
     assert problem.startswith("xl_unet/1/model.plan") and "never built" in problem
+
+
+# (scheduler, hand-off fraction, guidance, num_images): the checkpoints' Euler, a multistep closed form, an
+# ancestral one (its draws), a second-order one (a cut inside a pair of calls)
+HANDOFFS = [
+    ("default", 0.8, 7.5, 1),
+    ("dpmpp_2m", 0.7, 5.0, 2),
+    ("euler_a", 0.6, 6.0, 1),
+    ("heun", 0.75, 7.5, 1),
+]
+
+
+def _diffusers_handoff(served: dict, scheduler: str, fraction: float, guidance: float, n: int) -> np.ndarray:
+    """diffusers' StableDiffusionXLPipeline(denoising_end) -> StableDiffusionXLImg2ImgPipeline
+    (denoising_start) on the exported checkpoints, each side's generators seeded from the seed."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from tests.integration.test_parity import reference_scheduler
+
+    base = StableDiffusionXLPipeline.from_pretrained(served["manifests"]["xl"]["source"]["path"])
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        served["manifests"]["refiner"]["source"]["path"]
+    )
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+        own = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+        pipe.scheduler = reference_scheduler(scheduler, type(pipe.scheduler), own, 5, n)
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(5 + i) for i in range(n)]
+
+    common = dict(num_inference_steps=10, guidance_scale=guidance, num_images_per_prompt=n)
+    handed = base(PROMPT, height=64, width=64, denoising_end=fraction, output_type="latent",
+                  generator=generators(), **common).images  # fmt: skip
+    images = refiner(PROMPT, image=handed, denoising_start=fraction, output_type="np",
+                     generator=generators(), **common).images  # fmt: skip
+    return (images * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(("scheduler", "fraction", "guidance", "n"), HANDOFFS)
+def test_base_and_refiner_hand_off_through_triton_as_diffusers(
+    served: dict, scheduler: str, fraction: float, guidance: float, n: int
+) -> None:
+    """The base's txt2img with DENOISING_END answers LATENTS; the refiner's with DENOISING_START and those
+    START_LATENTS finishes the images: diffusers' base -> refiner (base inline, refiner on the bls path)."""
+    client = served["client"]
+    common = dict(
+        height=64, width=64, steps=10, guidance_scale=guidance, scheduler=scheduler, seed=5, num_images=n
+    )
+    base = txt2img(client, PROMPT, pipeline="xl", latents=True, denoising_end=fraction, **common)
+    assert base.latents is not None and base.latents.shape == (n, 4, 8, 8)
+    final = txt2img(
+        client, PROMPT, pipeline="refiner", denoising_start=fraction, start_latents=base.latents, **common
+    )
+    expected = _diffusers_handoff(served, scheduler, fraction, guidance, n)
+    assert max_abs_diff(final.images, expected) <= MAX_ABS_DIFF, scheduler
+    alone = txt2img(client, PROMPT, pipeline="refiner", denoising_start=fraction,
+                    start_latents=np.zeros_like(base.latents), **common)  # fmt: skip
+    assert max_abs_diff(alone.images, expected) > MAX_ABS_DIFF  # the latents handed over are what counts
+
+
+def test_the_gateway_runs_base_and_refiner_as_one_job(served: dict) -> None:
+    """`refiner` on /v1/generate and /v1/jobs: the image the two Triton calls give, a job's steps counting
+    over both UNets; bad hand-off inputs to Triton are INVALID_ARG naming the input."""
+    http, client = served["http"], served["client"]
+    body = {"prompt": PROMPT, "model": "xl", "refiner": "refiner", "steps": 10, "seed": 11,
+            "scheduler": "euler", "width": 64, "height": 64, "denoising_end": 0.7}  # fmt: skip
+    response = http.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    common = dict(height=64, width=64, steps=10, scheduler="euler", seed=11)
+    base = txt2img(client, PROMPT, pipeline="xl", latents=True, denoising_end=0.7, **common)
+    final = txt2img(
+        client, PROMPT, pipeline="refiner", denoising_start=0.7, start_latents=base.latents, **common
+    )
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["base64"]))))
+    assert np.array_equal(image, final.images[0])
+    provenance = response.json()["provenance"]
+    assert (provenance["model"], provenance["refiner"], provenance["denoising_end"]) == ("xl", "refiner", 0.7)
+    job = http.post("/v1/jobs", json={**body, "seed": 12}).json()
+    frames = list(job_events(http, job["id"]))
+    steps = [(f["data"]["step"], f["data"]["steps"]) for f in frames if f["event"] == "step"]
+    assert steps == [(i, 10) for i in range(1, 11)], steps  # 7 base + 3 refiner steps (Euler: 0.7 of 10)
+    assert frames[-1]["event"] == "completed"
+    from tritonclient.utils import InferenceServerException
+
+    for params, name in (
+        ({"denoising_end": 1.5}, "DENOISING_END"),
+        ({"denoising_start": 0.5}, "DENOISING_START"),
+        ({"denoising_start": 0.5, "start_latents": np.zeros((2, 4, 8, 8), np.float32)}, "START_LATENTS"),
+    ):
+        with pytest.raises(InferenceServerException, match=name) as caught:
+            txt2img(client, PROMPT, pipeline="refiner", **common, **params)
+        assert "INVALID_ARG" in str(caught.value.status()) or "INVALID" in str(caught.value.status())
 
 
 def test_engine_set_list_and_rollback_act_on_the_named_pipeline(served: dict) -> None:
@@ -200,9 +302,11 @@ def test_engine_set_list_and_rollback_act_on_the_named_pipeline(served: dict) ->
     repo, client = served["repo"], served["client"]
     triton_http = f"localhost:{served['http_port']}"
     before = {(r["pipeline"], r["component"]): r for r in engine_rows(repo, triton_http)}
-    assert {p for p, _ in before} == {"", "xl"} and before[("xl", "text_encoder")]["loaded_versions"] == ["1"]
+    assert {p for p, _ in before} == {"", "refiner", "xl"} and before[("xl", "text_encoder")][
+        "loaded_versions"
+    ] == ["1"]
     options = SwapOptions("text_encoder", "python-torch", gate=GateSettings(steps=3), triton_http=triton_http)
-    with pytest.raises(EngineSwapError, match="no pipeline 'nope'.*'', 'xl'"):
+    with pytest.raises(EngineSwapError, match="no pipeline 'nope'.*'', 'refiner', 'xl'"):
         set_engine(repo, dataclasses.replace(options, pipeline="nope"))
     result = set_engine(repo, dataclasses.replace(options, pipeline="xl"))
     assert result.switched and result.report is not None and result.report.max_abs <= 2, result.failures
@@ -230,7 +334,7 @@ def test_the_playground_picks_a_model(served: dict, browser: Any) -> None:  # no
     http = served["http"]
     page = Playground(browser, str(http.base_url).rstrip("/")).open()
     select = Select(page.el("model"))
-    assert [o.get_attribute("value") for o in select.options] == ["tiny", "xl"]
+    assert [o.get_attribute("value") for o in select.options] == ["tiny", "refiner", "xl"]
     assert select.first_selected_option.get_attribute("value") == "tiny"
     assert page.text("model-info").startswith("model tiny")
     select.select_by_value("xl")
