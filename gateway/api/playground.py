@@ -5,7 +5,7 @@ model, and `GET /v1/models` (the OpenAI list shape). The page itself talks to th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
@@ -52,8 +52,9 @@ class InfoDefaults(BaseModel):
     output_format: str
 
 
-class InfoResponse(BaseModel):
-    model: str = Field(..., examples=["sd-1.5"])
+class ModelFacts(BaseModel):
+    """A served model's facts, as /v1/info and each /v1/models entry give them."""
+
     native_width: int
     native_height: int
     limits: InfoLimits
@@ -61,13 +62,17 @@ class InfoResponse(BaseModel):
     default_scheduler_class: str = Field(
         ..., examples=["PNDMScheduler"], description="the checkpoint's own scheduler: what `default` runs"
     )
-    defaults: InfoDefaults
     architecture: str = Field(
         "sd", examples=["sd", "sdxl"], description="sdxl: the model takes the size-conditioning fields"
     )
 
 
-class ModelCard(BaseModel):
+class InfoResponse(ModelFacts):
+    model: str = Field(..., examples=["sd-1.5"])
+    defaults: InfoDefaults
+
+
+class ModelCard(ModelFacts):
     """One entry of GET /v1/models (the OpenAI list shape, with the served model's own facts)."""
 
     id: str = Field(..., examples=["sd-1.5"], description="what a request's `model` names")
@@ -75,14 +80,6 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "sd-triton"
     default: bool = Field(..., description="what a request without `model` gets")
-    native_width: int
-    native_height: int
-    limits: InfoLimits
-    schedulers: list[str]
-    default_scheduler_class: str = Field(..., examples=["PNDMScheduler"])
-    architecture: str = Field(
-        "sd", examples=["sd", "sdxl"], description="sdxl: the model takes the size-conditioning fields"
-    )
 
 
 class ModelList(BaseModel):
@@ -109,8 +106,9 @@ async def static(name: str) -> FileResponse:
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=NO_CACHE)
 
 
-def _limits(served: ServedModel, settings: GatewaySettings) -> InfoLimits:
-    return InfoLimits(
+def _facts(served: ServedModel, settings: GatewaySettings) -> dict[str, Any]:
+    """ModelFacts' fields for a served model."""
+    limits = InfoLimits(
         max_side=served.limits.max_side,
         spatial_multiple=served.spatial_multiple,
         max_steps=served.limits.max_steps,
@@ -118,6 +116,14 @@ def _limits(served: ServedModel, settings: GatewaySettings) -> InfoLimits:
         max_pixels=settings.max_pixels,
         max_prompt_chars=settings.max_prompt_chars,
     )
+    return {
+        "native_width": served.native_width,
+        "native_height": served.native_height,
+        "limits": limits,
+        "schedulers": list(SCHEDULERS),
+        "default_scheduler_class": served.default_scheduler,
+        "architecture": served.architecture,
+    }
 
 
 @router.get("/v1/info", response_model=InfoResponse, tags=["info"])
@@ -132,12 +138,7 @@ async def info(
     defaults = GenerationOptions()  # every field has its default: the same a request without it gets
     return InfoResponse(
         model=served.model,
-        native_width=served.native_width,
-        native_height=served.native_height,
-        limits=_limits(served, settings),
-        schedulers=list(SCHEDULERS),
-        default_scheduler_class=served.default_scheduler,
-        architecture=served.architecture,
+        **_facts(served, settings),
         defaults=InfoDefaults(
             width=served.native_width,
             height=served.native_height,
@@ -156,16 +157,7 @@ async def models(backend: BackendDep, settings: SettingsDep) -> ModelList:
     each with its native size, limits, the scheduler names and the class `default` runs."""
     served = listed(await backend.served_models(), settings)
     cards = [
-        ModelCard(
-            id=model.model,
-            default=index == 0,
-            native_width=model.native_width,
-            native_height=model.native_height,
-            limits=_limits(model, settings),
-            schedulers=list(SCHEDULERS),
-            default_scheduler_class=model.default_scheduler,
-            architecture=model.architecture,
-        )
+        ModelCard(id=model.model, default=index == 0, **_facts(model, settings))
         for index, model in enumerate(served)
     ]
     return ModelList(data=cards)
