@@ -98,6 +98,33 @@ def _engine_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora(args: argparse.Namespace) -> int:
+    from sd_triton.export import lora
+    from sd_triton.export.manifest import ManifestError
+
+    repo, pipeline = Path(args.repo), args.pipeline
+    try:
+        if args.lora_command == "add":
+            record = lora.add(repo, Path(args.file), args.name, pipeline, replace=args.replace)
+            print(json.dumps(record.summary(), indent=2))  # the command's output
+        elif args.lora_command == "list":
+            rows = [r.summary() for r in lora.listed(repo, pipeline)]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print("| name | format | rank | targets | sha256 | source |\n|---|---|---|---|---|---|")
+                for r in rows:
+                    targets = ", ".join(f"{k} {v}" for k, v in r["components"].items())
+                    cells = [r["name"], r["format"], r["rank"], targets, r["sha256"][:12], r["source"]]
+                    print("| " + " | ".join(str(cell) for cell in cells) + " |")
+        else:
+            lora.remove(repo, args.name, pipeline)
+    except (lora.LoraError, ValueError, ManifestError) as exc:  # a bad name, file or pipeline: said
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.export.repository import RepositorySettings
@@ -240,11 +267,23 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="one pipeline's engines (its --name at export); default: every pipeline",
     )
-    for parser_ in (setting, back):
+    loras = sub.add_parser("lora", help="a pipeline's LoRA adapter library (docs: README, LoRA)")
+    loras.set_defaults(extra="export", run=_lora)
+    lora_sub = loras.add_subparsers(dest="lora_command", required=True)
+    adding = lora_sub.add_parser("add", help="check a LoRA file against the pipeline's base and add it")
+    adding.add_argument("file", help="a .safetensors LoRA (diffusers/PEFT or kohya keys)")
+    adding.add_argument("--name", required=True, help="what requests call it")
+    adding.add_argument("--replace", action="store_true", help="replace an adapter of that name")
+    lora_listing = lora_sub.add_parser("list", help="the pipeline's adapters")
+    lora_listing.add_argument("--json", action="store_true")
+    removing = lora_sub.add_parser("remove", help="take an adapter out of the library")
+    removing.add_argument("name")
+    for parser_ in (setting, back, adding, lora_listing, removing):
         parser_.add_argument(
             "--pipeline", default="", help="the pipeline's name (--name at export); default: the unnamed one"
         )
         parser_.add_argument("--repo", default="model_repository")
+    for parser_ in (setting, back):
         parser_.add_argument(
             "--triton-http",
             default=None,

@@ -1,0 +1,234 @@
+"""`sd-triton lora add/list/remove`: a pipeline's adapter library (sd_triton/lora.py says its layout).
+
+`add` reads a LoRA file the way diffusers' `load_lora_weights` does (its own `lora_state_dict`: diffusers
+and PEFT keys, kohya's, with their alphas), checks every target against the pipeline's checkpoint (the
+module exists, up x down has the base weight's shape: a file for another base is refused, naming a
+target) and writes the normalized factors and the record. Nothing is re-exported and no model reloads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd_triton.export.checkpoint import sha256_file
+from sd_triton.export.manifest import Manifest
+from sd_triton.lora import WEIGHTS, AdapterRecord, check_name, library_dir
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # checkpoint subfolders an adapter may target
+# diffusers' spellings of a target's two factors, after its lora_state_dict
+FACTORS = {
+    "lora_A.weight": "down", "lora_B.weight": "up",
+    "lora.down.weight": "down", "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
+}  # fmt: skip
+
+
+PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+class LoraError(ValueError):
+    """An adapter that cannot be added (the message names the problem)."""
+
+
+def _pipeline_class(architecture: str) -> Any:
+    import diffusers
+
+    if architecture == "sd":
+        return diffusers.StableDiffusionPipeline
+    if architecture == "sdxl":
+        return diffusers.StableDiffusionXLPipeline
+    return diffusers.StableDiffusionXLImg2ImgPipeline
+
+
+def base_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape in the checkpoint's adapter-targetable components, by `component.name`."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for component in COMPONENTS:
+        for path in sorted((checkpoint / component).glob("*.safetensors")):
+            with safe_open(str(path), framework="numpy") as weights:
+                for key in weights.keys():  # noqa: SIM118 - safe_open has no iteration
+                    shapes[f"{component}.{key}"] = tuple(weights.get_slice(key).get_shape())
+    return shapes
+
+
+def _detect_format(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as raw:
+        keys = list(raw.keys())
+    return "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in keys) else "diffusers"
+
+
+def _peft_scale(path: Path) -> float | None:
+    """lora_alpha / r from a PEFT adapter's metadata, where the file carries it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as raw:
+        metadata = raw.metadata() or {}
+    config = metadata.get("lora_adapter_metadata")
+    if not config:
+        return None
+    parsed = json.loads(config)
+    parsed = next(iter(parsed.values())) if "r" not in parsed and parsed else parsed
+    if "r" in parsed and "lora_alpha" in parsed:
+        return float(parsed["lora_alpha"]) / float(parsed["r"])
+    return None
+
+
+def normalize(path: Path, architecture: str) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """A LoRA file's factors per target weight ({"down", "up"}) and each target's scale (alpha / rank),
+    read by diffusers' loader for the architecture's pipeline."""
+    try:
+        state, alphas = _pipeline_class(architecture).lora_state_dict(str(path))[:2]
+    except Exception as exc:  # noqa: BLE001 - whatever diffusers cannot read is not an adapter
+        raise LoraError(
+            f"{path.name}: not a LoRA file diffusers can read ({type(exc).__name__}: {exc})"
+        ) from exc
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    found_alphas: dict[str, float] = {}
+    for key, tensor in state.items():
+        processor = PROCESSOR.match(key)  # diffusers' older attention-processor spelling
+        if processor:
+            block, projection, side = processor.groups()
+            if key.startswith("text_encoder"):  # CLIP's attention: q_proj, k_proj, v_proj, out_proj
+                module = f"{block}.{projection.removeprefix('to_')}_proj"
+            else:
+                module = f"{block}.{projection}" + (".0" if projection == "to_out" else "")
+        else:
+            suffix = next((s for s in FACTORS if key.endswith("." + s)), None)
+            if suffix is None:
+                raise LoraError(
+                    f"{path.name}: {key}: not a LoRA factor (only low-rank up/down weights are served)"
+                )
+            module, side = key[: -len(suffix) - 1], FACTORS[suffix]
+        factors.setdefault(f"{module}.weight", {})[side] = tensor.float().numpy()
+        if side == "down":  # diffusers keys an alpha by the down factor, its module, or the target's module
+            for alpha_key in (
+                f"{key}.alpha",
+                f"{key.rsplit('lora', 1)[0].rstrip('._')}.alpha",
+                f"{module}.alpha",
+            ):
+                if alpha_key in (alphas or {}):
+                    found_alphas[f"{module}.weight"] = float(alphas[alpha_key])
+    peft_scale = _peft_scale(path)
+    scales = {}
+    for target, pair in factors.items():
+        if set(pair) != {"down", "up"}:
+            raise LoraError(f"{path.name}: {target}: has {sorted(pair)} only; a target needs up and down")
+        alpha = found_alphas.get(target)
+        scales[target] = alpha / pair["down"].shape[0] if alpha is not None else (peft_scale or 1.0)
+    return factors, scales
+
+
+def _in_base(target: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """The base's name for a target: itself, or a text encoder's with or without transformers' older
+    `text_model.` level (checkpoints and LoRA files were saved by transformers releases on either side)."""
+    component, _, rest = target.partition(".")
+    for candidate in (rest, f"text_model.{rest}", rest.removeprefix("text_model.")):
+        if f"{component}.{candidate}" in shapes:
+            return f"{component}.{candidate}"
+    return target
+
+
+def check_against(
+    name: str, factors: dict[str, dict[str, np.ndarray]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every target exists in the base with the shape up x down makes (a LoraError naming one otherwise);
+    the factors by the base's names for their targets."""
+    if not factors:
+        raise LoraError(f"{name}: the file holds no LoRA factors")
+    resolved = {}
+    for target, pair in sorted(factors.items()):
+        component = target.split(".", 1)[0]
+        if component not in COMPONENTS:
+            raise LoraError(f"{name}: {target}: targets {component!r}, not one of {', '.join(COMPONENTS)}")
+        target = _in_base(target, shapes)
+        resolved[target] = pair
+        if target not in shapes:
+            raise LoraError(
+                f"{name}: {target}: the checkpoint has no such weight (an adapter for another base?)"
+            )
+        down, up = pair["down"], pair["up"]
+        made = (up.shape[0], down.shape[1], *down.shape[2:])
+        if down.shape[0] != up.shape[1] or made != shapes[target]:
+            raise LoraError(
+                f"{name}: {target}: up {list(up.shape)} x down {list(down.shape)} makes {list(made)}, the "
+                f"base weight is {list(shapes[target])} (an adapter for another base?)"
+            )
+    return resolved
+
+
+def add(repo: Path, file: Path, name: str, pipeline: str = "", replace: bool = False) -> AdapterRecord:
+    """Adds `file` to the pipeline's library as `name`, checked against its checkpoint."""
+    from safetensors.numpy import save_file
+
+    check_name(name)
+    if not file.is_file():
+        raise LoraError(f"{file}: no such file")
+    manifest = Manifest.load(repo, pipeline)
+    architecture = manifest.settings.architecture
+    folder = library_dir(repo, pipeline) / name
+    if folder.exists() and not replace:
+        raise LoraError(f"{name}: already in the library ({folder}); remove it first or pass --replace")
+    # 1. The file as diffusers reads it, its targets checked against the base.
+    factors, read_scales = normalize(file, architecture)
+    shapes = base_shapes(manifest.checkpoint)
+    factors = check_against(name, factors, shapes)
+    scales = {_in_base(target, shapes): scale for target, scale in read_scales.items()}
+    # 2. The normalized factors and the record, written beside, then moved in whole.
+    staging = folder.with_name(f".{name}.adding")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tensors = {
+        f"{t}:{side}": np.ascontiguousarray(a) for t, pair in factors.items() for side, a in pair.items()
+    }
+    save_file(tensors, str(staging / WEIGHTS))
+    components: dict[str, int] = {}
+    for target in factors:
+        component = target.split(".", 1)[0]
+        components[component] = components.get(component, 0) + 1
+    record = AdapterRecord(
+        name=name,
+        sha256=sha256_file(file),
+        source=file.name,
+        format=_detect_format(file),
+        rank=max(pair["down"].shape[0] for pair in factors.values()),
+        scales=scales,
+        components=components,
+        pipeline=pipeline,
+        architecture=architecture,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    record.save(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    log.info("%s: added to %s (%s, rank %d, %s)", name, folder.parent, record.format, record.rank, components)
+    return record
+
+
+def listed(repo: Path, pipeline: str = "") -> list[AdapterRecord]:
+    """The pipeline's adapters, by name."""
+    library = library_dir(repo, pipeline)
+    folders = sorted(p for p in library.glob("*") if p.is_dir() and not p.name.startswith("."))
+    return [AdapterRecord.load(folder) for folder in folders]
+
+
+def remove(repo: Path, name: str, pipeline: str = "") -> None:
+    folder = library_dir(repo, pipeline) / check_name(name)
+    if not folder.is_dir():
+        known = ", ".join(r.name for r in listed(repo, pipeline)) or "none"
+        raise LoraError(f"{name}: not in the library (adapters: {known})")
+    shutil.rmtree(folder)
+    log.info("%s: removed from %s", name, folder.parent)

@@ -1,0 +1,122 @@
+"""LoRA adapters as a pipeline serves them: the library's folder layout, an adapter's record, and the weight
+deltas an adapter set adds to the base's weights. Torch-free (numpy and safetensors' numpy loader): the
+denoising loops read adapters through it.
+
+An adapter in the library (`sd-triton lora add`, sd_triton/export/lora.py) is a folder
+`<repository>/<pipeline's denoise model>/loras/<name>/` holding
+
+- `adapter.safetensors`: per target weight `T` (the base's parameter name, prefixed by its checkpoint
+  subfolder: `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight`), the low-rank
+  factors `T:down` [rank, in, ...] and `T:up` [out, rank, ...], and
+- `lora.json`: its name, the source file's sha256, the format it came in, its rank, the targets' scales
+  (alpha / rank) and counts per component, and the pipeline it was checked against.
+
+The delta of target T at adapter scale s is s x scale(T) x up @ down (reshaped to T's shape: a linear
+layer's [out, in], a convolution's [out, in, kh, kw]); an adapter set's delta is the sum of its adapters'.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd_triton import contract as c
+
+LIBRARY = "loras"  # the folder, in the pipeline's denoise model folder (Triton ignores non-numeric ones)
+RECORD = "lora.json"
+WEIGHTS = "adapter.safetensors"
+NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+MAX_SCALE = 4.0  # |scale| at most: past it an adapter's delta dwarfs the base (a client's mistake)
+
+
+def library_dir(repo: Path, pipeline: str = "") -> Path:
+    """A pipeline's adapter library in an exported repository."""
+    return repo / c.model_name(pipeline, c.DENOISE.name) / LIBRARY
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise ValueError(f"name {name!r}: 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """`lora.json`: what the library knows of an adapter without reading its weights."""
+
+    name: str
+    sha256: str  # of the file that was added
+    source: str  # its file name
+    format: str  # "diffusers" (PEFT keys) or "kohya", as the file came
+    rank: int  # the largest of its targets'
+    scales: dict[str, float]  # per target weight: alpha / rank (1 without an alpha)
+    components: dict[str, int]  # targets per checkpoint subfolder (unet, text_encoder, text_encoder_2)
+    pipeline: str = ""
+    architecture: str = "sd"
+    created: str = ""
+
+    @classmethod
+    def load(cls, folder: Path) -> AdapterRecord:
+        return cls(**json.loads((folder / RECORD).read_text()))
+
+    def save(self, folder: Path) -> None:
+        text = json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+        (folder / RECORD).write_text(text)
+
+    def summary(self) -> dict[str, Any]:
+        """What /v1/loras and `lora list` show (no per-target scales)."""
+        keep = (
+            "name",
+            "sha256",
+            "source",
+            "format",
+            "rank",
+            "components",
+            "pipeline",
+            "architecture",
+            "created",
+        )
+        return {key: getattr(self, key) for key in keep}
+
+
+@dataclass
+class Adapter:
+    """An adapter's record and factors, read from its library folder."""
+
+    record: AdapterRecord
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # target: (down, up)
+
+    @classmethod
+    def load(cls, folder: Path) -> Adapter:
+        from safetensors.numpy import load_file
+
+        record = AdapterRecord.load(folder)
+        tensors = load_file(str(folder / WEIGHTS))
+        factors = {target: (tensors[f"{target}:down"], tensors[f"{target}:up"]) for target in record.scales}
+        return cls(record, factors)
+
+    def delta(self, target: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Target's weight delta at adapter scale 1, shaped as the base weight (`shape`)."""
+        down, up = self.factors[target]
+        product = up.reshape(up.shape[0], -1).astype(np.float32) @ down.reshape(down.shape[0], -1).astype(
+            np.float32
+        )
+        return (self.record.scales[target] * product).reshape(shape)
+
+
+def set_deltas(
+    adapters: list[tuple[Adapter, float]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """An adapter set's weight deltas: per target weight, the sum over the set of scale x its delta.
+    `shapes`: the base's weight shapes by target name."""
+    deltas: dict[str, np.ndarray] = {}
+    for adapter, scale in adapters:
+        for target in adapter.record.scales:
+            part = scale * adapter.delta(target, shapes[target])
+            deltas[target] = part if target not in deltas else deltas[target] + part
+    return deltas

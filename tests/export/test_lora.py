@@ -1,0 +1,168 @@
+"""The LoRA adapter library (`sd-triton lora add/list/remove`, export/lora.py, sd_triton/lora.py): files in
+diffusers/PEFT and kohya keys are read as diffusers reads them and checked against the base; an adapter
+set's weight deltas, added to the base's weights, give the images diffusers gives with
+`load_lora_weights` + `set_adapters` on the same base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from sd_triton.cli import main
+from sd_triton.export import lora
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.lora import Adapter, library_dir, set_deltas
+from tests.conftest import WORK_DIR
+
+PROMPT = "a red circle on a blue background"
+SUFFIXES = ("to_q", "to_v", "q_proj", "v_proj")  # the test adapters' targets
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lora") / "model_repository"
+    run_export(ExportOptions(model="tiny", repo=path, work_dir=WORK_DIR))
+    return path
+
+
+def _pipe(repo: Path) -> StableDiffusionPipeline:
+    folder = json.loads((repo / "manifest.json").read_text())["source"]["path"]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_adapter(
+    path: Path,
+    pipe: StableDiffusionPipeline,
+    seed: int,
+    rank: int = 4,
+    kohya: bool = False,
+    alpha: float = 2.0,
+) -> Path:
+    """A LoRA on the UNet's attention projections and the text encoder's q/v projections, with non-zero
+    up-projections (a fresh LoRA's are zero: a no-op). kohya: its key names and an alpha per target, on the
+    UNet only (diffusers cannot load kohya text-encoder keys into this transformers release's CLIP)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    modules = [("unet", pipe.unet)] + ([] if kohya else [("text_encoder", pipe.text_encoder)])
+    for prefix, module in modules:
+        for name, layer in module.named_modules():
+            if not isinstance(layer, torch.nn.Linear) or not name.endswith(
+                ("to_q", "to_v", "q_proj", "v_proj")
+            ):
+                continue
+            down = torch.randn(rank, layer.in_features, generator=generator) * 0.3
+            up = torch.randn(layer.out_features, rank, generator=generator) * 0.3
+            if kohya:
+                key = ("lora_unet_" if prefix == "unet" else "lora_te_") + name.replace(".", "_")
+                tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}
+                tensors[f"{key}.alpha"] = torch.tensor(alpha)
+            else:
+                tensors |= {f"{prefix}.{name}.lora_A.weight": down, f"{prefix}.{name}.lora_B.weight": up}
+    save_file(tensors, str(path))
+    return path
+
+
+def _images(pipe: StableDiffusionPipeline) -> np.ndarray:
+    out = pipe(PROMPT, height=64, width=64, num_inference_steps=6, output_type="np",
+               generator=torch.Generator().manual_seed(3)).images  # fmt: skip
+    return (out * 255).round().astype(np.uint8)
+
+
+def test_add_list_remove_and_what_is_refused(repo: Path, tmp_path: Path) -> None:
+    pipe = _pipe(repo)
+    file = write_adapter(tmp_path / "style.safetensors", pipe, seed=1)
+    record = lora.add(repo, file, "style")
+    assert record.format == "diffusers" and record.rank == 4
+    targeted = {
+        prefix: sum(
+            isinstance(m, torch.nn.Linear) and n.endswith(SUFFIXES) for n, m in module.named_modules()
+        )
+        for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+    }
+    assert record.components == targeted and min(targeted.values()) > 0, record.components
+    assert set(record.scales.values()) == {1.0}  # no alpha: alpha = rank
+    assert (library_dir(repo) / "style" / "adapter.safetensors").is_file()
+    kohya = lora.add(repo, write_adapter(tmp_path / "k.safetensors", pipe, seed=2, kohya=True), "sketch")
+    assert kohya.format == "kohya" and set(kohya.scales.values()) == {0.5}  # alpha 2 / rank 4
+    assert set(kohya.scales) == {t for t in record.scales if t.startswith("unet.")}  # by the base's names
+    assert [r.name for r in lora.listed(repo)] == ["sketch", "style"]
+    with pytest.raises(lora.LoraError, match="already in the library"):
+        lora.add(repo, file, "style")
+    with pytest.raises(ValueError, match="name 'Bad Name'"):
+        lora.add(repo, file, "Bad Name")
+    with pytest.raises(lora.LoraError, match="not a LoRA file"):
+        (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+        lora.add(repo, tmp_path / "junk.safetensors", "junk")
+    # an adapter for another base: the UNet's projections twice as wide
+    from safetensors.torch import save_file
+
+    target = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{target}.lora_A.weight": torch.ones(4, 64), f"{target}.lora_B.weight": torch.ones(64, 4)},
+              str(tmp_path / "wide.safetensors"))  # fmt: skip
+    with pytest.raises(lora.LoraError, match=r"to_q.weight: up \[64, 4\] x down \[4, 64\] .*another base"):
+        lora.add(repo, tmp_path / "wide.safetensors", "wide")
+    save_file({"unet.no_such.layer.lora_A.weight": torch.ones(4, 8), "unet.no_such.layer.lora_B.weight":
+               torch.ones(8, 4)}, str(tmp_path / "other.safetensors"))  # fmt: skip
+    with pytest.raises(lora.LoraError, match="no_such.layer.weight: the checkpoint has no such weight"):
+        lora.add(repo, tmp_path / "other.safetensors", "other")
+    assert [r.name for r in lora.listed(repo)] == ["sketch", "style"]  # nothing half-added
+    lora.remove(repo, "sketch")
+    with pytest.raises(lora.LoraError, match="not in the library .adapters: style"):
+        lora.remove(repo, "sketch")
+    lora.remove(repo, "style")
+
+
+def test_the_cli(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = write_adapter(tmp_path / "a.safetensors", _pipe(repo), seed=4)
+    assert main(["lora", "add", str(file), "--name", "cli-a", "--repo", str(repo)]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "cli-a"
+    assert main(["lora", "list", "--repo", str(repo), "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["cli-a"]
+    assert main(["lora", "list", "--repo", str(repo)]) == 0
+    assert "| cli-a | diffusers | 4 | text_encoder 4, unet 16 |" in capsys.readouterr().out
+    assert main(["lora", "add", str(file), "--name", "x", "--repo", str(repo), "--pipeline", "nope"]) == 1
+    assert main(["lora", "remove", "cli-a", "--repo", str(repo)]) == 0
+    assert main(["lora", "remove", "cli-a", "--repo", str(repo)]) == 1
+
+
+def test_set_deltas_on_the_base_are_diffusers_load_lora_weights(repo: Path, tmp_path: Path) -> None:
+    """One adapter, and two at different scales (one in kohya keys with an alpha): the base's weights plus
+    our deltas give diffusers' images with load_lora_weights + set_adapters (max abs <= 1/255), and each
+    adapter changes the image by a clear margin."""
+    pipe = _pipe(repo)
+    base = _images(pipe)
+    files = {
+        "a": write_adapter(tmp_path / "a.safetensors", pipe, seed=5),
+        "b": write_adapter(tmp_path / "b.safetensors", pipe, seed=6, kohya=True, alpha=8.0),
+    }
+    for name, file in files.items():
+        lora.add(repo, file, f"parity-{name}", replace=True)
+    adapters = {name: Adapter.load(library_dir(repo) / f"parity-{name}") for name in files}
+    for sets in ([("a", 1.0)], [("a", 0.7), ("b", 1.3)]):
+        theirs = _pipe(repo)
+        for name, file in files.items():
+            theirs.load_lora_weights(str(file), adapter_name=name)
+        theirs.set_adapters([n for n, _ in sets], [s for _, s in sets])
+        expected = _images(theirs)
+        ours = _pipe(repo)
+        modules = {"unet": ours.unet, "text_encoder": ours.text_encoder}
+        params = {f"{c}.{n}": p for c, m in modules.items() for n, p in m.named_parameters()}
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        deltas = set_deltas([(adapters[n], s) for n, s in sets], shapes)
+        assert {t.split(".", 1)[0] for t in deltas} == {"unet", "text_encoder"}
+        with torch.no_grad():
+            for target, delta in deltas.items():
+                params[target] += torch.from_numpy(delta)
+        got = _images(ours)
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, sets
+        assert np.abs(got.astype(int) - base.astype(int)).max() > 20, f"{sets} hardly changes the image"
