@@ -292,6 +292,43 @@ def test_the_gateway_runs_base_and_refiner_as_one_job(served: dict) -> None:
         assert "INVALID_ARG" in str(caught.value.status()) or "INVALID" in str(caught.value.status())
 
 
+def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
+    served: dict, tmp_path: Path
+) -> None:
+    """`lora add --pipeline xl` checks an SDXL adapter (UNet and the second text encoder) against xl's
+    checkpoint and files it under xl_denoise/loras, which Triton ignores: xl_denoise reloads and serves the
+    same images; tiny's adapter is refused for xl (another base), naming a target."""
+    from safetensors.torch import save_file
+
+    from sd_triton.export import lora
+    from sd_triton.export.engine_swap import triton_load
+    from tests.export.test_lora import write_adapter
+
+    repo, client = served["repo"], served["client"]
+    common = dict(height=64, width=64, steps=4, scheduler="ddim", seed=9)
+    before = txt2img(client, PROMPT, pipeline="xl", **common).images
+    xl = StableDiffusionXLPipeline.from_pretrained(served["manifests"]["xl"]["source"]["path"])
+    tensors = {}
+    for prefix, module in (("unet", xl.unet), ("text_encoder_2", xl.text_encoder_2)):
+        for name, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear) and name.endswith(("to_k", "k_proj")):
+                tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(2, layer.in_features)
+                tensors[f"{prefix}.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2)
+    save_file(tensors, str(tmp_path / "xl.safetensors"))
+    record = lora.add(repo, tmp_path / "xl.safetensors", "xl-style", pipeline="xl")
+    assert set(record.components) == {"unet", "text_encoder_2"} and record.architecture == "sdxl"
+    assert (repo / "xl_denoise" / "loras" / "xl-style" / "lora.json").is_file()
+    assert [r.name for r in lora.listed(repo, "xl")] == ["xl-style"] and lora.listed(repo) == []
+    sd = StableDiffusionPipeline.from_pretrained(
+        served["manifests"][""]["source"]["path"], safety_checker=None
+    )
+    with pytest.raises(lora.LoraError, match="another base"):
+        lora.add(repo, write_adapter(tmp_path / "sd.safetensors", sd, seed=1), "sd-style", pipeline="xl")
+    triton_load(f"localhost:{served['http_port']}", "xl_denoise")  # the library folder is no version
+    assert np.array_equal(txt2img(client, PROMPT, pipeline="xl", **common).images, before)
+    lora.remove(repo, "xl-style", pipeline="xl")
+
+
 def test_engine_set_list_and_rollback_act_on_the_named_pipeline(served: dict) -> None:
     """`engine set/rollback --pipeline xl` swap xl's text encoder (its own folder, config, manifest and
     Triton model, behind the gate on xl's weights) and leave the unnamed pipeline alone; `engine list`
