@@ -20,7 +20,7 @@ import numpy as np
 
 from sd_triton.export.checkpoint import sha256_file
 from sd_triton.export.manifest import Manifest
-from sd_triton.lora import WEIGHTS, AdapterRecord, check_name, library_dir
+from sd_triton.lora import INDEX, WEIGHTS, AdapterRecord, check_name, library_dir
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,83 @@ def add(repo: Path, file: Path, name: str, pipeline: str = "", replace: bool = F
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     record.save(staging)
+    index_graphs(repo, pipeline, set(factors))  # before it is listed: a refused graph adds nothing
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     log.info("%s: added to %s (%s, rank %d, %s)", name, folder.parent, record.format, record.rank, components)
     return record
+
+
+ENGINE_OF = {
+    "unet": "unet",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder",
+}  # the engine model
+
+
+def _checkpoint_weight(folder: Path, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as weights:
+            if name in weights.keys():  # noqa: SIM118 - safe_open has no membership test
+                return weights.get_tensor(name)
+    raise LoraError(f"{folder.name}.{name}: not in the checkpoint")
+
+
+def index_graphs(repo: Path, pipeline: str, targets: set[str]) -> None:
+    """Finds, in the live ONNX graph of each engine the targets are in, the initializer holding each
+    target's base weight (by value: the exporter renames and transposes a linear layer's weight), and
+    adds it to the library's index (`index.json`, by the graph's sha256). python-torch engines need none;
+    a graph with no initializer equal to a target's weight (INT8) is refused, naming it."""
+    from onnx import load, numpy_helper
+
+    from sd_triton.export.engines import live_records
+
+    manifest = Manifest.load(repo, pipeline)
+    records = live_records(repo, manifest, pipeline)
+    path = library_dir(repo, pipeline) / INDEX
+    index = json.loads(path.read_text()) if path.is_file() else {}
+    for engine in sorted(set(ENGINE_OF.values())):
+        record = records.get(engine)
+        wanted = {t for t in targets if ENGINE_OF[t.split(".", 1)[0]] == engine}
+        if record is None or record.kind not in ("python-ort", "onnxruntime") or not wanted:
+            continue
+        entry = index.setdefault(record.sha256, {})
+        missing = sorted(wanted - set(entry))
+        if not missing:
+            continue
+        graph = repo / manifest.settings.name_of(engine) / str(record.version) / record.artifact
+        by_value = {}
+        for initializer in load(str(graph)).graph.initializer:
+            array = numpy_helper.to_array(initializer)
+            if array.ndim >= 2:
+                by_value[(array.dtype.str, array.shape, array.tobytes())] = initializer.name
+        for target in missing:
+            component, _, name = target.partition(".")
+            weight = _checkpoint_weight(manifest.checkpoint / component, name)
+            found = None
+            for dtype in (np.float32, np.float16):
+                for transposed, array in ((False, weight), (True, weight.T)):
+                    key = (
+                        np.dtype(dtype).str,
+                        array.shape,
+                        np.ascontiguousarray(array.astype(dtype)).tobytes(),
+                    )
+                    if key in by_value:
+                        found = [by_value[key], transposed]
+                        break
+                if found:
+                    break
+            if found is None:
+                raise LoraError(
+                    f"{target}: no weight of {graph.relative_to(repo)} equals the checkpoint's (adapters "
+                    f"need an FP32 or FP16 graph of it; {engine} is {record.kind} {record.precision})"
+                )
+            entry[target] = found
+        log.info("%s: %d adapter targets indexed in %s", engine, len(missing), graph.relative_to(repo))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
 def listed(repo: Path, pipeline: str = "") -> list[AdapterRecord]:

@@ -161,6 +161,9 @@ DENOISING_END = _t("DENOISING_END", "TYPE_FP32", 1, optional=True)
 DENOISING_START = _t("DENOISING_START", "TYPE_FP32", 1, optional=True)
 START_LATENTS = _t("START_LATENTS", "TYPE_FP32", -1, -1, -1, -1, optional=True)
 DEFAULT_DENOISING_END = 0.8  # diffusers' documented high_noise_frac for SDXL base + refiner
+# LoRA adapters from the pipeline's library (`sd-triton lora add`): JSON [{"name": ..., "scale": ...}]
+# (scale default 1, |scale| <= 4, at most 4 adapters); absent or []: the base. The inline UNet path only
+LORAS = _t("LORAS", "TYPE_STRING", 1, optional=True)
 
 # --- pipeline outputs ---
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
@@ -214,6 +217,7 @@ TXT2IMG = ModelSpec(
         DENOISING_END,
         DENOISING_START,
         START_LATENTS,
+        LORAS,
     ),
     # LATENTS: the final latents (a hand-off's base passes them to the refiner); ask for them only then
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES, LATENTS),
@@ -255,6 +259,7 @@ CANCEL = _t("CANCEL", "TYPE_STRING", -1, optional=True)
 DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE, SEED, SCHEDULER, NUM_IMAGES)
 DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: image-to-image, inpainting
 DENOISE_HANDOFF_INPUTS = (DENOISING_END, DENOISING_START, START_LATENTS)  # optional: base + refiner
+DENOISE_LORA_INPUTS = (LORAS,)  # optional: the request's adapters
 # SDXL's: the second text encoder's pooled embeddings (or, inline, the second tokenizer's ids) and the size
 # conditioning; NEGATIVE_PROMPT's absence zeroes the unconditional rows where the checkpoint says so
 DENOISE_XL_INPUTS = (
@@ -276,6 +281,7 @@ DENOISE = ModelSpec(
         *DENOISE_IMAGE_INPUTS,
         *DENOISE_XL_INPUTS,
         *DENOISE_HANDOFF_INPUTS,
+        *DENOISE_LORA_INPUTS,
         CANCEL,
     ),
     # LATENTS on the bls UNet path (the ensemble decodes them in vae_decoder and postprocess); IMAGES on

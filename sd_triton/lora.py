@@ -17,8 +17,10 @@ layer's [out, in], a convolution's [out, in, kh, kw]); an adapter set's delta is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,10 @@ from sd_triton import contract as c
 LIBRARY = "loras"  # the folder, in the pipeline's denoise model folder (Triton ignores non-numeric ones)
 RECORD = "lora.json"
 WEIGHTS = "adapter.safetensors"
+INDEX = "index.json"  # per ONNX graph (its sha256): each target's initializer and whether it is transposed
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# the checkpoint components each engine model runs (SDXL's text encoder: both of its encoders)
+LORA_COMPONENTS = {"unet": ("unet",), "text_encoder": ("text_encoder", "text_encoder_2")}
 MAX_SCALE = 4.0  # |scale| at most: past it an adapter's delta dwarfs the base (a client's mistake)
 
 
@@ -100,6 +105,12 @@ class Adapter:
         factors = {target: (tensors[f"{target}:down"], tensors[f"{target}:up"]) for target in record.scales}
         return cls(record, factors)
 
+    def only(self, targets: Collection[str]) -> Adapter:
+        """This adapter restricted to `targets` (an engine runs some of its components only)."""
+        scales = {t: s for t, s in self.record.scales.items() if t in targets}
+        record = dataclasses.replace(self.record, scales=scales)
+        return Adapter(record, {t: f for t, f in self.factors.items() if t in scales})
+
     def delta(self, target: str, shape: tuple[int, ...]) -> np.ndarray:
         """Target's weight delta at adapter scale 1, shaped as the base weight (`shape`)."""
         down, up = self.factors[target]
@@ -120,3 +131,82 @@ def set_deltas(
             part = scale * adapter.delta(target, shapes[target])
             deltas[target] = part if target not in deltas else deltas[target] + part
     return deltas
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    """A request's adapters and their scales, as the loop applies them: `key` tells sets apart (rows of
+    one set share UNet calls; patched weights are cached by it)."""
+
+    adapters: tuple[tuple[Adapter, float], ...]
+
+    @property
+    def key(self) -> str:
+        return ";".join(f"{a.record.name}@{a.record.sha256[:16]}*{s:g}" for a, s in self.adapters)
+
+    def all_targets(self) -> set[str]:
+        """The weights it changes (`component.name`)."""
+        return {t for a, _ in self.adapters for t in a.record.scales}
+
+    def deltas(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """The weight deltas of the targets in `shapes` (by target name)."""
+        chosen = [(a.only(shapes), s) for a, s in self.adapters]
+        return set_deltas(chosen, shapes)
+
+    def provenance(self) -> list[dict[str, Any]]:
+        return [{"name": a.record.name, "sha256": a.record.sha256, "scale": s} for a, s in self.adapters]
+
+
+class LoraLibrary:
+    """A loop's view of its pipeline's library: adapters read on first use and kept while their file's
+    sha256 stays (a re-added name is read again)."""
+
+    MAX_ADAPTERS = 4  # per request
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._cache: dict[str, Adapter] = {}
+
+    def resolve(self, text: str, field_name: str = "LORAS") -> AdapterSet | None:
+        """A request's JSON list of {name, scale} (scale default 1) as an AdapterSet; None for none.
+        InvalidRequest naming `field_name` for a bad list, an unknown name or a scale out of range."""
+        from sd_triton.requests import InvalidRequest
+
+        try:
+            items = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(field_name, f"must be a JSON list of {{name, scale}}: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
+            raise InvalidRequest(field_name, 'must be a JSON list of {"name": ..., "scale": ...}')
+        if len(items) > self.MAX_ADAPTERS:
+            raise InvalidRequest(field_name, f"at most {self.MAX_ADAPTERS} adapters, got {len(items)}")
+        names = [str(i["name"]) for i in items]
+        if len(set(names)) != len(names):
+            raise InvalidRequest(field_name, f"an adapter is named twice: {names}")
+        chosen = []
+        for item in sorted(items, key=lambda i: str(i["name"])):
+            scale = item.get("scale", 1.0)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) <= MAX_SCALE:
+                raise InvalidRequest(
+                    field_name,
+                    f"{item['name']}: scale must be from -{MAX_SCALE:g} to {MAX_SCALE:g}, got {scale!r}",
+                )
+            chosen.append((self._adapter(str(item["name"]), field_name), float(scale)))
+        chosen = [(a, s) for a, s in chosen if s != 0.0]  # a zero scale is the base
+        return AdapterSet(tuple(chosen)) if chosen else None
+
+    def _adapter(self, name: str, field_name: str) -> Adapter:
+        from sd_triton.requests import InvalidRequest
+
+        folder = self.folder / name
+        if not NAME.match(name) or not (folder / RECORD).is_file():
+            known = sorted(p.name for p in self.folder.glob("*") if (p / RECORD).is_file())
+            raise InvalidRequest(
+                field_name,
+                f"no adapter {name!r} in this pipeline's library (adapters: {', '.join(known) or 'none'})",
+            )
+        record = AdapterRecord.load(folder)
+        cached = self._cache.get(name)
+        if cached is None or cached.record.sha256 != record.sha256:
+            cached = self._cache[name] = Adapter.load(folder)
+        return cached

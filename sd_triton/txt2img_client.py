@@ -67,6 +67,7 @@ def txt2img_inputs(
     denoising_end: float | None = None,
     denoising_start: float | None = None,
     start_latents: np.ndarray[Any, Any] | None = None,
+    loras: Sequence[dict[str, Any]] | None = None,
     **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
@@ -77,7 +78,8 @@ def txt2img_inputs(
     an SDXL model's (6 integers: original height, width, crop top, left, target height, width);
     `aesthetic_score`, `negative_aesthetic_score`: an SDXL refiner's. A base + refiner hand-off:
     `denoising_end` on the base (ask it for LATENTS: `output_names(..., latents=True)`), `denoising_start`
-    and the base's `start_latents` on the refiner."""
+    and the base's `start_latents` on the refiner. `loras`: [{"name": ..., "scale": ...}], adapters of the
+    pipeline's library."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
@@ -103,6 +105,8 @@ def txt2img_inputs(
     ):
         if score is not None:
             inputs.append(infer_input(spec, np.array([score], dtype=np.float32)))
+    if loras:
+        inputs.append(infer_input(c.LORAS, _array(c.LORAS, json.dumps(list(loras)))))
     if start_latents is not None:
         inputs.append(infer_input(c.START_LATENTS, np.ascontiguousarray(start_latents, dtype=np.float32)))
     return inputs

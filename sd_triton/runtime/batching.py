@@ -6,9 +6,10 @@ A request that arrives while an iteration runs joins at the next one; a finished
 once (its latents go to the VAE); a cancelled one leaves before the next UNet call. Requests of
 different step counts and schedulers share calls.
 
-Admission is FIFO per latent shape and each shape group gets its own UNet call every iteration, so
-a rare shape never waits behind a common one. `max_batch` caps the UNet rows (latents, cond and
-uncond both counted) per call; a request larger than the cap runs when its group is empty.
+Admission is FIFO per group (latent shape and LoRA adapter set) and each group gets its own UNet call
+every iteration, so a rare shape (or adapter set) never waits behind a common one. `max_batch` caps
+the UNet rows (latents, cond and uncond both counted) per call; a request larger than the cap runs
+when its group is empty.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sd_triton.lora import AdapterSet
 from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn, UNetInputs, advance_jobs, joined
 
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, int, int]
+Group = tuple[Shape, str]  # rows share a UNet call by latent shape and adapter set (AdapterSet.key)
 
 
 class Cancelled(Exception):
@@ -69,6 +72,7 @@ class Ticket:
     prepare: Callable[[], DenoiseJob] | None = None
     latent_shape: Shape | None = None
     request_id: str = ""  # Triton's request id: `ContinuousBatcher.drop` names requests by it
+    adapters: AdapterSet | None = None  # with `prepare`: the LoRA adapters its job will run with
 
     def __post_init__(self) -> None:
         if self.job is None and (self.prepare is None or self.latent_shape is None):
@@ -77,6 +81,12 @@ class Ticket:
     @property
     def shape(self) -> Shape:
         return self.job.latent_shape if self.job is not None else self.latent_shape  # type: ignore[return-value]
+
+    @property
+    def group(self) -> Group:
+        """What it shares UNet calls by: its latent shape and LoRA adapter set (None: the base)."""
+        adapters = self.job.adapters if self.job is not None else self.adapters
+        return self.shape, "" if adapters is None else adapters.key
 
     @property
     def rows(self) -> int:
@@ -98,14 +108,14 @@ class ContinuousBatcher:
         self.unet = unet
         self.config = config or BatchingConfig()
         self.stats = BatcherStats()
-        self._waiting: dict[Shape, deque[Ticket]] = {}  # FIFO per shape, guarded by _cond
-        self._active: dict[Shape, list[Ticket]] = {}  # the worker's own
+        self._waiting: dict[Group, deque[Ticket]] = {}  # FIFO per group, guarded by _cond
+        self._active: dict[Group, list[Ticket]] = {}  # the worker's own
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._dropped: dict[str, float] = {}  # request id -> time.monotonic() of the drop
-        # per shape: (its jobs, their embeddings joined)
-        self._hidden_states: dict[Shape, tuple[list, np.ndarray]] = {}
+        # per group: (its jobs, their embeddings joined)
+        self._hidden_states: dict[Group, tuple[list, np.ndarray]] = {}
 
     DROP_MEMORY_S = 60.0  # a drop may arrive before its request: it is remembered this long
 
@@ -113,7 +123,7 @@ class ContinuousBatcher:
 
     def submit(self, ticket: Ticket) -> None:
         with self._cond:
-            self._waiting.setdefault(ticket.shape, deque()).append(ticket)
+            self._waiting.setdefault(ticket.group, deque()).append(ticket)
             self._cond.notify()
 
     def drop(self, request_ids: Iterable[str]) -> None:
@@ -215,7 +225,7 @@ class ContinuousBatcher:
             waiting = [t for queue in self._waiting.values() for t in queue]
         for ticket in [t for t in waiting if self._cancelled(t)]:
             with self._cond:
-                self._waiting[ticket.shape].remove(ticket)
+                self._waiting[ticket.group].remove(ticket)
             self._cancel(ticket)
         for shape, group in list(self._active.items()):
             kept = [t for t in group if not self._cancelled(t)]
@@ -233,7 +243,7 @@ class ContinuousBatcher:
                 ticket.job = ticket.prepare()
             except Exception as exc:  # noqa: BLE001 - this request alone fails
                 with self._cond:
-                    self._waiting[ticket.shape].remove(ticket)
+                    self._waiting[ticket.group].remove(ticket)
                 self._fail(ticket, exc)
 
     def _admit(self) -> None:
@@ -260,7 +270,7 @@ class ContinuousBatcher:
         if joined and refresh is not None:
             refresh()  # a UNet that follows a live engine version: a new request runs on the current one
 
-    def _advance_group(self, shape: Shape) -> None:
+    def _advance_group(self, shape: Group) -> None:
         group = self._active[shape]
         try:
             inputs = [t.job.unet_inputs() for t in group]  # type: ignore[union-attr] - admitted: prepared
@@ -270,7 +280,8 @@ class ContinuousBatcher:
                 self._hidden(shape, group, inputs),
                 *(joined([x[i] for x in inputs]) for i in range(3, len(inputs[0]))),
             )
-            noise = self.unet(*batch)
+            adapters = group[0].job.adapters  # type: ignore[union-attr] - one set per group
+            noise = self.unet(*batch) if adapters is None else self.unet(*batch, adapters=adapters)
         except Exception as exc:  # noqa: BLE001 - every request of the call gets the error
             log.error("continuous batcher: UNet call for %s failed: %s", shape, exc)
             for ticket in group:
@@ -296,14 +307,14 @@ class ContinuousBatcher:
                 kept.append(ticket)
         self._set_group(shape, kept)
 
-    def _set_group(self, shape: Shape, group: list[Ticket]) -> None:
+    def _set_group(self, shape: Group, group: list[Ticket]) -> None:
         if group:
             self._active[shape] = group
         else:
             self._active.pop(shape, None)
             self._hidden_states.pop(shape, None)
 
-    def _hidden(self, shape: Shape, group: list[Ticket], inputs: list[UNetInputs]) -> np.ndarray:
+    def _hidden(self, shape: Group, group: list[Ticket], inputs: list[UNetInputs]) -> np.ndarray:
         """The group's text embeddings as one batch: joined again only when the group changed (they are
         the same every step, and the largest input: 77 x width floats per row)."""
         jobs = [t.job for t in group]

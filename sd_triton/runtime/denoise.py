@@ -31,6 +31,7 @@ from sd_triton.contract import (
     SIZE_CONDITIONING,
     TOKEN_LENGTH,
 )
+from sd_triton.lora import AdapterSet
 from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, start_step
 from sd_triton.runtime.postprocess import from_uint8_images
@@ -319,8 +320,11 @@ class DenoiseJob:
         init: InitImage | None = None,
         added: AddedConditioning | None = None,
         handoff: Handoff | None = None,
+        adapters: AdapterSet | None = None,
     ) -> None:
+        """`adapters`: the LoRA adapters its UNet calls run with (None: the base)."""
         self.params = params
+        self.adapters = adapters
         self.config = config
         self.cfg = params.classifier_free_guidance
         # 1. The scheduler from the checkpoint's config, set to the request's number of steps, and its
@@ -610,11 +614,14 @@ def denoise(
     init: InitImage | None = None,
     added: AddedConditioning | None = None,
     handoff: Handoff | None = None,
+    adapters: AdapterSet | None = None,
 ) -> np.ndarray:
-    """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone."""
-    job = DenoiseJob(prompt_embeds, params, config, init, added, handoff)
+    """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone
+    (`adapters`: the LoRA adapters `unet` runs with, passed to it)."""
+    job = DenoiseJob(prompt_embeds, params, config, init, added, handoff, adapters)
     while not job.done:
-        job.advance(unet(*job.unet_inputs()))
+        inputs = job.unet_inputs()
+        job.advance(unet(*inputs) if adapters is None else unet(*inputs, adapters=adapters))  # type: ignore[call-arg]
         if on_step is not None:
             on_step(job.steps_done - 1, job.steps)
     return job.result()

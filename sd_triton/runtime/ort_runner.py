@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -10,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from sd_triton import contract as c
+from sd_triton.lora import AdapterSet
+from sd_triton.requests import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +34,17 @@ def choose_providers(device: str) -> list[str]:
 
 
 class BatchRunner(ABC):
-    """An engine run in a python model: `run` one batch; `run_batch` merges requests that can share one."""
+    """An engine run in a python model: `run` one batch; `run_batch` merges requests that can share one.
+    `run_adapted`: one batch with LoRA adapters' weight deltas added to the base's weights, for this call
+    only (the base's weights are never changed: a base request after it is the base's alone)."""
+
+    ADAPTED_SETS = 4  # the patched weights of this many adapter sets stay cached
 
     @abstractmethod
     def run(self, feeds: Feeds) -> Feeds: ...
+
+    def run_adapted(self, feeds: Feeds, adapters: AdapterSet) -> Feeds:
+        raise InvalidRequest(c.LORAS.name, f"the {type(self).__name__} engine cannot apply LoRA adapters")
 
     def run_batch(self, requests: Sequence[Feeds]) -> list[Feeds | Exception]:
         """Requests whose inputs agree in all but the batch dimension run as one batch. A group
@@ -86,7 +98,81 @@ class OrtRunner(BatchRunner):
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.model_path, self.options, self.providers = Path(model_path), options, choose_providers(device)
+        self.lora_index: dict[str, tuple[str, bool]] = {}
+        self.lora_index_path: Path | None = None
+        self.lora_sha256 = ""
+        self.lora_components: tuple[str, ...] = ()
+        self._adapted_parts: tuple[ort.InferenceSession, dict[str, np.ndarray]] | None = None
+        self._adapted: dict[str, Feeds] = {}  # patched weights by adapter set key, oldest first
         log.info("loaded %s with %s", model_path, self.session.get_providers())
 
     def run(self, feeds: Feeds) -> Feeds:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+
+    def use_lora_index(self, path: Path, sha256: str, components: tuple[str, ...]) -> None:
+        """Where to find which initializer holds each adapter target's base weight (transposed or not):
+        the library's index (`path`, written by sd-triton lora add) under this graph's sha256;
+        `components`: the checkpoint components the graph runs (unet; text_encoder, text_encoder_2)."""
+        self.lora_index_path, self.lora_sha256, self.lora_components = path, sha256, components
+
+    def _read_index(self) -> None:
+        if self.lora_index_path is not None and self.lora_index_path.is_file():
+            entry = json.loads(self.lora_index_path.read_text()).get(self.lora_sha256, {})
+            self.lora_index = {
+                target: (name, bool(transposed)) for target, (name, transposed) in entry.items()
+            }
+
+    def run_adapted(self, feeds: Feeds, adapters: AdapterSet) -> Feeds:
+        """The targets' initializers fed as inputs of a second session (the graph with them declared as
+        inputs: ONNX Runtime lets a feed override such an initializer); the base session when the set
+        changes none of this graph's weights."""
+        mine = {t for t in adapters.all_targets() if t.split(".", 1)[0] in self.lora_components}
+        if not mine:
+            return self.run(feeds)
+        if not mine <= set(self.lora_index):
+            self._read_index()  # an adapter added since: its targets are in the index now
+        missing = sorted(mine - set(self.lora_index))
+        if missing:
+            raise InvalidRequest(
+                c.LORAS.name, f"this engine's graph has no index of {missing[0]} (add the adapter again)"
+            )
+        session, base = self._adapted_session()
+        overrides = self._adapted.get(adapters.key)
+        if overrides is None:
+            shapes = {}
+            for target in mine:
+                name, transposed = self.lora_index[target]
+                shapes[target] = base[name].T.shape if transposed else base[name].shape
+            overrides = {}
+            for target, delta in adapters.deltas(shapes).items():
+                name, transposed = self.lora_index[target]
+                overrides[name] = (base[name] + (delta.T if transposed else delta)).astype(base[name].dtype)
+            self._adapted[adapters.key] = overrides
+            while len(self._adapted) > self.ADAPTED_SETS:
+                del self._adapted[next(iter(self._adapted))]
+        outputs = session.run(self.output_names, {**feeds, **overrides})
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def _adapted_session(self) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
+        """The session whose indexed initializers are inputs (built again when the index grew)."""
+        names = {name for name, _ in self.lora_index.values()}
+        if self._adapted_parts is None or not names <= set(self._adapted_parts[1]):
+            import onnx
+            from onnx import numpy_helper
+
+            model = onnx.load(str(self.model_path))
+            base = {}
+            for initializer in model.graph.initializer:
+                if initializer.name in names:
+                    base[initializer.name] = numpy_helper.to_array(initializer)
+                    model.graph.input.append(
+                        onnx.helper.make_tensor_value_info(
+                            initializer.name, initializer.data_type, list(initializer.dims)
+                        )
+                    )
+            session = ort.InferenceSession(model.SerializeToString(), self.options, providers=self.providers)
+            self._adapted_parts = (session, base)
+            self._adapted.clear()
+            log.info("%s: a session with %d adapter-targeted weights as inputs", self.model_path, len(base))
+        return self._adapted_parts

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sd_triton import contract as c
+from sd_triton.lora import AdapterSet
 from sd_triton.runtime.ort_runner import BatchRunner, Feeds
 from sd_triton.runtime.torch_modules import load_module, module_spec
 
@@ -28,6 +29,24 @@ def choose_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but torch sees no CUDA GPU")
     return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+# a checkpoint component's parameters in the modules of torch_modules.py
+_MODULE_PREFIXES = {
+    "unet": ("unet.",),
+    "text_encoder": ("encoder.",),
+    "text_encoder_2": ("encoder_2.", "encoder."),
+}
+
+
+def _param_name(target: str, params: dict[str, torch.Tensor]) -> str | None:
+    """The module's parameter an adapter target (`component.name`) changes; None when it runs none."""
+    component, _, name = target.partition(".")
+    for prefix in _MODULE_PREFIXES.get(component, ()):
+        for candidate in (name, f"text_model.{name}", name.removeprefix("text_model.")):
+            if prefix + candidate in params:
+                return prefix + candidate
+    return None
 
 
 class TorchRunner(BatchRunner):
@@ -46,6 +65,7 @@ class TorchRunner(BatchRunner):
         if compile and self.device == "cuda":
             module = torch.compile(module, mode="reduce-overhead")
         self.module = module
+        self._adapted: dict[str, dict[str, torch.Tensor]] = {}  # patched weights by adapter set key
         log.info(
             "loaded %s from %s with torch on %s",
             component,
@@ -54,8 +74,32 @@ class TorchRunner(BatchRunner):
         )
 
     @torch.inference_mode()
-    def run(self, feeds: Feeds) -> Feeds:
+    def run(self, feeds: Feeds, weights: dict[str, torch.Tensor] | None = None) -> Feeds:
+        """`weights`: parameters to run with instead of the module's own, for this call only."""
         arrays = [np.ascontiguousarray(feeds[name]) for name in self.input_names]
-        output = self.module(*(torch.from_numpy(a).to(self.device) for a in arrays))
+        inputs = tuple(torch.from_numpy(a).to(self.device) for a in arrays)
+        if weights:
+            output = torch.func.functional_call(self.module, weights, inputs)
+        else:
+            output = self.module(*inputs)
         outputs = output if isinstance(output, tuple) else (output,)
         return {name: o.float().cpu().numpy() for name, o in zip(self.output_names, outputs, strict=True)}
+
+    def run_adapted(self, feeds: Feeds, adapters: AdapterSet) -> Feeds:
+        """The module's parameters plus the adapters' deltas, through torch.func.functional_call: the
+        module itself is never changed."""
+        weights = self._adapted.get(adapters.key)
+        if weights is None:
+            params = dict(self.module.named_parameters())
+            names = {t: _param_name(t, params) for t in adapters.all_targets()}
+            mine = {t: n for t, n in names.items() if n is not None}
+            shapes = {t: tuple(params[n].shape) for t, n in mine.items()}
+            with torch.no_grad():
+                weights = {
+                    mine[t]: params[mine[t]] + torch.from_numpy(d).to(params[mine[t]])
+                    for t, d in adapters.deltas(shapes).items()
+                }
+            self._adapted[adapters.key] = weights
+            while len(self._adapted) > self.ADAPTED_SETS:
+                del self._adapted[next(iter(self._adapted))]
+        return self.run(feeds, weights)

@@ -60,8 +60,9 @@ class TritonPythonModel:
         params = triton_io.model_params(args, DenoiseParams)
         self.unet = triton_io.live_unet(params, args, self.config)
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
-        # image-to-image and inpainting requests' init images
+        # image-to-image and inpainting requests' init images; requests' LoRA adapters
         self.encoder = triton_io.ImageEncoder(params, args, self.config)
+        self.adapters = triton_io.Adapters(args, self.config, inline=self.text_encoder.inline is not None)
         # finished requests are decoded and answered on a thread of their own, so the loop steps the
         # others meanwhile (the engines release the GIL), as it did while Triton's vae_decoder decoded;
         # those finished since its last turn share VAE calls (`_answer_finished`)
@@ -93,9 +94,10 @@ class TritonPythonModel:
     def _params(self, request: Any) -> GenerationParams:
         return triton_io.generation_params(request, self.config)
 
-    def _embeds(self, request: Any, params: GenerationParams) -> tuple[np.ndarray, Any]:
+    def _embeds(self, request: Any, params: GenerationParams, adapters: Any = None) -> tuple[np.ndarray, Any]:
         """PROMPT_EMBEDS (and an SDXL model's POOLED_EMBEDS), or on the inline path the text encoder's
-        outputs for INPUT_IDS (and INPUT_IDS_2); with an SDXL model's added conditioning (or None)."""
+        outputs for INPUT_IDS (and INPUT_IDS_2), with `adapters`' text-encoder weights; with an SDXL
+        model's added conditioning (or None)."""
         conditioning = triton_io.Conditioning.read(request, self.config, params)  # checked first
         # the config's (optional) specs: either may be absent
         embeds = triton_io.get_array(request, c.DENOISE.input(c.PROMPT_EMBEDS.name))
@@ -114,7 +116,7 @@ class TritonPythonModel:
                     raise InvalidRequest(
                         spec.name, f"must be [rows, {c.TOKEN_LENGTH}], got {list(array.shape)}"
                     )
-            embeds, pooled = self.text_encoder(*arrays)
+            embeds, pooled = self.text_encoder(*arrays, adapters=adapters)
         return conditioning.apply(self.config, params, embeds, pooled)
 
     def _outputs(
@@ -143,12 +145,13 @@ class TritonPythonModel:
         params = self._params(request)
         image = self.encoder.read(request, params)
         handoff = triton_io.read_handoff(request, params, self.config)
-        embeds, added = self._embeds(request, params)
+        adapters = self.adapters.read(request)
+        embeds, added = self._embeds(request, params, adapters)
         init = self.encoder.encode(image)
         engines = triton_io.EngineLog()
         self.unet.refresh()  # the request runs on the live UNet version
         on_step = lambda i, n: engines.add(self.unet.last)  # noqa: E731
-        latents = denoise(embeds, params, self.config, self.unet, on_step, init, added, handoff)
+        latents = denoise(embeds, params, self.config, self.unet, on_step, init, added, handoff, adapters)
         self.unet.idle()
         return self._outputs(latents, set(request.requested_output_names()), engines)
 
@@ -202,8 +205,10 @@ class TritonPythonModel:
             params = self._params(request)
             image = self.encoder.read(request, params)
             handoff = triton_io.read_handoff(request, params, self.config)
-            embeds, added = self._embeds(request, params)
-            job = DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added, handoff)
+            adapters = self.adapters.read(request)
+            embeds, added = self._embeds(request, params, adapters)
+            init = self.encoder.encode(image)
+            job = DenoiseJob(embeds, params, self.config, init, added, handoff, adapters)
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return

@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 from sd_triton import contract as c
 from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import ENGINE_FILE, EngineRecord, versions_on_disk
+from sd_triton.lora import INDEX, LORA_COMPONENTS, AdapterSet, LoraLibrary, library_dir
 from sd_triton.model_params import (
     UNET_PATHS,
     BatchingParams,
@@ -40,7 +41,7 @@ from sd_triton.requests import (
     validate_params,
 )
 from sd_triton.runtime.engine_runner import load_runner
-from sd_triton.runtime.ort_runner import BatchRunner
+from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
 
 log = logging.getLogger("sd_triton.triton")
 CONFIG_FILE = "config.pbtxt"
@@ -257,6 +258,11 @@ class InlineEngine(LiveEngine):
         self._sync = True  # the next call runs on the READY version
         # rows per call at most (the engine's profile; Triton's max_batch_size): `call_each` splits there
         self.max_batch = pbtxt_max_batch_size((model_dir / CONFIG_FILE).read_text())
+        # LoRA: the pipeline's adapter library (its index of this engine's graphs), and the checkpoint
+        # components this engine runs
+        pipeline = model[: -len(spec.name) - 1] if model != spec.name else ""
+        self.lora_index = library_dir(model_dir.parent, pipeline) / INDEX
+        self.lora_components = LORA_COMPONENTS.get(spec.name, ())
 
     def refresh(self) -> None:
         super().refresh()
@@ -277,7 +283,10 @@ class InlineEngine(LiveEngine):
         record = EngineRecord.load(folder)
         kind, artifact = (record.kind, record.artifact) if record else (params.engine, params.model_file)
         log.info("%s: loading version %d (%s) into the denoising loop's process", self.model, version, kind)
-        return load_runner(self.spec.name, folder, kind, artifact, params)  # the component, not the model
+        runner = load_runner(self.spec.name, folder, kind, artifact, params)  # the component, not the model
+        if isinstance(runner, OrtRunner):
+            runner.use_lora_index(self.lora_index, record.sha256 if record else "", self.lora_components)
+        return runner
 
     def _load_in_background(self, version: int) -> None:
         if version < 0 or version in self.runners or version in self._loading or version in self._failed:
@@ -337,16 +346,17 @@ class InlineEngine(LiveEngine):
         self.runners.move_to_end(self.running)
         return self.running, self.runners[self.running]
 
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
-        """The engine's first output for its inputs in contract order."""
-        return self.run_all(*arrays)[self.spec.outputs[0].name]
+    def __call__(self, *arrays: np.ndarray, adapters: AdapterSet | None = None) -> np.ndarray:
+        """The engine's first output for its inputs in contract order (with `adapters`' weights)."""
+        return self.run_all(*arrays, adapters=adapters)[self.spec.outputs[0].name]
 
-    def run_all(self, *arrays: np.ndarray) -> Outputs:
-        """The engine's outputs for its inputs in contract order."""
+    def run_all(self, *arrays: np.ndarray, adapters: AdapterSet | None = None) -> Outputs:
+        """The engine's outputs for its inputs in contract order; `adapters`: LoRA adapters' weight
+        deltas added for this call (BatchRunner.run_adapted)."""
         version, runner = self._current()
         feeds = dict(zip((t.name for t in self.spec.inputs), arrays, strict=True))
         started = time.perf_counter()
-        outputs = runner.run(feeds)
+        outputs = runner.run(feeds) if adapters is None else runner.run_adapted(feeds, adapters)
         if self.timer:
             self.timer.add(time.perf_counter() - started, len(arrays[0]))
         self.last = self.provenance(version)
@@ -418,15 +428,20 @@ class TextEncoder:
         self.model = config.name_of(c.TEXT_ENCODER.name)  # Triton's model, in the loop's pipeline
         self.inline = inline
 
-    def __call__(self, *input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Token ids (one array per tokenizer) -> (the prompt embeddings, SDXL's pooled embeddings)."""
+    def __call__(
+        self, *input_ids: np.ndarray, adapters: AdapterSet | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids (one array per tokenizer) -> (the prompt embeddings, SDXL's pooled embeddings);
+        `adapters`: with LoRA adapters' text-encoder weights (the inline path only)."""
         names = [t.name for t in self.spec.outputs]
         if self.inline is None:
+            if adapters is not None:
+                raise InvalidRequest(c.LORAS.name, "adapters need the inline UNet path (unet_path inline)")
             feeds = dict(zip((t.name for t in self.spec.inputs), input_ids, strict=True))
             outputs = bls_infer_all(self.model, feeds, names)
         else:
             self.inline.refresh()
-            outputs = self.inline.run_all(*input_ids)
+            outputs = self.inline.run_all(*input_ids, adapters=adapters)
         return outputs[names[0]], outputs[names[1]] if len(names) > 1 else None
 
 
@@ -473,6 +488,24 @@ class Conditioning:
         from sd_triton.runtime.denoise import sdxl_conditioning
 
         return sdxl_conditioning(embeds, pooled, params, config, self.time_ids, self.negative_prompt_given)
+
+
+class Adapters:
+    """A loop's LoRA adapters: its pipeline's library, and each request's set read from LORAS (the
+    inline UNet path only: the loop's own engines apply them)."""
+
+    def __init__(self, args: dict[str, Any], config: PipelineConfig, inline: bool) -> None:
+        self.library = LoraLibrary(library_dir(version_dir(args).parents[1], config.pipeline))
+        self.inline = inline
+
+    def read(self, request: Any) -> AdapterSet | None:
+        text = get_scalar(request, c.LORAS)
+        if text is None:
+            return None
+        adapters = self.library.resolve(decode_text(c.LORAS.name, text))
+        if adapters is not None and not self.inline:
+            raise InvalidRequest(c.LORAS.name, "adapters need the inline UNet path (this loop's is bls)")
+        return adapters
 
 
 def read_handoff(request: Any, params: GenerationParams, config: PipelineConfig) -> Any:

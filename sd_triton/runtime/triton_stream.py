@@ -51,8 +51,9 @@ class TritonPythonModel:
         params = triton_io.model_params(args, BatchingParams)
         self.unet = triton_io.live_unet(params, args, self.config)
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
-        # image-to-image and inpainting requests' init images
+        # image-to-image and inpainting requests' init images; requests' LoRA adapters
         self.encoder = triton_io.ImageEncoder(params, args, self.config)
+        self.adapters = triton_io.Adapters(args, self.config, inline=self.text_encoder.inline is not None)
         config = BatchingConfig(
             max_batch=params.max_batch,
             max_wait_s=params.max_wait_us / 1e6,
@@ -103,6 +104,7 @@ class TritonPythonModel:
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
             handoff = triton_io.read_handoff(request, params, self.config)
+            adapters = self.adapters.read(request)
             conditioning = triton_io.Conditioning.read(request, self.config, params)
             wanted = set(request.requested_output_names())
         except (InvalidRequest, ValueError) as exc:
@@ -126,9 +128,10 @@ class TritonPythonModel:
             counts = [c.PROMPT_TRUNCATED_TOKENS.name, c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name]
             tokens = triton_io.bls_infer_all(self.config.name_of(c.TOKENIZER.name), inputs, [*ids, *counts])
             truncation.update({name: tokens[name] for name in counts})
-            embeds, pooled = self.text_encoder(*(tokens[name] for name in ids))
+            embeds, pooled = self.text_encoder(*(tokens[name] for name in ids), adapters=adapters)
             embeds, added = conditioning.apply(self.config, params, embeds, pooled)
-            return DenoiseJob(embeds, params, self.config, self.encoder.encode(image), added, handoff)
+            init = self.encoder.encode(image)
+            return DenoiseJob(embeds, params, self.config, init, added, handoff, adapters)
 
         def step(index: int, steps: int) -> None:
             engines.add(self.unet.last)
@@ -171,6 +174,7 @@ class TritonPythonModel:
                 self._answered()
 
         ticket = Ticket(
-            None, done, failed, step, is_cancelled=request.is_cancelled, prepare=prepare, latent_shape=shape
-        )
+            None, done, failed, step, is_cancelled=request.is_cancelled, prepare=prepare, latent_shape=shape,
+            adapters=adapters,
+        )  # fmt: skip
         self.batcher.submit(ticket)
