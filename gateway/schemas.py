@@ -14,6 +14,8 @@ from sd_triton.contract import (
     DEFAULT_NEGATIVE_AESTHETIC_SCORE,
     DEFAULT_SCHEDULER,
     DEFAULT_STRENGTH,
+    MAX_LORA_SCALE,
+    MAX_LORAS,
     MAX_SIZE_CONDITIONING,
     SCHEDULERS,
     SchedulerName,
@@ -30,6 +32,17 @@ MAX_IMAGE_CHARS = 32 * 1024 * 1024  # base64; the body limit (max_body_bytes) is
 # SDXL's size conditioning: a pair of pixel counts, (height, width) or, for a crop, (top, left)
 SizeValue = Annotated[int, Field(ge=0, le=MAX_SIZE_CONDITIONING)]
 Size = tuple[SizeValue, SizeValue]
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of the model's library (`sd-triton lora add`) and its scale."""
+
+    model_config = STRICT
+
+    name: str = Field(..., min_length=1, max_length=64, examples=["watercolor"])
+    scale: float = Field(
+        1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="the adapter's weight; 0: off, 1: as trained"
+    )
 
 
 class GenerationOptions(BaseModel):
@@ -111,6 +124,12 @@ class GenerationOptions(BaseModel):
         le=100,
         description="SDXL refiner models only: the unconditional rows' score; default "
         f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE}",
+    )
+    loras: list[LoraRef] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description=f"LoRA adapters of the model's library, each with its scale (at most {MAX_LORAS}); "
+        "applied per request, no reload. Results with adapters are not cached",
     )
     refiner: str | None = Field(
         None,
@@ -212,6 +231,7 @@ class Provenance(BaseModel):
         description="the UNet engines that ran the denoising steps, in order, as Triton reported them "
         "with the response: two when an engine swap landed while it ran (or a refiner finished it)",
     )
+    loras: list[LoraRef] = Field(default_factory=list, description="the LoRA adapters it ran with")
     refiner: str | None = Field(
         None, description="the refiner that finished the denoising, with denoising_end"
     )

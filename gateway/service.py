@@ -190,7 +190,9 @@ class Generator:
             raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
         job = jobs[0]
         if refine is None:
-            return await self._stream_one(job, request, preview, init, served.pipeline, progress, {})
+            return await self._stream_one(
+                job, request, preview, init, served.pipeline, progress, _loras(request)
+            )
         base_steps = 0  # the base's steps, as it reports them
 
         async def base_progress(event: Progress) -> None:  # the refiner runs one step at least
@@ -205,7 +207,7 @@ class Generator:
                 dataclasses.replace(event, step=base_steps + event.step, steps=base_steps + event.steps)
             )
 
-        handoff = {"latents": True, "denoising_end": refine.end}
+        handoff = {"latents": True, "denoising_end": refine.end, **_loras(request)}
         base = await self._stream_one(job, request, preview, init, served.pipeline, base_progress, handoff)
         refined = {"denoising_start": refine.end, "start_latents": base.latents}
         second = refine.jobs[0]
@@ -252,6 +254,7 @@ class Generator:
             job.prompt,
             pipeline=served.pipeline,
             negative_prompt=request.negative_prompt,
+            **_loras(request),
             **({} if init is None else init.backend_params()),
             **job.conditioning,
             **handoff,
@@ -481,7 +484,7 @@ class Generator:
             ),
             provenance=_provenance(
                 served, request.scheduler, results, None if init is None else init.mode, refine
-            ),
+            ).model_copy(update={"loras": request.loras or []}),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -493,6 +496,11 @@ class Generator:
         if self.cache:
             await self.cache.put(key, response)
         return response.model_copy(update={"cache": "bypass"}) if bypass else response
+
+
+def _loras(request: GenerationOptions) -> dict[str, Any]:
+    """The backend's `loras` argument (the model's adapters; a refiner runs without them)."""
+    return {"loras": [ref.model_dump() for ref in request.loras]} if request.loras else {}
 
 
 def _base_request(request: GenerationOptions) -> GenerationOptions:

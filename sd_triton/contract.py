@@ -164,6 +164,8 @@ DEFAULT_DENOISING_END = 0.8  # diffusers' documented high_noise_frac for SDXL ba
 # LoRA adapters from the pipeline's library (`sd-triton lora add`): JSON [{"name": ..., "scale": ...}]
 # (scale default 1, |scale| <= 4, at most 4 adapters); absent or []: the base. The inline UNet path only
 LORAS = _t("LORAS", "TYPE_STRING", 1, optional=True)
+MAX_LORAS = 4  # adapters per request
+MAX_LORA_SCALE = 4.0  # |scale| at most: past it an adapter's delta dwarfs the base (a client's mistake)
 
 # --- pipeline outputs ---
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]

@@ -36,7 +36,7 @@ INDEX = "index.json"  # per ONNX graph (its sha256): each target's initializer a
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 # the checkpoint components each engine model runs (SDXL's text encoder: both of its encoders)
 LORA_COMPONENTS = {"unet": ("unet",), "text_encoder": ("text_encoder", "text_encoder_2")}
-MAX_SCALE = 4.0  # |scale| at most: past it an adapter's delta dwarfs the base (a client's mistake)
+MAX_SCALE = c.MAX_LORA_SCALE
 
 
 def library_dir(repo: Path, pipeline: str = "") -> Path:
@@ -161,7 +161,7 @@ class LoraLibrary:
     """A loop's view of its pipeline's library: adapters read on first use and kept while their file's
     sha256 stays (a re-added name is read again)."""
 
-    MAX_ADAPTERS = 4  # per request
+    MAX_ADAPTERS = c.MAX_LORAS
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder

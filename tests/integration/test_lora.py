@@ -58,7 +58,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         for name in ("a", "b"):  # added while Triton serves: no reload
             for pipeline in PIPELINES:
                 lora.add(repo, files[name], name, pipeline)
-        yield {"client": client, "repo": repo, "folder": folder, "files": files}
+        yield {"client": client, "repo": repo, "folder": folder, "files": files, "grpc_url": server.grpc_url}
 
 
 def _diffusers(served: dict, sets: list[tuple[str, float]]) -> np.ndarray:
@@ -135,3 +135,44 @@ def test_bad_adapters_are_invalid_arg_naming_loras(served: dict, loras: str, wor
         served["client"].infer(c.TXT2IMG.name, inputs)
     assert words in str(caught.value) and "INVALID" in str(caught.value.status())
     assert txt2img(served["client"], PROMPT, **PARAMS).images.shape == (1, 64, 64, 3)  # still serving
+
+
+def test_the_gateway_takes_loras(served: dict, tmp_path: Path) -> None:
+    """`loras` on /v1/generate and /v1/jobs: the images Triton gives directly, the adapters in the
+    provenance, not cached; an unknown adapter is a 422 naming `loras`, as are too many and a scale out of
+    range (checked by the gateway)."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from sd_triton.gateway.process import GatewayProcess
+    from tests.conftest import free_port
+    from tests.load import job_events
+
+    triton_grpc = served["grpc_url"]
+    body = {"prompt": PROMPT, "steps": 6, "seed": 3, "scheduler": "ddim", "width": 64, "height": 64,
+            "loras": [{"name": "a", "scale": 0.7}, {"name": "b", "scale": 1.3}]}  # fmt: skip
+    with (
+        GatewayProcess(triton_grpc, port=free_port(), log_file=tmp_path / "gateway.log") as gateway,
+        httpx.Client(base_url=gateway.url, timeout=60) as http,
+    ):
+        response = http.post("/v1/generate", json=body)
+        assert response.status_code == 200, response.text
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["base64"]))))
+        assert np.array_equal(image, _ours(served, "", [("a", 0.7), ("b", 1.3)])[0])
+        assert response.json()["provenance"]["loras"] == body["loras"]
+        assert http.post("/v1/generate", json=body).json()["cache"] != "hit"
+        job = http.post("/v1/jobs", json={**body, "seed": 4}).json()
+        frames = [f["event"] for f in job_events(http, job["id"])]
+        assert frames == ["queued"] + ["step"] * 6 + ["completed"], frames
+        for loras, words in (
+            ([{"name": "nope"}], "no adapter 'nope'"),
+            ([{"name": "a"}] * 5, "at most 4"),
+            ([{"name": "a", "scale": 4.5}], "less than or equal to 4"),
+        ):
+            bad = http.post("/v1/generate", json={**body, "loras": loras})
+            assert bad.status_code == 422 and bad.json()["error"]["field"].startswith("loras"), bad.text
+            assert words in bad.json()["error"]["message"], bad.text
+        assert http.get("/readyz").status_code == 200
