@@ -27,9 +27,9 @@ class TritonBackend(Protocol):
     def endpoint_states(self) -> dict[str, str]:
         """Each endpoint and its state ("ready", or why not), for /readyz."""
 
-    async def served_models(self) -> list[ServedModel]:
+    async def served_models(self, fresh: bool = False) -> list[ServedModel]:
         """Each pipeline txt2img serves (the unnamed one first, then by name): name, sizes, limits,
-        engines, default scheduler, fingerprint."""
+        engines, default scheduler, fingerprint, adapters. `fresh`: read again now, not from the cache."""
 
     async def txt2img(
         self, prompt: str, pipeline: str = "", latents: bool = False, **params: Any

@@ -1,8 +1,7 @@
 """The seed-aware result cache.
 
-Only a request with an explicit seed is deterministic, so only such requests are looked up and stored;
-not those with LoRA adapters (an adapter re-added under its name gives other images, and the gateway
-does not see the library).
+Only a request with an explicit seed is deterministic, so only such requests are looked up and stored.
+A request's LoRA adapters enter the fingerprint with their files' sha256 (service.py).
 The key is a sha256 over the served model's fingerprint (`ServedModel.fingerprint`: what Triton serves,
 from its model configs and loaded versions) and every parameter that decides the images: the prompts,
 the negative prompt, width and height after defaults, steps, guidance, seeds, scheduler, images per
@@ -54,7 +53,7 @@ def cache_key(
 ) -> str | None:
     """The cache key of a planned generation, or None when it is not deterministic (no seed).
     `image_digest`: an image-to-image request's init pixels (and mask), hashed (as sent to Triton)."""
-    if request.seed is None or not jobs or request.loras:  # an adapter re-added under its name: other images
+    if request.seed is None or not jobs:
         return None
     checked = dataclasses.asdict(jobs[0].params)  # width/height after defaults, as sent to Triton
     described = {

@@ -4,7 +4,7 @@ steps, images) are checked against what Triton reports, in `service.py`."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -129,7 +129,7 @@ class GenerationOptions(BaseModel):
         None,
         max_length=MAX_LORAS,
         description=f"LoRA adapters of the model's library, each with its scale (at most {MAX_LORAS}); "
-        "applied per request, no reload. Results with adapters are not cached",
+        "applied per request, no reload (GET /v1/loras lists them)",
     )
     refiner: str | None = Field(
         None,
@@ -231,7 +231,9 @@ class Provenance(BaseModel):
         description="the UNet engines that ran the denoising steps, in order, as Triton reported them "
         "with the response: two when an engine swap landed while it ran (or a refiner finished it)",
     )
-    loras: list[LoraRef] = Field(default_factory=list, description="the LoRA adapters it ran with")
+    loras: list[dict[str, Any]] = Field(
+        default_factory=list, description="the LoRA adapters it ran with: name, scale, the file's sha256"
+    )
     refiner: str | None = Field(
         None, description="the refiner that finished the denoising, with denoising_end"
     )

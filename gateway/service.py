@@ -29,6 +29,7 @@ from sd_triton.gateway.schemas import (
     GenerateResponse,
     GenerationOptions,
     Image,
+    LoraRef,
     Provenance,
     SchedulerProvenance,
     Timings,
@@ -326,16 +327,20 @@ class Generator:
             raise InvalidRequestError(f"mask: {mw}x{mh}, the image {iw}x{ih}: they must match", field="mask")
         return InitImage(image, mask)
 
-    async def served(self, model: str | None = None) -> ServedModel:
+    async def served(self, model: str | None = None, loras: list[LoraRef] | None = None) -> ServedModel:
         """The served pipeline a request's `model` names (the default without one); a 422 naming `model`
-        and the served ids when it names none."""
-        return pick(await self.backend.served_models(), model, self.settings)
+        and the served ids when it names none. An adapter it does not know yet: read again (one added
+        since the last read is found at once)."""
+        chosen = pick(await self.backend.served_models(), model, self.settings)
+        if loras and any(chosen.adapter(ref.name) is None for ref in loras):
+            chosen = pick(await self.backend.served_models(fresh=True), model, self.settings)
+        return chosen
 
     async def check(self, prompts: list[str], request: GenerationOptions) -> None:
         """Every check `generate` makes before Triton (the init image decoded, the request planned),
         for requests answered later (jobs)."""
         init = await self._init_image(request)
-        served = await self.served(request.model)
+        served = await self.served(request.model, request.loras)
         base = _base_request(request)
         jobs = self.plan(prompts, base, served, None if init is None else init.opened.size)
         await self._refine(prompts, request, served, jobs, init)
@@ -375,6 +380,14 @@ class Generator:
             )
         seed = secrets.randbelow(SEED_RANGE) if request.seed is None else request.seed
         conditioning = size_conditioning(request, served, height, width)
+        for ref in request.loras or []:
+            if served.adapter(ref.name) is None:
+                known = ", ".join(a["name"] for a in served.loras) or "none"
+                raise InvalidRequestError(
+                    f"loras: no adapter {ref.name!r} in {served.model}'s library (adapters: {known}; "
+                    "GET /v1/loras)",
+                    field="loras",
+                )
         jobs = []
         for index, prompt in enumerate(prompts):
             try:
@@ -421,7 +434,7 @@ class Generator:
         #    image at that size; a seeded request whose result is cached (same served model, same
         #    parameters, same pixels): no inference.
         init = await self._init_image(request)
-        served = await self.served(request.model)
+        served = await self.served(request.model, request.loras)
         jobs = self.plan(prompts, _base_request(request), served, None if init is None else init.opened.size)
         refine = await self._refine(prompts, request, served, jobs, init)
         if init is not None:
@@ -430,6 +443,8 @@ class Generator:
         fingerprint = (
             served.fingerprint if refine is None else f"{served.fingerprint} refined by {refine.key}"
         )
+        if request.loras:  # the adapters' files, by hash: one re-added under its name is another key
+            fingerprint += " with " + json.dumps(_lora_provenance(served, request))
         key = cache_key(fingerprint, prompts, request, jobs, digest) if self.cache else None
         bypass = self.cache is not None and not use_cache and self.cache.bypass(key)
         if self.cache and use_cache and (hit := await self.cache.get(key)) is not None:
@@ -484,7 +499,7 @@ class Generator:
             ),
             provenance=_provenance(
                 served, request.scheduler, results, None if init is None else init.mode, refine
-            ).model_copy(update={"loras": request.loras or []}),
+            ).model_copy(update={"loras": _lora_provenance(served, request)}),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -496,6 +511,14 @@ class Generator:
         if self.cache:
             await self.cache.put(key, response)
         return response.model_copy(update={"cache": "bypass"}) if bypass else response
+
+
+def _lora_provenance(served: ServedModel, request: GenerationOptions) -> list[dict[str, Any]]:
+    """The request's adapters: name, scale and the sha256 of the file the library holds."""
+    return [
+        {"name": ref.name, "scale": ref.scale, "sha256": (served.adapter(ref.name) or {}).get("sha256", "")}
+        for ref in request.loras or []
+    ]
 
 
 def _loras(request: GenerationOptions) -> dict[str, Any]:

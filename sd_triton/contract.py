@@ -164,6 +164,10 @@ DEFAULT_DENOISING_END = 0.8  # diffusers' documented high_noise_frac for SDXL ba
 # LoRA adapters from the pipeline's library (`sd-triton lora add`): JSON [{"name": ..., "scale": ...}]
 # (scale default 1, |scale| <= 4, at most 4 adapters); absent or []: the base. The inline UNet path only
 LORAS = _t("LORAS", "TYPE_STRING", 1, optional=True)
+# a control request to `denoise` carrying only LORA_LIBRARY (true): its ENGINES output is the pipeline's
+# adapter library, a JSON list of {name, sha256, rank, components, format, source, created} (the gateway
+# reads it with the model configs)
+LORA_LIBRARY = _t("LORA_LIBRARY", "TYPE_BOOL", 1, optional=True)
 MAX_LORAS = 4  # adapters per request
 MAX_LORA_SCALE = 4.0  # |scale| at most: past it an adapter's delta dwarfs the base (a client's mistake)
 
@@ -285,6 +289,7 @@ DENOISE = ModelSpec(
         *DENOISE_HANDOFF_INPUTS,
         *DENOISE_LORA_INPUTS,
         CANCEL,
+        LORA_LIBRARY,
     ),
     # LATENTS on the bls UNet path (the ensemble decodes them in vae_decoder and postprocess); IMAGES on
     # the inline path, where the loop decodes in its own process

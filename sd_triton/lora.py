@@ -195,6 +195,11 @@ class LoraLibrary:
         chosen = [(a, s) for a, s in chosen if s != 0.0]  # a zero scale is the base
         return AdapterSet(tuple(chosen)) if chosen else None
 
+    def listing(self) -> list[dict[str, Any]]:
+        """Every adapter's summary (AdapterRecord.summary), by name: what the gateway lists."""
+        folders = sorted(p for p in self.folder.glob("*") if (p / RECORD).is_file())
+        return [AdapterRecord.load(folder).summary() for folder in folders]
+
     def _adapter(self, name: str, field_name: str) -> Adapter:
         from sd_triton.requests import InvalidRequest
 

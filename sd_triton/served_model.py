@@ -38,6 +38,11 @@ class ServedModel:
     fingerprint: str = ""  # `config_fingerprint` of what Triton serves; "" when unknown
     architecture: str = "sd"  # contract.ARCHITECTURES: "sdxl" takes size conditioning
     pipeline: str = ""  # `sd-triton export --name`: its models are PIPELINE_<model>; "" for plain names
+    # its LoRA adapter library (contract.LORA_LIBRARY): {name, sha256, rank, components, ...} each
+    loras: list[dict[str, Any]] = field(default_factory=list)
+
+    def adapter(self, name: str) -> dict[str, Any] | None:
+        return next((a for a in self.loras if a.get("name") == name), None)
 
     @property
     def xl(self) -> bool:

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd_triton.contract import SCHEDULERS
 from sd_triton.gateway.deps import BackendDep, GeneratorDep, SettingsDep
-from sd_triton.gateway.routing import listed
+from sd_triton.gateway.routing import listed, pick
 from sd_triton.gateway.schemas import GenerationOptions
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.served_model import ServedModel
@@ -161,3 +161,39 @@ async def models(backend: BackendDep, settings: SettingsDep) -> ModelList:
         for index, model in enumerate(served)
     ]
     return ModelList(data=cards)
+
+
+class LoraCard(BaseModel):
+    """One adapter of a served model's library (`sd-triton lora add`)."""
+
+    model: str = Field(..., description="the model whose library holds it (what `model` names)")
+    name: str = Field(..., description="what a request's `loras` names")
+    sha256: str = Field(..., description="of the file added")
+    rank: int
+    components: dict[str, int] = Field(..., description="targeted weights per checkpoint component")
+    format: str = Field(..., examples=["diffusers", "kohya"])
+    source: str = Field("", description="the file's name when added")
+    created: str = ""
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
+
+
+@router.get("/v1/loras", response_model=LoraList, tags=["info"])
+async def loras(
+    backend: BackendDep,
+    settings: SettingsDep,
+    model: str | None = Query(None, description="one served model's; default: every model's"),
+) -> LoraList:
+    """The LoRA adapters requests may name in `loras`, per served model (read with the model configs)."""
+    served = await backend.served_models()
+    chosen = [pick(served, model, settings)] if model else listed(served, settings)
+    fields = set(LoraCard.model_fields) - {"model"}
+    cards = [
+        LoraCard(model=m.model, **{k: v for k, v in adapter.items() if k in fields})
+        for m in chosen
+        for adapter in m.loras
+    ]
+    return LoraList(data=cards)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import re
 import secrets
@@ -117,12 +118,12 @@ class GrpcTritonBackend:
         await self.pool.check_health()
         return any(e.healthy for e in self.pool.endpoints.values())
 
-    async def served_models(self) -> list[ServedModel]:
-        """Every pipeline txt2img serves (the unnamed one first), from Triton's configs: re-read every
-        `served_model_refresh_s` and after a failed txt2img call, so a swapped engine shows (its
-        `fingerprint` changes)."""
+    async def served_models(self, fresh: bool = False) -> list[ServedModel]:
+        """Every pipeline txt2img serves (the unnamed one first), from Triton's configs and each
+        pipeline's adapter library: re-read every `served_model_refresh_s`, after a failed txt2img call
+        (a swapped engine shows: its `fingerprint` changes), and when `fresh`."""
         async with self._served_lock:  # one re-read at a time; the others wait for it
-            if not self._served or time.monotonic() >= self._served_until:
+            if fresh or not self._served or time.monotonic() >= self._served_until:
                 served = await self._routed("reading model configs", self._read_from)
                 known = {m.pipeline: m.fingerprint for m in self._served.values()}
                 for model in served:
@@ -160,7 +161,24 @@ class GrpcTritonBackend:
         configs = {name: response["config"] for name, response in zip(names, responses, strict=True)}
         mine = {name: versions[c.model_name(pipeline, name)] for name in names}
         served = ServedModel.from_configs(configs, pipeline)
-        return dataclasses.replace(served, fingerprint=config_fingerprint(configs, mine))
+        loras = await self._read_loras(client, pipeline)
+        return dataclasses.replace(served, fingerprint=config_fingerprint(configs, mine), loras=loras)
+
+    async def _read_loras(self, client: Any, pipeline: str) -> list[dict[str, Any]]:
+        """The pipeline's adapter library (a LORA_LIBRARY control request to its denoise model); none
+        from an export before adapters."""
+        flag = infer_input(c.LORA_LIBRARY, np.array([True]))
+        try:
+            result = await client.infer(
+                c.model_name(pipeline, c.DENOISE.name), [flag],
+                outputs=[InferRequestedOutput(c.ENGINES.name)],
+                client_timeout=self.settings.triton_probe_timeout_s,
+            )  # fmt: skip
+        except InferenceServerException as exc:
+            log.debug("no adapter library from %s: %s", pipeline or "the unnamed pipeline", exc)
+            return []
+        raw = result.as_numpy(c.ENGINES.name)
+        return [] if raw is None else list(json.loads(raw.reshape(-1)[0]))
 
     async def txt2img(
         self, prompt: str, pipeline: str = "", latents: bool = False, **params: Any

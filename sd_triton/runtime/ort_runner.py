@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from sd_triton.requests import InvalidRequest
 log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
+PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # a serialized ModelProto must stay under 2 GB
 
 
 def choose_providers(device: str) -> list[str]:
@@ -105,6 +107,7 @@ class OrtRunner(BatchRunner):
         self.lora_components: tuple[str, ...] = ()
         self._adapted_parts: tuple[ort.InferenceSession, dict[str, np.ndarray]] | None = None
         self._adapted: dict[str, Feeds] = {}  # patched weights by adapter set key, oldest first
+        self._adapted_dir: tempfile.TemporaryDirectory[str] | None = None
         log.info("loaded %s with %s", model_path, self.session.get_providers())
 
     def run(self, feeds: Feeds) -> Feeds:
@@ -171,7 +174,15 @@ class OrtRunner(BatchRunner):
                             initializer.name, initializer.data_type, list(initializer.dims)
                         )
                     )
-            session = ort.InferenceSession(model.SerializeToString(), self.options, providers=self.providers)
+            if model.ByteSize() < PROTOBUF_LIMIT:
+                session = ort.InferenceSession(
+                    model.SerializeToString(), self.options, providers=self.providers
+                )
+            else:  # past protobuf's 2 GB (an SD UNet in FP32): the weights in a file beside the graph
+                self._adapted_dir = tempfile.TemporaryDirectory(prefix="sd-triton-lora-")
+                path = Path(self._adapted_dir.name) / "model.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin")
+                session = ort.InferenceSession(str(path), self.options, providers=self.providers)
             self._adapted_parts = (session, base)
             self._adapted.clear()
             log.info("%s: a session with %d adapter-targeted weights as inputs", self.model_path, len(base))

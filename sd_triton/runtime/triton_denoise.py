@@ -140,6 +140,8 @@ class TritonPythonModel:
         return outputs
 
     def _denoise(self, request: Any) -> triton_io.Outputs:
+        if triton_io.get_array(request, c.LORA_LIBRARY) is not None:  # a control request: the library
+            return {c.ENGINES.name: self.adapters.listing()}
         if triton_io.get_array(request, c.CANCEL) is not None:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         params = self._params(request)
@@ -192,6 +194,10 @@ class TritonPythonModel:
     def _submit(self, request: Any) -> None:
         assert self.batcher is not None
         sender = request.get_response_sender()
+        if triton_io.get_array(request, c.LORA_LIBRARY) is not None:  # a control request: the library
+            listing = pb_utils.Tensor(c.ENGINES.name, self.adapters.listing())
+            sender.send(pb_utils.InferenceResponse(output_tensors=[listing]), flags=FINAL)
+            return
         drop = triton_io.get_array(request, c.CANCEL)
         if drop is not None:  # a control request: generations to drop (the gateway's cancels)
             try:

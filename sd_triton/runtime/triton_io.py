@@ -498,6 +498,10 @@ class Adapters:
         self.library = LoraLibrary(library_dir(version_dir(args).parents[1], config.pipeline))
         self.inline = inline
 
+    def listing(self) -> np.ndarray:
+        """The library as a LORA_LIBRARY control request's ENGINES output."""
+        return np.array([json.dumps(self.library.listing()).encode()], dtype=object)
+
     def read(self, request: Any) -> AdapterSet | None:
         text = get_scalar(request, c.LORAS)
         if text is None:

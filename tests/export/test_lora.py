@@ -166,3 +166,39 @@ def test_set_deltas_on_the_base_are_diffusers_load_lora_weights(repo: Path, tmp_
         got = _images(ours)
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, sets
         assert np.abs(got.astype(int) - base.astype(int)).max() > 20, f"{sets} hardly changes the image"
+
+
+def test_the_adapted_onnx_session_in_memory_and_with_weights_beside_it(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """python-ort's adapted session: the same outputs built in memory or, past protobuf's 2 GB (forced
+    here), from a file with its weights beside it; unlike the base session's; the base session unchanged."""
+    from sd_triton.engine_record import EngineRecord
+    from sd_triton.lora import INDEX, LoraLibrary
+    from sd_triton.runtime import ort_runner
+
+    lora.add(repo, write_adapter(tmp_path / "big.safetensors", _pipe(repo), seed=8), "big", replace=True)
+    folder = repo / "unet" / "1"
+    record = EngineRecord.load(folder)
+    assert record is not None
+    adapters = LoraLibrary(library_dir(repo)).resolve('[{"name": "big", "scale": 1.5}]')
+    assert adapters is not None
+    width = _pipe(repo).unet.config.cross_attention_dim
+    rng = np.random.default_rng(0)
+    feeds = {
+        "sample": rng.normal(size=(2, 4, 8, 8)).astype(np.float32),
+        "timestep": np.array([[500.0], [500.0]], np.float32),
+        "encoder_hidden_states": rng.normal(size=(2, 77, width)).astype(np.float32),
+    }
+    outputs = []
+    for limit in (ort_runner.PROTOBUF_LIMIT, 0):
+        monkeypatch.setattr(ort_runner, "PROTOBUF_LIMIT", limit)
+        runner = ort_runner.OrtRunner(folder / record.artifact)
+        runner.use_lora_index(library_dir(repo) / INDEX, record.sha256, ("unet",))
+        base = runner.run(feeds)["noise_pred"]
+        outputs.append(runner.run_adapted(feeds, adapters)["noise_pred"])
+        assert (runner._adapted_dir is not None) == (limit == 0)
+        assert np.array_equal(runner.run(feeds)["noise_pred"], base)  # the base session is the base's
+    assert np.allclose(outputs[0], outputs[1], atol=1e-6)
+    assert np.abs(outputs[0] - base).max() > 1e-3
+    lora.remove(repo, "big")

@@ -73,7 +73,7 @@ class FakeTriton:
     def endpoint_states(self) -> dict[str, str]:
         return {"fake:8001": "ready" if self.healthy else "not ready: the test says so"}
 
-    async def served_models(self) -> list[ServedModel]:
+    async def served_models(self, fresh: bool = False) -> list[ServedModel]:
         if self.error is not None:
             raise self.error
         return [self.served, *self.more]

@@ -138,9 +138,10 @@ def test_bad_adapters_are_invalid_arg_naming_loras(served: dict, loras: str, wor
 
 
 def test_the_gateway_takes_loras(served: dict, tmp_path: Path) -> None:
-    """`loras` on /v1/generate and /v1/jobs: the images Triton gives directly, the adapters in the
-    provenance, not cached; an unknown adapter is a 422 naming `loras`, as are too many and a scale out of
-    range (checked by the gateway)."""
+    """`loras` on /v1/generate and /v1/jobs: the images Triton gives directly, the adapters (with their
+    files' sha256) in the provenance and the cache key; GET /v1/loras lists every model's; an adapter added
+    a moment ago is found; an unknown adapter is a 422 naming `loras` at submission, as are too many and a
+    scale out of range."""
     import base64
     import io
 
@@ -162,13 +163,32 @@ def test_the_gateway_takes_loras(served: dict, tmp_path: Path) -> None:
         assert response.status_code == 200, response.text
         image = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["base64"]))))
         assert np.array_equal(image, _ours(served, "", [("a", 0.7), ("b", 1.3)])[0])
-        assert response.json()["provenance"]["loras"] == body["loras"]
-        assert http.post("/v1/generate", json=body).json()["cache"] != "hit"
+        shas = {r.name: r.sha256 for r in lora.listed(served["repo"])}
+        assert response.json()["provenance"]["loras"] == [
+            {**ref, "sha256": shas[ref["name"]]} for ref in body["loras"]
+        ]
+        assert http.post("/v1/generate", json=body).json()["cache"] == "hit"  # keyed by the adapters' files
+        listing = http.get("/v1/loras").json()["data"]
+        assert {(card["model"], card["name"]) for card in listing} >= {
+            ("tiny", "a"),
+            ("tiny", "b"),
+            ("torch", "a"),
+        }
+        assert all(card["sha256"] == shas[card["name"]] for card in listing if card["model"] == "tiny")
+        assert [c["name"] for c in http.get("/v1/loras", params={"model": "torch"}).json()["data"]] == [
+            "a",
+            "b",
+        ]
         job = http.post("/v1/jobs", json={**body, "seed": 4}).json()
         frames = [f["event"] for f in job_events(http, job["id"])]
         assert frames == ["queued"] + ["step"] * 6 + ["completed"], frames
+        lora.add(
+            served["repo"], served["files"]["c"], "fresh", "torch"
+        )  # found at once: read again on a miss
+        fresh = http.post("/v1/generate", json={**body, "model": "torch", "loras": [{"name": "fresh"}]})
+        assert fresh.status_code == 200, fresh.text
         for loras, words in (
-            ([{"name": "nope"}], "no adapter 'nope'"),
+            ([{"name": "nope"}], "no adapter 'nope' in tiny's library (adapters: a, b"),
             ([{"name": "a"}] * 5, "at most 4"),
             ([{"name": "a", "scale": 4.5}], "less than or equal to 4"),
         ):
