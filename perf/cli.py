@@ -236,6 +236,13 @@ def _perf_img2img(args: argparse.Namespace) -> int:
     return _save(run_img2img_bench(settings, _work_dir(args)), args, "img2img", table)
 
 
+def _perf_lora(args: argparse.Namespace) -> int:
+    from sd_triton.perf.lora import LoraBenchSettings, run_lora_bench, table
+
+    settings = from_args(LoraBenchSettings, args)
+    return _save(run_lora_bench(settings, _work_dir(args)), args, "lora", table)
+
+
 def _perf_int8(args: argparse.Namespace) -> int:
     from sd_triton.perf.int8 import Int8Settings, run_int8, table
 
@@ -379,6 +386,17 @@ def add_parser(sub: Any) -> None:
     img2img.add_argument("--rounds", type=int, default=3)
     img2img.add_argument("--repeats", type=int, default=3, help="requests per mode and round")
     _output_args(img2img, "img2img")
+    loras = commands.add_parser(
+        "lora", help="four LoRA adapter sets mixed against the base load; a new adapter"
+    )
+    loras.add_argument("--preset", default="tiny", help="tiny, small, sd15 (random weights), demo")
+    loras.add_argument("--steps", type=int, default=10)
+    loras.add_argument("--concurrency", type=int, default=8)
+    loras.add_argument("--requests", type=int, default=32, help="per load and round")
+    loras.add_argument("--rounds", type=int, default=3)
+    loras.add_argument("--rank", type=int, default=8)
+    _output_args(loras, "lora")
+    loras.set_defaults(run=_perf_lora)
     img2img.set_defaults(run=_perf_img2img)
 
     int8 = commands.add_parser("int8", help="the UNet INT8 (ONNX Runtime) vs FP32: time per call, parity")
