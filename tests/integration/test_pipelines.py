@@ -297,7 +297,8 @@ def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
 ) -> None:
     """`lora add --pipeline xl` checks an SDXL adapter (UNet and the second text encoder) against xl's
     checkpoint and files it under xl_denoise/loras, which Triton ignores: xl_denoise reloads and serves the
-    same images; tiny's adapter is refused for xl (another base), naming a target."""
+    same images; tiny's adapter is refused for xl (another base), naming a target. Requests naming it get
+    diffusers' StableDiffusionXLPipeline images with load_lora_weights + set_adapters."""
     from safetensors.torch import save_file
 
     from sd_triton.export import lora
@@ -312,8 +313,8 @@ def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
     for prefix, module in (("unet", xl.unet), ("text_encoder_2", xl.text_encoder_2)):
         for name, layer in module.named_modules():
             if isinstance(layer, torch.nn.Linear) and name.endswith(("to_k", "k_proj")):
-                tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(2, layer.in_features)
-                tensors[f"{prefix}.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2)
+                tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(2, layer.in_features) * 0.3
+                tensors[f"{prefix}.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2) * 0.3
     save_file(tensors, str(tmp_path / "xl.safetensors"))
     record = lora.add(repo, tmp_path / "xl.safetensors", "xl-style", pipeline="xl")
     assert set(record.components) == {"unet", "text_encoder_2"} and record.architecture == "sdxl"
@@ -326,6 +327,16 @@ def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
         lora.add(repo, write_adapter(tmp_path / "sd.safetensors", sd, seed=1), "sd-style", pipeline="xl")
     triton_load(f"localhost:{served['http_port']}", "xl_denoise")  # the library folder is no version
     assert np.array_equal(txt2img(client, PROMPT, pipeline="xl", **common).images, before)
+    # served: diffusers' StableDiffusionXLPipeline with load_lora_weights + set_adapters gives the same images
+    ours = txt2img(client, PROMPT, pipeline="xl", loras=[{"name": "xl-style", "scale": 0.8}], **common).images
+    xl.load_lora_weights(str(tmp_path / "xl.safetensors"), adapter_name="xl-style")
+    xl.set_adapters(["xl-style"], [0.8])
+    xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
+    xl.set_progress_bar_config(disable=True)
+    theirs = xl(PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                generator=[torch.Generator().manual_seed(9)]).images  # fmt: skip
+    assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
+    assert max_abs_diff(ours, before) > 10  # the adapter changes the image
     lora.remove(repo, "xl-style", pipeline="xl")
 
 
