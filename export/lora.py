@@ -20,7 +20,7 @@ import numpy as np
 
 from sd_triton.export.checkpoint import sha256_file
 from sd_triton.export.manifest import Manifest
-from sd_triton.lora import INDEX, WEIGHTS, AdapterRecord, check_name, library_dir
+from sd_triton.lora import INDEX, WEIGHTS, AdapterRecord, check_name, library_dir, records, spellings
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _in_base(target: str, shapes: dict[str, tuple[int, ...]]) -> str:
     """The base's name for a target: itself, or a text encoder's with or without transformers' older
     `text_model.` level (checkpoints and LoRA files were saved by transformers releases on either side)."""
     component, _, rest = target.partition(".")
-    for candidate in (rest, f"text_model.{rest}", rest.removeprefix("text_model.")):
+    for candidate in spellings(rest):
         if f"{component}.{candidate}" in shapes:
             return f"{component}.{candidate}"
     return target
@@ -293,9 +293,7 @@ def index_graphs(repo: Path, pipeline: str, targets: set[str]) -> None:
 
 def listed(repo: Path, pipeline: str = "") -> list[AdapterRecord]:
     """The pipeline's adapters, by name."""
-    library = library_dir(repo, pipeline)
-    folders = sorted(p for p in library.glob("*") if p.is_dir() and not p.name.startswith("."))
-    return [AdapterRecord.load(folder) for folder in folders]
+    return records(library_dir(repo, pipeline))
 
 
 def remove(repo: Path, name: str, pipeline: str = "") -> None:

@@ -228,14 +228,7 @@ class Generator:
         extra: dict[str, Any],
     ) -> Txt2ImgResult:
         stream = self.backend.txt2img_stream(
-            job.prompt,
-            preview,
-            pipeline=pipeline,
-            negative_prompt=request.negative_prompt,
-            **({} if init is None else init.backend_params()),
-            **job.conditioning,
-            **extra,
-            **dataclasses.asdict(job.params),
+            job.prompt, preview, pipeline=pipeline, **_call_args(job, request, init, extra)
         )
         async with aclosing(stream):
             async for event in stream:
@@ -254,24 +247,14 @@ class Generator:
         base = await self.backend.txt2img(
             job.prompt,
             pipeline=served.pipeline,
-            negative_prompt=request.negative_prompt,
-            **_loras(request),
-            **({} if init is None else init.backend_params()),
-            **job.conditioning,
-            **handoff,
-            **dataclasses.asdict(job.params),
+            **_call_args(job, request, init, {**_loras(request), **handoff}),
         )
         if refine is None:
             return base
         second = refine.jobs[index]
+        refined = {"denoising_start": refine.end, "start_latents": base.latents}
         final = await self.backend.txt2img(
-            second.prompt,
-            pipeline=refine.served.pipeline,
-            negative_prompt=request.negative_prompt,
-            denoising_start=refine.end,
-            start_latents=base.latents,
-            **second.conditioning,
-            **dataclasses.asdict(second.params),
+            second.prompt, pipeline=refine.served.pipeline, **_call_args(second, request, None, refined)
         )
         return _handed_off(base, final)
 
@@ -511,6 +494,20 @@ class Generator:
         if self.cache:
             await self.cache.put(key, response)
         return response.model_copy(update={"cache": "bypass"}) if bypass else response
+
+
+def _call_args(
+    job: Job, request: GenerationOptions, init: InitImage | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """A job's txt2img arguments but the prompt and pipeline: the negative prompt, the init image, its
+    conditioning and parameters, and `extra` (adapters, a hand-off's)."""
+    return {
+        "negative_prompt": request.negative_prompt,
+        **({} if init is None else init.backend_params()),
+        **job.conditioning,
+        **extra,
+        **dataclasses.asdict(job.params),
+    }
 
 
 def _lora_provenance(served: ServedModel, request: GenerationOptions) -> list[dict[str, Any]]:

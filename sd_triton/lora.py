@@ -44,6 +44,18 @@ def library_dir(repo: Path, pipeline: str = "") -> Path:
     return repo / c.model_name(pipeline, c.DENOISE.name) / LIBRARY
 
 
+def spellings(name: str) -> tuple[str, ...]:
+    """A weight's name as checkpoints and modules spell it: text encoders saved by older transformers
+    releases have a `text_model.` level that newer ones do not."""
+    return (name, f"text_model.{name}", name.removeprefix("text_model."))
+
+
+def records(folder: Path) -> list[AdapterRecord]:
+    """The adapters of a library folder, by name (not one being added: `.NAME.adding`)."""
+    folders = sorted(p for p in folder.glob("*") if (p / RECORD).is_file() and not p.name.startswith("."))
+    return [AdapterRecord.load(p) for p in folders]
+
+
 def check_name(name: str) -> str:
     if not NAME.match(name):
         raise ValueError(f"name {name!r}: 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter or digit")
@@ -197,8 +209,7 @@ class LoraLibrary:
 
     def listing(self) -> list[dict[str, Any]]:
         """Every adapter's summary (AdapterRecord.summary), by name: what the gateway lists."""
-        folders = sorted(p for p in self.folder.glob("*") if (p / RECORD).is_file())
-        return [AdapterRecord.load(folder).summary() for folder in folders]
+        return [record.summary() for record in records(self.folder)]
 
     def _adapter(self, name: str, field_name: str) -> Adapter:
         from sd_triton.requests import InvalidRequest

@@ -98,9 +98,9 @@ class OrtRunner(BatchRunner):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
-        self.output_names = [o.name for o in self.session.get_outputs()]
         self.model_path, self.options, self.providers = Path(model_path), options, choose_providers(device)
+        self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.lora_index: dict[str, tuple[str, bool]] = {}
         self.lora_index_path: Path | None = None
         self.lora_sha256 = ""

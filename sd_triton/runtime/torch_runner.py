@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sd_triton import contract as c
-from sd_triton.lora import AdapterSet
+from sd_triton.lora import AdapterSet, spellings
 from sd_triton.runtime.ort_runner import BatchRunner, Feeds
 from sd_triton.runtime.torch_modules import load_module, module_spec
 
@@ -43,7 +43,7 @@ def _param_name(target: str, params: dict[str, torch.Tensor]) -> str | None:
     """The module's parameter an adapter target (`component.name`) changes; None when it runs none."""
     component, _, name = target.partition(".")
     for prefix in _MODULE_PREFIXES.get(component, ()):
-        for candidate in (name, f"text_model.{name}", name.removeprefix("text_model.")):
+        for candidate in spellings(name):
             if prefix + candidate in params:
                 return prefix + candidate
     return None
