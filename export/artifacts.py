@@ -41,6 +41,7 @@ class ArtifactSource:
     extra_weights: tuple[Path, ...] = ()  # and more folders (SDXL's second text encoder)
     profile: Profile | None = None  # the engine's shape profile (TensorRT plans)
     work_dir: Path | None = None  # TensorRT's timing cache
+    refit: bool = False  # a TensorRT plan built refittable (LoRA adapters)
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,13 @@ class TensorrtPlan:
 
     def key(self, source: ArtifactSource, precision: str) -> dict[str, Any]:
         assert source.profile is not None, "a TensorRT plan needs the engine's profile"
-        return {
+        key = {
             "onnx": source.onnx_sha256,
             "profile": source.profile.shapes,
             "precision": precision,
             "target": tensorrt.build_target(),  # a plan runs only on the GPU and TensorRT that built it
         }
+        return {**key, "refit": True} if source.refit else key
 
     def build(self, source: ArtifactSource, precision: str, target: Path) -> dict[str, Any] | None:
         reason = tensorrt.unavailable_reason()
@@ -133,6 +135,7 @@ class TensorrtPlan:
             source.profile,
             fp16=precision == "fp16",
             timing_cache=tensorrt.timing_cache_path(source.work_dir, gpu),
+            refit=source.refit,
         )
 
 

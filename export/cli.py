@@ -178,6 +178,11 @@ def add_parser(sub: Any) -> None:
     ex.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ex.add_argument("--ort-tensorrt", action="store_true", help="onnxruntime kind: TensorRT accelerator")
     ex.add_argument(
+        "--tensorrt-refit",
+        action="store_true",
+        help="tensorrt kind: build the UNet's and text encoder's plans refittable, for LoRA adapters",
+    )
+    ex.add_argument(
         "--int8",
         default="",
         help="components served INT8-quantized on ONNX Runtime (CPU): unet, text_encoder (comma-separated)",

@@ -167,6 +167,7 @@ class Repository:
             extra_weights=tuple(more),
             profile=profile,
             work_dir=work_dir,
+            refit=self.settings.refit(component),
         )
 
 

@@ -8,6 +8,7 @@ target) and writes the normalized factors and the record. Nothing is re-exported
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -20,7 +21,16 @@ import numpy as np
 
 from sd_triton.export.checkpoint import sha256_file
 from sd_triton.export.manifest import Manifest
-from sd_triton.lora import INDEX, WEIGHTS, AdapterRecord, check_name, library_dir, records, spellings
+from sd_triton.lora import (
+    INDEX,
+    WEIGHTS,
+    AdapterRecord,
+    check_name,
+    indexed_graph,
+    library_dir,
+    records,
+    spellings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +249,11 @@ def _checkpoint_weight(folder: Path, name: str) -> np.ndarray:
 def index_graphs(repo: Path, pipeline: str, targets: set[str]) -> None:
     """Finds, in the live ONNX graph of each engine the targets are in, the initializer holding each
     target's base weight (by value: the exporter renames and transposes a linear layer's weight), and
-    adds it to the library's index (`index.json`, by the graph's sha256). python-torch engines need none;
-    a graph with no initializer equal to a target's weight (INT8) is refused, naming it."""
-    from onnx import load, numpy_helper
-
+    adds it to the library's index (`index.json`, by the graph's sha256; a TensorRT plan's: the graph it
+    was built from, whose initializers its refits set). python-torch engines need none. A target whose
+    layer the graph does not run (SDXL's first text encoder's last layer: its output is unused, the
+    exporter drops it) is indexed as absent: changing it changes nothing, as in diffusers. A graph that
+    runs a target's layer with no initializer equal to its weight (INT8) is refused, naming it."""
     from sd_triton.export.engines import live_records
 
     manifest = Manifest.load(repo, pipeline)
@@ -252,43 +263,85 @@ def index_graphs(repo: Path, pipeline: str, targets: set[str]) -> None:
     for engine in sorted(set(ENGINE_OF.values())):
         record = records.get(engine)
         wanted = {t for t in targets if ENGINE_OF[t.split(".", 1)[0]] == engine}
-        if record is None or record.kind not in ("python-ort", "onnxruntime") or not wanted:
+        found_graph = indexed_graph(repo / manifest.settings.name_of(engine), record) if record else None
+        if record is None or found_graph is None or not wanted:
             continue
-        entry = index.setdefault(record.sha256, {})
+        if record.kind == "tensorrt" and not (record.build or {}).get("refit"):
+            log.warning(
+                "%s: its TensorRT plan was built without refit: requests with adapters are refused until "
+                "it is built with --tensorrt-refit (README, LoRA adapters)",
+                engine,
+            )
+        sha256, graph = found_graph
+        entry = index.setdefault(sha256, {})
         missing = sorted(wanted - set(entry))
-        if not missing:
-            continue
-        graph = repo / manifest.settings.name_of(engine) / str(record.version) / record.artifact
-        by_value = {}
-        for initializer in load(str(graph)).graph.initializer:
-            array = numpy_helper.to_array(initializer)
-            if array.ndim >= 2:
-                by_value[(array.dtype.str, array.shape, array.tobytes())] = initializer.name
-        for target in missing:
-            component, _, name = target.partition(".")
-            weight = _checkpoint_weight(manifest.checkpoint / component, name)
-            found = None
-            for dtype in (np.float32, np.float16):
-                for transposed, array in ((False, weight), (True, weight.T)):
-                    key = (
-                        np.dtype(dtype).str,
-                        array.shape,
-                        np.ascontiguousarray(array.astype(dtype)).tobytes(),
-                    )
-                    if key in by_value:
-                        found = [by_value[key], transposed]
-                        break
-                if found:
-                    break
-            if found is None:
-                raise LoraError(
-                    f"{target}: no weight of {graph.relative_to(repo)} equals the checkpoint's (adapters "
-                    f"need an FP32 or FP16 graph of it; {engine} is {record.kind} {record.precision})"
-                )
-            entry[target] = found
-        log.info("%s: %d adapter targets indexed in %s", engine, len(missing), graph.relative_to(repo))
+        if missing:
+            what = f"{engine} is {record.kind} {record.precision}"
+            entry.update(_find_in_graph(graph, missing, manifest.checkpoint, entry, what, repo))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
+def _find_in_graph(
+    graph: Path, targets: list[str], checkpoint: Path, known: dict[str, Any], what: str, repo: Path
+) -> dict[str, list[Any] | None]:
+    """Each target's [initializer, stored transposed] in the graph, or None when the graph does not run
+    its layer: no node in the scope of the layer (`/<component's root>/<layer path>/...`, the exporter's
+    names; the component's roots read from the nodes using the weights it found)."""
+    from onnx import load, numpy_helper
+
+    model = load(str(graph))
+    by_value = {}
+    for initializer in model.graph.initializer:
+        array = numpy_helper.to_array(initializer)
+        if array.ndim >= 2:
+            by_value[(array.dtype.str, array.shape, array.tobytes())] = initializer.name
+    found: dict[str, list[Any] | None] = {}
+    for target in targets:
+        component, _, name = target.partition(".")
+        weight = _checkpoint_weight(checkpoint / component, name)
+        for dtype, (transposed, array) in itertools.product(
+            (np.float32, np.float16), ((False, weight), (True, weight.T))
+        ):
+            key = (np.dtype(dtype).str, array.shape, np.ascontiguousarray(array.astype(dtype)).tobytes())
+            if key in by_value:
+                found[target] = [by_value[key], transposed]
+                break
+    # where each initializer is used, as dotted scopes: /encoder_2/text_model/encoder/layers.1/x/MatMul
+    # -> .encoder_2.text_model.encoder.layers.1.x.MatMul
+    users: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.name.replace("/", "."))
+    roots: dict[str, set[str]] = {}
+    for target, place in {**known, **found}.items():
+        component, layer = _layer(target)
+        for scope in users.get(place[0], []) if place else []:
+            at = scope.find(f".{layer}.")
+            if at >= 0:
+                roots.setdefault(component, set()).add(scope[: at + 1])
+    scopes = [node.name.replace("/", ".") for node in model.graph.node]
+    for target in targets:
+        if target in found:
+            continue
+        component, layer = _layer(target)
+        runs = [r for r in roots.get(component, ()) if any(s.startswith(f"{r}{layer}.") for s in scopes)]
+        if roots.get(component) and not runs:
+            found[target] = None
+            log.info("%s: its layer is not in %s (its output is unused): no change", target, graph.name)
+            continue
+        raise LoraError(
+            f"{target}: no weight of {graph.relative_to(repo)} equals the checkpoint's (adapters need an "
+            f"FP32 or FP16 graph of it; {what})"
+        )
+    log.info("%d adapter targets indexed in %s", len(found), graph.relative_to(repo))
+    return found
+
+
+def _layer(target: str) -> tuple[str, str]:
+    """A target's component and layer path in it: unet.a.to_q.weight -> (unet, a.to_q)."""
+    component, _, name = target.partition(".")
+    return component, name.removeprefix("text_model.").rsplit(".", 1)[0]
 
 
 def listed(repo: Path, pipeline: str = "") -> list[AdapterRecord]:

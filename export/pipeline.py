@@ -238,6 +238,7 @@ def _engine_artifact(
         extra_weights=tuple(checkpoint.path / folder for folder in component.extra_subfolders),
         profile=profile,
         work_dir=options.work_dir,
+        refit=settings.refit(name),
     )
     label = BUILDERS[kind].label
     try:

@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord
 from sd_triton.export.quantize import INT8_COMPONENTS, INT8_FILE
+from sd_triton.lora import LORA_COMPONENTS
 from sd_triton.model_params import BatchingParams, DenoiseParams, EngineParams
 from sd_triton.served_model import ServedModel
 
@@ -128,6 +129,13 @@ class RepositorySettings:
     # loop's process runs the live version itself), bls (a BLS call to the unet model per step), or
     # auto: inline where the loop batches continuously, bls where Triton's dynamic batcher merges loops
     unet_path: UnetPath = "auto"
+    # TensorRT plans of the components LoRA adapters change (unet, text_encoder) built refittable: the
+    # inline path refits them per adapter set (README, LoRA adapters); off, adapter requests are refused
+    tensorrt_refit: bool = False
+
+    def refit(self, component: str) -> bool:
+        """Whether the component's TensorRT plan is built refittable."""
+        return self.tensorrt_refit and component in LORA_COMPONENTS
 
     def __post_init__(self) -> None:
         for model, kind in self.engines.items():

@@ -74,9 +74,15 @@ def timing_cache_path(work_dir: Path, target: dict[str, str]) -> Path:
 
 
 def build_engine(
-    onnx_path: Path, plan_path: Path, profile: Profile, fp16: bool, timing_cache: Path | None = None
+    onnx_path: Path,
+    plan_path: Path,
+    profile: Profile,
+    fp16: bool,
+    timing_cache: Path | None = None,
+    refit: bool = False,
 ) -> dict[str, Any]:
-    """Builds the plan; returns what engine.json records of the build (GPU, TensorRT, seconds)."""
+    """Builds the plan; returns what engine.json records of the build (GPU, TensorRT, seconds). `refit`:
+    its weights can be set again (the ONNX initializers' names; LoRA adapters, runtime/lora_weights.py)."""
     import tensorrt as trt
 
     target = build_target() or {}
@@ -91,6 +97,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -100,9 +108,10 @@ def build_engine(
     config.add_optimization_profile(optimization)
     started = time.monotonic()
     log.info(
-        "TensorRT: building %s (fp16=%s, timing cache %s); this takes minutes for a full-size UNet",
+        "TensorRT: building %s (fp16=%s, refit=%s, timing cache %s); this takes minutes for a full-size UNet",
         plan_path,
         fp16,
+        refit,
         "reused" if cache_bytes else "new",
     )
     serialized = builder.build_serialized_network(network, config)
@@ -114,4 +123,5 @@ def build_engine(
         timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
     seconds = time.monotonic() - started
     log.info("TensorRT: built %s in %.0f s", plan_path, seconds)
-    return {**target, "fp16": fp16, "seconds": round(seconds, 1), "profile": profile.shapes}
+    built = {**target, "fp16": fp16, "seconds": round(seconds, 1), "profile": profile.shapes}
+    return {**built, "refit": True} if refit else built

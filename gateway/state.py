@@ -333,7 +333,7 @@ class RedisStore(StateStore):
             yield messages()
         finally:
             try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             except self._errors:
                 pass
 

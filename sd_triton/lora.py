@@ -23,11 +23,14 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sd_triton import contract as c
+
+if TYPE_CHECKING:
+    from sd_triton.engine_record import EngineRecord
 
 LIBRARY = "loras"  # the folder, in the pipeline's denoise model folder (Triton ignores non-numeric ones)
 RECORD = "lora.json"
@@ -48,6 +51,18 @@ def spellings(name: str) -> tuple[str, ...]:
     """A weight's name as checkpoints and modules spell it: text encoders saved by older transformers
     releases have a `text_model.` level that newer ones do not."""
     return (name, f"text_model.{name}", name.removeprefix("text_model."))
+
+
+def indexed_graph(model_dir: Path, record: EngineRecord) -> tuple[str, Path] | None:
+    """Where the index finds an engine version's adapter targets: the sha256 it files them under and the
+    ONNX graph holding the base weights. The version's own graph (python-ort, onnxruntime), or the
+    exported graph a TensorRT plan was built from (version 1's); None for an engine that applies adapters
+    to its checkpoint's weights (python-torch) or a plan of unknown origin (an operator's)."""
+    if record.kind in ("python-ort", "onnxruntime"):
+        return record.sha256, model_dir / str(record.version) / record.artifact
+    if record.kind == "tensorrt" and record.source_sha256:
+        return record.source_sha256, model_dir / "1" / "model.onnx"
+    return None
 
 
 def records(folder: Path) -> list[AdapterRecord]:

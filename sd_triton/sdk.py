@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +276,10 @@ def _raise_for(response: httpx.Response) -> None:
     raise InternalServerError(message, status, field_name, error_type)
 
 
+def _loras_path(model: str | None) -> str:
+    return "/v1/loras" if model is None else "/v1/loras?" + urllib.parse.urlencode({"model": model})
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -300,6 +305,10 @@ class Client:
 
     def get_job(self, job_id: str) -> Job:
         return Job.from_json(self._call("GET", f"/v1/jobs/{job_id}"))
+
+    def loras(self, model: str | None = None) -> list[dict[str, Any]]:
+        """The LoRA adapters served (GET /v1/loras): every model's, or `model`'s."""
+        return self._call("GET", _loras_path(model))["data"]  # type: ignore[no-any-return]
 
     def cancel_job(self, job_id: str) -> Job:
         return Job.from_json(self._call("DELETE", f"/v1/jobs/{job_id}"))
@@ -361,6 +370,9 @@ class AsyncClient:
 
     async def get_job(self, job_id: str) -> Job:
         return Job.from_json(await self._call("GET", f"/v1/jobs/{job_id}"))
+
+    async def loras(self, model: str | None = None) -> list[dict[str, Any]]:
+        return (await self._call("GET", _loras_path(model)))["data"]  # type: ignore[no-any-return]
 
     async def cancel_job(self, job_id: str) -> Job:
         return Job.from_json(await self._call("DELETE", f"/v1/jobs/{job_id}"))

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sd_triton.contract import SCHEDULERS
+from sd_triton.contract import MAX_LORA_SCALE, MAX_LORAS, SCHEDULERS
 from sd_triton.gateway.deps import BackendDep, GeneratorDep, SettingsDep
 from sd_triton.gateway.routing import listed, pick
 from sd_triton.gateway.schemas import GenerationOptions
@@ -40,6 +40,8 @@ class InfoLimits(BaseModel):
     max_images: int = Field(..., description="largest num_images")
     max_pixels: int = Field(..., description="largest width x height (the gateway's own limit)")
     max_prompt_chars: int
+    max_loras: int = Field(MAX_LORAS, description="LoRA adapters per request at most")
+    max_lora_scale: float = Field(MAX_LORA_SCALE, description="an adapter's scale is within ± this")
 
 
 class InfoDefaults(BaseModel):

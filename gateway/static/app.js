@@ -168,6 +168,41 @@ async function loadModel(reset = false) {
   const info = await (await call("GET", `v1/info?model=${encodeURIComponent(model)}`)).json();
   if (reset) for (const id of ["width", "height", "steps"]) $(id).value = "";
   applyInfo(info);
+  const adapters = (await (await call("GET", `v1/loras?model=${encodeURIComponent(model)}`)).json()).data;
+  showAdapters(adapters, info.limits);
+}
+
+// The model's LoRA adapters (GET v1/loras?model=): a tick and a scale each; none, the fieldset is hidden.
+function showAdapters(adapters, limits) {
+  const rows = adapters.map((adapter) => {
+    const row = document.createElement("div");
+    row.className = "adapter";
+    const tick = Object.assign(document.createElement("input"), { type: "checkbox", id: `lora-${adapter.name}` });
+    tick.dataset.name = adapter.name;
+    const label = Object.assign(document.createElement("label"), { htmlFor: tick.id });
+    label.textContent = `${adapter.name} (rank ${adapter.rank}, ${adapter.format})`;
+    const scale = Object.assign(document.createElement("input"), {
+      type: "number", id: `lora-scale-${adapter.name}`, value: "1", step: "0.05", inputMode: "decimal",
+    });
+    scale.setAttribute("aria-label", `${adapter.name} scale`);
+    [scale.min, scale.max] = [-limits.max_lora_scale, limits.max_lora_scale]; // spinner hints; the gateway checks
+    row.append(tick, label, scale);
+    return row;
+  });
+  $("adapter-list").replaceChildren(...rows);
+  $("adapters").hidden = rows.length === 0;
+}
+
+// The ticked adapters as the request's `loras` (a blank scale: the gateway's default, 1).
+function readAdapters() {
+  const loras = [];
+  for (const tick of document.querySelectorAll("#adapter-list input[type=checkbox]:checked")) {
+    const scale = $(`lora-scale-${tick.dataset.name}`);
+    const text = scale.value.trim();
+    if (text === "" && scale.validity.badInput) throw new ApiError(`loras: the scale of ${tick.dataset.name} is not a number`, scale.id);
+    loras.push(text === "" ? { name: tick.dataset.name } : { name: tick.dataset.name, scale: Number(text) });
+  }
+  return loras;
 }
 
 function applyInfo(info) {
@@ -215,6 +250,8 @@ function readForm() {
     else if ($(id).validity.badInput) throw new ApiError(`${id}: not a number`, id);
   }
   if ($("scheduler").value) body.scheduler = $("scheduler").value;
+  const loras = readAdapters();
+  if (loras.length) body.loras = loras;
   if (init.dataUrl) {
     body.image = init.dataUrl; // a data URI, as the gateway takes it
     if (init.painted) body.mask = maskDataUrl();

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from abc import ABC, abstractmethod
@@ -16,6 +15,7 @@ import onnxruntime as ort
 from sd_triton import contract as c
 from sd_triton.lora import AdapterSet
 from sd_triton.requests import InvalidRequest
+from sd_triton.runtime.lora_weights import GraphWeights
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,22 @@ def choose_providers(device: str) -> list[str]:
 class BatchRunner(ABC):
     """An engine run in a python model: `run` one batch; `run_batch` merges requests that can share one.
     `run_adapted`: one batch with LoRA adapters' weight deltas added to the base's weights, for this call
-    only (the base's weights are never changed: a base request after it is the base's alone)."""
+    only (a base request after it is the base's alone). `lora`: the graph's adapter weights, for the
+    engines that run an exported ONNX graph or a plan built from one (set by the loop that loads it)."""
 
-    ADAPTED_SETS = 4  # the patched weights of this many adapter sets stay cached
+    ADAPTED_SETS = GraphWeights.ADAPTED_SETS
+    lora: GraphWeights | None = None
 
     @abstractmethod
     def run(self, feeds: Feeds) -> Feeds: ...
 
     def run_adapted(self, feeds: Feeds, adapters: AdapterSet) -> Feeds:
         raise InvalidRequest(c.LORAS.name, f"the {type(self).__name__} engine cannot apply LoRA adapters")
+
+    def _weights(self) -> GraphWeights:
+        if self.lora is None:
+            raise InvalidRequest(c.LORAS.name, "this engine was loaded without the library's index")
+        return self.lora
 
     def run_batch(self, requests: Sequence[Feeds]) -> list[Feeds | Exception]:
         """Requests whose inputs agree in all but the batch dimension run as one batch. A group
@@ -101,74 +108,33 @@ class OrtRunner(BatchRunner):
         self.model_path, self.options, self.providers = Path(model_path), options, choose_providers(device)
         self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.lora_index: dict[str, tuple[str, bool]] = {}
-        self.lora_index_path: Path | None = None
-        self.lora_sha256 = ""
-        self.lora_components: tuple[str, ...] = ()
-        self._adapted_parts: tuple[ort.InferenceSession, dict[str, np.ndarray]] | None = None
-        self._adapted: dict[str, Feeds] = {}  # patched weights by adapter set key, oldest first
+        self._adapted_session: tuple[ort.InferenceSession, set[str]] | None = None
         self._adapted_dir: tempfile.TemporaryDirectory[str] | None = None
         log.info("loaded %s with %s", model_path, self.session.get_providers())
 
     def run(self, feeds: Feeds) -> Feeds:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
-    def use_lora_index(self, path: Path, sha256: str, components: tuple[str, ...]) -> None:
-        """Where to find which initializer holds each adapter target's base weight (transposed or not):
-        the library's index (`path`, written by sd-triton lora add) under this graph's sha256;
-        `components`: the checkpoint components the graph runs (unet; text_encoder, text_encoder_2)."""
-        self.lora_index_path, self.lora_sha256, self.lora_components = path, sha256, components
-
-    def _read_index(self) -> None:
-        if self.lora_index_path is not None and self.lora_index_path.is_file():
-            entry = json.loads(self.lora_index_path.read_text()).get(self.lora_sha256, {})
-            self.lora_index = {
-                target: (name, bool(transposed)) for target, (name, transposed) in entry.items()
-            }
-
     def run_adapted(self, feeds: Feeds, adapters: AdapterSet) -> Feeds:
-        """The targets' initializers fed as inputs of a second session (the graph with them declared as
-        inputs: ONNX Runtime lets a feed override such an initializer); the base session when the set
-        changes none of this graph's weights."""
-        mine = {t for t in adapters.all_targets() if t.split(".", 1)[0] in self.lora_components}
-        if not mine:
+        """The patched initializers fed as inputs of a second session (the graph with the indexed ones
+        declared as inputs: ONNX Runtime lets a feed override such an initializer); the base session when
+        the set changes none of this graph's weights."""
+        patched = self._weights().patched(adapters)
+        if patched is None:
             return self.run(feeds)
-        if not mine <= set(self.lora_index):
-            self._read_index()  # an adapter added since: its targets are in the index now
-        missing = sorted(mine - set(self.lora_index))
-        if missing:
-            raise InvalidRequest(
-                c.LORAS.name, f"this engine's graph has no index of {missing[0]} (add the adapter again)"
-            )
-        session, base = self._adapted_session()
-        overrides = self._adapted.get(adapters.key)
-        if overrides is None:
-            shapes = {}
-            for target in mine:
-                name, transposed = self.lora_index[target]
-                shapes[target] = base[name].T.shape if transposed else base[name].shape
-            overrides = {}
-            for target, delta in adapters.deltas(shapes).items():
-                name, transposed = self.lora_index[target]
-                overrides[name] = (base[name] + (delta.T if transposed else delta)).astype(base[name].dtype)
-            self._adapted[adapters.key] = overrides
-            while len(self._adapted) > self.ADAPTED_SETS:
-                del self._adapted[next(iter(self._adapted))]
-        outputs = session.run(self.output_names, {**feeds, **overrides})
+        outputs = self._adapted().run(self.output_names, {**feeds, **patched})
         return dict(zip(self.output_names, outputs, strict=True))
 
-    def _adapted_session(self) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
+    def _adapted(self) -> ort.InferenceSession:
         """The session whose indexed initializers are inputs (built again when the index grew)."""
-        names = {name for name, _ in self.lora_index.values()}
-        if self._adapted_parts is None or not names <= set(self._adapted_parts[1]):
+        assert self.lora is not None
+        names = self.lora.indexed()
+        if self._adapted_session is None or not names <= self._adapted_session[1]:
             import onnx
-            from onnx import numpy_helper
 
             model = onnx.load(str(self.model_path))
-            base = {}
             for initializer in model.graph.initializer:
                 if initializer.name in names:
-                    base[initializer.name] = numpy_helper.to_array(initializer)
                     model.graph.input.append(
                         onnx.helper.make_tensor_value_info(
                             initializer.name, initializer.data_type, list(initializer.dims)
@@ -183,7 +149,6 @@ class OrtRunner(BatchRunner):
                 path = Path(self._adapted_dir.name) / "model.onnx"
                 onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin")
                 session = ort.InferenceSession(str(path), self.options, providers=self.providers)
-            self._adapted_parts = (session, base)
-            self._adapted.clear()
-            log.info("%s: a session with %d adapter-targeted weights as inputs", self.model_path, len(base))
-        return self._adapted_parts
+            self._adapted_session = (session, names)
+            log.info("%s: a session with %d adapter-targeted weights as inputs", self.model_path, len(names))
+        return self._adapted_session[0]

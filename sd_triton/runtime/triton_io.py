@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 from sd_triton import contract as c
 from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import ENGINE_FILE, EngineRecord, versions_on_disk
-from sd_triton.lora import INDEX, LORA_COMPONENTS, AdapterSet, LoraLibrary, library_dir
+from sd_triton.lora import INDEX, LORA_COMPONENTS, AdapterSet, LoraLibrary, indexed_graph, library_dir
 from sd_triton.model_params import (
     UNET_PATHS,
     BatchingParams,
@@ -41,7 +41,8 @@ from sd_triton.requests import (
     validate_params,
 )
 from sd_triton.runtime.engine_runner import load_runner
-from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
+from sd_triton.runtime.lora_weights import GraphWeights
+from sd_triton.runtime.ort_runner import BatchRunner
 
 log = logging.getLogger("sd_triton.triton")
 CONFIG_FILE = "config.pbtxt"
@@ -284,8 +285,9 @@ class InlineEngine(LiveEngine):
         kind, artifact = (record.kind, record.artifact) if record else (params.engine, params.model_file)
         log.info("%s: loading version %d (%s) into the denoising loop's process", self.model, version, kind)
         runner = load_runner(self.spec.name, folder, kind, artifact, params)  # the component, not the model
-        if isinstance(runner, OrtRunner):
-            runner.use_lora_index(self.lora_index, record.sha256 if record else "", self.lora_components)
+        graph = indexed_graph(self.model_dir, record) if record and self.lora_components else None
+        if graph is not None:  # adapters from the library's index of the graph (python-torch: none needed)
+            runner.lora = GraphWeights(graph[1], self.lora_index, graph[0], self.lora_components)
         return runner
 
     def _load_in_background(self, version: int) -> None:

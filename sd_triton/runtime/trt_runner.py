@@ -5,6 +5,12 @@ output buffers and, after one plain run, a CUDA graph of the enqueue: a step the
 one graph launch and one copy out, no TensorRT enqueue per call. Shapes beyond `max_shapes` evict the
 least recently used. Needs a GPU, the `tensorrt` package and a plan built for that GPU; on a machine
 without them the constructor raises with the reason (nothing here runs on a CPU).
+
+LoRA adapters: a plan built refittable (`--tensorrt-refit`) is refit with an adapter set's patched
+weights (the ONNX initializers' names, which the parser gave its weights; runtime/lora_weights.py)
+before a call for that set, and with the base's own values of those weights before the next base call:
+one set's weights at a time, the calls of one set one after another (the loop groups rows by set).
+Captured CUDA graphs are captured again after a refit.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from sd_triton import contract as c
+from sd_triton.lora import AdapterSet
+from sd_triton.requests import InvalidRequest
+from sd_triton.runtime.lora_weights import BASE, Refits, Weights
 from sd_triton.runtime.ort_runner import BatchRunner, Feeds
 
 log = logging.getLogger(__name__)
@@ -52,8 +62,9 @@ class TrtRunner(BatchRunner):
         import tensorrt as trt
         import torch
 
-        self.torch = torch
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.torch, self.trt, self.component = torch, trt, component
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise RuntimeError(
@@ -72,6 +83,7 @@ class TrtRunner(BatchRunner):
         self.max_shapes = max_shapes
         self.cuda_graphs = cuda_graphs
         self.bound: OrderedDict[tuple, _Bound] = OrderedDict()
+        self.refits = Refits()
         log.info(
             "loaded %s from %s with TensorRT (CUDA graphs %s)",
             component,
@@ -104,6 +116,55 @@ class TrtRunner(BatchRunner):
         return bound
 
     def run(self, feeds: Feeds) -> Feeds:
+        if self.refits.key != BASE:
+            self._refit(BASE, {})
+        return self._execute(feeds)
+
+    def run_adapted(self, feeds: Feeds, adapters: AdapterSet) -> Feeds:
+        """The plan refit to the set's patched weights (unless it holds them), then run."""
+        weights = self._weights()
+        if not self.engine.refittable:
+            raise InvalidRequest(
+                c.LORAS.name,
+                f"the {self.component}'s TensorRT plan was built without refit: build it with "
+                "--tensorrt-refit (sd-triton export) to serve adapters on it",
+            )
+        patched = weights.patched(adapters)
+        if patched is None:
+            return self.run(feeds)
+        self._refit(adapters.key, patched)
+        return self._execute(feeds)
+
+    def _refit(self, key: str, patched: Weights) -> None:
+        """Refits the plan to hold `key` (Refits.plan: the set's weights, the base's values of the ones
+        the set held now changed and the next does not, and any weight TensorRT fused with those)."""
+        assert self.lora is not None
+        weights = self.refits.plan(key, patched, self.lora.initializer)
+        if weights is None:
+            return
+        trt = self.trt
+        refitter = trt.Refitter(self.engine, self.logger)
+        kept = []  # the arrays stay alive until the refit is done
+        try:
+            for name, array in weights.items():
+                kept.append(array := np.ascontiguousarray(array))
+                if not refitter.set_named_weights(name, trt.Weights(array)):
+                    raise RuntimeError(f"{self.component}: TensorRT refused the refit weights {name}")
+            for name in refitter.get_missing_weights():  # fused with a changed weight: its own value
+                kept.append(array := np.ascontiguousarray(patched.get(name, self.lora.initializer(name))))
+                refitter.set_named_weights(name, trt.Weights(array))
+            self.stream.synchronize()  # no call in flight while the weights change
+            if not refitter.refit_cuda_engine():
+                raise RuntimeError(f"{self.component}: TensorRT could not refit the plan (see its log)")
+        except Exception:
+            self.refits.failed(weights)
+            raise
+        self.refits.held(key, patched)
+        for bound in self.bound.values():
+            bound.graph = None
+        log.info("%s: refit %d weights for %s", self.component, len(weights), key or "the base")
+
+    def _execute(self, feeds: Feeds) -> Feeds:
         torch = self.torch
         bound = self._bind(feeds)
         with torch.cuda.stream(self.stream):

@@ -102,3 +102,5 @@ def test_a_tensorrt_plan_is_keyed_by_profile_and_gpu_and_refused_without_one(mod
         make_artifact(model_dir, 1, "tensorrt", "fp16", "model.plan", planned)
     key = BUILDERS["tensorrt"].key(planned, "fp16")
     assert key["profile"] == profile.shapes and key["target"] is None and key["precision"] == "fp16"
+    refittable = BUILDERS["tensorrt"].key(replace(planned, refit=True), "fp16")
+    assert "refit" not in key and refittable == {**key, "refit": True}  # neither plan stands for the other

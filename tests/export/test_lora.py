@@ -176,6 +176,7 @@ def test_the_adapted_onnx_session_in_memory_and_with_weights_beside_it(
     from sd_triton.engine_record import EngineRecord
     from sd_triton.lora import INDEX, LoraLibrary
     from sd_triton.runtime import ort_runner
+    from sd_triton.runtime.lora_weights import GraphWeights
 
     lora.add(repo, write_adapter(tmp_path / "big.safetensors", _pipe(repo), seed=8), "big", replace=True)
     folder = repo / "unet" / "1"
@@ -194,7 +195,9 @@ def test_the_adapted_onnx_session_in_memory_and_with_weights_beside_it(
     for limit in (ort_runner.PROTOBUF_LIMIT, 0):
         monkeypatch.setattr(ort_runner, "PROTOBUF_LIMIT", limit)
         runner = ort_runner.OrtRunner(folder / record.artifact)
-        runner.use_lora_index(library_dir(repo) / INDEX, record.sha256, ("unet",))
+        runner.lora = GraphWeights(
+            folder / record.artifact, library_dir(repo) / INDEX, record.sha256, ("unet",)
+        )
         base = runner.run(feeds)["noise_pred"]
         outputs.append(runner.run_adapted(feeds, adapters)["noise_pred"])
         assert (runner._adapted_dir is not None) == (limit == 0)
@@ -202,3 +205,76 @@ def test_the_adapted_onnx_session_in_memory_and_with_weights_beside_it(
     assert np.allclose(outputs[0], outputs[1], atol=1e-6)
     assert np.abs(outputs[0] - base).max() > 1e-3
     lora.remove(repo, "big")
+
+
+def test_refits_move_a_plan_between_sets_and_back_to_the_base_bit_exactly(repo: Path, tmp_path: Path) -> None:
+    """The TensorRT path (runtime/lora_weights.Refits, as trt_runner refits a plan) run on a CPU: a stand-in
+    for the plan's weights (the graph's initializers, by the names TensorRT's parser gives them) takes each
+    refit's weights. Through base -> a -> a+b -> b -> base -> b, the weights it holds give, run by ONNX
+    Runtime, python-ort's outputs for that set (no blend of the set before); back at the base they are the
+    graph's own bytes. After a refit that failed part way, the next one restores every weight it touched."""
+    from onnx import load, numpy_helper
+
+    from sd_triton.engine_record import EngineRecord
+    from sd_triton.lora import INDEX, LoraLibrary
+    from sd_triton.runtime.lora_weights import BASE, GraphWeights, Refits
+    from sd_triton.runtime.ort_runner import OrtRunner
+
+    pipe = _pipe(repo)
+    lora.add(repo, write_adapter(tmp_path / "p.safetensors", pipe, seed=8), "refit-p", replace=True)
+    lora.add(repo, write_adapter(tmp_path / "q.safetensors", pipe, seed=9, rank=2), "refit-q", replace=True)
+    folder = repo / "unet" / "1"
+    record = EngineRecord.load(folder)
+    assert record is not None
+    library = LoraLibrary(library_dir(repo))
+    sets = {
+        name: library.resolve(json.dumps(items))
+        for name, items in {
+            "a": [{"name": "refit-p"}],
+            "a+b": [{"name": "refit-p", "scale": 0.7}, {"name": "refit-q", "scale": 1.3}],
+            "b": [{"name": "refit-q", "scale": 1.3}],
+        }.items()
+    }
+    weights = GraphWeights(folder / record.artifact, library_dir(repo) / INDEX, record.sha256, ("unet",))
+    runner = OrtRunner(folder / record.artifact)
+    runner.lora = weights
+    width = pipe.unet.config.cross_attention_dim
+    rng = np.random.default_rng(1)
+    feeds = {
+        "sample": rng.normal(size=(1, 4, 8, 8)).astype(np.float32),
+        "timestep": np.array([[300.0]], np.float32),
+        "encoder_hidden_states": rng.normal(size=(1, 77, width)).astype(np.float32),
+    }
+    assert all(weights.patched(s) for s in sets.values() if s)  # reads the index: both adapters
+    graph = {i.name: numpy_helper.to_array(i) for i in load(str(folder / record.artifact)).graph.initializer}
+    plan_weights = {name: graph[name].copy() for name in weights.indexed()}
+    session = runner._adapted()  # takes every indexed initializer as an input: the stand-in's weights
+    refits, outputs = Refits(), {}
+    for name in ["base", "a", "a+b", "b", "base", "b"]:
+        adapters = sets.get(name)
+        key, patched = (BASE, {}) if adapters is None else (adapters.key, weights.patched(adapters) or {})
+        plan = refits.plan(key, patched, weights.initializer)
+        if plan is not None:
+            assert set(plan) <= set(plan_weights)
+            plan_weights.update(plan)
+            refits.held(key, patched)
+        assert refits.plan(key, patched, weights.initializer) is None  # held: nothing to set
+        got = session.run(["noise_pred"], {**feeds, **plan_weights})[0]
+        expected = runner.run(feeds) if adapters is None else runner.run_adapted(feeds, adapters)
+        assert np.array_equal(got, expected["noise_pred"]), name
+        outputs[name] = got
+        if name == "base":
+            assert all(np.array_equal(plan_weights[n], graph[n]) for n in plan_weights)  # bit-exact
+    assert min(np.abs(outputs[n] - outputs["base"]).max() for n in sets) > 1e-3  # each set changes it
+    # a refit failing half way: the weights it set are unknown, the next refit to the base restores them all
+    plan = refits.plan(sets["a"].key, weights.patched(sets["a"]) or {}, weights.initializer)  # type: ignore[union-attr]
+    assert plan is not None
+    half = dict(list(plan.items())[: len(plan) // 2])
+    plan_weights.update(half)
+    refits.failed(half)
+    restore = refits.plan(BASE, {}, weights.initializer)
+    assert restore is not None and set(half) <= set(restore)
+    plan_weights.update(restore)
+    assert all(np.array_equal(plan_weights[n], graph[n]) for n in plan_weights)
+    lora.remove(repo, "refit-p")
+    lora.remove(repo, "refit-q")

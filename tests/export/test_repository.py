@@ -208,6 +208,18 @@ def test_mixed_engines_from_the_command_line() -> None:
     assert parse_engines("onnxruntime") == dict.fromkeys(c.ENGINE_MODELS, "onnxruntime")
 
 
+def test_tensorrt_refit_covers_the_components_adapters_change() -> None:
+    """`--tensorrt-refit`: the UNet's and the text encoder's plans are built refittable, the VAE's not."""
+    from sd_triton.cli import build_parser
+    from sd_triton.cliargs import from_args
+
+    line = ["export", "--model", "tiny", "--engine", "tensorrt", "--tensorrt-refit"]
+    args = build_parser().parse_args(line)
+    settings = from_args(RepositorySettings, args, engines=parse_engines(args.engine))
+    assert sorted(m for m in c.ENGINE_MODELS if settings.refit(m)) == ["text_encoder", "unet"]
+    assert not any(RepositorySettings().refit(m) for m in c.ENGINE_MODELS)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [

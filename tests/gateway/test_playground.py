@@ -85,6 +85,8 @@ def test_info_has_the_served_model_limits_and_defaults(http: httpx.Client, clien
         "max_images": 4,
         "max_pixels": 1024 * 1024,  # the gateway's default
         "max_prompt_chars": 2000,
+        "max_loras": 4,
+        "max_lora_scale": 4.0,
     }
     assert info["schedulers"] == list(SCHEDULERS)
     assert info["defaults"] == {

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +23,11 @@ from sd_triton import contract as c
 from sd_triton.export import lora
 from sd_triton.export.pipeline import ExportOptions, run_export
 from sd_triton.export.repository import RepositorySettings
+from sd_triton.gateway.process import GatewayProcess
 from sd_triton.txt2img_client import txt2img
-from tests.conftest import WORK_DIR, triton_server
+from tests.conftest import WORK_DIR, free_port, triton_server
 from tests.export.test_lora import write_adapter
+from tests.gateway.test_playground import browser  # noqa: F401 - the fixture
 from tests.integration.test_parity import MAX_ABS_DIFF, max_abs_diff
 
 PROMPT = "a red circle on a blue background"
@@ -55,10 +58,25 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         triton_server(repo, work / "triton.log") as server,
         grpcclient.InferenceServerClient(server.grpc_url) as client,
     ):
+        served = {
+            "client": client,
+            "repo": repo,
+            "folder": folder,
+            "files": files,
+            "grpc_url": server.grpc_url,
+        }
+        served["fresh_base"] = _ours(served, "", [])  # before any adapter is added or asked for
         for name in ("a", "b"):  # added while Triton serves: no reload
             for pipeline in PIPELINES:
                 lora.add(repo, files[name], name, pipeline)
-        yield {"client": client, "repo": repo, "folder": folder, "files": files, "grpc_url": server.grpc_url}
+        yield served
+
+
+@pytest.fixture(scope="module")
+def gateway(served: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    log_file = tmp_path_factory.mktemp("lora-gateway") / "gateway.log"
+    with GatewayProcess(served["grpc_url"], port=free_port(), log_file=log_file) as process:
+        yield process
 
 
 def _diffusers(served: dict, sets: list[tuple[str, float]]) -> np.ndarray:
@@ -93,8 +111,8 @@ def test_adapters_match_diffusers_load_lora_weights(served: dict, pipeline: str)
 
 def test_mixed_sets_in_flight_together_and_the_base_stays_the_base(served: dict) -> None:
     """The base and four adapter sets in flight together (one continuous batch): each gives what it gives
-    alone; a base request after them is bit-identical to the one before; an adapter added while Triton
-    serves is usable at once."""
+    alone; a base request after them is bit-identical to the one before and to the server's first, before
+    any adapter; an adapter added while Triton serves is usable at once."""
     lora.add(served["repo"], served["files"]["c"], "c")
     sets: list[list[tuple[str, float]]] = [
         [],
@@ -110,6 +128,7 @@ def test_mixed_sets_in_flight_together_and_the_base_stays_the_base(served: dict)
     for index, images in enumerate(together):
         assert max_abs_diff(images, alone[index % len(sets)]) <= 1, sets[index % len(sets)]
     assert np.array_equal(_ours(served, "", []), before)
+    assert np.array_equal(before, served["fresh_base"])
     assert len({alone_images.tobytes() for alone_images in alone}) == len(sets)  # every set its own image
 
 
@@ -137,7 +156,7 @@ def test_bad_adapters_are_invalid_arg_naming_loras(served: dict, loras: str, wor
     assert txt2img(served["client"], PROMPT, **PARAMS).images.shape == (1, 64, 64, 3)  # still serving
 
 
-def test_the_gateway_takes_loras(served: dict, tmp_path: Path) -> None:
+def test_the_gateway_takes_loras(served: dict, gateway: GatewayProcess) -> None:
     """`loras` on /v1/generate and /v1/jobs: the images Triton gives directly, the adapters (with their
     files' sha256) in the provenance and the cache key; GET /v1/loras lists every model's; an adapter added
     a moment ago is found; an unknown adapter is a 422 naming `loras` at submission, as are too many and a
@@ -148,17 +167,12 @@ def test_the_gateway_takes_loras(served: dict, tmp_path: Path) -> None:
     import httpx
     from PIL import Image
 
-    from sd_triton.gateway.process import GatewayProcess
-    from tests.conftest import free_port
+    from sd_triton.sdk import Client
     from tests.load import job_events
 
-    triton_grpc = served["grpc_url"]
     body = {"prompt": PROMPT, "steps": 6, "seed": 3, "scheduler": "ddim", "width": 64, "height": 64,
             "loras": [{"name": "a", "scale": 0.7}, {"name": "b", "scale": 1.3}]}  # fmt: skip
-    with (
-        GatewayProcess(triton_grpc, port=free_port(), log_file=tmp_path / "gateway.log") as gateway,
-        httpx.Client(base_url=gateway.url, timeout=60) as http,
-    ):
+    with httpx.Client(base_url=gateway.url, timeout=60) as http:
         response = http.post("/v1/generate", json=body)
         assert response.status_code == 200, response.text
         image = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["base64"]))))
@@ -179,6 +193,10 @@ def test_the_gateway_takes_loras(served: dict, tmp_path: Path) -> None:
             "a",
             "b",
         ]
+        with Client(gateway.url) as sdk:  # the SDK passes `loras` and lists them
+            via_sdk = sdk.generate(PROMPT, **{k: v for k, v in body.items() if k != "prompt"})
+            assert via_sdk.images[0].base64 == response.json()["images"][0]["base64"]
+            assert [card["name"] for card in sdk.loras(model="torch")] == ["a", "b"]
         job = http.post("/v1/jobs", json={**body, "seed": 4}).json()
         frames = [f["event"] for f in job_events(http, job["id"])]
         assert frames == ["queued"] + ["step"] * 6 + ["completed"], frames
@@ -196,3 +214,33 @@ def test_the_gateway_takes_loras(served: dict, tmp_path: Path) -> None:
             assert bad.status_code == 422 and bad.json()["error"]["field"].startswith("loras"), bad.text
             assert words in bad.json()["error"]["message"], bad.text
         assert http.get("/readyz").status_code == 200
+
+
+def test_the_playground_sends_the_ticked_adapters(
+    served: dict,
+    gateway: GatewayProcess,
+    browser: Any,  # noqa: F811 - the fixture
+) -> None:
+    """The page lists the chosen model's adapters, each with a scale; the ticked ones go in `loras`: the
+    image shown is the one Triton gives for that set."""
+    from selenium.webdriver.support.select import Select
+
+    from tests.gateway.test_playground import Playground, decode
+
+    page = Playground(browser, gateway.url).open()
+    ticks = page.wait(
+        lambda: page.driver.find_elements("css selector", "#adapter-list input[type=checkbox]"),
+        10,
+        "adapters",
+    )
+    assert {"a", "b"} <= {tick.get_attribute("data-name") for tick in ticks}
+    page.el("lora-b").click()
+    page.fill(
+        prompt=PROMPT, width=64, height=64, steps=6, guidance_scale=7.5, seed=3, **{"lora-scale-b": 1.3}
+    )
+    Select(page.el("scheduler")).select_by_value("ddim")
+    page.el("generate").click()
+    page.wait(lambda: page.driver.find_elements("css selector", "#images img.result"), 120, "the image")
+    shown = decode(page.driver.find_element("css selector", "#images img.result").get_attribute("src"))
+    np.testing.assert_array_equal(shown, _ours(served, "", [("b", 1.3)])[0])
+    assert not [e for e in page.console() if e["level"] == "SEVERE"]

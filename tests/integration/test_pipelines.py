@@ -20,6 +20,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from sd_triton import contract as c
 from sd_triton.export.pipeline import ExportOptions, run_export
@@ -280,7 +281,6 @@ def test_the_gateway_runs_base_and_refiner_as_one_job(served: dict) -> None:
     steps = [(f["data"]["step"], f["data"]["steps"]) for f in frames if f["event"] == "step"]
     assert steps == [(i, 10) for i in range(1, 11)], steps  # 7 base + 3 refiner steps (Euler: 0.7 of 10)
     assert frames[-1]["event"] == "completed"
-    from tritonclient.utils import InferenceServerException
 
     for params, name in (
         ({"denoising_end": 1.5}, "DENOISING_END"),
@@ -297,8 +297,9 @@ def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
 ) -> None:
     """`lora add --pipeline xl` checks an SDXL adapter (UNet and the second text encoder) against xl's
     checkpoint and files it under xl_denoise/loras, which Triton ignores: xl_denoise reloads and serves the
-    same images; tiny's adapter is refused for xl (another base), naming a target. Requests naming it get
-    diffusers' StableDiffusionXLPipeline images with load_lora_weights + set_adapters."""
+    same images; tiny's adapter is refused for xl (another base), naming a target. Requests naming one
+    adapter, or two at different scales (between them the UNet and both text encoders), get diffusers'
+    StableDiffusionXLPipeline images with load_lora_weights + set_adapters."""
     from safetensors.torch import save_file
 
     from sd_triton.export import lora
@@ -309,13 +310,20 @@ def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
     common = dict(height=64, width=64, steps=4, scheduler="ddim", seed=9)
     before = txt2img(client, PROMPT, pipeline="xl", **common).images
     xl = StableDiffusionXLPipeline.from_pretrained(served["manifests"]["xl"]["source"]["path"])
-    tensors = {}
-    for prefix, module in (("unet", xl.unet), ("text_encoder_2", xl.text_encoder_2)):
-        for name, layer in module.named_modules():
-            if isinstance(layer, torch.nn.Linear) and name.endswith(("to_k", "k_proj")):
-                tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(2, layer.in_features) * 0.3
-                tensors[f"{prefix}.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2) * 0.3
-    save_file(tensors, str(tmp_path / "xl.safetensors"))
+    # xl-style: the UNet's and the second text encoder's keys; xl-detail: the UNet's values and the first's
+    for file, suffixes, encoder, seed in (
+        ("xl.safetensors", ("to_k", "k_proj"), "text_encoder_2", 0),
+        ("xl-detail.safetensors", ("to_v", "v_proj"), "text_encoder", 1),
+    ):
+        generator, tensors = torch.Generator().manual_seed(seed), {}
+        for prefix, module in (("unet", xl.unet), (encoder, getattr(xl, encoder))):
+            for name, layer in module.named_modules():
+                if isinstance(layer, torch.nn.Linear) and name.endswith(suffixes):
+                    down = torch.randn(2, layer.in_features, generator=generator)
+                    up = torch.randn(layer.out_features, 2, generator=generator)
+                    tensors[f"{prefix}.{name}.lora_A.weight"] = down * 0.3
+                    tensors[f"{prefix}.{name}.lora_B.weight"] = up * 0.3
+        save_file(tensors, str(tmp_path / file))
     record = lora.add(repo, tmp_path / "xl.safetensors", "xl-style", pipeline="xl")
     assert set(record.components) == {"unet", "text_encoder_2"} and record.architecture == "sdxl"
     assert (repo / "xl_denoise" / "loras" / "xl-style" / "lora.json").is_file()
@@ -327,16 +335,31 @@ def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
         lora.add(repo, write_adapter(tmp_path / "sd.safetensors", sd, seed=1), "sd-style", pipeline="xl")
     triton_load(f"localhost:{served['http_port']}", "xl_denoise")  # the library folder is no version
     assert np.array_equal(txt2img(client, PROMPT, pipeline="xl", **common).images, before)
-    # served: diffusers' StableDiffusionXLPipeline with load_lora_weights + set_adapters gives the same images
-    ours = txt2img(client, PROMPT, pipeline="xl", loras=[{"name": "xl-style", "scale": 0.8}], **common).images
+    detail = lora.add(repo, tmp_path / "xl-detail.safetensors", "xl-detail", pipeline="xl")
+    assert set(detail.components) == {"unet", "text_encoder"}
+    # its first text encoder's last layer is in no graph (SDXL reads the layer before): indexed as absent
+    index = json.loads((repo / "xl_denoise" / "loras" / "index.json").read_text())
+    absent = {t for entry in index.values() for t, place in entry.items() if place is None}
+    assert absent and all(t.startswith("text_encoder.") and ".layers.1." in t for t in absent)
+    # served: diffusers' StableDiffusionXLPipeline with load_lora_weights + set_adapters gives the same
+    # images, for one adapter and for two at different scales
     xl.load_lora_weights(str(tmp_path / "xl.safetensors"), adapter_name="xl-style")
-    xl.set_adapters(["xl-style"], [0.8])
+    xl.load_lora_weights(str(tmp_path / "xl-detail.safetensors"), adapter_name="xl-detail")
     xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
     xl.set_progress_bar_config(disable=True)
-    theirs = xl(PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=7.5, output_type="np",
-                generator=[torch.Generator().manual_seed(9)]).images  # fmt: skip
-    assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
-    assert max_abs_diff(ours, before) > 10  # the adapter changes the image
+    for sets in ([("xl-style", 0.8)], [("xl-style", 0.8), ("xl-detail", 1.2)]):
+        loras = [{"name": n, "scale": s} for n, s in sets]
+        ours = txt2img(client, PROMPT, pipeline="xl", loras=loras, **common).images
+        xl.set_adapters([n for n, _ in sets], [s for _, s in sets])
+        theirs = xl(PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                    generator=[torch.Generator().manual_seed(9)]).images  # fmt: skip
+        assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF, sets
+        assert max_abs_diff(ours, before) > 10, f"{sets} hardly changes the image"
+    with pytest.raises(InferenceServerException, match="no adapter 'xl-style'"):  # not the SD base's
+        txt2img(client, PROMPT, loras=[{"name": "xl-style"}], **common)
+    detail_only = txt2img(client, PROMPT, pipeline="xl", loras=[{"name": "xl-detail"}], **common).images
+    assert max_abs_diff(detail_only, before) > 10  # the second adapter changes the image too
+    lora.remove(repo, "xl-detail", pipeline="xl")
     lora.remove(repo, "xl-style", pipeline="xl")
 
 
