@@ -126,6 +126,9 @@ def _lora(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from sd_triton.export.controlnet import parse_option
     from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.export.repository import RepositorySettings
 
@@ -138,7 +141,9 @@ def _export(args: argparse.Namespace) -> int:
         fp16=tuple(name for name in args.fp16.split(",") if name),
         pipeline=args.name,
     )
-    run_export(ExportOptions(model=args.model, repo=Path(args.repo), settings=settings, limits=limits))
+    controlnets = dict(parse_option(text) for text in args.controlnet)
+    options = ExportOptions(model=args.model, repo=Path(args.repo), settings=settings, limits=limits)
+    run_export(replace(options, controlnets=controlnets))
     return 0
 
 
@@ -176,6 +181,14 @@ def add_parser(sub: Any) -> None:
         "(xl_txt2img, ...), its manifest manifest.NAME.json; one Triton serves them all",
     )
     ex.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    ex.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a ControlNet served with the pipeline: a diffusers ControlNetModel folder, or random:SEED (one "
+        "built from the pipeline's UNet, for tests and demos); repeatable",
+    )
     ex.add_argument("--ort-tensorrt", action="store_true", help="onnxruntime kind: TensorRT accelerator")
     ex.add_argument(
         "--tensorrt-refit",

@@ -27,6 +27,7 @@ class Manifest:
     settings: RepositorySettings  # what `sd-triton engine set` regenerates configs from
     live: dict[str, list[int]]  # per engine model, the versions served in turn, the live one last
     components: dict[str, Any] = field(default_factory=dict)  # per component, its artifacts and hashes
+    controlnets: dict[str, str] = field(default_factory=dict)  # name -> what it was exported from
     sd_triton_version: str = __version__
     export_seconds: float = 0.0
 
@@ -82,6 +83,7 @@ class Manifest:
             settings=RepositorySettings(**{**settings, **tuples}),
             live={name: [int(v) for v in history] for name, history in stored["live"].items()},
             components=stored.get("components", {}),
+            controlnets=stored.get("controlnets", {}),
             sd_triton_version=stored.get("sd_triton_version", ""),
             export_seconds=stored.get("export_seconds", 0.0),
         )

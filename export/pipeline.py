@@ -21,6 +21,7 @@ from sd_triton.engine_record import EngineRecord
 from sd_triton.export.artifacts import BUILDERS, Artifact, ArtifactSource, ArtifactUnavailable, make_artifact
 from sd_triton.export.checkpoint import Checkpoint, sha256_file, sha256_tree
 from sd_triton.export.components import Component, Profile, components
+from sd_triton.export.controlnet import export_controlnets
 from sd_triton.export.manifest import Manifest, ManifestError
 from sd_triton.export.onnx_export import OPSET, export_onnx
 from sd_triton.export.presets import PRESETS, ensure_preset_checkpoint
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # committed in the source tree (see its README), not in the wheel: 22 MB that only the demo uses
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
-STEPS = 6
+STEPS = 7
 # the checkpoint's tokenizer folders -> tokenizer/1/'s, by architecture (a refiner's one is SDXL's second)
 TOKENIZER_FOLDERS = {
     "sd": {"tokenizer": "tokenizer"},
@@ -57,6 +58,8 @@ class ExportOptions:
     settings: RepositorySettings = field(default_factory=RepositorySettings)
     limits: Limits = field(default_factory=Limits)
     work_dir: Path = field(default_factory=paths.work_dir)  # presets, TensorRT timing cache
+    # ControlNets served with the pipeline: name -> a ControlNetModel folder or random:SEED (controlnet.py)
+    controlnets: dict[str, str] = field(default_factory=dict)
 
 
 def _step(n: int, what: str) -> None:
@@ -102,18 +105,23 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     _step(4, "python steps: tokenizer files, pipeline.json, model.py files")
     entries.update(_write_python_steps(checkpoint, repo, options.limits, settings))
 
-    _step(5, "config.pbtxt for every model, engine.json in every engine's version 1")
+    _step(5, f"ControlNets: {', '.join(sorted(options.controlnets)) or 'none'}")
+    controls = export_controlnets(options.controlnets, checkpoint, repo, settings.pipeline, options.work_dir)
+
+    _step(6, "config.pbtxt for every model, engine.json in every engine's version 1")
     records = _engine_records(repo, settings, entries, artifacts)
     served = served_model(options.model, checkpoint, options.limits, settings.pipeline)
+    served = replace(served, controlnets=[record.summary() for record in controls])
     write_configs(repo, settings, served, records)
 
-    _step(6, f"manifest {repo / manifest_file(settings.pipeline)}")
+    _step(7, f"manifest {repo / manifest_file(settings.pipeline)}")
     manifest = Manifest(
         source={"model": options.model, "path": str(checkpoint.path.resolve())},
         limits=options.limits,
         settings=settings,
         live={name: [1] for name in records},  # a re-export serves version 1 again
         components=entries,
+        controlnets={record.name: record.source for record in controls},
         export_seconds=round(time.monotonic() - started, 2),
     )
     manifest.save(repo)

@@ -69,6 +69,28 @@ def open_image(data: str, field: str, max_pixels: int) -> Image.Image:
     return image
 
 
+def control_map(
+    data: str, field: str, max_pixels: int, width: int, height: int, preprocess: str, low: int, high: int
+) -> np.ndarray[Any, Any]:
+    """A ControlNet's control image, opened (`open_image`) and checked to be the output's size, as the
+    map the ControlNet takes: uint8 [height, width, 3], the image's RGB (`preprocess` none) or OpenCV's
+    Canny edges of it (canny: white edges on black, the three channels alike, as diffusers' examples
+    make them). Errors name `field`."""
+    image = open_image(data, field, max_pixels)
+    if image.size != (width, height):
+        raise InvalidRequestError(
+            f"{field}: {image.size[0]}x{image.size[1]}, the output {width}x{height}: they must match",
+            field=field,
+        )
+    pixels = np.asarray(image.convert("RGB"))
+    if preprocess == "none":
+        return pixels
+    import cv2  # the gateway's dependency for canny alone
+
+    edges = cv2.Canny(pixels, low, high)
+    return np.repeat(edges[:, :, None], 3, axis=2)
+
+
 def init_pixels(image: Image.Image, width: int, height: int) -> np.ndarray[Any, Any]:
     """An init image as uint8 [height, width, 3]: RGB (alpha dropped), resized with Lanczos when its size
     differs, as diffusers' VaeImageProcessor does."""

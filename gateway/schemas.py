@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd_triton.contract import (
     DEFAULT_AESTHETIC_SCORE,
@@ -14,6 +14,8 @@ from sd_triton.contract import (
     DEFAULT_NEGATIVE_AESTHETIC_SCORE,
     DEFAULT_SCHEDULER,
     DEFAULT_STRENGTH,
+    MAX_CONTROL_SCALE,
+    MAX_CONTROLNETS,
     MAX_LORA_SCALE,
     MAX_LORAS,
     MAX_SIZE_CONDITIONING,
@@ -43,6 +45,38 @@ class LoraRef(BaseModel):
     scale: float = Field(
         1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="the adapter's weight; 0: off, 1: as trained"
     )
+
+
+class ControlNetRef(BaseModel):
+    """One ControlNet of the model (exported with it: GET /v1/models lists them), its control image and
+    how strongly and when it steers (diffusers' StableDiffusionControlNetPipeline arguments)."""
+
+    model_config = STRICT
+
+    name: str = Field(..., min_length=1, max_length=64, examples=["canny"])
+    image: str = Field(
+        ...,
+        max_length=MAX_IMAGE_CHARS,
+        description="the control image, base64 or a data URI (PNG, JPEG or WebP), of the output's size",
+    )
+    scale: float = Field(
+        1.0, ge=0.0, le=MAX_CONTROL_SCALE, description="controlnet_conditioning_scale: 0 off, 1 as trained"
+    )
+    start: float = Field(0.0, ge=0.0, le=1.0, description="control_guidance_start: steps before it (share)")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="control_guidance_end: it stops after this share")
+    preprocess: Literal["none", "canny"] = Field(
+        "none", description="none: the image is the control map; canny: OpenCV's Canny edges of the image"
+    )
+    low_threshold: int = Field(100, ge=0, le=1000, description="canny: the hysteresis' low threshold")
+    high_threshold: int = Field(200, ge=0, le=1000, description="canny: the hysteresis' high threshold")
+
+    @model_validator(mode="after")
+    def _window(self) -> ControlNetRef:
+        if not self.start < self.end:
+            raise ValueError(f"start ({self.start:g}) must be below end ({self.end:g})")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed high_threshold")
+        return self
 
 
 class GenerationOptions(BaseModel):
@@ -130,6 +164,12 @@ class GenerationOptions(BaseModel):
         max_length=MAX_LORAS,
         description=f"LoRA adapters of the model's library, each with its scale (at most {MAX_LORAS}); "
         "applied per request, no reload (GET /v1/loras lists them)",
+    )
+    controlnets: list[ControlNetRef] | None = Field(
+        None,
+        max_length=MAX_CONTROLNETS,
+        description=f"ControlNets of the model, each with its control image (at most {MAX_CONTROLNETS}); "
+        "several are summed as diffusers' MultiControlNet does",
     )
     refiner: str | None = Field(
         None,
@@ -233,6 +273,11 @@ class Provenance(BaseModel):
     )
     loras: list[dict[str, Any]] = Field(
         default_factory=list, description="the LoRA adapters it ran with: name, scale, the file's sha256"
+    )
+    controlnets: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="the ControlNets it ran with: name, scale, start, end, preprocess, the ControlNet's "
+        "sha256 and its control map's",
     )
     refiner: str | None = Field(
         None, description="the refiner that finished the denoising, with denoising_end"

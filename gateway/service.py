@@ -21,11 +21,19 @@ from sd_triton.contract import DEFAULT_DENOISING_END, DEFAULT_STRENGTH
 from sd_triton.gateway.backend import TritonBackend
 from sd_triton.gateway.cache import ResultCache, cache_key
 from sd_triton.gateway.errors import InvalidRequestError
-from sd_triton.gateway.images import CONTENT_TYPES, ImageEncoder, init_pixels, mask_pixels, open_image
+from sd_triton.gateway.images import (
+    CONTENT_TYPES,
+    ImageEncoder,
+    control_map,
+    init_pixels,
+    mask_pixels,
+    open_image,
+)
 from sd_triton.gateway.metrics import GatewayMetrics
 from sd_triton.gateway.routing import pick
 from sd_triton.gateway.schemas import (
     ComponentProvenance,
+    ControlNetRef,
     GenerateResponse,
     GenerationOptions,
     Image,
@@ -182,8 +190,10 @@ class Generator:
         init: InitImage | None,
         served: ServedModel,
         refine: Refine | None,
+        extra: dict[str, Any],
     ) -> Txt2ImgResult:
-        """One prompt through txt2img_stream, `progress` awaited after every step. A base + refiner run
+        """One prompt through txt2img_stream, `progress` awaited after every step (`extra`: the base
+        model's adapters and ControlNets). A base + refiner run
         streams the base's steps then the refiner's as one count: until the hand-off the total is the
         request's steps (exact for first-order schedulers; a second-order one's is settled at the
         hand-off), then the steps both ran."""
@@ -191,9 +201,7 @@ class Generator:
             raise InvalidRequestError("prompts: a streamed generation takes one prompt", field="prompts")
         job = jobs[0]
         if refine is None:
-            return await self._stream_one(
-                job, request, preview, init, served.pipeline, progress, _loras(request)
-            )
+            return await self._stream_one(job, request, preview, init, served.pipeline, progress, extra)
         base_steps = 0  # the base's steps, as it reports them
 
         async def base_progress(event: Progress) -> None:  # the refiner runs one step at least
@@ -208,7 +216,7 @@ class Generator:
                 dataclasses.replace(event, step=base_steps + event.step, steps=base_steps + event.steps)
             )
 
-        handoff = {"latents": True, "denoising_end": refine.end, **_loras(request)}
+        handoff = {"latents": True, "denoising_end": refine.end, **extra}
         base = await self._stream_one(job, request, preview, init, served.pipeline, base_progress, handoff)
         refined = {"denoising_start": refine.end, "start_latents": base.latents}
         second = refine.jobs[0]
@@ -239,15 +247,16 @@ class Generator:
 
     async def _run(
         self, index: int, jobs: list[Job], request: GenerationOptions, init: InitImage | None,
-        served: ServedModel, refine: Refine | None,
+        served: ServedModel, refine: Refine | None, extra: dict[str, Any],
     ) -> Txt2ImgResult:  # fmt: skip
-        """Prompt `index`'s txt2img call; a base + refiner run's two (the refiner from the base's latents)."""
+        """Prompt `index`'s txt2img call (`extra`: the model's adapters and ControlNets); a base + refiner
+        run's two (the refiner from the base's latents)."""
         job = jobs[index]
         handoff: dict[str, Any] = {} if refine is None else {"latents": True, "denoising_end": refine.end}
         base = await self.backend.txt2img(
             job.prompt,
             pipeline=served.pipeline,
-            **_call_args(job, request, init, {**_loras(request), **handoff}),
+            **_call_args(job, request, init, {**extra, **handoff}),
         )
         if refine is None:
             return base
@@ -310,6 +319,28 @@ class Generator:
             raise InvalidRequestError(f"mask: {mw}x{mh}, the image {iw}x{ih}: they must match", field="mask")
         return InitImage(image, mask)
 
+    async def _controls(self, request: GenerationOptions, jobs: list[Job]) -> Controls:
+        """The request's ControlNets and their control maps (decoded, checked to be the output's size,
+        preprocessed off the event loop); empty without any."""
+        if not request.controlnets:
+            return Controls()
+        params = jobs[0].params
+        maps = [
+            await self.encoder.run(
+                control_map,
+                ref.image,
+                f"controlnets[{index}].image",
+                self.settings.max_image_pixels,
+                params.width,
+                params.height,
+                ref.preprocess,
+                ref.low_threshold,
+                ref.high_threshold,
+            )  # fmt: skip
+            for index, ref in enumerate(request.controlnets)
+        ]
+        return Controls(list(request.controlnets), maps)
+
     async def served(self, model: str | None = None, loras: list[LoraRef] | None = None) -> ServedModel:
         """The served pipeline a request's `model` names (the default without one); a 422 naming `model`
         and the served ids when it names none. An adapter it does not know yet: read again (one added
@@ -327,6 +358,7 @@ class Generator:
         base = _base_request(request)
         jobs = self.plan(prompts, base, served, None if init is None else init.opened.size)
         await self._refine(prompts, request, served, jobs, init)
+        await self._controls(request, jobs)
 
     def plan(
         self,
@@ -363,6 +395,7 @@ class Generator:
             )
         seed = secrets.randbelow(SEED_RANGE) if request.seed is None else request.seed
         conditioning = size_conditioning(request, served, height, width)
+        _check_controlnets(request, served)
         for ref in request.loras or []:
             if served.adapter(ref.name) is None:
                 known = ", ".join(a["name"] for a in served.loras) or "none"
@@ -420,6 +453,7 @@ class Generator:
         served = await self.served(request.model, request.loras)
         jobs = self.plan(prompts, _base_request(request), served, None if init is None else init.opened.size)
         refine = await self._refine(prompts, request, served, jobs, init)
+        controls = await self._controls(request, jobs)
         if init is not None:
             init = await self.encoder.run(init.sized, jobs[0].params.width, jobs[0].params.height)
         digest = None if init is None else init.digest
@@ -428,6 +462,8 @@ class Generator:
         )
         if request.loras:  # the adapters' files, by hash: one re-added under its name is another key
             fingerprint += " with " + json.dumps(_lora_provenance(served, request))
+        if controls.refs:  # the ControlNets, their settings and their control maps' pixels
+            fingerprint += " controlled by " + json.dumps(controls.provenance(served))
         key = cache_key(fingerprint, prompts, request, jobs, digest) if self.cache else None
         bypass = self.cache is not None and not use_cache and self.cache.bypass(key)
         if self.cache and use_cache and (hit := await self.cache.get(key)) is not None:
@@ -439,10 +475,12 @@ class Generator:
         # 1. One txt2img call per prompt, all in flight together: Triton batches them at the UNet.
         called = time.perf_counter()
         if progress is not None:
-            results = [await self._streamed(jobs, request, progress, preview, init, served, refine)]
+            extra = {**_loras(request), **controls.backend_params()}
+            results = [await self._streamed(jobs, request, progress, preview, init, served, refine, extra)]
         else:
+            extra = {**_loras(request), **controls.backend_params()}
             results = await asyncio.gather(
-                *(self._run(index, jobs, request, init, served, refine) for index in range(len(jobs)))
+                *(self._run(i, jobs, request, init, served, refine, extra) for i in range(len(jobs)))
             )
         inferred = time.perf_counter()
 
@@ -482,7 +520,12 @@ class Generator:
             ),
             provenance=_provenance(
                 served, request.scheduler, results, None if init is None else init.mode, refine
-            ).model_copy(update={"loras": _lora_provenance(served, request)}),
+            ).model_copy(
+                update={
+                    "loras": _lora_provenance(served, request),
+                    "controlnets": controls.provenance(served),
+                }
+            ),
             truncation=[
                 Truncation(
                     prompt_tokens_cut=r.prompt_truncated_tokens,
@@ -508,6 +551,53 @@ def _call_args(
         **extra,
         **dataclasses.asdict(job.params),
     }
+
+
+@dataclass(frozen=True)
+class Controls:
+    """A request's ControlNets and their control maps (uint8 [height, width, 3] each)."""
+
+    refs: list[ControlNetRef] = dataclasses.field(default_factory=list)
+    maps: list[np.ndarray[Any, Any]] = dataclasses.field(default_factory=list)
+
+    def backend_params(self) -> dict[str, Any]:
+        """txt2img's `controlnets` and `control_images` arguments (none without ControlNets)."""
+        if not self.refs:
+            return {}
+        refs = [ref.model_dump(include={"name", "scale", "start", "end"}) for ref in self.refs]
+        return {"controlnets": refs, "control_images": np.stack(self.maps)}
+
+    def provenance(self, served: ServedModel) -> list[dict[str, Any]]:
+        """Each ControlNet's settings, its sha256 (the model's) and its control map's."""
+        sha256 = {entry.get("name"): entry.get("sha256", "") for entry in served.controlnets}
+        return [
+            {
+                **ref.model_dump(exclude={"image"}),
+                "sha256": sha256.get(ref.name, ""),
+                "map_sha256": hashlib.sha256(pixels.tobytes()).hexdigest(),
+            }
+            for ref, pixels in zip(self.refs, self.maps, strict=True)
+        ]
+
+
+def _check_controlnets(request: GenerationOptions, served: ServedModel) -> None:
+    """The request's ControlNets are the model's, each named once, without LoRA adapters."""
+    known = [entry.get("name") for entry in served.controlnets]
+    names = [ref.name for ref in request.controlnets or []]
+    for name in names:
+        if name not in known:
+            raise InvalidRequestError(
+                f"controlnets: no ControlNet {name!r} in {served.model} (ControlNets: "
+                f"{', '.join(str(k) for k in known) or 'none'}; GET /v1/models)",
+                field="controlnets",
+            )
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"controlnets: a ControlNet is named twice: {names}", field="controlnets")
+    if names and request.loras:
+        raise InvalidRequestError(
+            "controlnets: not with loras in one request (the controlled UNet runs the base's weights)",
+            field="controlnets",
+        )
 
 
 def _lora_provenance(served: ServedModel, request: GenerationOptions) -> list[dict[str, Any]]:

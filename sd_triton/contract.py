@@ -170,6 +170,14 @@ LORAS = _t("LORAS", "TYPE_STRING", 1, optional=True)
 LORA_LIBRARY = _t("LORA_LIBRARY", "TYPE_BOOL", 1, optional=True)
 MAX_LORAS = 4  # adapters per request
 MAX_LORA_SCALE = 4.0  # |scale| at most: past it an adapter's delta dwarfs the base (a client's mistake)
+# ControlNets exported with the pipeline (`sd-triton export --controlnet NAME=PATH`): JSON
+# [{"name", "scale", "start", "end"}] (defaults 1, 0, 1; 0 <= scale <= 2, 0 <= start < end <= 1, at most 3)
+# and CONTROL_IMAGES [K, HEIGHT, WIDTH, 3], the k-th ControlNet's control image (already preprocessed:
+# the map itself). The inline UNet path only
+CONTROLNETS = _t("CONTROLNETS", "TYPE_STRING", 1, optional=True)
+CONTROL_IMAGES = _t("CONTROL_IMAGES", "TYPE_UINT8", -1, -1, -1, 3, optional=True)
+MAX_CONTROLNETS = 3
+MAX_CONTROL_SCALE = 2.0
 
 # --- pipeline outputs ---
 IMAGES = _t("IMAGES", "TYPE_UINT8", -1, -1, -1, 3)  # [N, H, W, 3]
@@ -224,6 +232,8 @@ TXT2IMG = ModelSpec(
         DENOISING_START,
         START_LATENTS,
         LORAS,
+        CONTROLNETS,
+        CONTROL_IMAGES,
     ),
     # LATENTS: the final latents (a hand-off's base passes them to the refiner); ask for them only then
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES, LATENTS),
@@ -266,6 +276,7 @@ DENOISE_GENERATION_INPUTS = (PROMPT_EMBEDS, HEIGHT, WIDTH, STEPS, GUIDANCE_SCALE
 DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: image-to-image, inpainting
 DENOISE_HANDOFF_INPUTS = (DENOISING_END, DENOISING_START, START_LATENTS)  # optional: base + refiner
 DENOISE_LORA_INPUTS = (LORAS,)  # optional: the request's adapters
+DENOISE_CONTROL_INPUTS = (CONTROLNETS, CONTROL_IMAGES)  # optional: the request's ControlNets
 # SDXL's: the second text encoder's pooled embeddings (or, inline, the second tokenizer's ids) and the size
 # conditioning; NEGATIVE_PROMPT's absence zeroes the unconditional rows where the checkpoint says so
 DENOISE_XL_INPUTS = (
@@ -288,6 +299,7 @@ DENOISE = ModelSpec(
         *DENOISE_XL_INPUTS,
         *DENOISE_HANDOFF_INPUTS,
         *DENOISE_LORA_INPUTS,
+        *DENOISE_CONTROL_INPUTS,
         CANCEL,
         LORA_LIBRARY,
     ),

@@ -40,6 +40,8 @@ class ServedModel:
     pipeline: str = ""  # `sd-triton export --name`: its models are PIPELINE_<model>; "" for plain names
     # its LoRA adapter library (contract.LORA_LIBRARY): {name, sha256, rank, components, ...} each
     loras: list[dict[str, Any]] = field(default_factory=list)
+    # its ControlNets (sd_triton.control.ControlNetRecord.summary: name, sha256, conditioning_channels)
+    controlnets: list[dict[str, Any]] = field(default_factory=list)
 
     def adapter(self, name: str) -> dict[str, Any] | None:
         return next((a for a in self.loras if a.get("name") == name), None)
@@ -54,6 +56,8 @@ class ServedModel:
         params = {"model": self.model, **{k: str(getattr(self, k)) for k in _INT_KEYS}}
         params["default_scheduler"] = self.default_scheduler
         params["architecture"] = self.architecture
+        if self.controlnets:
+            params["controlnets"] = json.dumps(self.controlnets, sort_keys=True)
         params.update({k: str(v) for k, v in asdict(self.limits).items()})
         return params
 
@@ -82,6 +86,7 @@ class ServedModel:
             engines=engines,
             architecture=params.get("architecture", "sd"),  # an export before SDXL: SD
             pipeline=pipeline,
+            controlnets=json.loads(params.get("controlnets") or "[]"),
         )
 
 

@@ -68,6 +68,8 @@ def txt2img_inputs(
     denoising_start: float | None = None,
     start_latents: np.ndarray[Any, Any] | None = None,
     loras: Sequence[dict[str, Any]] | None = None,
+    controlnets: Sequence[dict[str, Any]] | None = None,
+    control_images: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
     **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
@@ -79,7 +81,8 @@ def txt2img_inputs(
     `aesthetic_score`, `negative_aesthetic_score`: an SDXL refiner's. A base + refiner hand-off:
     `denoising_end` on the base (ask it for LATENTS: `output_names(..., latents=True)`), `denoising_start`
     and the base's `start_latents` on the refiner. `loras`: [{"name": ..., "scale": ...}], adapters of the
-    pipeline's library."""
+    pipeline's library. `controlnets`: [{"name", "scale", "start", "end"}], ControlNets of the pipeline,
+    with `control_images` uint8 [K, height, width, 3], the k-th one's control image."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
@@ -107,6 +110,10 @@ def txt2img_inputs(
             inputs.append(infer_input(spec, np.array([score], dtype=np.float32)))
     if loras:
         inputs.append(infer_input(c.LORAS, _array(c.LORAS, json.dumps(list(loras)))))
+    if controlnets:
+        inputs.append(infer_input(c.CONTROLNETS, _array(c.CONTROLNETS, json.dumps(list(controlnets)))))
+    if control_images is not None:
+        inputs.append(infer_input(c.CONTROL_IMAGES, np.ascontiguousarray(control_images, dtype=np.uint8)))
     if start_latents is not None:
         inputs.append(infer_input(c.START_LATENTS, np.ascontiguousarray(start_latents, dtype=np.float32)))
     return inputs

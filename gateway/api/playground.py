@@ -67,6 +67,10 @@ class ModelFacts(BaseModel):
     architecture: str = Field(
         "sd", examples=["sd", "sdxl"], description="sdxl: the model takes the size-conditioning fields"
     )
+    controlnets: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="the ControlNets requests may name in `controlnets`: name, sha256, conditioning_channels",
+    )
 
 
 class InfoResponse(ModelFacts):
@@ -125,6 +129,7 @@ def _facts(served: ServedModel, settings: GatewaySettings) -> dict[str, Any]:
         "schedulers": list(SCHEDULERS),
         "default_scheduler_class": served.default_scheduler,
         "architecture": served.architecture,
+        "controlnets": served.controlnets,
     }
 
 

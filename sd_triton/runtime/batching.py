@@ -6,8 +6,9 @@ A request that arrives while an iteration runs joins at the next one; a finished
 once (its latents go to the VAE); a cancelled one leaves before the next UNet call. Requests of
 different step counts and schedulers share calls.
 
-Admission is FIFO per group (latent shape and LoRA adapter set) and each group gets its own UNet call
-every iteration, so a rare shape (or adapter set) never waits behind a common one. `max_batch` caps
+Admission is FIFO per group (latent shape, LoRA adapter set, and whether it has ControlNets: those run on
+the controlled UNet) and each group gets its own UNet call every iteration, so a rare shape (or adapter
+set) never waits behind a common one. `max_batch` caps
 the UNet rows (latents, cond and uncond both counted) per call; a request larger than the cap runs
 when its group is empty.
 """
@@ -24,12 +25,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sd_triton.lora import AdapterSet
-from sd_triton.runtime.denoise import DenoiseJob, StepCallback, UNetFn, UNetInputs, advance_jobs, joined
+from sd_triton.runtime.denoise import (
+    DenoiseJob,
+    StepCallback,
+    UNetFn,
+    UNetInputs,
+    advance_jobs,
+    joined,
+    joined_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, int, int]
-Group = tuple[Shape, str]  # rows share a UNet call by latent shape and adapter set (AdapterSet.key)
+# rows share a UNet call by latent shape, adapter set (AdapterSet.key) and UNet variant (ControlNets or not)
+Group = tuple[Shape, str, bool]
 
 
 class Cancelled(Exception):
@@ -73,6 +83,7 @@ class Ticket:
     latent_shape: Shape | None = None
     request_id: str = ""  # Triton's request id: `ContinuousBatcher.drop` names requests by it
     adapters: AdapterSet | None = None  # with `prepare`: the LoRA adapters its job will run with
+    controlled: bool = False  # with `prepare`: whether its job has ControlNets
 
     def __post_init__(self) -> None:
         if self.job is None and (self.prepare is None or self.latent_shape is None):
@@ -84,9 +95,11 @@ class Ticket:
 
     @property
     def group(self) -> Group:
-        """What it shares UNet calls by: its latent shape and LoRA adapter set (None: the base)."""
+        """What it shares UNet calls by: its latent shape, LoRA adapter set ("": the base) and whether it
+        has ControlNets."""
         adapters = self.job.adapters if self.job is not None else self.adapters
-        return self.shape, "" if adapters is None else adapters.key
+        controlled = self.job.controls is not None if self.job is not None else self.controlled
+        return self.shape, "" if adapters is None else adapters.key, controlled
 
     @property
     def rows(self) -> int:
@@ -280,8 +293,7 @@ class ContinuousBatcher:
                 self._hidden(shape, group, inputs),
                 *(joined([x[i] for x in inputs]) for i in range(3, len(inputs[0]))),
             )
-            adapters = group[0].job.adapters  # type: ignore[union-attr] - one set per group
-            noise = self.unet(*batch) if adapters is None else self.unet(*batch, adapters=adapters)
+            noise = self.unet(*batch, **joined_kwargs([t.job for t in group]))  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - every request of the call gets the error
             log.error("continuous batcher: UNet call for %s failed: %s", shape, exc)
             for ticket in group:

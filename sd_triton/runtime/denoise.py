@@ -14,6 +14,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from sd_triton.pipeline_config import PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, start_step
 from sd_triton.runtime.postprocess import from_uint8_images
 from sd_triton.runtime.schedulers import prepared_scheduler
+
+if TYPE_CHECKING:
+    from sd_triton.runtime.controlnets import JobControl
 
 # (sample [B,C,h,w], timestep [B,1], encoder_hidden_states [B,77,D], then for an SDXL UNet text_embeds
 # [B,P] and time_ids [B,6]) -> noise_pred [B,C,h,w]
@@ -321,10 +325,13 @@ class DenoiseJob:
         added: AddedConditioning | None = None,
         handoff: Handoff | None = None,
         adapters: AdapterSet | None = None,
+        controls: JobControl | None = None,
     ) -> None:
-        """`adapters`: the LoRA adapters its UNet calls run with (None: the base)."""
+        """`adapters`: the LoRA adapters its UNet calls run with (None: the base); `controls`: its
+        ControlNets (the UNet callable takes them: runtime/controlnets.ControlledUNet)."""
         self.params = params
         self.adapters = adapters
+        self.controls = controls
         self.config = config
         self.cfg = params.classifier_free_guidance
         # 1. The scheduler from the checkpoint's config, set to the request's number of steps, and its
@@ -479,6 +486,16 @@ class DenoiseJob:
     def done(self) -> bool:
         return self.step_index >= self.stop
 
+    def unet_kwargs(self) -> dict[str, object]:
+        """What its UNet call takes besides the inputs: its adapters, and its ControlNets active this
+        step with its rows (a call of several requests joins theirs: `joined_kwargs`)."""
+        kwargs: dict[str, object] = {}
+        if self.adapters is not None:
+            kwargs["adapters"] = self.adapters
+        if self.controls is not None:
+            kwargs["controls"] = [(self.rows, self.controls.at(self.steps_done, self.steps))]
+        return kwargs
+
     def unet_inputs(self) -> UNetInputs:
         """(sample, timestep, encoder_hidden_states) for this step, `rows` rows each."""
         t = self.timesteps[self.step_index]
@@ -565,6 +582,16 @@ def advance_jobs(jobs: Sequence[DenoiseJob], noise_pred: np.ndarray) -> list[Exc
     return errors
 
 
+def joined_kwargs(jobs: Sequence[DenoiseJob]) -> dict[str, object]:
+    """The UNet call's keyword arguments for the jobs sharing it (one adapter set: the batcher groups
+    them so; their ControlNets, request by request)."""
+    kwargs: dict[str, object] = {}
+    for job in jobs:
+        for key, value in job.unet_kwargs().items():
+            kwargs[key] = [*kwargs.get(key, []), *value] if key == "controls" else value  # type: ignore[misc]
+    return kwargs
+
+
 def joined(arrays: list[np.ndarray]) -> np.ndarray:
     """One batch from the requests' rows; a lone request's own array (no copy)."""
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
@@ -615,13 +642,13 @@ def denoise(
     added: AddedConditioning | None = None,
     handoff: Handoff | None = None,
     adapters: AdapterSet | None = None,
+    controls: JobControl | None = None,
 ) -> np.ndarray:
     """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone
-    (`adapters`: the LoRA adapters `unet` runs with, passed to it)."""
-    job = DenoiseJob(prompt_embeds, params, config, init, added, handoff, adapters)
+    (`adapters`, `controls`: its LoRA adapters and ControlNets, passed to `unet`)."""
+    job = DenoiseJob(prompt_embeds, params, config, init, added, handoff, adapters, controls)
     while not job.done:
-        inputs = job.unet_inputs()
-        job.advance(unet(*inputs) if adapters is None else unet(*inputs, adapters=adapters))  # type: ignore[call-arg]
+        job.advance(unet(*job.unet_inputs(), **job.unet_kwargs()))
         if on_step is not None:
             on_step(job.steps_done - 1, job.steps)
     return job.result()

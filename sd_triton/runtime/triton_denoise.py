@@ -33,7 +33,7 @@ from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, decode_text
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.batching import BatchingConfig, ContinuousBatcher, Ticket
-from sd_triton.runtime.denoise import DenoiseJob, denoise
+from sd_triton.runtime.denoise import DenoiseJob
 from sd_triton.runtime.postprocess import to_uint8_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -58,7 +58,9 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, DenoiseParams)
-        self.unet = triton_io.live_unet(params, args, self.config)
+        # the live UNet; with the pipeline's ControlNets, for the requests that name them
+        self.controls = triton_io.Controls(params, args)
+        self.unet = self.controls.unet(triton_io.live_unet(params, args, self.config))
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
         # image-to-image and inpainting requests' init images; requests' LoRA adapters
         self.encoder = triton_io.ImageEncoder(params, args, self.config)
@@ -139,21 +141,30 @@ class TritonPythonModel:
             outputs[c.IMAGES.name] = to_uint8_images(decoded)
         return outputs
 
+    def _job(self, request: Any) -> DenoiseJob:
+        """A generation request's job: its inputs read and checked (refused before anything runs), its
+        text encoded and its init image encoded."""
+        params = self._params(request)
+        image = self.encoder.read(request, params)
+        handoff = triton_io.read_handoff(request, params, self.config)
+        adapters = self.adapters.read(request)
+        controls = self.controls.read(request, params)
+        embeds, added = self._embeds(request, params, adapters)
+        init = self.encoder.encode(image)
+        return DenoiseJob(embeds, params, self.config, init, added, handoff, adapters, controls)
+
     def _denoise(self, request: Any) -> triton_io.Outputs:
         if triton_io.get_array(request, c.LORA_LIBRARY) is not None:  # a control request: the library
             return {c.ENGINES.name: self.adapters.listing()}
         if triton_io.get_array(request, c.CANCEL) is not None:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
-        params = self._params(request)
-        image = self.encoder.read(request, params)
-        handoff = triton_io.read_handoff(request, params, self.config)
-        adapters = self.adapters.read(request)
-        embeds, added = self._embeds(request, params, adapters)
-        init = self.encoder.encode(image)
+        job = self._job(request)
         engines = triton_io.EngineLog()
         self.unet.refresh()  # the request runs on the live UNet version
-        on_step = lambda i, n: engines.add(self.unet.last)  # noqa: E731
-        latents = denoise(embeds, params, self.config, self.unet, on_step, init, added, handoff, adapters)
+        while not job.done:
+            job.advance(self.unet(*job.unet_inputs(), **job.unet_kwargs()))
+            engines.add(self.unet.last)
+        latents = job.result()
         self.unet.idle()
         return self._outputs(latents, set(request.requested_output_names()), engines)
 
@@ -208,13 +219,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
             return
         try:
-            params = self._params(request)
-            image = self.encoder.read(request, params)
-            handoff = triton_io.read_handoff(request, params, self.config)
-            adapters = self.adapters.read(request)
-            embeds, added = self._embeds(request, params, adapters)
-            init = self.encoder.encode(image)
-            job = DenoiseJob(embeds, params, self.config, init, added, handoff, adapters)
+            job = self._job(request)
         except (InvalidRequest, ValueError) as exc:
             sender.send(triton_io.error_response(str(exc)), flags=FINAL)
             return

@@ -19,6 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
+from sd_triton import control
 from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import ENGINE_FILE, EngineRecord, versions_on_disk
 from sd_triton.lora import INDEX, LORA_COMPONENTS, AdapterSet, LoraLibrary, indexed_graph, library_dir
@@ -40,6 +41,7 @@ from sd_triton.requests import (
     start_step,
     validate_params,
 )
+from sd_triton.runtime.controlnets import ControlledUNet, ControlNetLibrary, JobControl, job_control
 from sd_triton.runtime.engine_runner import load_runner
 from sd_triton.runtime.lora_weights import GraphWeights
 from sd_triton.runtime.ort_runner import BatchRunner
@@ -512,6 +514,31 @@ class Adapters:
         if adapters is not None and not self.inline:
             raise InvalidRequest(c.LORAS.name, "adapters need the inline UNet path (this loop's is bls)")
         return adapters
+
+
+class Controls:
+    """A loop's ControlNets: its pipeline's (ControlNetLibrary, run with the UNet engine's settings), and
+    each request's read from CONTROLNETS and CONTROL_IMAGES (the inline UNet path only)."""
+
+    def __init__(self, params: BatchingParams, args: dict[str, Any]) -> None:
+        unet_config = version_dir(args).parents[1] / params.unet_model / CONFIG_FILE
+        engine = EngineParams.from_parameters(pbtxt_parameters(unet_config.read_text()))
+        self.library = ControlNetLibrary(version_dir(args).parent, engine)
+        self.inline = params.unet_path == "inline"
+
+    def read(self, request: Any, params: GenerationParams) -> JobControl | None:
+        text, images = get_scalar(request, c.CONTROLNETS), get_array(request, c.CONTROL_IMAGES)
+        if text is None and images is None:
+            return None
+        refs = control.parse_refs(decode_text(c.CONTROLNETS.name, text) if text is not None else "")
+        job = job_control(refs, images, params, self.library.names)
+        if job is not None and not self.inline:
+            raise InvalidRequest(c.CONTROLNETS.name, "ControlNets need the inline UNet path (this is bls)")
+        return job
+
+    def unet(self, unet: LiveEngine) -> Any:
+        """The loop's UNet callable: with the ControlNets where the pipeline has any."""
+        return ControlledUNet(unet, self.library) if self.library.names and self.inline else unet
 
 
 def read_handoff(request: Any, params: GenerationParams, config: PipelineConfig) -> Any:

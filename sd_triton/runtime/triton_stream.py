@@ -49,7 +49,8 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # see triton_denoise: the scheduler math is small
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, BatchingParams)
-        self.unet = triton_io.live_unet(params, args, self.config)
+        self.controls = triton_io.Controls(params, args)  # the pipeline's ControlNets
+        self.unet = self.controls.unet(triton_io.live_unet(params, args, self.config))
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
         # image-to-image and inpainting requests' init images; requests' LoRA adapters
         self.encoder = triton_io.ImageEncoder(params, args, self.config)
@@ -105,6 +106,7 @@ class TritonPythonModel:
             image = self.encoder.read(request, params)
             handoff = triton_io.read_handoff(request, params, self.config)
             adapters = self.adapters.read(request)
+            controls = self.controls.read(request, params)
             conditioning = triton_io.Conditioning.read(request, self.config, params)
             wanted = set(request.requested_output_names())
         except (InvalidRequest, ValueError) as exc:
@@ -131,7 +133,7 @@ class TritonPythonModel:
             embeds, pooled = self.text_encoder(*(tokens[name] for name in ids), adapters=adapters)
             embeds, added = conditioning.apply(self.config, params, embeds, pooled)
             init = self.encoder.encode(image)
-            return DenoiseJob(embeds, params, self.config, init, added, handoff, adapters)
+            return DenoiseJob(embeds, params, self.config, init, added, handoff, adapters, controls)
 
         def step(index: int, steps: int) -> None:
             engines.add(self.unet.last)
@@ -175,6 +177,6 @@ class TritonPythonModel:
 
         ticket = Ticket(
             None, done, failed, step, is_cancelled=request.is_cancelled, prepare=prepare, latent_shape=shape,
-            adapters=adapters,
+            adapters=adapters, controlled=controls is not None,
         )  # fmt: skip
         self.batcher.submit(ticket)
