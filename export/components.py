@@ -93,7 +93,7 @@ class Component(ABC):
     def profile(self, dims: ModelDims, limits: Limits) -> Profile: ...
 
 
-def _latent_range(dims: ModelDims, limits: Limits) -> tuple[int, int, int]:
+def latent_range(dims: ModelDims, limits: Limits) -> tuple[int, int, int]:
     """Latent side: min (one cell), opt (512 px or the limit), max (the limit)."""
     top = limits.max_side // dims.vae_scale_factor
     return 1, min(512 // dims.vae_scale_factor, top), top
@@ -141,7 +141,7 @@ class UNet(Component):
         return sample, timestep, hidden
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
-        lo, opt, hi = _latent_range(dims, limits)
+        lo, opt, hi = latent_range(dims, limits)
         b, c, d = limits.max_unet_batch, dims.unet_in_channels, dims.text_hidden
         return Profile(
             {
@@ -167,7 +167,7 @@ class VaeDecoder(Component):
         return (torch.randn((batch, dims.latent_channels, *latent_hw), generator=generator),)
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
-        lo, opt, hi = _latent_range(dims, limits)
+        lo, opt, hi = latent_range(dims, limits)
         b, c = limits.max_num_images, dims.latent_channels
         return Profile({"latent_sample": ((1, c, lo, lo), (1, c, opt, opt), (b, c, hi, hi))})
 
@@ -188,7 +188,7 @@ class VaeEncoder(Component):
         return (torch.rand((batch, 3, h, w), generator=generator) * 2 - 1,)
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
-        lo, opt, hi = (side * dims.vae_scale_factor for side in _latent_range(dims, limits))
+        lo, opt, hi = (side * dims.vae_scale_factor for side in latent_range(dims, limits))
         b = limits.max_num_images
         return Profile({"sample": ((1, 3, lo, lo), (1, 3, opt, opt), (b, 3, hi, hi))})
 

@@ -22,15 +22,18 @@ from pathlib import Path
 import torch
 
 from sd_triton import control
-from sd_triton.contract import Limits
+from sd_triton.contract import UNET, Limits
+from sd_triton.export import tensorrt
 from sd_triton.export.checkpoint import Checkpoint, sha256_tree
-from sd_triton.export.components import ModelDims, Profile, UNet
+from sd_triton.export.components import ModelDims, Profile, Shape, UNet, latent_range
 from sd_triton.export.onnx_export import export_onnx
+from sd_triton.export.repository import RepositorySettings
 from sd_triton.lora import check_name
 
 log = logging.getLogger(__name__)
 
 SOURCE = "source.json"  # the controlled UNet's: the UNet weights' hash it was exported from
+PLAN = "model.plan"  # a graph's TensorRT plan, beside it (a pipeline whose UNet runs on TensorRT)
 
 
 class ControlNetError(ValueError):
@@ -120,8 +123,16 @@ class _Residuals(UNet):
     def _residual_axes(self) -> dict[str, dict[int, str]]:
         return {name: {0: "batch", 2: f"{name}_h", 3: f"{name}_w"} for name in self.residual_names}
 
-    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
-        raise NotImplementedError("no TensorRT plan for ControlNets yet")
+    def _residual_profile(self, dims: ModelDims, limits: Limits) -> dict[str, tuple[Shape, Shape, Shape]]:
+        """Each residual's min/opt/max shape: the UNet's latent range and batch."""
+        b = limits.max_unet_batch
+        sides = latent_range(dims, limits)
+        low, opt, high = (
+            [*down, mid] for down, mid in (residual_shapes(self.unet_config, (s, s)) for s in sides)
+        )
+        return {
+            name: ((1, *low[i]), (2, *opt[i]), (b, *high[i])) for i, name in enumerate(self.residual_names)
+        }
 
 
 class ControlNetComponent(_Residuals):
@@ -154,6 +165,13 @@ class ControlNetComponent(_Residuals):
             **self._residual_axes(),
         }
 
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        """The UNet's inputs' profile and the control image's, at pixel size."""
+        b, s = limits.max_unet_batch, dims.vae_scale_factor
+        lo, opt, hi = latent_range(dims, limits)
+        image = ((1, 3, lo * s, lo * s), (2, 3, opt * s, opt * s), (b, 3, hi * s, hi * s))
+        return Profile({**super().profile(dims, limits).shapes, control.CONDITION: image})
+
     def sample_inputs(
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, ...]:
@@ -179,6 +197,9 @@ class ControlledUNet(_Residuals):
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {**super().dynamic_axes(), **self._residual_axes()}
+
+    def profile(self, dims: ModelDims, limits: Limits) -> Profile:
+        return Profile({**super().profile(dims, limits).shapes, **self._residual_profile(dims, limits)})
 
     def sample_inputs(
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
@@ -217,9 +238,12 @@ def load_controlnet(source: str, checkpoint: Path, work_dir: Path) -> tuple[Path
             _random_controlnet(checkpoint, seed).save_pretrained(folder)
         return folder, ControlNetModel.from_pretrained(folder).eval()
     folder = Path(source)
-    if not (folder / "config.json").is_file():
+    config = folder / "config.json"
+    kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    if kind != "ControlNetModel":
         raise ControlNetError(
-            f"--controlnet: {folder} is not a diffusers ControlNetModel folder (no config.json)"
+            f"--controlnet: {folder} is not a diffusers ControlNetModel folder "
+            f"({'no config.json' if kind is None else f'its config is a {kind}'})"
         )
     return folder, ControlNetModel.from_pretrained(folder).eval()
 
@@ -246,10 +270,17 @@ def check_against_unet(name: str, controlnet_config: dict, unet_config: dict) ->
 
 
 def export_controlnets(
-    controlnets: dict[str, str], checkpoint: Checkpoint, repo: Path, pipeline: str, work_dir: Path
+    controlnets: dict[str, str],
+    checkpoint: Checkpoint,
+    repo: Path,
+    settings: RepositorySettings,
+    limits: Limits,
+    work_dir: Path,
 ) -> list[control.ControlNetRecord]:
-    """Exports each ControlNet (`controlnets`: name -> PATH) and, with any, the controlled UNet; removes the
-    ControlNets of an earlier export that this one does not name. Returns the records, by name."""
+    """Exports each ControlNet (`controlnets`: name -> PATH) and, with any, the controlled UNet (and,
+    where the UNet's engine is `tensorrt`, their TensorRT plans: `model.plan` beside each graph); removes
+    the ControlNets of an earlier export that this one does not name. Returns the records, by name."""
+    pipeline = settings.pipeline
     library = control.library_dir(repo, pipeline)
     for stale in (p for p in library.glob("*") if p.is_dir() and p.name not in controlnets):
         log.info("  ControlNet %s: not in this export, removed", stale.name)
@@ -271,13 +302,15 @@ def export_controlnets(
         sha256 = sha256_tree(folder, salt=sha256_tree(checkpoint.path / "unet"))
         out = library / name
         old = control.ControlNetRecord.load(out) if (out / control.RECORD).is_file() else None
+        component = ControlNetComponent(name, ControlNetModule(model), unet_config)
         if old is not None and old.sha256 == sha256 and (out / "model.onnx").is_file():
             log.info("  ControlNet %s: unchanged, kept", name)
             records.append(old)
+            _plan(component, out / "model.onnx", checkpoint, settings, limits, work_dir)
             continue
         started = time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
-        component = ControlNetComponent(name, ControlNetModule(model), unet_config)
+        (out / PLAN).unlink(missing_ok=True)  # made from the graph before
         diff = export_onnx(component, checkpoint.path, checkpoint.dims, out / "model.onnx")
         record = control.ControlNetRecord(
             name=name,
@@ -296,6 +329,7 @@ def export_controlnets(
             diff,
         )
         records.append(record)
+        _plan(component, out / "model.onnx", checkpoint, settings, limits, work_dir)
     unet_sha = sha256_tree(checkpoint.path / "unet")
     source_file = variant / SOURCE
     if (
@@ -310,6 +344,7 @@ def export_controlnets(
         with tempfile.TemporaryDirectory(dir=variant.parent) as tmp:
             staged = Path(tmp) / "model.onnx"
             diff = export_onnx(ControlledUNet(unet_config), checkpoint.path, checkpoint.dims, staged)
+            (variant / PLAN).unlink(missing_ok=True)
             for f in Path(tmp).iterdir():
                 f.replace(variant / f.name)
         source_file.write_text(json.dumps({"unet_sha256": unet_sha, "max_abs_diff": diff}) + "\n")
@@ -318,4 +353,30 @@ def export_controlnets(
             time.monotonic() - started,
             diff,
         )
+    _plan(ControlledUNet(unet_config), variant / "model.onnx", checkpoint, settings, limits, work_dir)
     return records
+
+
+def _plan(
+    component: _Residuals,
+    graph: Path,
+    checkpoint: Checkpoint,
+    settings: RepositorySettings,
+    limits: Limits,
+    work_dir: Path,
+) -> None:
+    """The graph's TensorRT plan beside it when the pipeline's UNet runs on TensorRT (the profile: the
+    UNet's latent range and batch); without a GPU here, a warning: ONNX Runtime runs the graph until the
+    export runs on the GPU host."""
+    if settings.engines[UNET.name] != "tensorrt" or (graph.parent / PLAN).is_file():
+        return
+    reason, target = tensorrt.unavailable_reason(), tensorrt.build_target()
+    if reason or target is None:
+        log.warning("  %s: TensorRT plan NOT built (%s); ONNX Runtime runs its graph", component.name, reason)
+        return
+    profile = component.profile(checkpoint.dims, limits)
+    if settings.batching == "continuous":
+        profile = profile.with_max_batch(settings.max_batch_rows)
+    fp16 = settings.precision_of(UNET.name) == "fp16"
+    cache = tensorrt.timing_cache_path(work_dir, target)
+    tensorrt.build_engine(graph, graph.parent / PLAN, profile, fp16=fp16, timing_cache=cache)

@@ -106,7 +106,9 @@ def run_export(options: ExportOptions) -> dict[str, Any]:
     entries.update(_write_python_steps(checkpoint, repo, options.limits, settings))
 
     _step(5, f"ControlNets: {', '.join(sorted(options.controlnets)) or 'none'}")
-    controls = export_controlnets(options.controlnets, checkpoint, repo, settings.pipeline, options.work_dir)
+    controls = export_controlnets(
+        options.controlnets, checkpoint, repo, settings, options.limits, options.work_dir
+    )
 
     _step(6, "config.pbtxt for every model, engine.json in every engine's version 1")
     records = _engine_records(repo, settings, entries, artifacts)

@@ -243,6 +243,13 @@ def _perf_lora(args: argparse.Namespace) -> int:
     return _save(run_lora_bench(settings, _work_dir(args)), args, "lora", table)
 
 
+def _perf_controlnet(args: argparse.Namespace) -> int:
+    from sd_triton.perf.controlnet import ControlNetBenchSettings, run_controlnet_bench, table
+
+    settings = from_args(ControlNetBenchSettings, args)
+    return _save(run_controlnet_bench(settings, _work_dir(args)), args, "controlnet", table)
+
+
 def _perf_int8(args: argparse.Namespace) -> int:
     from sd_triton.perf.int8 import Int8Settings, run_int8, table
 
@@ -397,6 +404,14 @@ def add_parser(sub: Any) -> None:
     loras.add_argument("--rank", type=int, default=8)
     _output_args(loras, "lora")
     loras.set_defaults(run=_perf_lora)
+    controls = commands.add_parser(
+        "controlnet", help="cost per step with one and two ControlNets, and zero residuals, vs none"
+    )
+    controls.add_argument("--preset", default="tiny", help="tiny, small, sd15 (random weights)")
+    controls.add_argument("--calls", type=int, default=5, help="per configuration and round")
+    controls.add_argument("--rounds", type=int, default=3)
+    _output_args(controls, "controlnet")
+    controls.set_defaults(run=_perf_controlnet)
     img2img.set_defaults(run=_perf_img2img)
 
     int8 = commands.add_parser("int8", help="the UNet INT8 (ONNX Runtime) vs FP32: time per call, parity")

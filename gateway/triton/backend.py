@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 INVALID = {"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"}
 NOT_READY = ("not found", "unavailable", "not ready")  # Triton's words for a model it cannot run now
+GRPC_TRANSPORT_FAILURE = "Internal error from Core"  # grpc's message for a call its connection broke
 ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")  # Triton's words before an ensemble step's error
 INPUT_NAMES = [t.name for t in c.TXT2IMG_STREAM.inputs]  # what an INVALID_ARG message may name
 T = TypeVar("T")
@@ -98,6 +99,10 @@ class GrpcTritonBackend:
                 f"Triton at {where} gave no answer ({what}) within triton_timeout_s="
                 f"{self.settings.triton_timeout_s:g} s; the request was cancelled there"
             )
+        if status == "StatusCode.INTERNAL" and message.strip() == GRPC_TRANSPORT_FAILURE:
+            # gRPC's own words when the connection broke mid-call (a server killed while it streamed):
+            # the server never answered, so another endpoint may
+            return Retryable(f"Triton at {where} lost ({what}): {message}", headers=retry)
         if status in UNAVAILABLE:  # only UNAVAILABLE is worth another endpoint
             kind = Retryable if status == "StatusCode.UNAVAILABLE" else TritonUnavailableError
             return kind(f"Triton at {where} unavailable ({what}): {message}", headers=retry)

@@ -28,7 +28,7 @@ from sd_triton import contract as c
 from sd_triton import control
 from sd_triton.model_params import EngineParams
 from sd_triton.requests import GenerationParams, InvalidRequest
-from sd_triton.runtime.ort_runner import OrtRunner
+from sd_triton.runtime.ort_runner import BatchRunner, OrtRunner
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +89,38 @@ def job_control(
 
 class ControlNetLibrary:
     """A pipeline's ControlNets (`<denoise>/controlnets/<name>/model.onnx`) and its controlled UNet, each
-    run by ONNX Runtime in this process with the UNet engine's runtime settings, loaded on first use."""
+    loaded on first use and run in this process: its TensorRT plan (`model.plan` beside the graph, built
+    where the UNet runs on TensorRT) where TensorRT runs here, else its graph in ONNX Runtime with the UNet
+    engine's runtime settings."""
 
     def __init__(self, denoise_dir: Path, params: EngineParams | None = None) -> None:
         self.folder = denoise_dir / control.LIBRARY
         self.variant = denoise_dir / control.CONTROLLED_UNET / "model.onnx"
         self.params = params or EngineParams()
         self.names = [r.name for r in control.records(self.folder)] if self.variant.is_file() else []
-        self._runners: dict[str, OrtRunner] = {}
+        self._runners: dict[str, BatchRunner] = {}
         self._lock = threading.Lock()
 
-    def runner(self, name: str) -> OrtRunner:
+    def runner(self, name: str) -> BatchRunner:
         """A ControlNet's runner (`name` "": the controlled UNet's)."""
         with self._lock:
             if name not in self._runners:
                 path = self.variant if not name else self.folder / name / "model.onnx"
-                self._runners[name] = OrtRunner(
-                    path,
-                    device=self.params.device,
-                    threads=self.params.intra_op_threads,
-                    spinning=self.params.allow_spinning,
-                )
+                self._runners[name] = self._load(name or "controlled unet", path)
             return self._runners[name]
+
+    def _load(self, label: str, graph: Path) -> BatchRunner:
+        from sd_triton.runtime import trt_runner  # tensorrt and CUDA: only for a plan
+
+        plan = graph.with_name("model.plan")
+        if plan.is_file() and trt_runner.unavailable_reason() is None:
+            return trt_runner.TrtRunner(label, plan)
+        return OrtRunner(
+            graph,
+            device=self.params.device,
+            threads=self.params.intra_op_threads,
+            spinning=self.params.allow_spinning,
+        )
 
 
 class ControlledUNet:

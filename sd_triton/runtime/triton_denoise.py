@@ -59,7 +59,7 @@ class TritonPythonModel:
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, DenoiseParams)
         # the live UNet; with the pipeline's ControlNets, for the requests that name them
-        self.controls = triton_io.Controls(params, args)
+        self.controls = triton_io.Controls(params, args, self.config)
         self.unet = self.controls.unet(triton_io.live_unet(params, args, self.config))
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
         # image-to-image and inpainting requests' init images; requests' LoRA adapters

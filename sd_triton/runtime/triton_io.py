@@ -520,10 +520,13 @@ class Controls:
     """A loop's ControlNets: its pipeline's (ControlNetLibrary, run with the UNet engine's settings), and
     each request's read from CONTROLNETS and CONTROL_IMAGES (the inline UNet path only)."""
 
-    def __init__(self, params: BatchingParams, args: dict[str, Any]) -> None:
-        unet_config = version_dir(args).parents[1] / params.unet_model / CONFIG_FILE
-        engine = EngineParams.from_parameters(pbtxt_parameters(unet_config.read_text()))
-        self.library = ControlNetLibrary(version_dir(args).parent, engine)
+    def __init__(self, params: BatchingParams, args: dict[str, Any], config: PipelineConfig) -> None:
+        """The library lives in the pipeline's denoise model folder (txt2img_stream reads it there too)."""
+        models = version_dir(args).parents[1]
+        engine = EngineParams.from_parameters(
+            pbtxt_parameters((models / params.unet_model / CONFIG_FILE).read_text())
+        )
+        self.library = ControlNetLibrary(models / config.name_of(c.DENOISE.name), engine)
         self.inline = params.unet_path == "inline"
 
     def read(self, request: Any, params: GenerationParams) -> JobControl | None:

@@ -49,7 +49,7 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # see triton_denoise: the scheduler math is small
         self.config = PipelineConfig.load(triton_io.version_dir(args) / FILENAME)
         params = triton_io.model_params(args, BatchingParams)
-        self.controls = triton_io.Controls(params, args)  # the pipeline's ControlNets
+        self.controls = triton_io.Controls(params, args, self.config)  # the pipeline's ControlNets
         self.unet = self.controls.unet(triton_io.live_unet(params, args, self.config))
         self.text_encoder, self.decoder = triton_io.inline_text_and_image(params, args, self.config)
         # image-to-image and inpainting requests' init images; requests' LoRA adapters

@@ -15,6 +15,7 @@ from sd_triton.gateway.errors import (
 )
 from sd_triton.gateway.settings import GatewaySettings
 from sd_triton.gateway.triton.backend import GrpcTritonBackend
+from sd_triton.gateway.triton.pool import Retryable
 
 
 @pytest.mark.parametrize(
@@ -31,6 +32,9 @@ from sd_triton.gateway.triton.backend import GrpcTritonBackend
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", TritonTimeoutError, None, "triton_timeout_s"),
         ("StatusCode.CANCELLED", "Cancelled", TritonUnavailableError, None, "unavailable"),
         ("StatusCode.INTERNAL", "a model broke", TritonError, None, "a model broke"),
+        # gRPC's words for a connection that broke mid-call (a server killed while it streamed): another
+        # endpoint may answer
+        ("StatusCode.INTERNAL", "Internal error from Core", Retryable, None, "lost"),
     ],
 )  # fmt: skip
 def test_triton_errors_become_the_gateways(status, message, expected, field, text) -> None:

@@ -204,6 +204,7 @@ def test_the_gateway_takes_controlnets(served: dict, tmp_path: Path) -> None:
     import httpx
 
     from sd_triton.gateway.process import GatewayProcess
+    from sd_triton.sdk import Client
     from tests.conftest import free_port
 
     photo = np.zeros((64, 64, 3), np.uint8)
@@ -223,6 +224,13 @@ def test_the_gateway_takes_controlnets(served: dict, tmp_path: Path) -> None:
         shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]["base64"]))))
         edges = np.repeat(cv2.Canny(photo, 100, 200)[:, :, None], 3, axis=2)
         assert np.array_equal(shown, _ours(served, [{"name": "edges"}], [edges])[0])
+        with Client(gateway.url) as sdk:  # the SDK passes them; a job (txt2img_stream) gives the same image
+            fields = {k: v for k, v in body.items() if k != "prompt"}
+            assert sdk.generate(PROMPT, **fields).images[0].base64 == response.json()["images"][0]["base64"]
+            streamed = sdk.wait_job(sdk.submit_job(PROMPT, **{**fields, "seed": 4}).id)  # not cached
+            assert streamed.provenance["controlnets"][0]["name"] == "edges"
+            pixels = np.asarray(Image.open(io.BytesIO(streamed.images[0].data)))
+            assert np.array_equal(pixels, _ours(served, [{"name": "edges"}], [edges], seed=4)[0])
         models = http.get("/v1/models").json()["data"]
         assert sorted(c["name"] for c in models[0]["controlnets"]) == ["depth", "edges"]
         bad = http.post("/v1/generate", json={**body, "controlnets": [{**ref, "name": "pose"}]})
