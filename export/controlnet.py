@@ -156,14 +156,9 @@ class ControlNetComponent(_Residuals):
         return self.module
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        spatial = {0: "batch", 2: "height", 3: "width"}
-        return {
-            "sample": spatial,
-            "timestep": {0: "batch"},
-            "encoder_hidden_states": {0: "batch"},
-            control.CONDITION: {0: "batch", 2: "image_height", 3: "image_width"},
-            **self._residual_axes(),
-        }
+        axes = {name: axes for name, axes in super().dynamic_axes().items() if name != "noise_pred"}
+        image = {0: "batch", 2: "image_height", 3: "image_width"}
+        return {**axes, control.CONDITION: image, **self._residual_axes()}
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
         """The UNet's inputs' profile and the control image's, at pixel size."""
