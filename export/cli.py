@@ -132,7 +132,12 @@ def _export(args: argparse.Namespace) -> int:
     from sd_triton.export.pipeline import ExportOptions, run_export
     from sd_triton.export.repository import RepositorySettings
 
-    limits = Limits(max_steps=args.max_steps, max_side=args.max_side, max_num_images=args.max_images)
+    limits = Limits(
+        max_steps=args.max_steps,
+        max_side=args.max_side,
+        max_num_images=args.max_images,
+        max_prompt_chunks=args.max_prompt_chunks,
+    )
     settings = from_args(
         RepositorySettings,
         args,
@@ -231,6 +236,12 @@ def add_parser(sub: Any) -> None:
     ex.add_argument("--max-steps", type=int, default=defaults.max_steps)
     ex.add_argument("--max-side", type=int, default=defaults.max_side)
     ex.add_argument("--max-images", type=int, default=defaults.max_num_images)
+    ex.add_argument(
+        "--max-prompt-chunks",
+        type=int,
+        default=defaults.max_prompt_chunks,
+        help="a prompt's 77-token chunks (75 words' tokens each) at most; past them it is cut (inline path)",
+    )
     ex.set_defaults(run=_export, extra="export")
 
     train = sub.add_parser("train-demo-model", help="train the small demo model on synthetic shapes (CPU)")

@@ -127,7 +127,7 @@ class UNet(Component):
         return {
             "sample": spatial,
             "timestep": {0: "batch"},
-            "encoder_hidden_states": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "tokens"},  # 77 per prompt chunk
             "noise_pred": spatial,
         }
 
@@ -143,11 +143,12 @@ class UNet(Component):
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
         lo, opt, hi = latent_range(dims, limits)
         b, c, d = limits.max_unet_batch, dims.unet_in_channels, dims.text_hidden
+        tokens = TOKEN_LENGTH * limits.max_prompt_chunks  # long prompts: up to max_prompt_chunks chunks
         return Profile(
             {
                 "sample": ((1, c, lo, lo), (2, c, opt, opt), (b, c, hi, hi)),
                 "timestep": ((1, 1), (2, 1), (b, 1)),
-                "encoder_hidden_states": ((1, TOKEN_LENGTH, d), (2, TOKEN_LENGTH, d), (b, TOKEN_LENGTH, d)),
+                "encoder_hidden_states": ((1, TOKEN_LENGTH, d), (2, TOKEN_LENGTH, d), (b, tokens, d)),
             }
         )
 

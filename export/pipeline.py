@@ -6,6 +6,7 @@ settings) hashes the same as the manifest says and the artifact itself is unchan
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -205,7 +206,9 @@ def _export_component(
     version = repo / settings.name_of(component.name) / "1"
     version.mkdir(parents=True, exist_ok=True)
     onnx_path = version / "model.onnx"
-    source = sha256_tree(checkpoint.path / component.subfolder, salt=f"opset={OPSET}")
+    # what the graph is made from: the weights, the opset and the axes it leaves dynamic
+    axes = json.dumps(component.dynamic_axes(), sort_keys=True)
+    source = sha256_tree(checkpoint.path / component.subfolder, salt=f"opset={OPSET};axes={axes}")
     for extra in component.extra_subfolders:
         source = sha256_tree(checkpoint.path / extra, salt=source)
     entry = {"engine": settings.engines[component.name], "precision": settings.precision_of(component.name)}

@@ -17,7 +17,7 @@ from sd_triton import contract as c
 from sd_triton.engine_record import EngineRecord
 from sd_triton.export.quantize import INT8_COMPONENTS, INT8_FILE
 from sd_triton.lora import LORA_COMPONENTS
-from sd_triton.model_params import BatchingParams, DenoiseParams, EngineParams
+from sd_triton.model_params import BatchingParams, DenoiseParams, EngineParams, TokenizerParams
 from sd_triton.served_model import ServedModel
 
 Precision = Literal["fp32", "fp16"]
@@ -74,17 +74,19 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
         {t.name: t.name for t in c.TOKENIZER.inputs},
         {
             **ids,
+            c.TOKEN_WEIGHTS.name: "token_weights",
             c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
             c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
         },
     )
+    weights = {c.TOKEN_WEIGHTS.name: "token_weights"}  # applied to the embeddings by the loop
     if unet_path == "inline":
         outputs = {
             c.IMAGES.name: c.IMAGES.name,
             c.ENGINES.name: c.ENGINES.name,
             c.LATENTS.name: c.LATENTS.name,
         }
-        return tokenizer, (c.DENOISE.name, {**ids, **_PARAMS}, outputs)
+        return tokenizer, (c.DENOISE.name, {**ids, **weights, **_PARAMS}, outputs)
     encoder = c.models(architecture)[c.TEXT_ENCODER.name]
     pooled = {c.POOLED_EMBEDS.name: "pooled_embeds"} if c.added_conditioning(architecture) else {}
     embeds = {c.PROMPT_EMBEDS.name: "prompt_embeds", **pooled}
@@ -97,7 +99,7 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
         ),
         (
             c.DENOISE.name,
-            {**embeds, **_PARAMS},
+            {**embeds, **weights, **_PARAMS},
             {c.LATENTS.name: c.LATENTS.name, c.ENGINES.name: c.ENGINES.name},
         ),
         (c.VAE_DECODER.name, {"latent_sample": c.LATENTS.name}, {"sample": "decoded"}),
@@ -367,6 +369,9 @@ def all_configs(
     configs = {c.TXT2IMG.name: ensemble_config(path, settings.architecture, settings.pipeline)}
     _set_parameters(configs[c.TXT2IMG.name], served.to_parameters())
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
+    # the bls path's text_encoder step takes one 77-token chunk per prompt: long prompts need the inline one
+    chunks = served.limits.max_prompt_chunks if path == "inline" else 1
+    _set_parameters(configs[c.TOKENIZER.name], TokenizerParams(max_prompt_chunks=chunks).to_parameters())
     continuous = settings.batching == "continuous"
     denoise = _python_step(c.DENOISE, 1 if continuous else settings.denoise_instances)
     batcher = BatchingParams(

@@ -69,6 +69,8 @@ def cache_key(
         "num_images": checked["num_images"],
         "output_format": request.output_format,
     }
+    if request.prompt_syntax not in (None, "plain"):  # the same text read otherwise
+        described["prompt_syntax"] = request.prompt_syntax
     if jobs[0].conditioning:  # SDXL: its size conditioning; and no negative prompt (zeros) is not ""
         described |= {"conditioning": jobs[0].conditioning, "negative_prompt": request.negative_prompt}
     if image_digest is not None:  # text-to-image keys stay what they were

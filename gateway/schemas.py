@@ -91,6 +91,13 @@ class GenerationOptions(BaseModel):
         description="which served model answers (an id of GET /v1/models); default: the default model",
     )
     negative_prompt: str | None = Field(None, description="what to steer away from; empty = unconditional")
+    prompt_syntax: Literal["plain", "a1111"] | None = Field(
+        None,
+        description="how prompt and negative_prompt are read: plain, the text as it is, or a1111, "
+        "AUTOMATIC1111's emphasis ((word), [word], (word:1.3), \\( for a bracket) and BREAK; default the "
+        "gateway's default_prompt_syntax. Either way a prompt past 75 tokens continues in 77-token chunks "
+        "(up to the model's max_prompt_chunks)",
+    )
     width: int | None = Field(None, ge=1, description="pixels; default: the model's native width")
     height: int | None = Field(None, ge=1, description="pixels; default: the model's native height")
     steps: int = Field(DEFAULTS.steps, ge=1, description="denoising steps")

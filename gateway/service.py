@@ -446,6 +446,8 @@ class Generator:
         denoising step (with previews when `preview`); without it every prompt goes to txt2img.
         `use_cache` False (a `Cache-Control: no-cache` request): no lookup, the fresh result is stored."""
         started = time.perf_counter()
+        if request.prompt_syntax is None:  # the gateway's default, sent and in the cache key
+            request = request.model_copy(update={"prompt_syntax": self.settings.default_prompt_syntax})
         # 0. An init image opened and checked, the request planned (its size the image's by default), the
         #    image at that size; a seeded request whose result is cached (same served model, same
         #    parameters, same pixels): no inference.
@@ -546,6 +548,7 @@ def _call_args(
     conditioning and parameters, and `extra` (adapters, a hand-off's)."""
     return {
         "negative_prompt": request.negative_prompt,
+        "prompt_syntax": request.prompt_syntax,
         **({} if init is None else init.backend_params()),
         **job.conditioning,
         **extra,

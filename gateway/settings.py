@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +61,11 @@ class GatewaySettings(BaseSettings):
         default_factory=lambda: dict.fromkeys(OPENAI_MODELS, ""),
         description="other names a request's `model` may use -> a served model's id (empty: the default); "
         "by default OpenAI's image model names go to the default model. JSON in the environment",
+    )
+    default_prompt_syntax: Literal["plain", "a1111"] = Field(
+        "plain",
+        description="how a request without prompt_syntax is read: plain (the text as it is) or a1111 "
+        "(AUTOMATIC1111's (emphasis:1.2) and BREAK)",
     )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)

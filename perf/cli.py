@@ -250,6 +250,13 @@ def _perf_controlnet(args: argparse.Namespace) -> int:
     return _save(run_controlnet_bench(settings, _work_dir(args)), args, "controlnet", table)
 
 
+def _perf_prompts(args: argparse.Namespace) -> int:
+    from sd_triton.perf.prompts import PromptBenchSettings, run_prompt_bench, table
+
+    settings = from_args(PromptBenchSettings, args)
+    return _save(run_prompt_bench(settings, _work_dir(args)), args, "prompts", table)
+
+
 def _perf_int8(args: argparse.Namespace) -> int:
     from sd_triton.perf.int8 import Int8Settings, run_int8, table
 
@@ -412,6 +419,14 @@ def add_parser(sub: Any) -> None:
     controls.add_argument("--rounds", type=int, default=3)
     _output_args(controls, "controlnet")
     controls.set_defaults(run=_perf_controlnet)
+    reading = commands.add_parser(
+        "prompts", help="the tokenizer step: a 300-token a1111 prompt vs a short one"
+    )
+    reading.add_argument("--preset", default="tiny", help="tiny, small, sd15, tiny-xl (random weights)")
+    reading.add_argument("--calls", type=int, default=50, help="per prompt and round")
+    reading.add_argument("--rounds", type=int, default=3)
+    _output_args(reading, "prompts")
+    reading.set_defaults(run=_perf_prompts)
     img2img.set_defaults(run=_perf_img2img)
 
     int8 = commands.add_parser("int8", help="the UNet INT8 (ONNX Runtime) vs FP32: time per call, parity")

@@ -177,6 +177,9 @@ MAX_LORA_SCALE = 4.0  # |scale| at most: past it an adapter's delta dwarfs the b
 CONTROLNETS = _t("CONTROLNETS", "TYPE_STRING", 1, optional=True)
 CONTROL_IMAGES = _t("CONTROL_IMAGES", "TYPE_UINT8", -1, -1, -1, 3, optional=True)
 MAX_CONTROLNETS = 3
+# how PROMPT and NEGATIVE_PROMPT are read (sd_triton/prompts.py): plain (default: the text as it is) or
+# a1111 (AUTOMATIC1111's emphasis syntax and BREAK)
+PROMPT_SYNTAX = _t("PROMPT_SYNTAX", "TYPE_STRING", 1, optional=True)
 MAX_CONTROL_SCALE = 2.0
 
 # --- pipeline outputs ---
@@ -201,10 +204,13 @@ INLINE_UNET_US_METRIC = "sd_triton_inline_unet_compute_us"  # the microseconds t
 INLINE_UNET_ROWS_METRIC = "sd_triton_inline_unet_rows"  # the batch rows they carried
 
 # --- tensors between steps ---
-INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, TOKEN_LENGTH)  # rows: [uncond,] cond
-PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, TOKEN_LENGTH, -1)
+# rows: [uncond,] cond; 77 tokens per chunk (a long prompt: k chunks of 77, sd_triton/prompts.py)
+INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, -1)
+# each token's weight (the a1111 prompt syntax's emphasis; 1 for plain prompts), as INPUT_IDS
+TOKEN_WEIGHTS = _t("TOKEN_WEIGHTS", "TYPE_FP32", -1, -1, optional=True)
+PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, -1, -1)
 # SDXL: the second tokenizer's ids (same rows), and the second text encoder's pooled embeddings
-INPUT_IDS_2 = _t("INPUT_IDS_2", "TYPE_INT32", -1, TOKEN_LENGTH, optional=True)
+INPUT_IDS_2 = _t("INPUT_IDS_2", "TYPE_INT32", -1, -1, optional=True)
 POOLED_EMBEDS = _t("POOLED_EMBEDS", "TYPE_FP32", -1, -1, optional=True)
 LATENTS = _t("LATENTS", "TYPE_FP32", -1, 4, -1, -1)  # already divided by the VAE scaling factor
 DECODED = _t("DECODED", "TYPE_FP32", -1, 3, -1, -1)  # VAE output, about [-1, 1]
@@ -234,6 +240,7 @@ TXT2IMG = ModelSpec(
         LORAS,
         CONTROLNETS,
         CONTROL_IMAGES,
+        PROMPT_SYNTAX,
     ),
     # LATENTS: the final latents (a hand-off's base passes them to the refiner); ask for them only then
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES, LATENTS),
@@ -251,13 +258,14 @@ TXT2IMG_STREAM = ModelSpec(
 )
 TOKENIZER = ModelSpec(
     "tokenizer",
-    inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE),
+    inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, PROMPT_SYNTAX),
     # INPUT_IDS_2 where the model has a second tokenizer (SDXL)
     outputs=(
         INPUT_IDS,
         PROMPT_TRUNCATED_TOKENS,
         NEGATIVE_PROMPT_TRUNCATED_TOKENS,
         dataclasses.replace(INPUT_IDS_2, optional=False),  # (outputs have no optional flag)
+        dataclasses.replace(TOKEN_WEIGHTS, optional=False),
     ),
     batching=False,
     engine=False,
@@ -277,6 +285,9 @@ DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: ima
 DENOISE_HANDOFF_INPUTS = (DENOISING_END, DENOISING_START, START_LATENTS)  # optional: base + refiner
 DENOISE_LORA_INPUTS = (LORAS,)  # optional: the request's adapters
 DENOISE_CONTROL_INPUTS = (CONTROLNETS, CONTROL_IMAGES)  # optional: the request's ControlNets
+DENOISE_PROMPT_INPUTS = (
+    TOKEN_WEIGHTS,
+)  # optional: the tokens' weights (emphasis), applied to the embeddings
 # SDXL's: the second text encoder's pooled embeddings (or, inline, the second tokenizer's ids) and the size
 # conditioning; NEGATIVE_PROMPT's absence zeroes the unconditional rows where the checkpoint says so
 DENOISE_XL_INPUTS = (
@@ -300,6 +311,7 @@ DENOISE = ModelSpec(
         *DENOISE_HANDOFF_INPUTS,
         *DENOISE_LORA_INPUTS,
         *DENOISE_CONTROL_INPUTS,
+        *DENOISE_PROMPT_INPUTS,
         CANCEL,
         LORA_LIBRARY,
     ),
@@ -314,7 +326,7 @@ UNET = ModelSpec(
     inputs=(
         _t("sample", "TYPE_FP32", -1, -1, -1),  # latents (4), or + mask and masked image (9: inpainting)
         _t("timestep", "TYPE_FP32", 1),
-        _t("encoder_hidden_states", "TYPE_FP32", TOKEN_LENGTH, -1),
+        _t("encoder_hidden_states", "TYPE_FP32", -1, -1),  # 77 tokens per prompt chunk
     ),
     outputs=(_t("noise_pred", "TYPE_FP32", 4, -1, -1),),
     batching=True,
@@ -465,9 +477,10 @@ class Limits:
     max_side: int = 1024
     max_num_images: int = 4
     max_seed: int = 2**63 - 1
+    max_prompt_chunks: int = 4  # a prompt's 77-token chunks (75 tokens of text each); past them: cut
 
     def __post_init__(self) -> None:
-        for field in ("max_steps", "max_side", "max_num_images"):
+        for field in ("max_steps", "max_side", "max_num_images", "max_prompt_chunks"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limits.{field} must be a positive integer, got {value!r}")

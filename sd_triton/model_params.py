@@ -80,6 +80,13 @@ UNET_PATHS = ("inline", "bls")
 
 
 @dataclass(frozen=True)
+class TokenizerParams(ModelParams):
+    """The tokenizer model: how many 77-token chunks a prompt may fill (sd_triton/prompts.py)."""
+
+    max_prompt_chunks: int = 1
+
+
+@dataclass(frozen=True)
 class BatchingParams(ModelParams):
     """The continuous batcher of `denoise` and `txt2img_stream` (sd_triton.runtime.batching)."""
 

@@ -38,8 +38,9 @@ from sd_triton.runtime.denoise import (
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, int, int]
-# rows share a UNet call by latent shape, adapter set (AdapterSet.key) and UNet variant (ControlNets or not)
-Group = tuple[Shape, str, bool]
+# rows share a UNet call by latent shape, adapter set (AdapterSet.key), UNet variant (ControlNets or not)
+# and text length (77 tokens per prompt chunk; 0 for a request not prepared yet)
+Group = tuple[Shape, str, bool, int]
 
 
 class Cancelled(Exception):
@@ -95,11 +96,12 @@ class Ticket:
 
     @property
     def group(self) -> Group:
-        """What it shares UNet calls by: its latent shape, LoRA adapter set ("": the base) and whether it
-        has ControlNets."""
+        """What it shares UNet calls by: its latent shape, LoRA adapter set ("": the base), whether it
+        has ControlNets, and its prompt embeddings' length (known once it is prepared)."""
         adapters = self.job.adapters if self.job is not None else self.adapters
         controlled = self.job.controls is not None if self.job is not None else self.controlled
-        return self.shape, "" if adapters is None else adapters.key, controlled
+        tokens = 0 if self.job is None else int(self.job.embeds.shape[1])
+        return self.shape, "" if adapters is None else adapters.key, controlled, tokens
 
     @property
     def rows(self) -> int:
@@ -252,12 +254,20 @@ class ContinuousBatcher:
             unprepared = [t for queue in self._waiting.values() for t in queue if t.job is None]
         for ticket in unprepared:
             assert ticket.prepare is not None
+            waiting = ticket.group
             try:
                 ticket.job = ticket.prepare()
             except Exception as exc:  # noqa: BLE001 - this request alone fails
                 with self._cond:
-                    self._waiting[ticket.group].remove(ticket)
+                    self._waiting[waiting].remove(ticket)
                 self._fail(ticket, exc)
+                continue
+            if ticket.group != waiting:  # its text's length is known now: it waits with its group
+                with self._cond:
+                    self._waiting[waiting].remove(ticket)
+                    if not self._waiting[waiting]:
+                        del self._waiting[waiting]
+                    self._waiting.setdefault(ticket.group, deque()).append(ticket)
 
     def _admit(self) -> None:
         self._prepare_waiting()

@@ -175,8 +175,8 @@ def _embeddings(prompt_embeds: np.ndarray, params: GenerationParams, config: Pip
     if embeds.shape[0] != expected:
         raise InvalidRequest(PROMPT_EMBEDS.name, f"has {embeds.shape[0]} rows, expected {expected}")
     width = embeds.shape[-1] if config.text_hidden_size is None else config.text_hidden_size
-    if tuple(embeds.shape[1:]) != (TOKEN_LENGTH, width):
-        shape = [expected, TOKEN_LENGTH, width]
+    if embeds.ndim != 3 or embeds.shape[1] % TOKEN_LENGTH or not embeds.shape[1] or embeds.shape[2] != width:
+        shape = [expected, f"{TOKEN_LENGTH} x chunks", width]
         raise InvalidRequest(PROMPT_EMBEDS.name, f"must have shape {shape}, got {list(embeds.shape)}")
     return embeds.repeat_interleave(params.num_images, dim=0)
 

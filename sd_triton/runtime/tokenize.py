@@ -1,4 +1,5 @@
-"""CLIP tokenization of prompt and negative prompt, truncated the way diffusers truncates."""
+"""CLIP tokenization of prompt and negative prompt: in 77-token chunks (sd_triton/prompts.py), one chunk of
+a plain prompt being diffusers' tokenization of it."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ from pathlib import Path
 import numpy as np
 from transformers import CLIPTokenizer
 
+from sd_triton import contract as c
+from sd_triton import prompts
+from sd_triton.requests import InvalidRequest
+
 
 @dataclass(frozen=True)
 class Tokenized:
-    input_ids: np.ndarray  # int32 [rows, 77]; rows: [uncond, cond] with guidance, else [cond]
+    input_ids: np.ndarray  # int32 [rows, 77 x chunks]; rows: [uncond, cond] with guidance, else [cond]
     prompt_truncated_tokens: int
     negative_prompt_truncated_tokens: int
     input_ids_2: np.ndarray | None = None  # SDXL: the second tokenizer's, the same rows
+    weights: np.ndarray | None = None  # float32, as input_ids: each token's weight (None: all 1)
 
     @property
     def text_encoder_inputs(self) -> tuple[np.ndarray, ...]:
@@ -32,6 +38,13 @@ class PromptTokenizer:
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_length = int(self.tokenizer.model_max_length)
         self.second = None if second is None else PromptTokenizer(second)
+        tokenizer = self.tokenizer
+        self.vocab = prompts.Vocabulary(
+            bos=int(tokenizer.bos_token_id),
+            eos=int(tokenizer.eos_token_id),
+            pad=int(tokenizer.pad_token_id),
+            comma=tokenizer.get_vocab().get(",</w>"),
+        )
         # the fast tokenizer keeps padding/truncation settings between calls: one call at a time
         self._lock = threading.Lock()
 
@@ -41,29 +54,42 @@ class PromptTokenizer:
         second = folder / SECOND_TOKENIZER
         return cls(folder / "tokenizer", second if second.is_dir() else None)
 
-    def _padded(self, text: str) -> np.ndarray:
-        """Token ids padded/truncated to the context length (the caller holds the lock)."""
-        ids = self.tokenizer(
-            text, padding="max_length", max_length=self.max_length, truncation=True
-        ).input_ids
-        return np.asarray(ids, dtype=np.int32)
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, without BOS and EOS (the caller holds the lock)."""
+        return list(self.tokenizer(texts, add_special_tokens=False).input_ids) if texts else []
 
-    def encode(self, text: str) -> tuple[np.ndarray, int]:
-        """Token ids padded/truncated to the context length, and how many tokens were cut."""
+    def chunked(self, pieces: prompts.Pieces, max_chunks: int) -> prompts.Chunked:
         with self._lock:
-            ids = self._padded(text)
-            full = self.tokenizer(text).input_ids
-        return ids, max(0, len(full) - self.max_length)
+            return prompts.chunk(pieces, self._ids, self.vocab, max_chunks)
 
-    def rows(self, prompt: str, negative_prompt: str, guidance: bool) -> np.ndarray:
-        """Padded ids only, [uncond, cond] with guidance, else [cond] (SDXL's second tokenizer: the
-        truncation counts are the first's)."""
-        with self._lock:
-            return np.stack([self._padded(t) for t in ([negative_prompt, prompt] if guidance else [prompt])])
-
-    def tokenize(self, prompt: str, negative_prompt: str, guidance: bool) -> Tokenized:
-        cond, cut = self.encode(prompt)
-        uncond, negative_cut = self.encode(negative_prompt)
-        rows = [uncond, cond] if guidance else [cond]
-        second = None if self.second is None else self.second.rows(prompt, negative_prompt, guidance)
-        return Tokenized(np.stack(rows), cut, negative_cut if guidance else 0, second)
+    def tokenize(
+        self, prompt: str, negative_prompt: str, guidance: bool, syntax: str = "plain", max_chunks: int = 1
+    ) -> Tokenized:
+        """The rows' ids in chunks of 77 (up to `max_chunks`, both rows padded to one count with the empty
+        prompt's chunks) and the tokens' weights, read with `syntax` (prompts.parse; PromptSyntaxError).
+        One chunk of a plain prompt is diffusers' ids for it (truncated past 75 tokens). InvalidRequest
+        naming the field for an unknown syntax or a prompt it cannot read."""
+        if syntax not in prompts.SYNTAXES:
+            raise InvalidRequest(
+                c.PROMPT_SYNTAX.name, f"must be one of {', '.join(prompts.SYNTAXES)}, got {syntax!r}"
+            )
+        texts = (
+            {c.NEGATIVE_PROMPT.name: negative_prompt, c.PROMPT.name: prompt}
+            if guidance
+            else {c.PROMPT.name: prompt}
+        )
+        pieces = []
+        for field, text in texts.items():
+            try:
+                pieces.append(prompts.parse(text, syntax))
+            except prompts.PromptSyntaxError as exc:
+                raise InvalidRequest(field, str(exc)) from None
+        rows = [self.chunked(p, max_chunks) for p in pieces]
+        ids, weights = prompts.chunked_rows(rows, self.vocab)
+        second = None
+        if self.second is not None:  # SDXL: the same pieces, the second tokenizer's ids (its padding)
+            second, _ = prompts.chunked_rows(
+                [self.second.chunked(p, max_chunks) for p in pieces], self.second.vocab
+            )
+        cut, negative_cut = rows[-1].cut, rows[0].cut if guidance else 0
+        return Tokenized(ids, cut, negative_cut, second, None if np.all(weights == 1.0) else weights)

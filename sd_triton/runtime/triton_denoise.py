@@ -114,11 +114,12 @@ class TritonPythonModel:
             for spec, array in zip(ids, arrays, strict=True):
                 if array is None:
                     raise InvalidRequest(spec.name, "is required by an SDXL model")
-                if array.ndim != 2 or array.shape != arrays[0].shape or array.shape[1] != c.TOKEN_LENGTH:
+                if array.ndim != 2 or array.shape != arrays[0].shape or array.shape[1] % c.TOKEN_LENGTH:
                     raise InvalidRequest(
-                        spec.name, f"must be [rows, {c.TOKEN_LENGTH}], got {list(array.shape)}"
+                        spec.name, f"must be [rows, {c.TOKEN_LENGTH} x chunks], got {list(array.shape)}"
                     )
             embeds, pooled = self.text_encoder(*arrays, adapters=adapters)
+        embeds = triton_io.weighted_embeds(embeds, triton_io.get_array(request, c.TOKEN_WEIGHTS))
         return conditioning.apply(self.config, params, embeds, pooled)
 
     def _outputs(

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
-from sd_triton import control
+from sd_triton import control, prompts
 from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import ENGINE_FILE, EngineRecord, versions_on_disk
 from sd_triton.lora import INDEX, LORA_COMPONENTS, AdapterSet, LoraLibrary, indexed_graph, library_dir
@@ -435,9 +435,14 @@ class TextEncoder:
     def __call__(
         self, *input_ids: np.ndarray, adapters: AdapterSet | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Token ids (one array per tokenizer) -> (the prompt embeddings, SDXL's pooled embeddings);
+        """Token ids (one array per tokenizer, [rows, 77 x k]: k chunks) -> (the prompt embeddings [rows,
+        77 x k, D], the chunks' outputs side by side; SDXL's pooled embeddings, the first chunk's);
         `adapters`: with LoRA adapters' text-encoder weights (the inline path only)."""
         names = [t.name for t in self.spec.outputs]
+        rows, length = input_ids[0].shape
+        if length % c.TOKEN_LENGTH:
+            raise InvalidRequest(c.INPUT_IDS.name, f"must be [rows, 77 x chunks], got {[rows, length]}")
+        input_ids = tuple(ids.reshape(-1, c.TOKEN_LENGTH) for ids in input_ids)  # one chunk a row
         if self.inline is None:
             if adapters is not None:
                 raise InvalidRequest(c.LORAS.name, "adapters need the inline UNet path (unet_path inline)")
@@ -446,7 +451,12 @@ class TextEncoder:
         else:
             self.inline.refresh()
             outputs = self.inline.run_all(*input_ids, adapters=adapters)
-        return outputs[names[0]], outputs[names[1]] if len(names) > 1 else None
+        embeds = outputs[names[0]]
+        embeds = embeds.reshape(rows, length, embeds.shape[-1])
+        pooled = (
+            outputs[names[1]].reshape(rows, length // c.TOKEN_LENGTH, -1)[:, 0] if len(names) > 1 else None
+        )
+        return embeds, pooled
 
 
 def inline_text_and_image(
@@ -514,6 +524,17 @@ class Adapters:
         if adapters is not None and not self.inline:
             raise InvalidRequest(c.LORAS.name, "adapters need the inline UNet path (this loop's is bls)")
         return adapters
+
+
+def weighted_embeds(embeds: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """The prompt embeddings with the tokenizer's TOKEN_WEIGHTS applied (prompts.weighted), checked to be
+    one weight per token."""
+    if weights is not None and (weights.ndim != 2 or weights.shape != embeds.shape[:2]):
+        raise InvalidRequest(
+            c.TOKEN_WEIGHTS.name,
+            f"must be one per token, {list(embeds.shape[:2])}, got {list(weights.shape)}",
+        )
+    return prompts.weighted(embeds, weights)
 
 
 class Controls:

@@ -101,6 +101,7 @@ class TritonPythonModel:
                 c.PROMPT.name: triton_io.get_array(request, c.PROMPT),
                 c.NEGATIVE_PROMPT.name: triton_io.get_array(request, c.NEGATIVE_PROMPT),
                 c.GUIDANCE_SCALE.name: triton_io.get_array(request, c.GUIDANCE_SCALE),
+                c.PROMPT_SYNTAX.name: triton_io.get_array(request, c.PROMPT_SYNTAX),
             }
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
@@ -128,9 +129,11 @@ class TritonPythonModel:
             inputs = {name: value for name, value in text.items() if value is not None}
             ids = [c.INPUT_IDS.name, c.INPUT_IDS_2.name][: len(self.text_encoder.spec.inputs)]  # SDXL: two
             counts = [c.PROMPT_TRUNCATED_TOKENS.name, c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name]
-            tokens = triton_io.bls_infer_all(self.config.name_of(c.TOKENIZER.name), inputs, [*ids, *counts])
+            outputs = [*ids, *counts, c.TOKEN_WEIGHTS.name]
+            tokens = triton_io.bls_infer_all(self.config.name_of(c.TOKENIZER.name), inputs, outputs)
             truncation.update({name: tokens[name] for name in counts})
             embeds, pooled = self.text_encoder(*(tokens[name] for name in ids), adapters=adapters)
+            embeds = triton_io.weighted_embeds(embeds, tokens[c.TOKEN_WEIGHTS.name])
             embeds, added = conditioning.apply(self.config, params, embeds, pooled)
             init = self.encoder.encode(image)
             return DenoiseJob(embeds, params, self.config, init, added, handoff, adapters, controls)

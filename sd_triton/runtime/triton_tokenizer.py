@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from sd_triton import contract as c
+from sd_triton.model_params import TokenizerParams
 from sd_triton.requests import check_guidance_scale, uses_guidance
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.tokenize import PromptTokenizer
@@ -19,6 +20,7 @@ from sd_triton.runtime.tokenize import PromptTokenizer
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.tokenizer = PromptTokenizer.in_folder(triton_io.version_dir(args))
+        self.max_chunks = triton_io.model_params(args, TokenizerParams).max_prompt_chunks
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return triton_io.respond(requests, c.TOKENIZER, self._tokenize)
@@ -27,11 +29,14 @@ class TritonPythonModel:
         prompt = triton_io.get_text(request, c.PROMPT)
         negative_prompt = triton_io.get_text(request, c.NEGATIVE_PROMPT, default="")
         guidance = uses_guidance(check_guidance_scale(triton_io.get_scalar(request, c.GUIDANCE_SCALE)))
-        out = self.tokenizer.tokenize(prompt, negative_prompt, guidance)
+        syntax = triton_io.get_text(request, c.PROMPT_SYNTAX, default="plain")
+        out = self.tokenizer.tokenize(prompt, negative_prompt, guidance, syntax, self.max_chunks)
         second = {} if out.input_ids_2 is None else {c.INPUT_IDS_2.name: out.input_ids_2}
+        weights = out.weights if out.weights is not None else np.ones(out.input_ids.shape, np.float32)
         return {
             **second,
             c.INPUT_IDS.name: out.input_ids,
+            c.TOKEN_WEIGHTS.name: weights,
             c.PROMPT_TRUNCATED_TOKENS.name: np.array([out.prompt_truncated_tokens], np.int32),
             c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: np.array(
                 [out.negative_prompt_truncated_tokens], np.int32

@@ -25,23 +25,25 @@ def pipe(tiny_checkpoint: Path) -> StableDiffusionPipeline:
 def test_tokenizer_matches_diffusers_encoding(tiny_checkpoint: Path, pipe) -> None:
     ours = PromptTokenizer(tiny_checkpoint / "tokenizer")
     assert len(ours.tokenizer) == 49408
-    for text in ["a photo of an astronaut riding a horse", "", "naïve café 🚀 " * 30]:
-        ids, cut = ours.encode(text)
+    for text in ["a photo of an astronaut riding a horse", "", "naïve café 🚀 " * 30, "a, b, c, " * 40]:
+        one = ours.tokenize(
+            text, "", guidance=False
+        )  # one chunk: diffusers' ids, truncated as diffusers does
         theirs = pipe.tokenizer(
             text, padding="max_length", max_length=77, truncation=True, return_tensors="np"
         ).input_ids[0]
-        np.testing.assert_array_equal(ids, theirs)
-        assert cut == max(0, len(pipe.tokenizer(text).input_ids) - 77)
+        np.testing.assert_array_equal(one.input_ids[0], theirs)
+        assert one.prompt_truncated_tokens == max(0, len(pipe.tokenizer(text).input_ids) - 77)
+        assert one.weights is None
     out = ours.tokenize("a cat", "", guidance=True)
     assert out.input_ids.shape == (2, 77) and out.input_ids.dtype == np.int32
-    np.testing.assert_array_equal(out.input_ids[1], ours.encode("a cat")[0])
     assert ours.tokenize("a cat", "x", guidance=False).input_ids.shape == (1, 77)
 
 
 def test_real_clip_token_ids(tiny_checkpoint: Path) -> None:
     """Known ids of the SD 1.x tokenizer: start, 'a', 'photo', 'of', end."""
-    ids, _ = PromptTokenizer(tiny_checkpoint / "tokenizer").encode("a photo of")
-    assert list(ids[:5]) == [49406, 320, 1125, 539, 49407]
+    ids = PromptTokenizer(tiny_checkpoint / "tokenizer").tokenize("a photo of", "", guidance=False).input_ids
+    assert list(ids[0, :5]) == [49406, 320, 1125, 539, 49407]
 
 
 def test_scheduler_keeps_checkpoint_config() -> None:

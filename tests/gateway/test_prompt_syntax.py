@@ -1,0 +1,31 @@
+"""`prompt_syntax` in the gateway over the in-process backend: sent to the model as asked, the gateway's
+default_prompt_syntax when absent, part of the cache key; an unknown syntax is a 422 naming the field."""
+
+from __future__ import annotations
+
+import time
+
+from tests.gateway.inprocess import FakeTriton, gateway_client
+
+
+def test_the_syntax_reaches_the_model_and_the_cache_key() -> None:
+    backend = FakeTriton()
+    with gateway_client(backend) as client:
+        body = {"prompt": "a (fox:1.3)", "steps": 2, "seed": 1}
+        assert client.post("/v1/generate", json=body).status_code == 200
+        assert backend.calls[-1]["prompt_syntax"] == "plain"  # the default
+        response = client.post("/v1/generate", json={**body, "prompt_syntax": "a1111"})
+        assert response.status_code == 200 and response.json()["cache"] != "hit"  # read otherwise: new key
+        assert backend.calls[-1]["prompt_syntax"] == "a1111"
+        assert client.post("/v1/generate", json={**body, "prompt_syntax": "plain"}).json()["cache"] == "hit"
+        bad = client.post("/v1/generate", json={**body, "prompt_syntax": "comfy"})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "prompt_syntax", bad.text
+    backend = FakeTriton()
+    with gateway_client(backend, default_prompt_syntax="a1111") as client:
+        job = client.post("/v1/jobs", json={"prompt": "a (fox)", "steps": 2})
+        assert job.status_code in (200, 202), job.text
+        url, deadline = f"/v1/jobs/{job.json()['id']}", time.monotonic() + 10
+        while (state := client.get(url).json())["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.02)
+        assert state["status"] == "completed" and backend.calls[-1]["prompt_syntax"] == "a1111"

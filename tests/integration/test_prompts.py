@@ -1,0 +1,131 @@
+"""Prompts as users write them, through Triton (issue 25): a long prompt in AUTOMATIC1111's syntax (weights,
+BREAK, past 77 tokens) gives the images diffusers' StableDiffusionPipeline gives when fed the reference
+embeddings (tests/sd_triton/test_prompts.py's chunks and weighting, with diffusers' own text encoder) as
+prompt_embeds; plain prompts are read as text; bad syntax is INVALID_ARG naming the field."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from tritonclient.utils import InferenceServerException
+
+from sd_triton.export.pipeline import ExportOptions, run_export
+from sd_triton.export.presets import ensure_preset_checkpoint
+from sd_triton.txt2img_client import txt2img
+from tests.conftest import WORK_DIR, triton_server
+from tests.integration.test_parity import MAX_ABS_DIFF, max_abs_diff
+from tests.sd_triton.test_prompts import reference_chunks, reference_parse, reference_weighting
+
+LONG = (
+    "a (red circle:2.5) on a [[blue]] background, " + ", ".join(f"detail {i}" for i in range(40))
+    + " BREAK (((bright))) studio light, (sharp focus:0.4)"
+)  # fmt: skip
+PARAMS = dict(height=64, width=64, steps=6, guidance_scale=7.5, scheduler="ddim", seed=3)
+
+
+def _trained_like(work: Path) -> Path:
+    """tiny with its text encoder's final layer norm given a bias, as a trained CLIP's has: the emphasis
+    rescales each chunk to its mean, which an untrained norm (bias 0: every token's mean 0) leaves at ~0,
+    where the arithmetic divides by rounding noise."""
+    from transformers import CLIPTextModel
+
+    folder = work / "tiny-trained-like"
+    shutil.copytree(ensure_preset_checkpoint("tiny", WORK_DIR / "tiny"), folder)
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    with torch.no_grad():
+        bias = getattr(encoder, "text_model", encoder).final_layer_norm.bias
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.3)
+    encoder.save_pretrained(folder / "text_encoder")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    work = tmp_path_factory.mktemp("prompts-serve")
+    repo = work / "model_repository"
+    manifest = run_export(ExportOptions(str(_trained_like(work)), repo, work_dir=WORK_DIR))
+    with (
+        triton_server(repo, work / "triton.log") as server,
+        grpcclient.InferenceServerClient(server.grpc_url) as client,
+    ):
+        yield {"client": client, "checkpoint": Path(manifest["source"]["path"])}
+
+
+def _reference_embeds(pipe: StableDiffusionPipeline, texts: list[str], max_chunks: int) -> torch.Tensor:
+    """[rows, 77 x k, D]: each text's reference chunks through diffusers' text encoder, weighted, the rows
+    padded to one chunk count with the empty prompt's chunk."""
+    rows = [reference_chunks(reference_parse(t), pipe.tokenizer, max_chunks) for t in texts]
+    count = max(len(ids) for ids, _, _ in rows)
+    empty_ids, empty_weights, _ = reference_chunks([("", 1.0)], pipe.tokenizer, 1)
+    out = []
+    with torch.no_grad():
+        for ids, weights, _ in rows:
+            ids, weights = (
+                ids + empty_ids * (count - len(ids)),
+                weights + empty_weights * (count - len(weights)),
+            )
+            chunks = []
+            for chunk_ids, chunk_weights in zip(ids, weights, strict=True):
+                z = pipe.text_encoder(torch.tensor([chunk_ids]))[0][0]
+                w = torch.tensor(chunk_weights)
+                chunks.append(z if torch.all(w == 1) else reference_weighting(z, w))
+            out.append(torch.cat(chunks))
+    return torch.stack(out)
+
+
+def test_a_long_weighted_prompt_gives_diffusers_images_from_the_reference_embeddings(served: dict) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(served["checkpoint"], safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    negative = "(blurry:1.2), lowres"
+    embeds = _reference_embeds(pipe, [negative, LONG], max_chunks=4)
+    assert embeds.shape[1] in (77 * 3, 77 * 4)  # past 75 tokens, and a chunk after BREAK
+    ours = txt2img(served["client"], LONG, negative_prompt=negative, prompt_syntax="a1111", **PARAMS)
+    theirs = pipe(
+        prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], height=64, width=64,
+        num_inference_steps=6,
+        guidance_scale=7.5, generator=[torch.Generator().manual_seed(3)], output_type="np",
+    ).images  # fmt: skip
+    assert max_abs_diff(ours.images, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
+    assert ours.prompt_truncated_tokens == 0
+    # read as plain text, the same prompt is another image (the brackets are words)
+    plain = txt2img(served["client"], LONG, negative_prompt=negative, **PARAMS)
+    assert max_abs_diff(plain.images, ours.images) > 10
+    # the weights matter: without them (the brackets as syntax, all weights 1) the image changes
+    unweighted = (
+        LONG.replace(":2.5", ":1")
+        .replace(":0.4", ":1")
+        .replace("[[blue]]", "blue")
+        .replace("(((bright)))", "bright")
+    )
+    flat = txt2img(
+        served["client"], unweighted, negative_prompt="blurry, lowres", prompt_syntax="a1111", **PARAMS
+    )
+    assert max_abs_diff(flat.images, ours.images) > 5
+
+
+def test_a_prompt_past_the_chunks_is_cut_and_counted(served: dict) -> None:
+    long = " ".join(f"w{i}" for i in range(400))
+    result = txt2img(served["client"], long, **PARAMS)
+    pipe = StableDiffusionPipeline.from_pretrained(served["checkpoint"], safety_checker=None)
+    tokens = len(pipe.tokenizer(long, add_special_tokens=False).input_ids)
+    assert result.prompt_truncated_tokens == tokens - 4 * 75 > 0  # the export's default: 4 chunks
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [("PROMPT_SYNTAX", "comfy", "must be one of plain, a1111"), ("PROMPT", "(a:1.2.3)", "is not a number")],
+)
+def test_bad_prompts_are_invalid_arg(served: dict, field: str, value: str, words: str) -> None:
+    kwargs = {"prompt_syntax": value} if field == "PROMPT_SYNTAX" else {"prompt_syntax": "a1111"}
+    prompt = value if field == "PROMPT" else "a cat"
+    with pytest.raises(InferenceServerException, match=field) as caught:
+        txt2img(served["client"], prompt, **kwargs, **PARAMS)
+    assert words in str(caught.value)
