@@ -301,7 +301,7 @@ def zero_size_cases(model: str, valid: dict[str, np.ndarray]) -> Iterator[Case]:
             if dim != -1 or (spec.batching and axis == 0):
                 continue
             shape = tuple(0 if i == axis else s for i, s in enumerate(array.shape))
-            expect = zero_size_expectation(model, axis)
+            expect = zero_size_expectation(model, axis, tensor.name)
             yield Case(
                 model,
                 f"empty-{tensor.name}-axis{axis}",
@@ -319,8 +319,12 @@ def zero_size_cases(model: str, valid: dict[str, np.ndarray]) -> Iterator[Case]:
         yield Case(model, "DECODED-1024x1024", {c.DECODED.name: large}, Ok(images_of(1, 1024, 1024)))
 
 
-def zero_size_expectation(model: str, axis: int) -> Expectation:
+def zero_size_expectation(model: str, axis: int, tensor: str = "") -> Expectation:
     if model == c.POSTPROCESS.name:  # pure arithmetic: an empty batch or image gives an empty one
+        return Ok()
+    if model == c.UNET.name and tensor == "encoder_hidden_states" and axis == 1:
+        # the token axis is variable (77 per prompt chunk): no text, the cross-attention attends to nothing
+        # and the engine answers (the denoising loops refuse embeddings without tokens, naming them)
         return Ok()
     if model == c.DENOISE.name:  # the embeddings' rows and width are checked against the export
         return Error((c.PROMPT_EMBEDS.name, "rows" if axis == 0 else "must have shape"))
