@@ -294,10 +294,12 @@ def export_controlnets(
     for name, source in sorted(controlnets.items()):
         folder, model = load_controlnet(source, checkpoint.path, work_dir)
         check_against_unet(name, dict(model.config), unet_config)
-        sha256 = sha256_tree(folder, salt=sha256_tree(checkpoint.path / "unet"))
+        component = ControlNetComponent(name, ControlNetModule(model), unet_config)
+        # its weights, the UNet's and the graph's dynamic axes: a change in any exports it again
+        salt = sha256_tree(checkpoint.path / "unet") + json.dumps(component.dynamic_axes(), sort_keys=True)
+        sha256 = sha256_tree(folder, salt=salt)
         out = library / name
         old = control.ControlNetRecord.load(out) if (out / control.RECORD).is_file() else None
-        component = ControlNetComponent(name, ControlNetModule(model), unet_config)
         if old is not None and old.sha256 == sha256 and (out / "model.onnx").is_file():
             log.info("  ControlNet %s: unchanged, kept", name)
             records.append(old)
@@ -325,7 +327,10 @@ def export_controlnets(
         )
         records.append(record)
         _plan(component, out / "model.onnx", checkpoint, settings, limits, work_dir)
-    unet_sha = sha256_tree(checkpoint.path / "unet")
+    controlled = ControlledUNet(unet_config)
+    unet_sha = sha256_tree(
+        checkpoint.path / "unet", salt=json.dumps(controlled.dynamic_axes(), sort_keys=True)
+    )
     source_file = variant / SOURCE
     if (
         source_file.is_file()
@@ -338,7 +343,7 @@ def export_controlnets(
         variant.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=variant.parent) as tmp:
             staged = Path(tmp) / "model.onnx"
-            diff = export_onnx(ControlledUNet(unet_config), checkpoint.path, checkpoint.dims, staged)
+            diff = export_onnx(controlled, checkpoint.path, checkpoint.dims, staged)
             (variant / PLAN).unlink(missing_ok=True)
             for f in Path(tmp).iterdir():
                 f.replace(variant / f.name)
@@ -348,7 +353,7 @@ def export_controlnets(
             time.monotonic() - started,
             diff,
         )
-    _plan(ControlledUNet(unet_config), variant / "model.onnx", checkpoint, settings, limits, work_dir)
+    _plan(controlled, variant / "model.onnx", checkpoint, settings, limits, work_dir)
     return records
 
 
