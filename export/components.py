@@ -111,11 +111,13 @@ class TextEncoder(Component):
     ) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, dims.vocab_size, (batch, TOKEN_LENGTH), generator=generator)
-        return (ids.to(torch.int32),)
+        clip_skip = (torch.arange(batch) % 2).reshape(batch, 1)  # 0 and 1: the layer choice is checked
+        return ids.to(torch.int32), clip_skip.to(torch.int32)
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
-        b = limits.max_unet_batch
-        return Profile({"input_ids": ((1, TOKEN_LENGTH), (2, TOKEN_LENGTH), (b, TOKEN_LENGTH))})
+        b = limits.max_unet_batch * limits.max_prompt_chunks  # a row per prompt chunk
+        ids = ((1, TOKEN_LENGTH), (2, TOKEN_LENGTH), (b, TOKEN_LENGTH))
+        return Profile({"input_ids": ids, "clip_skip": ((1, 1), (2, 1), (b, 1))})
 
 
 class UNet(Component):
@@ -204,12 +206,12 @@ class TextEncoderXL(TextEncoder):
     def sample_inputs(
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, ...]:
-        (ids,) = super().sample_inputs(dims, batch, latent_hw)
-        return ids, ids.flip(0).contiguous()
+        ids, clip_skip = super().sample_inputs(dims, batch, latent_hw)
+        return ids, clip_skip, ids.flip(0).contiguous()
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
-        (shapes,) = super().profile(dims, limits).shapes.values()
-        return Profile({"input_ids": shapes, "input_ids_2": shapes})
+        shapes = super().profile(dims, limits).shapes
+        return Profile({**shapes, "input_ids_2": shapes["input_ids"]})
 
 
 class TextEncoderRefiner(TextEncoder):

@@ -142,7 +142,20 @@ def served_model(model: str, checkpoint: Checkpoint, limits: Limits, pipeline: s
         limits=limits,
         default_scheduler=default_scheduler_class(checkpoint.scheduler_config).__name__,
         architecture=checkpoint.architecture,
+        max_clip_skip=max_clip_skip(checkpoint),
     )
+
+
+def max_clip_skip(checkpoint: Checkpoint) -> int:
+    """How many layers before the usual output clip_skip may reach: SD's text encoder ends at its last
+    layer (down to its embeddings: its layer count), SDXL's encoders at their penultimate."""
+    encoders = [
+        f for f in ("text_encoder", "text_encoder_2") if (checkpoint.path / f / "config.json").is_file()
+    ]
+    layers = [
+        json.loads((checkpoint.path / f / "config.json").read_text())["num_hidden_layers"] for f in encoders
+    ]
+    return min(layers) - (1 if c.added_conditioning(checkpoint.architecture) else 0)
 
 
 def engine_profile(

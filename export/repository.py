@@ -75,26 +75,30 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
         {
             **ids,
             c.TOKEN_WEIGHTS.name: "token_weights",
+            c.CLIP_SKIPS.name: "clip_skips",
             c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
             c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name: c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name,
         },
     )
     weights = {c.TOKEN_WEIGHTS.name: "token_weights"}  # applied to the embeddings by the loop
+    skips = {c.CLIP_SKIPS.name: "clip_skips"}  # the inline text encoder's
     if unet_path == "inline":
         outputs = {
             c.IMAGES.name: c.IMAGES.name,
             c.ENGINES.name: c.ENGINES.name,
             c.LATENTS.name: c.LATENTS.name,
         }
-        return tokenizer, (c.DENOISE.name, {**ids, **weights, **_PARAMS}, outputs)
+        return tokenizer, (c.DENOISE.name, {**ids, **weights, **skips, **_PARAMS}, outputs)
     encoder = c.models(architecture)[c.TEXT_ENCODER.name]
+    tensors = [*ids.values()]  # the engine's id inputs by position: input_ids[, input_ids_2]
+    encoder_inputs = {"input_ids": tensors[0], "clip_skip": "clip_skips", "input_ids_2": tensors[-1]}
     pooled = {c.POOLED_EMBEDS.name: "pooled_embeds"} if c.added_conditioning(architecture) else {}
     embeds = {c.PROMPT_EMBEDS.name: "prompt_embeds", **pooled}
     return (
         tokenizer,
         (
             encoder.name,
-            {t.name: value for t, value in zip(encoder.inputs, ids.values(), strict=True)},
+            {t.name: encoder_inputs[t.name] for t in encoder.inputs},
             {t.name: value for t, value in zip(encoder.outputs, embeds.values(), strict=True)},
         ),
         (
@@ -371,7 +375,8 @@ def all_configs(
     configs[c.TOKENIZER.name] = _python_step(c.TOKENIZER)
     # the bls path's text_encoder step takes one 77-token chunk per prompt: long prompts need the inline one
     chunks = served.limits.max_prompt_chunks if path == "inline" else 1
-    _set_parameters(configs[c.TOKENIZER.name], TokenizerParams(max_prompt_chunks=chunks).to_parameters())
+    tokenizer = TokenizerParams(max_prompt_chunks=chunks, max_clip_skip=served.max_clip_skip)
+    _set_parameters(configs[c.TOKENIZER.name], tokenizer.to_parameters())
     continuous = settings.batching == "continuous"
     denoise = _python_step(c.DENOISE, 1 if continuous else settings.denoise_instances)
     batcher = BatchingParams(

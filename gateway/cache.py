@@ -69,6 +69,8 @@ def cache_key(
         "num_images": checked["num_images"],
         "output_format": request.output_format,
     }
+    if request.clip_skip:  # another layer's output
+        described["clip_skip"] = request.clip_skip
     if request.prompt_syntax not in (None, "plain"):  # the same text read otherwise
         described["prompt_syntax"] = request.prompt_syntax
     if jobs[0].conditioning:  # SDXL: its size conditioning; and no negative prompt (zeros) is not ""

@@ -91,6 +91,13 @@ class GenerationOptions(BaseModel):
         description="which served model answers (an id of GET /v1/models); default: the default model",
     )
     negative_prompt: str | None = Field(None, description="what to steer away from; empty = unconditional")
+    clip_skip: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="diffusers' clip_skip: the text encoder's output this many layers before its usual one "
+        "(GET /v1/models: max_clip_skip); default 0",
+    )
     prompt_syntax: Literal["plain", "a1111"] | None = Field(
         None,
         description="how prompt and negative_prompt are read: plain, the text as it is, or a1111, "

@@ -549,6 +549,7 @@ def _call_args(
     return {
         "negative_prompt": request.negative_prompt,
         "prompt_syntax": request.prompt_syntax,
+        "clip_skip": request.clip_skip,
         **({} if init is None else init.backend_params()),
         **job.conditioning,
         **extra,

@@ -180,6 +180,10 @@ MAX_CONTROLNETS = 3
 # how PROMPT and NEGATIVE_PROMPT are read (sd_triton/prompts.py): plain (default: the text as it is) or
 # a1111 (AUTOMATIC1111's emphasis syntax and BREAK)
 PROMPT_SYNTAX = _t("PROMPT_SYNTAX", "TYPE_STRING", 1, optional=True)
+# diffusers' clip_skip: the text encoder's output taken this many layers before its last (SD: then its final
+# layer norm; SDXL: before its penultimate); 0 (the default) is the pipeline's usual layer. The tokenizer
+# checks it against the export's text encoder and answers it per row (CLIP_SKIPS [rows, 1])
+CLIP_SKIP = _t("CLIP_SKIP", "TYPE_INT32", 1, optional=True)
 MAX_CONTROL_SCALE = 2.0
 
 # --- pipeline outputs ---
@@ -208,6 +212,7 @@ INLINE_UNET_ROWS_METRIC = "sd_triton_inline_unet_rows"  # the batch rows they ca
 INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, -1)
 # each token's weight (the a1111 prompt syntax's emphasis; 1 for plain prompts), as INPUT_IDS
 TOKEN_WEIGHTS = _t("TOKEN_WEIGHTS", "TYPE_FP32", -1, -1, optional=True)
+CLIP_SKIPS = _t("CLIP_SKIPS", "TYPE_INT32", -1, 1, optional=True)  # CLIP_SKIP, a row each
 PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, -1, -1)
 # SDXL: the second tokenizer's ids (same rows), and the second text encoder's pooled embeddings
 INPUT_IDS_2 = _t("INPUT_IDS_2", "TYPE_INT32", -1, -1, optional=True)
@@ -241,6 +246,7 @@ TXT2IMG = ModelSpec(
         CONTROLNETS,
         CONTROL_IMAGES,
         PROMPT_SYNTAX,
+        CLIP_SKIP,
     ),
     # LATENTS: the final latents (a hand-off's base passes them to the refiner); ask for them only then
     outputs=(IMAGES, PROMPT_TRUNCATED_TOKENS, NEGATIVE_PROMPT_TRUNCATED_TOKENS, ENGINES, LATENTS),
@@ -258,7 +264,7 @@ TXT2IMG_STREAM = ModelSpec(
 )
 TOKENIZER = ModelSpec(
     "tokenizer",
-    inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, PROMPT_SYNTAX),
+    inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, PROMPT_SYNTAX, CLIP_SKIP),
     # INPUT_IDS_2 where the model has a second tokenizer (SDXL)
     outputs=(
         INPUT_IDS,
@@ -266,13 +272,15 @@ TOKENIZER = ModelSpec(
         NEGATIVE_PROMPT_TRUNCATED_TOKENS,
         dataclasses.replace(INPUT_IDS_2, optional=False),  # (outputs have no optional flag)
         dataclasses.replace(TOKEN_WEIGHTS, optional=False),
+        dataclasses.replace(CLIP_SKIPS, optional=False),
     ),
     batching=False,
     engine=False,
 )
 TEXT_ENCODER = ModelSpec(
     "text_encoder",
-    inputs=(_t("input_ids", "TYPE_INT32", TOKEN_LENGTH),),
+    # clip_skip: each row's layers back from the usual output (CLIP_SKIP)
+    inputs=(_t("input_ids", "TYPE_INT32", TOKEN_LENGTH), _t("clip_skip", "TYPE_INT32", 1)),
     outputs=(_t("last_hidden_state", "TYPE_FP32", TOKEN_LENGTH, -1),),
     batching=True,
     engine=True,
@@ -285,9 +293,9 @@ DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: ima
 DENOISE_HANDOFF_INPUTS = (DENOISING_END, DENOISING_START, START_LATENTS)  # optional: base + refiner
 DENOISE_LORA_INPUTS = (LORAS,)  # optional: the request's adapters
 DENOISE_CONTROL_INPUTS = (CONTROLNETS, CONTROL_IMAGES)  # optional: the request's ControlNets
-DENOISE_PROMPT_INPUTS = (
-    TOKEN_WEIGHTS,
-)  # optional: the tokens' weights (emphasis), applied to the embeddings
+# optional: the tokens' weights (emphasis), applied to the embeddings; the rows' clip skip (the inline text
+# encoder's input)
+DENOISE_PROMPT_INPUTS = (TOKEN_WEIGHTS, CLIP_SKIPS)
 # SDXL's: the second text encoder's pooled embeddings (or, inline, the second tokenizer's ids) and the size
 # conditioning; NEGATIVE_PROMPT's absence zeroes the unconditional rows where the checkpoint says so
 DENOISE_XL_INPUTS = (

@@ -84,6 +84,7 @@ class TokenizerParams(ModelParams):
     """The tokenizer model: how many 77-token chunks a prompt may fill (sd_triton/prompts.py)."""
 
     max_prompt_chunks: int = 1
+    max_clip_skip: int = 0  # CLIP_SKIP at most (ServedModel.max_clip_skip)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class ServedModel:
     pipeline: str = ""  # `sd-triton export --name`: its models are PIPELINE_<model>; "" for plain names
     # its LoRA adapter library (contract.LORA_LIBRARY): {name, sha256, rank, components, ...} each
     loras: list[dict[str, Any]] = field(default_factory=list)
+    # clip_skip at most: the layers before the usual output its text encoder has (0: none, or not known)
+    max_clip_skip: int = 0
     # its ControlNets (sd_triton.control.ControlNetRecord.summary: name, sha256, conditioning_channels)
     controlnets: list[dict[str, Any]] = field(default_factory=list)
 
@@ -56,6 +58,7 @@ class ServedModel:
         params = {"model": self.model, **{k: str(getattr(self, k)) for k in _INT_KEYS}}
         params["default_scheduler"] = self.default_scheduler
         params["architecture"] = self.architecture
+        params["max_clip_skip"] = str(self.max_clip_skip)
         if self.controlnets:
             params["controlnets"] = json.dumps(self.controlnets, sort_keys=True)
         params.update({k: str(v) for k, v in asdict(self.limits).items()})
@@ -87,6 +90,7 @@ class ServedModel:
             architecture=params.get("architecture", "sd"),  # an export before SDXL: SD
             pipeline=pipeline,
             controlnets=json.loads(params.get("controlnets") or "[]"),
+            max_clip_skip=int(params.get("max_clip_skip") or 0),
         )
 
 

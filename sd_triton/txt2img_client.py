@@ -71,6 +71,7 @@ def txt2img_inputs(
     controlnets: Sequence[dict[str, Any]] | None = None,
     control_images: np.ndarray[Any, np.dtype[np.uint8]] | None = None,
     prompt_syntax: str | None = None,
+    clip_skip: int | None = None,
     **params: Any,
 ) -> list[grpcclient.InferInput]:
     """The ensemble's inputs. `params`: sd_triton.requests.GenerationParams' fields (its defaults for the
@@ -84,7 +85,7 @@ def txt2img_inputs(
     and the base's `start_latents` on the refiner. `loras`: [{"name": ..., "scale": ...}], adapters of the
     pipeline's library. `controlnets`: [{"name", "scale", "start", "end"}], ControlNets of the pipeline,
     with `control_images` uint8 [K, height, width, 3], the k-th one's control image. `prompt_syntax`:
-    plain (the default) or a1111 (AUTOMATIC1111's emphasis and BREAK)."""
+    plain (the default) or a1111 (AUTOMATIC1111's emphasis and BREAK); `clip_skip`: diffusers'."""
     if params.get("scheduler") is None:
         params.pop("scheduler", None)
     values = {c.PROMPT: prompt, c.NEGATIVE_PROMPT: negative_prompt, **GenerationParams(**params).inputs()}
@@ -112,6 +113,8 @@ def txt2img_inputs(
             inputs.append(infer_input(spec, np.array([score], dtype=np.float32)))
     if loras:
         inputs.append(infer_input(c.LORAS, _array(c.LORAS, json.dumps(list(loras)))))
+    if clip_skip is not None:
+        inputs.append(infer_input(c.CLIP_SKIP, _array(c.CLIP_SKIP, clip_skip)))
     if prompt_syntax is not None:
         inputs.append(infer_input(c.PROMPT_SYNTAX, _array(c.PROMPT_SYNTAX, prompt_syntax)))
     if controlnets:

@@ -71,6 +71,9 @@ class ModelFacts(BaseModel):
         default_factory=list,
         description="the ControlNets requests may name in `controlnets`: name, sha256, conditioning_channels",
     )
+    max_clip_skip: int = Field(
+        0, description="clip_skip at most (its text encoder's layers before the usual)"
+    )
 
 
 class InfoResponse(ModelFacts):
@@ -130,6 +133,7 @@ def _facts(served: ServedModel, settings: GatewaySettings) -> dict[str, Any]:
         "default_scheduler_class": served.default_scheduler,
         "architecture": served.architecture,
         "controlnets": served.controlnets,
+        "max_clip_skip": served.max_clip_skip,
     }
 
 

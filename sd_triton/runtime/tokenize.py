@@ -25,8 +25,11 @@ class Tokenized:
 
     @property
     def text_encoder_inputs(self) -> tuple[np.ndarray, ...]:
-        """The text encoder engine's inputs in contract order (SD: one; SDXL: both tokenizers' ids)."""
-        return (self.input_ids,) if self.input_ids_2 is None else (self.input_ids, self.input_ids_2)
+        """The text encoder engine's inputs in contract order for one chunk a row (clip_skip 0): SD's ids and
+        clip skip; SDXL's, then the second tokenizer's ids."""
+        ids = [a.reshape(-1, 77) for a in (self.input_ids, self.input_ids_2) if a is not None]
+        skips = np.zeros((len(ids[0]), 1), np.int32)
+        return (ids[0], skips, *ids[1:])
 
 
 SECOND_TOKENIZER = "tokenizer_2"  # SDXL's, beside the first in the tokenizer model's version folder

@@ -24,13 +24,25 @@ from sd_triton.contract import (
 )
 
 
+def layer_back(hidden_states: tuple[torch.Tensor, ...], back: torch.Tensor) -> torch.Tensor:
+    """Per row, the hidden state `back` layers before the last: hidden_states[-1 - back[row]]."""
+    stacked = torch.stack(hidden_states)  # [layers + 1, rows, tokens, width]
+    index = len(hidden_states) - 1 - back.reshape(-1).long()
+    return stacked[index, torch.arange(stacked.shape[1])]
+
+
 class TextEncoderModule(torch.nn.Module):
+    """SD's CLIP text encoder as StableDiffusionPipeline.encode_prompt runs it: with clip_skip k, the
+    states k layers before the last, through the final layer norm (k = 0: its usual output)."""
+
     def __init__(self, encoder: CLIPTextModel) -> None:
         super().__init__()
         self.encoder = encoder
+        self.final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids.long(), return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids.long(), output_hidden_states=True)
+        return self.final_layer_norm(layer_back(out.hidden_states, clip_skip))
 
 
 class TextEncoderXLModule(torch.nn.Module):
@@ -43,11 +55,15 @@ class TextEncoderXLModule(torch.nn.Module):
         self.encoder_2 = encoder_2
 
     def forward(
-        self, input_ids: torch.Tensor, input_ids_2: torch.Tensor
+        self, input_ids: torch.Tensor, clip_skip: torch.Tensor, input_ids_2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """clip_skip k: each encoder's states k layers before its penultimate (diffusers' -(k + 2))."""
         first = self.encoder(input_ids.long(), output_hidden_states=True)
         second = self.encoder_2(input_ids_2.long(), output_hidden_states=True)
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        back = clip_skip + 1
+        hidden = torch.cat(
+            [layer_back(first.hidden_states, back), layer_back(second.hidden_states, back)], dim=-1
+        )
         return hidden, second.text_embeds
 
 
@@ -59,9 +75,9 @@ class RefinerTextEncoderModule(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.encoder(input_ids.long(), output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds
+        return layer_back(out.hidden_states, clip_skip + 1), out.text_embeds
 
 
 class UNetModule(torch.nn.Module):

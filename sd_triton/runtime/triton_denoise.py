@@ -106,7 +106,7 @@ class TritonPythonModel:
         pooled = triton_io.get_array(request, c.POOLED_EMBEDS)
         inline = self.text_encoder.inline is not None
         if embeds is None:
-            ids = [c.INPUT_IDS, c.INPUT_IDS_2][: len(self.text_encoder.spec.inputs)]  # SDXL: two tokenizers
+            ids = [c.INPUT_IDS, c.INPUT_IDS_2][: self.text_encoder.tokenizers]  # SDXL: two tokenizers
             arrays = [triton_io.get_array(request, c.DENOISE.input(t.name)) if inline else None for t in ids]
             if arrays[0] is None:
                 alternative = f" (or {c.INPUT_IDS.name})" if inline else ""
@@ -118,7 +118,8 @@ class TritonPythonModel:
                     raise InvalidRequest(
                         spec.name, f"must be [rows, {c.TOKEN_LENGTH} x chunks], got {list(array.shape)}"
                     )
-            embeds, pooled = self.text_encoder(*arrays, adapters=adapters)
+            skips = triton_io.get_array(request, c.CLIP_SKIPS)
+            embeds, pooled = self.text_encoder(*arrays, clip_skips=skips, adapters=adapters)
         embeds = triton_io.weighted_embeds(embeds, triton_io.get_array(request, c.TOKEN_WEIGHTS))
         return conditioning.apply(self.config, params, embeds, pooled)
 

@@ -431,26 +431,38 @@ class TextEncoder:
         self.spec = c.models(config.architecture)[c.TEXT_ENCODER.name]
         self.model = config.name_of(c.TEXT_ENCODER.name)  # Triton's model, in the loop's pipeline
         self.inline = inline
+        # the token ids it takes, one array per tokenizer (SDXL: two)
+        self.tokenizers = sum(t.name.startswith("input_ids") for t in self.spec.inputs)
 
     def __call__(
-        self, *input_ids: np.ndarray, adapters: AdapterSet | None = None
+        self,
+        *input_ids: np.ndarray,
+        clip_skips: np.ndarray | None = None,
+        adapters: AdapterSet | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Token ids (one array per tokenizer, [rows, 77 x k]: k chunks) -> (the prompt embeddings [rows,
         77 x k, D], the chunks' outputs side by side; SDXL's pooled embeddings, the first chunk's);
-        `adapters`: with LoRA adapters' text-encoder weights (the inline path only)."""
+        `clip_skips`: each row's clip skip [rows, 1] (CLIP_SKIPS; none: 0); `adapters`: with LoRA
+        adapters' text-encoder weights (the inline path only)."""
         names = [t.name for t in self.spec.outputs]
         rows, length = input_ids[0].shape
         if length % c.TOKEN_LENGTH:
             raise InvalidRequest(c.INPUT_IDS.name, f"must be [rows, 77 x chunks], got {[rows, length]}")
-        input_ids = tuple(ids.reshape(-1, c.TOKEN_LENGTH) for ids in input_ids)  # one chunk a row
+        chunks = length // c.TOKEN_LENGTH
+        skips = np.zeros((rows, 1), np.int32) if clip_skips is None else np.asarray(clip_skips, np.int32)
+        if skips.shape != (rows, 1):
+            raise InvalidRequest(c.CLIP_SKIPS.name, f"must be [{rows}, 1], got {list(skips.shape)}")
+        ids = [ids.reshape(-1, c.TOKEN_LENGTH) for ids in input_ids]  # one chunk a row
+        by_name = {"input_ids": ids[0], "clip_skip": np.repeat(skips, chunks, axis=0), "input_ids_2": ids[-1]}
+        arrays = [by_name[t.name] for t in self.spec.inputs]
         if self.inline is None:
             if adapters is not None:
                 raise InvalidRequest(c.LORAS.name, "adapters need the inline UNet path (unet_path inline)")
-            feeds = dict(zip((t.name for t in self.spec.inputs), input_ids, strict=True))
+            feeds = dict(zip((t.name for t in self.spec.inputs), arrays, strict=True))
             outputs = bls_infer_all(self.model, feeds, names)
         else:
             self.inline.refresh()
-            outputs = self.inline.run_all(*input_ids, adapters=adapters)
+            outputs = self.inline.run_all(*arrays, adapters=adapters)
         embeds = outputs[names[0]]
         embeds = embeds.reshape(rows, length, embeds.shape[-1])
         pooled = (

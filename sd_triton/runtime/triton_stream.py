@@ -102,6 +102,7 @@ class TritonPythonModel:
                 c.NEGATIVE_PROMPT.name: triton_io.get_array(request, c.NEGATIVE_PROMPT),
                 c.GUIDANCE_SCALE.name: triton_io.get_array(request, c.GUIDANCE_SCALE),
                 c.PROMPT_SYNTAX.name: triton_io.get_array(request, c.PROMPT_SYNTAX),
+                c.CLIP_SKIP.name: triton_io.get_array(request, c.CLIP_SKIP),
             }
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
@@ -127,12 +128,15 @@ class TritonPythonModel:
         def prepare() -> DenoiseJob:
             self.in_flight_gauge.set(self._count(0))
             inputs = {name: value for name, value in text.items() if value is not None}
-            ids = [c.INPUT_IDS.name, c.INPUT_IDS_2.name][: len(self.text_encoder.spec.inputs)]  # SDXL: two
+            ids = [c.INPUT_IDS.name, c.INPUT_IDS_2.name][: self.text_encoder.tokenizers]  # SDXL: two
             counts = [c.PROMPT_TRUNCATED_TOKENS.name, c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name]
-            outputs = [*ids, *counts, c.TOKEN_WEIGHTS.name]
+            outputs = [*ids, *counts, c.TOKEN_WEIGHTS.name, c.CLIP_SKIPS.name]
             tokens = triton_io.bls_infer_all(self.config.name_of(c.TOKENIZER.name), inputs, outputs)
             truncation.update({name: tokens[name] for name in counts})
-            embeds, pooled = self.text_encoder(*(tokens[name] for name in ids), adapters=adapters)
+            skips = tokens[c.CLIP_SKIPS.name]
+            embeds, pooled = self.text_encoder(
+                *(tokens[name] for name in ids), clip_skips=skips, adapters=adapters
+            )
             embeds = triton_io.weighted_embeds(embeds, tokens[c.TOKEN_WEIGHTS.name])
             embeds, added = conditioning.apply(self.config, params, embeds, pooled)
             init = self.encoder.encode(image)

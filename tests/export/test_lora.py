@@ -278,3 +278,42 @@ def test_refits_move_a_plan_between_sets_and_back_to_the_base_bit_exactly(repo: 
     assert all(np.array_equal(plan_weights[n], graph[n]) for n in plan_weights)
     lora.remove(repo, "refit-p")
     lora.remove(repo, "refit-q")
+
+
+def test_a_target_whose_layer_the_graph_does_not_run_is_indexed_as_absent(tmp_path: Path) -> None:
+    """A graph running layer 0 of an encoder (its weight stored transposed, by another name) and not layer 1
+    (pruned: its output unused): layer 0's target is found by value, layer 1's is absent (no change);
+    a target of a layer the graph runs with no initializer equal to its weight is refused."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    weights = {f"encoder.layers.{i}.self_attn.{p}.weight": rng.normal(size=(4, 4)).astype(np.float32)
+               for i in (0, 1) for p in ("q_proj", "k_proj")}  # fmt: skip
+    (tmp_path / "text_encoder").mkdir()
+    save_file(weights, str(tmp_path / "text_encoder" / "model.safetensors"))
+    q0 = numpy_helper.from_array(
+        weights["encoder.layers.0.self_attn.q_proj.weight"].T.copy(), "onnx::MatMul_7"
+    )
+    k0 = numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "k0_quantized")  # not its weight
+    scope = "/encoder/encoder/layers.0/self_attn"
+    nodes = [
+        helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["q"], name=f"{scope}/q_proj/MatMul"),
+        helper.make_node("MatMul", ["x", "k0_quantized"], ["k"], name=f"{scope}/k_proj/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("q", "k")],
+        [q0, k0],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    targets = [f"text_encoder.encoder.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)]
+    found = lora._find_in_graph(path, targets, tmp_path, {}, "text_encoder is python-ort fp32", tmp_path)
+    assert found == {targets[0]: ["onnx::MatMul_7", True], targets[1]: None}
+    with pytest.raises(lora.LoraError, match="layers.0.self_attn.k_proj.weight: no weight of model.onnx"):
+        lora._find_in_graph(path, ["text_encoder.encoder.layers.0.self_attn.k_proj.weight"], tmp_path, found,
+                            "text_encoder is python-ort int8", tmp_path)  # fmt: skip

@@ -29,3 +29,17 @@ def test_the_syntax_reaches_the_model_and_the_cache_key() -> None:
             assert time.monotonic() < deadline, state
             time.sleep(0.02)
         assert state["status"] == "completed" and backend.calls[-1]["prompt_syntax"] == "a1111"
+
+
+def test_clip_skip_reaches_the_model_and_the_cache_key() -> None:
+    backend = FakeTriton()
+    with gateway_client(backend) as client:
+        body = {"prompt": "a fox", "steps": 2, "seed": 1}
+        assert client.post("/v1/generate", json=body).status_code == 200
+        response = client.post("/v1/generate", json={**body, "clip_skip": 2})
+        assert response.status_code == 200 and response.json()["cache"] != "hit"  # another layer: new key
+        assert backend.calls[-1]["clip_skip"] == 2
+        assert client.post("/v1/generate", json={**body, "clip_skip": 2}).json()["cache"] == "hit"
+        bad = client.post("/v1/generate", json={**body, "clip_skip": -1})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "clip_skip", bad.text
+        assert client.get("/v1/models").json()["data"][0]["max_clip_skip"] == 0  # the fake says none

@@ -35,7 +35,10 @@ def test_unet_alone(client) -> None:
 def test_text_encoder_and_vae_alone(client) -> None:
     ids = np.full((2, 77), 49407, np.int32)
     ids[:, 0] = 49406
-    hidden = infer(client, "text_encoder", {"input_ids": ids}).as_numpy("last_hidden_state")
+    skips = np.zeros((2, 1), np.int32)
+    hidden = infer(client, "text_encoder", {"input_ids": ids, "clip_skip": skips}).as_numpy(
+        "last_hidden_state"
+    )
     assert hidden.shape == (2, 77, 32)
     latents = np.zeros((1, 4, 5, 7), np.float32)
     decoded = infer(client, "vae_decoder", {"latent_sample": latents}).as_numpy("sample")

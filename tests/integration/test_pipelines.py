@@ -337,10 +337,11 @@ def test_an_sdxl_adapter_joins_the_named_pipelines_library_while_triton_serves(
     assert np.array_equal(txt2img(client, PROMPT, pipeline="xl", **common).images, before)
     detail = lora.add(repo, tmp_path / "xl-detail.safetensors", "xl-detail", pipeline="xl")
     assert set(detail.components) == {"unet", "text_encoder"}
-    # its first text encoder's last layer is in no graph (SDXL reads the layer before): indexed as absent
+    # every target indexed in the live graphs (the first encoder's last layer too: the graph keeps every
+    # layer's states for clip_skip)
     index = json.loads((repo / "xl_denoise" / "loras" / "index.json").read_text())
-    absent = {t for entry in index.values() for t, place in entry.items() if place is None}
-    assert absent and all(t.startswith("text_encoder.") and ".layers.1." in t for t in absent)
+    indexed = {t for entry in index.values() for t in entry}
+    assert set(lora.AdapterRecord.load(repo / "xl_denoise" / "loras" / "xl-detail").scales) <= indexed
     # served: diffusers' StableDiffusionXLPipeline with load_lora_weights + set_adapters gives the same
     # images, for one adapter and for two at different scales
     xl.load_lora_weights(str(tmp_path / "xl.safetensors"), adapter_name="xl-style")
@@ -420,3 +421,18 @@ def test_the_playground_picks_a_model(served: dict, browser: Any) -> None:  # no
     )
     np.testing.assert_array_equal(shown, direct.images[0])
     assert not [e for e in page.console() if e["level"] == "SEVERE"]
+
+
+def test_sdxl_clip_skip_matches_diffusers(served: dict) -> None:
+    """clip_skip 1 on tiny-xl: StableDiffusionXLPipeline's own clip_skip (each encoder's states a layer
+    before its penultimate) within 2/255, changing the image."""
+    client = served["client"]
+    common = dict(height=64, width=64, steps=4, scheduler="ddim", seed=9)
+    ours = txt2img(client, PROMPT, pipeline="xl", clip_skip=1, **common).images
+    xl = StableDiffusionXLPipeline.from_pretrained(served["manifests"]["xl"]["source"]["path"])
+    xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
+    xl.set_progress_bar_config(disable=True)
+    theirs = xl(PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=7.5, clip_skip=1,
+                output_type="np", generator=[torch.Generator().manual_seed(9)]).images  # fmt: skip
+    assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
+    assert max_abs_diff(ours, txt2img(client, PROMPT, pipeline="xl", **common).images) > 5

@@ -129,3 +129,31 @@ def test_bad_prompts_are_invalid_arg(served: dict, field: str, value: str, words
     with pytest.raises(InferenceServerException, match=field) as caught:
         txt2img(served["client"], prompt, **kwargs, **PARAMS)
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_matches_diffusers(served: dict, clip_skip: int) -> None:
+    """diffusers' clip_skip (StableDiffusionPipeline.encode_prompt: the states clip_skip layers before the
+    last, through the final layer norm; 2: the tiny encoder's embeddings), fed as prompt_embeds within
+    2/255 (its own clip_skip path reaches for `text_model`, which this transformers release's CLIP no longer
+    has); each changes the image; past the layers, INVALID_ARG."""
+    pipe = StableDiffusionPipeline.from_pretrained(served["checkpoint"], safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a blue background"
+    norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
+    embeds = []
+    with torch.no_grad():
+        for text in ("", prompt):
+            ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids  # fmt: skip
+            states = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+            embeds.append(norm(states[-(clip_skip + 1)]))
+    ours = txt2img(served["client"], prompt, clip_skip=clip_skip, **PARAMS).images
+    theirs = pipe(prompt_embeds=embeds[1], negative_prompt_embeds=embeds[0], height=64, width=64,
+                  num_inference_steps=6, guidance_scale=7.5, generator=[torch.Generator().manual_seed(3)],
+                  output_type="np").images  # fmt: skip
+    assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
+    assert max_abs_diff(ours, txt2img(served["client"], prompt, **PARAMS).images) > 5
+    with pytest.raises(InferenceServerException, match="CLIP_SKIP: must be from 0 to 2"):
+        txt2img(served["client"], prompt, clip_skip=3, **PARAMS)

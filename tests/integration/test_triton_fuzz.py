@@ -73,6 +73,7 @@ PARAM_LIMIT_WORDS = {
     c.STEPS.name: "between 1 and 150",
     c.NUM_IMAGES.name: "between 1 and 4",
     c.SEED.name: "between 0 and",
+    c.CLIP_SKIP.name: "must be from 0 to",
 }
 
 
@@ -150,6 +151,7 @@ def valid_tensors(model: str, config: PipelineConfig) -> dict[str, np.ndarray]:
     arrays = {
         c.PROMPT_EMBEDS.name: rng.standard_normal((2, c.TOKEN_LENGTH, hidden)).astype(np.float32),
         "input_ids": token_ids,
+        "clip_skip": np.zeros((1, 1), np.int32),
         "sample": rng.standard_normal((1, *latent)).astype(np.float32),
         "timestep": np.full((1, 1), 500.0, np.float32),
         "encoder_hidden_states": rng.standard_normal((1, c.TOKEN_LENGTH, hidden)).astype(np.float32),
@@ -380,6 +382,10 @@ def float_expectation(model: str, name: str, label: str) -> Expectation:
 def int_expectation(name: str, label: str, ok: Expectation) -> Expectation:
     if name == "input_ids":  # token ids index the embedding table; -1 counts from its end (ONNX Gather)
         return ok if label in ("zero", "minus-one") else Error(("indices", "out of"))
+    if name == "clip_skip":  # the engine picks a layer by it (GatherND): past the layers, out of range
+        return ok if label == "zero" else Error(("out of",))
+    if name == c.CLIP_SKIP.name and label == "zero":
+        return ok
     if name == c.SEED.name and label in ("zero", "max"):  # max: one image, so its seed still fits
         return ok
     return Error((name, PARAM_LIMIT_WORDS[name]))

@@ -109,6 +109,8 @@ def test_sdxl_components_get_the_added_tensors_and_their_graphs_take_them(
     assert data["unet"]["text_embeds"]["shape"] == [load_pipeline(repo).pooled_dim]
     for name, entry in data.items():
         feeds = {k: np.asarray(v["content"], np.float32).reshape(1, *v["shape"]) for k, v in entry.items()}
-        feeds = {k: v.astype(np.int32) if k.startswith("input_ids") else v for k, v in feeds.items()}
+        feeds = {
+            k: v.astype(np.int32) if k.startswith(("input_ids", "clip_skip")) else v for k, v in feeds.items()
+        }
         outputs = OrtRunner(repo / name / "1" / "model.onnx").run(feeds)
         assert all(np.isfinite(v).all() for v in outputs.values()), name
