@@ -396,6 +396,12 @@ class Generator:
         seed = secrets.randbelow(SEED_RANGE) if request.seed is None else request.seed
         conditioning = size_conditioning(request, served, height, width)
         _check_controlnets(request, served)
+        if request.clip_skip and request.clip_skip > served.max_clip_skip:
+            raise InvalidRequestError(
+                f"clip_skip: {served.model}'s text encoder allows 0 to {served.max_clip_skip}, got "
+                f"{request.clip_skip} (GET /v1/models: max_clip_skip)",
+                field="clip_skip",
+            )
         for ref in request.loras or []:
             if served.adapter(ref.name) is None:
                 known = ", ".join(a["name"] for a in served.loras) or "none"

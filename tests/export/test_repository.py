@@ -102,6 +102,8 @@ def manifest_max_batch(name: str) -> int:
     limits = c.Limits()
     if name == c.UNET.name:
         return max(limits.max_unet_batch, RepositorySettings().max_batch_rows)
+    if name == c.TEXT_ENCODER.name:  # a row per prompt chunk
+        return limits.max_unet_batch * limits.max_prompt_chunks
     return (
         limits.max_num_images if name in (c.VAE_DECODER.name, c.VAE_ENCODER.name) else limits.max_unet_batch
     )

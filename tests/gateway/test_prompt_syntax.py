@@ -3,9 +3,10 @@ default_prompt_syntax when absent, part of the cache key; an unknown syntax is a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-from tests.gateway.inprocess import FakeTriton, gateway_client
+from tests.gateway.inprocess import FakeTriton, fake_served_model, gateway_client
 
 
 def test_the_syntax_reaches_the_model_and_the_cache_key() -> None:
@@ -32,7 +33,7 @@ def test_the_syntax_reaches_the_model_and_the_cache_key() -> None:
 
 
 def test_clip_skip_reaches_the_model_and_the_cache_key() -> None:
-    backend = FakeTriton()
+    backend = FakeTriton(served=dataclasses.replace(fake_served_model(), max_clip_skip=2))
     with gateway_client(backend) as client:
         body = {"prompt": "a fox", "steps": 2, "seed": 1}
         assert client.post("/v1/generate", json=body).status_code == 200
@@ -40,6 +41,9 @@ def test_clip_skip_reaches_the_model_and_the_cache_key() -> None:
         assert response.status_code == 200 and response.json()["cache"] != "hit"  # another layer: new key
         assert backend.calls[-1]["clip_skip"] == 2
         assert client.post("/v1/generate", json={**body, "clip_skip": 2}).json()["cache"] == "hit"
-        bad = client.post("/v1/generate", json={**body, "clip_skip": -1})
-        assert bad.status_code == 422 and bad.json()["error"]["field"] == "clip_skip", bad.text
-        assert client.get("/v1/models").json()["data"][0]["max_clip_skip"] == 0  # the fake says none
+        for value, words in ((-1, "greater than or equal to 0"), (3, "allows 0 to 2")):
+            for path in ("/v1/generate", "/v1/jobs"):
+                bad = client.post(path, json={**body, "clip_skip": value})
+                assert bad.status_code == 422 and bad.json()["error"]["field"] == "clip_skip", bad.text
+                assert words in bad.json()["error"]["message"]
+        assert client.get("/v1/models").json()["data"][0]["max_clip_skip"] == 2

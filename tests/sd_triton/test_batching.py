@@ -43,7 +43,7 @@ class Outcome:
 
 def embeds(local: LocalPipeline, prompt: str, params: GenerationParams) -> np.ndarray:
     tokens = local.tokenizer.tokenize(prompt, "", uses_guidance(params.guidance_scale))
-    return local._run(c.TEXT_ENCODER.name, tokens.input_ids)
+    return local._run(c.TEXT_ENCODER.name, *tokens.text_encoder_inputs)
 
 
 def unet_of(local: LocalPipeline):
