@@ -44,6 +44,8 @@ from sd_triton.gateway.schemas import (
     Truncation,
 )
 from sd_triton.gateway.settings import GatewaySettings
+from sd_triton.prompts import PromptSyntaxError
+from sd_triton.prompts import parse as parse_prompt
 from sd_triton.requests import GenerationParams, InvalidRequest, start_step, validate_params
 from sd_triton.served_model import ServedModel
 from sd_triton.txt2img_client import Progress, Txt2ImgResult
@@ -377,11 +379,16 @@ class Generator:
             )
         prompt_field = "prompt" if len(prompts) == 1 else "prompts"
         texts = [(prompt_field, p) for p in prompts] + [("negative_prompt", request.negative_prompt or "")]
+        syntax = request.prompt_syntax or settings.default_prompt_syntax
         for field, text in texts:
             if len(text) > settings.max_prompt_chars:
                 raise InvalidRequestError(
                     f"{field}: at most {settings.max_prompt_chars} characters, got {len(text)}", field=field
                 )
+            try:  # read as the tokenizer will: a prompt it cannot read is refused now (jobs too)
+                parse_prompt(text, syntax)
+            except PromptSyntaxError as exc:
+                raise InvalidRequestError(f"{field}: {exc}", field=field) from None
         height, width = request.height or served.native_height, request.width or served.native_width
         strength = None
         if image_size is not None:  # its size, down to the model's multiple, as diffusers takes it

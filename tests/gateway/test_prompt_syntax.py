@@ -21,6 +21,17 @@ def test_the_syntax_reaches_the_model_and_the_cache_key() -> None:
         assert client.post("/v1/generate", json={**body, "prompt_syntax": "plain"}).json()["cache"] == "hit"
         bad = client.post("/v1/generate", json={**body, "prompt_syntax": "comfy"})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "prompt_syntax", bad.text
+        calls = len(backend.calls)
+        for field in ("prompt", "negative_prompt"):  # a weight that is no number, at submission (jobs too)
+            for path in ("/v1/generate", "/v1/jobs"):
+                sent = {**body, field: "a (fox:1.2.3)", "prompt_syntax": "a1111"}
+                bad = client.post(path, json=sent)
+                assert bad.status_code == 422 and bad.json()["error"]["field"] == field, bad.text
+                assert "'1.2.3' at character 7 is not a number" in bad.json()["error"]["message"]
+        assert len(backend.calls) == calls
+        assert (
+            client.post("/v1/generate", json={**body, "prompt": "a (fox:1.2.3)"}).status_code == 200
+        )  # plain
     backend = FakeTriton()
     with gateway_client(backend, default_prompt_syntax="a1111") as client:
         job = client.post("/v1/jobs", json={"prompt": "a (fox)", "steps": 2})
