@@ -374,9 +374,9 @@ def _plan(
     if reason or target is None:
         log.warning("  %s: TensorRT plan NOT built (%s); ONNX Runtime runs its graph", component.name, reason)
         return
-    profile = component.profile(checkpoint.dims, limits)
-    if settings.batching == "continuous":
-        profile = profile.with_max_batch(settings.max_batch_rows)
+    from sd_triton.export.pipeline import engine_profile  # (the pipeline imports this module)
+
+    profile = engine_profile(component, checkpoint, settings, limits)  # UNet-shaped: its batch rule too
     fp16 = settings.precision_of(UNET.name) == "fp16"
     cache = tensorrt.timing_cache_path(work_dir, target)
     tensorrt.build_engine(graph, graph.parent / PLAN, profile, fp16=fp16, timing_cache=cache)

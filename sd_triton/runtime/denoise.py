@@ -647,6 +647,11 @@ def denoise(
     """Latents for `params.num_images` images, divided by the VAE scaling factor: one request alone
     (`adapters`, `controls`: its LoRA adapters and ControlNets, passed to `unet`)."""
     job = DenoiseJob(prompt_embeds, params, config, init, added, handoff, adapters, controls)
+    return run_alone(job, unet, on_step)
+
+
+def run_alone(job: DenoiseJob, unet: UNetFn, on_step: StepCallback | None = None) -> np.ndarray:
+    """A job's steps, each its own UNet call (with its adapters and ControlNets), to its final latents."""
     while not job.done:
         job.advance(unet(*job.unet_inputs(), **job.unet_kwargs()))
         if on_step is not None:

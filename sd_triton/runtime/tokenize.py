@@ -27,7 +27,7 @@ class Tokenized:
     def text_encoder_inputs(self) -> tuple[np.ndarray, ...]:
         """The text encoder engine's inputs in contract order for one chunk a row (clip_skip 0): SD's ids and
         clip skip; SDXL's, then the second tokenizer's ids."""
-        ids = [a.reshape(-1, 77) for a in (self.input_ids, self.input_ids_2) if a is not None]
+        ids = [a.reshape(-1, c.TOKEN_LENGTH) for a in (self.input_ids, self.input_ids_2) if a is not None]
         skips = np.zeros((len(ids[0]), 1), np.int32)
         return (ids[0], skips, *ids[1:])
 

@@ -33,7 +33,7 @@ from sd_triton.pipeline_config import FILENAME, PipelineConfig
 from sd_triton.requests import GenerationParams, InvalidRequest, decode_text
 from sd_triton.runtime import triton_io
 from sd_triton.runtime.batching import BatchingConfig, ContinuousBatcher, Ticket
-from sd_triton.runtime.denoise import DenoiseJob
+from sd_triton.runtime.denoise import DenoiseJob, run_alone
 from sd_triton.runtime.postprocess import to_uint8_images
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -163,10 +163,7 @@ class TritonPythonModel:
         job = self._job(request)
         engines = triton_io.EngineLog()
         self.unet.refresh()  # the request runs on the live UNet version
-        while not job.done:
-            job.advance(self.unet(*job.unet_inputs(), **job.unet_kwargs()))
-            engines.add(self.unet.last)
-        latents = job.result()
+        latents = run_alone(job, self.unet, lambda i, n: engines.add(self.unet.last))
         self.unet.idle()
         return self._outputs(latents, set(request.requested_output_names()), engines)
 

@@ -465,9 +465,7 @@ class TextEncoder:
             outputs = self.inline.run_all(*arrays, adapters=adapters)
         embeds = outputs[names[0]]
         embeds = embeds.reshape(rows, length, embeds.shape[-1])
-        pooled = (
-            outputs[names[1]].reshape(rows, length // c.TOKEN_LENGTH, -1)[:, 0] if len(names) > 1 else None
-        )
+        pooled = outputs[names[1]].reshape(rows, chunks, -1)[:, 0] if len(names) > 1 else None
         return embeds, pooled
 
 

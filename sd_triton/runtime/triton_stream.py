@@ -97,13 +97,8 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             params = triton_io.generation_params(request, self.config)
-            text = {
-                c.PROMPT.name: triton_io.get_array(request, c.PROMPT),
-                c.NEGATIVE_PROMPT.name: triton_io.get_array(request, c.NEGATIVE_PROMPT),
-                c.GUIDANCE_SCALE.name: triton_io.get_array(request, c.GUIDANCE_SCALE),
-                c.PROMPT_SYNTAX.name: triton_io.get_array(request, c.PROMPT_SYNTAX),
-                c.CLIP_SKIP.name: triton_io.get_array(request, c.CLIP_SKIP),
-            }
+            # the tokenizer's inputs, as the request has them (it reads them again by BLS)
+            text = {spec.name: triton_io.get_array(request, spec) for spec in c.TOKENIZER.inputs}
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
             handoff = triton_io.read_handoff(request, params, self.config)
