@@ -53,6 +53,7 @@ class Checkpoint:
         if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str):
             scheduler = {**scheduler, "_class_name": named[1]}
         text_hidden, vocab_size = int(text["hidden_size"]), int(text["vocab_size"])
+        text_widths = (text_hidden,)
         pooled_dim = time_ids = 0
         if architecture == "sdxl-refiner":  # the second encoder alone: its states and its projection
             pooled_dim = int(text.get("projection_dim", text["hidden_size"]))
@@ -62,12 +63,14 @@ class Checkpoint:
             if missing:
                 raise FileNotFoundError(f"--model {path}: an SDXL checkpoint without {', '.join(missing)}")
             text_2 = _json(path / "text_encoder_2" / "config.json")
+            text_widths = (text_hidden, int(text_2["hidden_size"]))
             text_hidden += int(text_2["hidden_size"])
             vocab_size = min(vocab_size, int(text_2["vocab_size"]))
             pooled_dim = int(text_2.get("projection_dim", text_2["hidden_size"]))
             time_ids = _time_ids(unet, pooled_dim, path)
         dims = ModelDims(
             text_hidden=text_hidden,
+            text_widths=text_widths,
             latent_channels=int(vae.get("latent_channels", unet.get("out_channels", 4))),
             vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
             vocab_size=vocab_size,

@@ -125,6 +125,31 @@ def _lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embeddings(args: argparse.Namespace) -> int:
+    from sd_triton.export import embeddings
+
+    repo, pipeline = Path(args.repo), args.pipeline
+    try:
+        if args.embeddings_command == "add":
+            record = embeddings.add(repo, Path(args.file), args.token, pipeline, replace=args.replace)
+            print(json.dumps(record.summary(), indent=2))  # the command's output
+        elif args.embeddings_command == "list":
+            rows = [r.summary() for r in embeddings.listed(repo, pipeline)]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print("| token | format | vectors | sha256 | source |\n|---|---|---|---|---|")
+                for r in rows:
+                    cells = [r["token"], r["format"], r["vectors"], r["sha256"][:12], r["source"]]
+                    print("| " + " | ".join(str(cell) for cell in cells) + " |")
+        else:
+            embeddings.remove(repo, args.token, pipeline)
+    except ValueError as exc:  # a bad file, token or pipeline: said
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -307,7 +332,25 @@ def add_parser(sub: Any) -> None:
     lora_listing.add_argument("--json", action="store_true")
     removing = lora_sub.add_parser("remove", help="take an adapter out of the library")
     removing.add_argument("name")
-    for parser_ in (setting, back, adding, lora_listing, removing):
+    embeddings = sub.add_parser(
+        "embeddings", help="a pipeline's textual-inversion embeddings (docs: README, Prompts)"
+    )
+    embeddings.set_defaults(extra="export", run=_embeddings)
+    embeddings_sub = embeddings.add_subparsers(dest="embeddings_command", required=True)
+    learning = embeddings_sub.add_parser("add", help="check an embedding file and add it under a token")
+    learning.add_argument(
+        "file",
+        help="an AUTOMATIC1111 .pt/.safetensors, diffusers learned_embeds or SDXL (clip_l, clip_g) file",
+    )
+    learning.add_argument(
+        "--token", default=None, help="what prompts write; default: the name the file gives"
+    )
+    learning.add_argument("--replace", action="store_true", help="replace the embedding of that token")
+    embeddings_listing = embeddings_sub.add_parser("list", help="the pipeline's embeddings")
+    embeddings_listing.add_argument("--json", action="store_true")
+    forgetting = embeddings_sub.add_parser("remove", help="take an embedding out of the library")
+    forgetting.add_argument("--token", required=True)
+    for parser_ in (setting, back, adding, lora_listing, removing, learning, embeddings_listing, forgetting):
         parser_.add_argument(
             "--pipeline", default="", help="the pipeline's name (--name at export); default: the unnamed one"
         )

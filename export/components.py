@@ -11,6 +11,7 @@ import torch
 
 from sd_triton.contract import (
     CHECKPOINT_SUBFOLDERS,
+    MAX_TOKEN_EMBEDDINGS,
     TEXT_ENCODER,
     TEXT_ENCODER_REFINER,
     TEXT_ENCODER_XL,
@@ -40,6 +41,7 @@ class ModelDims:
     # SDXL: the second text encoder's pooled projection width and the UNet's number of time ids (0: none)
     pooled_dim: int = 0
     time_ids: int = 0
+    text_widths: tuple[int, ...] = ()  # each text encoder's width (SDXL: two), its learned vectors'
 
 
 @dataclass(frozen=True)
@@ -104,20 +106,35 @@ class TextEncoder(Component):
     subfolder = CHECKPOINT_SUBFOLDERS[TEXT_ENCODER.name]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:  # every tensor (SDXL's ids and pooled ones too)
-        return {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
+        axes = {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
+        vectors = {name: {0: "batch", 1: "vectors"} for name in axes if name.startswith("token_embeddings")}
+        return {**axes, **vectors}
 
     def sample_inputs(
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(batch)
         ids = torch.randint(0, dims.vocab_size, (batch, TOKEN_LENGTH), generator=generator)
+        ids[:, 2:4] = dims.vocab_size + torch.arange(2)  # learned tokens: the vectors' path is checked
         clip_skip = (torch.arange(batch) % 2).reshape(batch, 1)  # 0 and 1: the layer choice is checked
-        return ids.to(torch.int32), clip_skip.to(torch.int32)
+        vectors = torch.randn((batch, 2, dims.text_widths[0]), generator=generator)
+        return ids.to(torch.int32), clip_skip.to(torch.int32), vectors
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
         b = limits.max_unet_batch * limits.max_prompt_chunks  # a row per prompt chunk
         ids = ((1, TOKEN_LENGTH), (2, TOKEN_LENGTH), (b, TOKEN_LENGTH))
-        return Profile({"input_ids": ids, "clip_skip": ((1, 1), (2, 1), (b, 1))})
+        return Profile(
+            {
+                "input_ids": ids,
+                "clip_skip": ((1, 1), (2, 1), (b, 1)),
+                "token_embeddings": vectors_profile(b, dims.text_widths[0]),
+            }
+        )
+
+
+def vectors_profile(batch: int, width: int) -> tuple[Shape, Shape, Shape]:
+    """A text encoder's learned token vectors: one (none used) up to MAX_TOKEN_EMBEDDINGS a row."""
+    return (1, 1, width), (2, 1, width), (batch, MAX_TOKEN_EMBEDDINGS, width)
 
 
 class UNet(Component):
@@ -206,12 +223,21 @@ class TextEncoderXL(TextEncoder):
     def sample_inputs(
         self, dims: ModelDims, batch: int, latent_hw: tuple[int, int]
     ) -> tuple[torch.Tensor, ...]:
-        ids, clip_skip = super().sample_inputs(dims, batch, latent_hw)
-        return ids, clip_skip, ids.flip(0).contiguous()
+        ids, clip_skip, vectors = super().sample_inputs(dims, batch, latent_hw)
+        generator = torch.Generator().manual_seed(batch + 1)
+        vectors_2 = torch.randn((batch, 2, dims.text_widths[1]), generator=generator)
+        return ids, clip_skip, vectors, ids.flip(0).contiguous(), vectors_2
 
     def profile(self, dims: ModelDims, limits: Limits) -> Profile:
         shapes = super().profile(dims, limits).shapes
-        return Profile({**shapes, "input_ids_2": shapes["input_ids"]})
+        batch = shapes["input_ids"][2][0]
+        return Profile(
+            {
+                **shapes,
+                "input_ids_2": shapes["input_ids"],
+                "token_embeddings_2": vectors_profile(batch, dims.text_widths[1]),
+            }
+        )
 
 
 class TextEncoderRefiner(TextEncoder):

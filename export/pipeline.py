@@ -337,6 +337,8 @@ def _write_python_steps(
         pipeline=settings.pipeline,
         pooled_dim=checkpoint.dims.pooled_dim or None,
         time_ids=checkpoint.dims.time_ids or None,
+        text_widths=list(checkpoint.dims.text_widths),
+        vocab_size=checkpoint.dims.vocab_size,
         preview_weights=fit_preview_weights(
             repo / named(c.VAE_DECODER.name) / "1" / "model.onnx",
             checkpoint.dims.latent_channels,
@@ -345,7 +347,8 @@ def _write_python_steps(
         ),
     )
     pipeline_paths = [
-        repo / named(model) / "1" / PIPELINE_FILE for model in (c.DENOISE.name, c.TXT2IMG_STREAM.name)
+        repo / named(model) / "1" / PIPELINE_FILE
+        for model in (c.DENOISE.name, c.TXT2IMG_STREAM.name, c.TOKENIZER.name)
     ]
     for pipeline_path in pipeline_paths:
         pipeline_path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,7 +357,7 @@ def _write_python_steps(
     for model in PYTHON_MODELS:
         write_model_py(repo / named(model) / "1", model)
     return {
-        c.TOKENIZER.name: {"artifacts": _artifacts(repo, tokenizer_files)},
+        c.TOKENIZER.name: {"artifacts": _artifacts(repo, [*tokenizer_files, pipeline_paths[2]])},
         c.DENOISE.name: {"artifacts": _artifacts(repo, pipeline_paths[:1])},
-        c.TXT2IMG_STREAM.name: {"artifacts": _artifacts(repo, pipeline_paths[1:])},
+        c.TXT2IMG_STREAM.name: {"artifacts": _artifacts(repo, pipeline_paths[1:2])},
     }

@@ -69,11 +69,17 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
     """txt2img's steps for a denoising loop on that UNet path, for a model of that architecture."""
     second = architecture == "sdxl"  # a second tokenizer (a refiner has SDXL's second alone, as its first)
     ids = {c.INPUT_IDS.name: "input_ids", **({c.INPUT_IDS_2.name: "input_ids_2"} if second else {})}
+    # the learned token vectors, a table per text encoder (as the ids)
+    vectors = {
+        c.TOKEN_EMBEDDINGS.name: "token_embeddings",
+        **({c.TOKEN_EMBEDDINGS_2.name: "token_embeddings_2"} if second else {}),
+    }
     tokenizer = (
         c.TOKENIZER.name,
-        {t.name: t.name for t in c.TOKENIZER.inputs},
+        {t.name: t.name for t in c.TOKENIZER_INPUTS},
         {
             **ids,
+            **vectors,
             c.TOKEN_WEIGHTS.name: "token_weights",
             c.CLIP_SKIPS.name: "clip_skips",
             c.PROMPT_TRUNCATED_TOKENS.name: c.PROMPT_TRUNCATED_TOKENS.name,
@@ -88,10 +94,17 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
             c.ENGINES.name: c.ENGINES.name,
             c.LATENTS.name: c.LATENTS.name,
         }
-        return tokenizer, (c.DENOISE.name, {**ids, **weights, **skips, **_PARAMS}, outputs)
+        return tokenizer, (c.DENOISE.name, {**ids, **vectors, **weights, **skips, **_PARAMS}, outputs)
     encoder = c.models(architecture)[c.TEXT_ENCODER.name]
     tensors = [*ids.values()]  # the engine's id inputs by position: input_ids[, input_ids_2]
-    encoder_inputs = {"input_ids": tensors[0], "clip_skip": "clip_skips", "input_ids_2": tensors[-1]}
+    tables = [*vectors.values()]
+    encoder_inputs = {
+        "input_ids": tensors[0],
+        "clip_skip": "clip_skips",
+        "token_embeddings": tables[0],
+        "input_ids_2": tensors[-1],
+        "token_embeddings_2": tables[-1],
+    }
     pooled = {c.POOLED_EMBEDS.name: "pooled_embeds"} if c.added_conditioning(architecture) else {}
     embeds = {c.PROMPT_EMBEDS.name: "prompt_embeds", **pooled}
     return (

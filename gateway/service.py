@@ -479,6 +479,9 @@ class Generator:
             fingerprint += " with " + json.dumps(_lora_provenance(served, request))
         if controls.refs:  # the ControlNets, their settings and their control maps' pixels
             fingerprint += " controlled by " + json.dumps(controls.provenance(served))
+        learned = served.learned_tokens([*prompts, request.negative_prompt or ""])
+        if learned:  # the embeddings the prompts use, by hash: one re-added under its token is another key
+            fingerprint += " learned " + json.dumps(learned)
         key = cache_key(fingerprint, prompts, request, jobs, digest) if self.cache else None
         bypass = self.cache is not None and not use_cache and self.cache.bypass(key)
         if self.cache and use_cache and (hit := await self.cache.get(key)) is not None:

@@ -108,10 +108,11 @@ def component_data(
     rng = np.random.default_rng(request.seed)
     spec = contract.models(pipeline.architecture)[component]
     names = [t.name for t in spec.inputs]
-    if component == "text_encoder":  # SDXL: both tokenizers' ids
+    if component == "text_encoder":  # the tokenizer's inputs for it (SDXL: both tokenizers')
         if token_ids is None or len(token_ids) != len(names):
-            raise ValueError(f"text_encoder data needs the ids of {len(names)} tokenizer(s)")
-        return [{name: _tensor(ids.astype(np.int32)) for name, ids in zip(names, token_ids, strict=True)}]
+            raise ValueError(f"text_encoder data needs the tokenizer's {len(names)} inputs for it")
+        pairs = zip(spec.inputs, token_ids, strict=True)
+        return [{t.name: _tensor(value.astype(t.numpy_dtype)) for t, value in pairs}]
     latent = _latent_shape(pipeline, request)
     if component == "unet":
         latent = (pipeline.unet_in_channels or latent[0], *latent[1:])  # an inpainting UNet's 9 channels

@@ -55,7 +55,11 @@ def run_int8(settings: Int8Settings, work_dir: Path) -> dict[str, Any]:
     log.info("[2/3] %d UNet calls per engine, interleaved", settings.calls)
     scale = fp32.config.vae_scale_factor
     rng = np.random.default_rng(0)
-    text = {"input_ids": np.zeros((2, 77), np.int32), "clip_skip": np.zeros((2, 1), np.int32)}
+    text = {
+        "input_ids": np.zeros((2, 77), np.int32),
+        "clip_skip": np.zeros((2, 1), np.int32),
+        "token_embeddings": np.zeros((2, 1, (fp32.config.text_widths or [0])[0]), np.float32),
+    }
     hidden = fp32.runners[c.TEXT_ENCODER.name].run(text)
     feeds = {
         "sample": rng.standard_normal(

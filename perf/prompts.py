@@ -8,12 +8,16 @@ interleaved, each round's median in ms:
 - `a1111`: a ~300-token prompt in AUTOMATIC1111's syntax (weights, nesting, BREAK): parsing, chunking (4
   chunks) and, beside it, `weighting`: the emphasis applied to its [2, 308, 768] embeddings (SD 1.5's
   width, `width`).
+- `embeddings`: the same prompt with two textual-inversion tokens of a 20-embedding library (8 vectors each,
+  `sd-triton embeddings add`): the library's check for changes, the learned ids and the request's table.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +50,29 @@ class PromptBenchSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+LIBRARY_SIZE, VECTORS = 20, 8
+
+
+def _library(tokenizer_folder: Path, repo: Path, width: int) -> Path:
+    """A tokenizer model folder in `repo` with LIBRARY_SIZE embeddings (`<style-i>`) added as users add them;
+    its version folder."""
+    from safetensors.numpy import save_file
+
+    from sd_triton.export import embeddings
+    from sd_triton.pipeline_config import FILENAME, PipelineConfig
+
+    version = repo / "tokenizer" / "1"
+    shutil.copytree(tokenizer_folder, version / "tokenizer")
+    config = PipelineConfig(4, 8, 0.18215, {}, text_widths=[width])
+    config.save(version / FILENAME)
+    rng = np.random.default_rng(0)
+    for i in range(LIBRARY_SIZE):
+        file = repo / f"style-{i}.safetensors"
+        save_file({"emb_params": rng.normal(size=(VECTORS, width)).astype(np.float32)}, str(file))
+        embeddings.add(repo, file, f"<style-{i}>")
+    return version
+
+
 def run_prompt_bench(settings: PromptBenchSettings, work_dir: Path) -> dict[str, Any]:
     from sd_triton import prompts
     from sd_triton.export.presets import ensure_preset_checkpoint
@@ -54,7 +81,13 @@ def run_prompt_bench(settings: PromptBenchSettings, work_dir: Path) -> dict[str,
 
     folder = ensure_preset_checkpoint(settings.preset, work_dir / settings.preset)
     tokenizer = PromptTokenizer(folder / "tokenizer")
+    scratch = Path(tempfile.mkdtemp(prefix="perf-prompts-"))
+    learned = PromptTokenizer.in_folder(_library(folder / "tokenizer", scratch, settings.width))
     text = long_prompt()
+    with_tokens = text.replace("word 2,", "<style-3> word 2,").replace(
+        "word 50,", "(<style-17>:1.2) word 50,"
+    )
+    used = learned.tokenize(with_tokens, "blurry", guidance=True, syntax="a1111", max_chunks=4)
     long = tokenizer.tokenize(text, "blurry", guidance=True, syntax="a1111", max_chunks=4)
     pieces = [piece for piece, weight in prompts.parse(text, "a1111") if weight is not None]
     tokens = sum(len(ids) for ids in tokenizer.tokenizer(pieces, add_special_tokens=False).input_ids)
@@ -63,6 +96,9 @@ def run_prompt_bench(settings: PromptBenchSettings, work_dir: Path) -> dict[str,
         "plain": lambda: tokenizer.tokenize(SHORT, "", guidance=True),
         "a1111": lambda: tokenizer.tokenize(text, "blurry", guidance=True, syntax="a1111", max_chunks=4),
         "weighting": lambda: prompts.weighted(embeds, long.weights),
+        "embeddings": lambda: learned.tokenize(
+            with_tokens, "blurry", guidance=True, syntax="a1111", max_chunks=4
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in work}
     for round_index in range(settings.rounds):
@@ -74,11 +110,13 @@ def run_prompt_bench(settings: PromptBenchSettings, work_dir: Path) -> dict[str,
                 call()
                 samples.append(time.perf_counter() - started)
             times[name].append(1000 * statistics.median(samples))
+    shutil.rmtree(scratch, ignore_errors=True)
     return {
         "settings": asdict(settings),
         "machine": machine(),
         "long_prompt_tokens": tokens,
         "long_prompt_chunks": long.input_ids.shape[1] // 77,
+        "learned_vectors": int(used.vectors[0].shape[1]),
         "ms": {name: [round(t, 3) for t in values] for name, values in times.items()},
     }
 
@@ -88,7 +126,8 @@ def table(document: dict[str, Any]) -> str:
     lines = [
         f"perf prompts: {s['preset']}'s tokenizer, {s['calls']} calls per prompt, {s['rounds']} rounds; "
         f"the long prompt: {document['long_prompt_tokens']} tokens, {document['long_prompt_chunks']} chunks; "
-        f"weighting at width {s['width']}",
+        f"weighting at width {s['width']}; embeddings: {document.get('learned_vectors', 0)} learned vectors "
+        f"of a {LIBRARY_SIZE}-embedding library",
         "| work per request | ms per round (median) |",
         "|---|---|",
         *(f"| {name} | {', '.join(str(v) for v in values)} |" for name, values in document["ms"].items()),

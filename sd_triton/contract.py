@@ -213,6 +213,17 @@ INPUT_IDS = _t("INPUT_IDS", "TYPE_INT32", -1, -1)
 # each token's weight (the a1111 prompt syntax's emphasis; 1 for plain prompts), as INPUT_IDS
 TOKEN_WEIGHTS = _t("TOKEN_WEIGHTS", "TYPE_FP32", -1, -1, optional=True)
 CLIP_SKIPS = _t("CLIP_SKIPS", "TYPE_INT32", -1, 1, optional=True)  # CLIP_SKIP, a row each
+# textual inversion (`sd-triton embeddings add`, sd_triton/embeddings.py): the request's learned token vectors
+# [rows, E, D], the same table for each row of INPUT_IDS; an id V + e there (V: the text encoder's
+# vocabulary size) is row e. A request without embeddings has one zero row. SDXL: TOKEN_EMBEDDINGS_2 for the
+# second encoder (its width), the same ids
+TOKEN_EMBEDDINGS = _t("TOKEN_EMBEDDINGS", "TYPE_FP32", -1, -1, -1, optional=True)
+TOKEN_EMBEDDINGS_2 = _t("TOKEN_EMBEDDINGS_2", "TYPE_FP32", -1, -1, -1, optional=True)
+MAX_TOKEN_EMBEDDINGS = 128  # learned vectors one request may use (its text encoder profile's max)
+# a control request to `tokenizer` carrying only EMBEDDING_LIBRARY (true): its EMBEDDINGS output is the
+# pipeline's textual-inversion library, a JSON list of {token, name, sha256, vectors, format, source, created}
+EMBEDDING_LIBRARY = _t("EMBEDDING_LIBRARY", "TYPE_BOOL", 1, optional=True)
+EMBEDDINGS = _t("EMBEDDINGS", "TYPE_STRING", 1)
 PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, -1, -1)
 # SDXL: the second tokenizer's ids (same rows), and the second text encoder's pooled embeddings
 INPUT_IDS_2 = _t("INPUT_IDS_2", "TYPE_INT32", -1, -1, optional=True)
@@ -262,9 +273,12 @@ TXT2IMG_STREAM = ModelSpec(
     batching=False,
     engine=False,
 )
+# the generation's inputs, as txt2img passes them (optional in the config so that a control request may
+# come without them; a generation still needs them)
+TOKENIZER_INPUTS = (PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, PROMPT_SYNTAX, CLIP_SKIP)
 TOKENIZER = ModelSpec(
     "tokenizer",
-    inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, PROMPT_SYNTAX, CLIP_SKIP),
+    inputs=(*(dataclasses.replace(t, optional=True) for t in TOKENIZER_INPUTS), EMBEDDING_LIBRARY),
     # INPUT_IDS_2 where the model has a second tokenizer (SDXL)
     outputs=(
         INPUT_IDS,
@@ -273,14 +287,22 @@ TOKENIZER = ModelSpec(
         dataclasses.replace(INPUT_IDS_2, optional=False),  # (outputs have no optional flag)
         dataclasses.replace(TOKEN_WEIGHTS, optional=False),
         dataclasses.replace(CLIP_SKIPS, optional=False),
+        dataclasses.replace(TOKEN_EMBEDDINGS, optional=False),
+        dataclasses.replace(TOKEN_EMBEDDINGS_2, optional=False),  # SDXL
+        EMBEDDINGS,  # a control request's answer
     ),
     batching=False,
     engine=False,
 )
 TEXT_ENCODER = ModelSpec(
     "text_encoder",
-    # clip_skip: each row's layers back from the usual output (CLIP_SKIP)
-    inputs=(_t("input_ids", "TYPE_INT32", TOKEN_LENGTH), _t("clip_skip", "TYPE_INT32", 1)),
+    # clip_skip: each row's layers back from the usual output (CLIP_SKIP); token_embeddings: the row's
+    # textual-inversion vectors [E, D] (TOKEN_EMBEDDINGS), read for the ids past the vocabulary
+    inputs=(
+        _t("input_ids", "TYPE_INT32", TOKEN_LENGTH),
+        _t("clip_skip", "TYPE_INT32", 1),
+        _t("token_embeddings", "TYPE_FP32", -1, -1),
+    ),
     outputs=(_t("last_hidden_state", "TYPE_FP32", TOKEN_LENGTH, -1),),
     batching=True,
     engine=True,
@@ -293,9 +315,9 @@ DENOISE_IMAGE_INPUTS = (STRENGTH, IMAGE, MASK)  # optional in every request: ima
 DENOISE_HANDOFF_INPUTS = (DENOISING_END, DENOISING_START, START_LATENTS)  # optional: base + refiner
 DENOISE_LORA_INPUTS = (LORAS,)  # optional: the request's adapters
 DENOISE_CONTROL_INPUTS = (CONTROLNETS, CONTROL_IMAGES)  # optional: the request's ControlNets
-# optional: the tokens' weights (emphasis), applied to the embeddings; the rows' clip skip (the inline text
-# encoder's input)
-DENOISE_PROMPT_INPUTS = (TOKEN_WEIGHTS, CLIP_SKIPS)
+# optional: the tokens' weights (emphasis), applied to the embeddings; the rows' clip skip and learned token
+# vectors (the inline text encoder's inputs)
+DENOISE_PROMPT_INPUTS = (TOKEN_WEIGHTS, CLIP_SKIPS, TOKEN_EMBEDDINGS, TOKEN_EMBEDDINGS_2)
 # SDXL's: the second text encoder's pooled embeddings (or, inline, the second tokenizer's ids) and the size
 # conditioning; NEGATIVE_PROMPT's absence zeroes the unconditional rows where the checkpoint says so
 DENOISE_XL_INPUTS = (
@@ -364,7 +386,11 @@ VAE_ENCODER = ModelSpec(
 TEXT_EMBEDS = _t("text_embeds", "TYPE_FP32", -1)
 TEXT_ENCODER_XL = ModelSpec(
     "text_encoder",
-    inputs=(*TEXT_ENCODER.inputs, _t("input_ids_2", "TYPE_INT32", TOKEN_LENGTH)),
+    inputs=(
+        *TEXT_ENCODER.inputs,
+        _t("input_ids_2", "TYPE_INT32", TOKEN_LENGTH),
+        _t("token_embeddings_2", "TYPE_FP32", -1, -1),
+    ),
     outputs=(*TEXT_ENCODER.outputs, TEXT_EMBEDS),
     batching=True,
     engine=True,

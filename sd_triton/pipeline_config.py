@@ -33,6 +33,10 @@ class PipelineConfig:
     pooled_dim: int | None = None  # SDXL: the pooled text embeddings' width (the UNet's text_embeds)
     time_ids: int | None = None  # SDXL: the UNet's time ids per row (6: sizes; a refiner's 5: with the score)
     pipeline: str = ""  # the pipeline's name in its repository: its models are NAME_<model> ("": plain)
+    # each text encoder's width (SDXL: two) and their vocabulary size (token embedding rows): textual
+    # inversion's learned vectors are ids from vocab_size on (sd_triton/embeddings.py)
+    text_widths: list[int] | None = None
+    vocab_size: int | None = None
 
     @property
     def inpainting_unet(self) -> bool:

@@ -201,23 +201,26 @@ def padded(chunked: Chunked, chunks: int, vocab: Vocabulary) -> Chunked:
     return Chunked(ids, weights, chunked.cut)
 
 
-def weighted(embeddings: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+def weighted(embeddings: np.ndarray, weights: np.ndarray | None, widths: Sequence[int] = ()) -> np.ndarray:
     """[rows, 77 x k, D] text-encoder outputs with [rows, 77 x k] weights applied chunk by chunk (a chunk
-    whose weights are all 1 is left exactly as it is)."""
+    whose weights are all 1 is left exactly as it is). `widths`: the encoders' parts of D side by side
+    (SDXL's two), each weighted on its own as the web UI weights each encoder's output."""
     if weights is None or np.all(weights == 1.0):
         return embeddings
     out = np.array(embeddings, dtype=np.float32)
-    rows, length, _ = out.shape
+    rows, length, width = out.shape
+    edges = np.cumsum([0, *widths]) if sum(widths) == width else np.array([0, width])
     for row in range(rows):
         for start in range(0, length, c.TOKEN_LENGTH):
             w = weights[row, start : start + c.TOKEN_LENGTH]
             if np.all(w == 1.0):
                 continue
-            z = out[row, start : start + c.TOKEN_LENGTH]
-            before = z.mean()
-            z = z * w[:, None]
-            after = z.mean()
-            out[row, start : start + c.TOKEN_LENGTH] = z * (before / after) if after else z
+            for low, high in zip(edges[:-1], edges[1:], strict=True):
+                z = out[row, start : start + c.TOKEN_LENGTH, low:high]
+                before = z.mean()
+                z = z * w[:, None]
+                after = z.mean()
+                out[row, start : start + c.TOKEN_LENGTH, low:high] = z * (before / after) if after else z
     return out
 
 

@@ -44,9 +44,21 @@ class ServedModel:
     max_clip_skip: int = 0
     # its ControlNets (sd_triton.control.ControlNetRecord.summary: name, sha256, conditioning_channels)
     controlnets: list[dict[str, Any]] = field(default_factory=list)
+    # its textual-inversion library (contract.EMBEDDING_LIBRARY): {token, sha256, vectors, format, ...} each
+    embeddings: list[dict[str, Any]] = field(default_factory=list)
 
     def adapter(self, name: str) -> dict[str, Any] | None:
         return next((a for a in self.loras if a.get("name") == name), None)
+
+    def learned_tokens(self, texts: list[str]) -> list[dict[str, Any]]:
+        """The embeddings whose tokens the texts use (as the tokenizer matches them: anywhere, in any
+        case), {token, sha256} each: what a cached image depends on besides the text."""
+        lowered = " ".join(texts).lower()
+        return [
+            {"token": e["token"], "sha256": e.get("sha256", "")}
+            for e in self.embeddings
+            if str(e.get("token", "")).lower() in lowered
+        ]
 
     @property
     def xl(self) -> bool:

@@ -74,6 +74,11 @@ class ModelFacts(BaseModel):
     max_clip_skip: int = Field(
         0, description="clip_skip at most (its text encoder's layers before the usual)"
     )
+    embeddings: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="its textual-inversion embeddings (`sd-triton embeddings add`): a prompt writing `token` "
+        "gets the learned vectors; token, sha256, vectors, format, source, created",
+    )
 
 
 class InfoResponse(ModelFacts):
@@ -134,6 +139,7 @@ def _facts(served: ServedModel, settings: GatewaySettings) -> dict[str, Any]:
         "architecture": served.architecture,
         "controlnets": served.controlnets,
         "max_clip_skip": served.max_clip_skip,
+        "embeddings": served.embeddings,
     }
 
 

@@ -166,23 +166,29 @@ class GrpcTritonBackend:
         configs = {name: response["config"] for name, response in zip(names, responses, strict=True)}
         mine = {name: versions[c.model_name(pipeline, name)] for name in names}
         served = ServedModel.from_configs(configs, pipeline)
-        loras = await self._read_loras(client, pipeline)
-        return dataclasses.replace(served, fingerprint=config_fingerprint(configs, mine), loras=loras)
+        loras = await self._read_library(client, pipeline, c.DENOISE.name, c.LORA_LIBRARY, c.ENGINES)
+        embeddings = await self._read_library(
+            client, pipeline, c.TOKENIZER.name, c.EMBEDDING_LIBRARY, c.EMBEDDINGS
+        )
+        fingerprint = config_fingerprint(configs, mine)
+        return dataclasses.replace(served, fingerprint=fingerprint, loras=loras, embeddings=embeddings)
 
-    async def _read_loras(self, client: Any, pipeline: str) -> list[dict[str, Any]]:
-        """The pipeline's adapter library (a LORA_LIBRARY control request to its denoise model); none
-        from an export before adapters."""
-        flag = infer_input(c.LORA_LIBRARY, np.array([True]))
+    async def _read_library(
+        self, client: Any, pipeline: str, model: str, flag: c.TensorSpec, answer: c.TensorSpec
+    ) -> list[dict[str, Any]]:
+        """A pipeline's library (a control request carrying `flag` to its `model`, the list in its
+        `answer` output): LoRA adapters from denoise (LORA_LIBRARY), textual-inversion embeddings from the
+        tokenizer (EMBEDDING_LIBRARY); none from an export before them."""
         try:
             result = await client.infer(
-                c.model_name(pipeline, c.DENOISE.name), [flag],
-                outputs=[InferRequestedOutput(c.ENGINES.name)],
+                c.model_name(pipeline, model), [infer_input(flag, np.array([True]))],
+                outputs=[InferRequestedOutput(answer.name)],
                 client_timeout=self.settings.triton_probe_timeout_s,
             )  # fmt: skip
         except InferenceServerException as exc:
-            log.debug("no adapter library from %s: %s", pipeline or "the unnamed pipeline", exc)
+            log.debug("no %s from %s: %s", flag.name, pipeline or "the unnamed pipeline", exc)
             return []
-        raw = result.as_numpy(c.ENGINES.name)
+        raw = result.as_numpy(answer.name)
         return [] if raw is None else list(json.loads(raw.reshape(-1)[0]))
 
     async def txt2img(

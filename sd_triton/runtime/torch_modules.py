@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -31,6 +32,52 @@ def layer_back(hidden_states: tuple[torch.Tensor, ...], back: torch.Tensor) -> t
     return stacked[index, torch.arange(stacked.shape[1])]
 
 
+class LearnedTokens(torch.nn.Module):
+    """A CLIP encoder's token embedding with textual inversion: an id past its table (V rows) reads row
+    id - V of the call's own learned vectors (`vectors`, [rows, E, D], set for the call), as diffusers'
+    load_textual_inversion's added rows would."""
+
+    def __init__(self, table: torch.nn.Module) -> None:
+        super().__init__()
+        self.table = table
+        self.vocabulary = int(table.weight.shape[0])
+        self.vectors: torch.Tensor | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        known = self.table(
+            ids.clamp(min=0, max=self.vocabulary - 1)
+        )  # any id reads a row: never out of range
+        if self.vectors is None:
+            return known
+        vectors = self.vectors.to(known.dtype)
+        # one-hot over the E vectors (from tensor ops alone, so E stays a dynamic axis when traced): an id
+        # past them picks none (zeros)
+        rows = torch.ones_like(vectors[..., 0]).cumsum(-1) - 1  # [rows, E]: 0 .. E - 1
+        learned = (ids - self.vocabulary).to(rows.dtype)
+        picked = (learned.unsqueeze(-1) == rows.unsqueeze(1)).to(vectors.dtype) @ vectors
+        return torch.where((ids >= self.vocabulary).unsqueeze(-1), picked, known)
+
+
+def learned_tokens(encoder: torch.nn.Module) -> LearnedTokens:
+    """The encoder's token embedding, wrapped in LearnedTokens (once: a module wraps its encoders when
+    built, so its parameters stay as they are through a call)."""
+    table = encoder.get_input_embeddings()
+    if not isinstance(table, LearnedTokens):
+        table = LearnedTokens(table)
+        encoder.set_input_embeddings(table)
+    return table
+
+
+def encode(encoder: torch.nn.Module, ids: torch.Tensor, vectors: torch.Tensor) -> Any:
+    """The encoder's output (every layer's states) for `ids`, the learned ones read from `vectors`."""
+    tokens = learned_tokens(encoder)
+    tokens.vectors = vectors
+    try:
+        return encoder(ids.long(), output_hidden_states=True)
+    finally:
+        tokens.vectors = None
+
+
 class TextEncoderModule(torch.nn.Module):
     """SD's CLIP text encoder as StableDiffusionPipeline.encode_prompt runs it: with clip_skip k, the
     states k layers before the last, through the final layer norm (k = 0: its usual output)."""
@@ -38,10 +85,13 @@ class TextEncoderModule(torch.nn.Module):
     def __init__(self, encoder: CLIPTextModel) -> None:
         super().__init__()
         self.encoder = encoder
+        learned_tokens(encoder)
         self.final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(input_ids.long(), output_hidden_states=True)
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: torch.Tensor, token_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        out = encode(self.encoder, input_ids, token_embeddings)
         return self.final_layer_norm(layer_back(out.hidden_states, clip_skip))
 
 
@@ -53,13 +103,20 @@ class TextEncoderXLModule(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.encoder_2 = encoder_2
+        learned_tokens(encoder)
+        learned_tokens(encoder_2)
 
     def forward(
-        self, input_ids: torch.Tensor, clip_skip: torch.Tensor, input_ids_2: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        clip_skip: torch.Tensor,
+        token_embeddings: torch.Tensor,
+        input_ids_2: torch.Tensor,
+        token_embeddings_2: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """clip_skip k: each encoder's states k layers before its penultimate (diffusers' -(k + 2))."""
-        first = self.encoder(input_ids.long(), output_hidden_states=True)
-        second = self.encoder_2(input_ids_2.long(), output_hidden_states=True)
+        first = encode(self.encoder, input_ids, token_embeddings)
+        second = encode(self.encoder_2, input_ids_2, token_embeddings_2)
         back = clip_skip + 1
         hidden = torch.cat(
             [layer_back(first.hidden_states, back), layer_back(second.hidden_states, back)], dim=-1
@@ -74,9 +131,12 @@ class RefinerTextEncoderModule(torch.nn.Module):
     def __init__(self, encoder: CLIPTextModelWithProjection) -> None:
         super().__init__()
         self.encoder = encoder
+        learned_tokens(encoder)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.encoder(input_ids.long(), output_hidden_states=True)
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: torch.Tensor, token_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = encode(self.encoder, input_ids, token_embeddings)
         return layer_back(out.hidden_states, clip_skip + 1), out.text_embeds
 
 

@@ -119,8 +119,9 @@ class TritonPythonModel:
                         spec.name, f"must be [rows, {c.TOKEN_LENGTH} x chunks], got {list(array.shape)}"
                     )
             skips = triton_io.get_array(request, c.CLIP_SKIPS)
-            embeds, pooled = self.text_encoder(*arrays, clip_skips=skips, adapters=adapters)
-        embeds = triton_io.weighted_embeds(embeds, triton_io.get_array(request, c.TOKEN_WEIGHTS))
+            vectors = [triton_io.get_array(request, t) for t in (c.TOKEN_EMBEDDINGS, c.TOKEN_EMBEDDINGS_2)]
+            embeds, pooled = self.text_encoder(*arrays, clip_skips=skips, vectors=vectors, adapters=adapters)
+        embeds = triton_io.weighted_embeds(embeds, triton_io.get_array(request, c.TOKEN_WEIGHTS), self.config)
         return conditioning.apply(self.config, params, embeds, pooled)
 
     def _outputs(

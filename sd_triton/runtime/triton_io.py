@@ -433,17 +433,20 @@ class TextEncoder:
         self.inline = inline
         # the token ids it takes, one array per tokenizer (SDXL: two)
         self.tokenizers = sum(t.name.startswith("input_ids") for t in self.spec.inputs)
+        self.widths = list(config.text_widths or [])  # each encoder's: its learned vectors' width
 
     def __call__(
         self,
         *input_ids: np.ndarray,
         clip_skips: np.ndarray | None = None,
+        vectors: Sequence[np.ndarray | None] = (),
         adapters: AdapterSet | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Token ids (one array per tokenizer, [rows, 77 x k]: k chunks) -> (the prompt embeddings [rows,
         77 x k, D], the chunks' outputs side by side; SDXL's pooled embeddings, the first chunk's);
-        `clip_skips`: each row's clip skip [rows, 1] (CLIP_SKIPS; none: 0); `adapters`: with LoRA
-        adapters' text-encoder weights (the inline path only)."""
+        `clip_skips`: each row's clip skip [rows, 1] (CLIP_SKIPS; none: 0); `vectors`: per encoder, each
+        row's learned token vectors [rows, E, width] (TOKEN_EMBEDDINGS, _2; none: no learned tokens);
+        `adapters`: with LoRA adapters' text-encoder weights (the inline path only)."""
         names = [t.name for t in self.spec.outputs]
         rows, length = input_ids[0].shape
         if length % c.TOKEN_LENGTH:
@@ -453,7 +456,21 @@ class TextEncoder:
         if skips.shape != (rows, 1):
             raise InvalidRequest(c.CLIP_SKIPS.name, f"must be [{rows}, 1], got {list(skips.shape)}")
         ids = [ids.reshape(-1, c.TOKEN_LENGTH) for ids in input_ids]  # one chunk a row
-        by_name = {"input_ids": ids[0], "clip_skip": np.repeat(skips, chunks, axis=0), "input_ids_2": ids[-1]}
+        tables = []
+        for index, (spec, width) in enumerate(
+            zip((c.TOKEN_EMBEDDINGS, c.TOKEN_EMBEDDINGS_2), self.widths, strict=False)
+        ):
+            table = vectors[index] if index < len(vectors) else None
+            table = np.zeros((rows, 1, width), np.float32) if table is None else np.asarray(table, np.float32)
+            if table.ndim != 3 or table.shape[0] != rows or table.shape[2] != width or not table.shape[1]:
+                raise InvalidRequest(spec.name, f"must be [{rows}, E >= 1, {width}], got {list(table.shape)}")
+            tables.append(np.repeat(table, chunks, axis=0))
+        by_name = {
+            "input_ids": ids[0],
+            "clip_skip": np.repeat(skips, chunks, axis=0),
+            "input_ids_2": ids[-1],
+            **dict(zip(("token_embeddings", "token_embeddings_2"), tables, strict=False)),
+        }
         arrays = [by_name[t.name] for t in self.spec.inputs]
         if self.inline is None:
             if adapters is not None:
@@ -536,15 +553,15 @@ class Adapters:
         return adapters
 
 
-def weighted_embeds(embeds: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """The prompt embeddings with the tokenizer's TOKEN_WEIGHTS applied (prompts.weighted), checked to be
-    one weight per token."""
+def weighted_embeds(embeds: np.ndarray, weights: np.ndarray | None, config: PipelineConfig) -> np.ndarray:
+    """The prompt embeddings with the tokenizer's TOKEN_WEIGHTS applied (prompts.weighted: each of the
+    pipeline's text encoders' part on its own), checked to be one weight per token."""
     if weights is not None and (weights.ndim != 2 or weights.shape != embeds.shape[:2]):
         raise InvalidRequest(
             c.TOKEN_WEIGHTS.name,
             f"must be one per token, {list(embeds.shape[:2])}, got {list(weights.shape)}",
         )
-    return prompts.weighted(embeds, weights)
+    return prompts.weighted(embeds, weights, config.text_widths or ())
 
 
 class Controls:

@@ -98,7 +98,7 @@ class TritonPythonModel:
         try:
             params = triton_io.generation_params(request, self.config)
             # the tokenizer's inputs, as the request has them (it reads them again by BLS)
-            text = {spec.name: triton_io.get_array(request, spec) for spec in c.TOKENIZER.inputs}
+            text = {spec.name: triton_io.get_array(request, spec) for spec in c.TOKENIZER_INPUTS}
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
             handoff = triton_io.read_handoff(request, params, self.config)
@@ -125,14 +125,18 @@ class TritonPythonModel:
             inputs = {name: value for name, value in text.items() if value is not None}
             ids = [c.INPUT_IDS.name, c.INPUT_IDS_2.name][: self.text_encoder.tokenizers]  # SDXL: two
             counts = [c.PROMPT_TRUNCATED_TOKENS.name, c.NEGATIVE_PROMPT_TRUNCATED_TOKENS.name]
-            outputs = [*ids, *counts, c.TOKEN_WEIGHTS.name, c.CLIP_SKIPS.name]
+            tables = [c.TOKEN_EMBEDDINGS.name, c.TOKEN_EMBEDDINGS_2.name][: self.text_encoder.tokenizers]
+            outputs = [*ids, *counts, *tables, c.TOKEN_WEIGHTS.name, c.CLIP_SKIPS.name]
             tokens = triton_io.bls_infer_all(self.config.name_of(c.TOKENIZER.name), inputs, outputs)
             truncation.update({name: tokens[name] for name in counts})
             skips = tokens[c.CLIP_SKIPS.name]
             embeds, pooled = self.text_encoder(
-                *(tokens[name] for name in ids), clip_skips=skips, adapters=adapters
+                *(tokens[name] for name in ids),
+                clip_skips=skips,
+                vectors=[tokens[name] for name in tables],
+                adapters=adapters,
             )
-            embeds = triton_io.weighted_embeds(embeds, tokens[c.TOKEN_WEIGHTS.name])
+            embeds = triton_io.weighted_embeds(embeds, tokens[c.TOKEN_WEIGHTS.name], self.config)
             embeds, added = conditioning.apply(self.config, params, embeds, pooled)
             init = self.encoder.encode(image)
             return DenoiseJob(embeds, params, self.config, init, added, handoff, adapters, controls)

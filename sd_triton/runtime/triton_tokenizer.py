@@ -1,4 +1,5 @@
-"""Step 1 of txt2img: CLIP tokenization of prompt and negative prompt (SDXL: by both tokenizers).
+"""Step 1 of txt2img: CLIP tokenization of prompt and negative prompt (SDXL: by both tokenizers), with the
+request's textual-inversion vectors; a control request (EMBEDDING_LIBRARY) lists the embedding library.
 
 Only importable inside Triton's python backend; the repository's `tokenizer/1/model.py` imports
 `TritonPythonModel` from here.
@@ -6,6 +7,7 @@ Only importable inside Triton's python backend; the repository's `tokenizer/1/mo
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,10 @@ class TritonPythonModel:
         return triton_io.respond(requests, c.TOKENIZER, self._tokenize)
 
     def _tokenize(self, request: Any) -> dict[str, np.ndarray]:
+        if triton_io.get_array(request, c.EMBEDDING_LIBRARY) is not None:  # a control request: the library
+            library = self.tokenizer.library
+            listing = [] if library is None else library.listing()
+            return {c.EMBEDDINGS.name: np.array([json.dumps(listing).encode()], dtype=object)}
         prompt = triton_io.get_text(request, c.PROMPT)
         negative_prompt = triton_io.get_text(request, c.NEGATIVE_PROMPT, default="")
         guidance = uses_guidance(check_guidance_scale(triton_io.get_scalar(request, c.GUIDANCE_SCALE)))
@@ -39,9 +45,11 @@ class TritonPythonModel:
             )
         out = self.tokenizer.tokenize(prompt, negative_prompt, guidance, syntax, self.max_chunks)
         second = {} if out.input_ids_2 is None else {c.INPUT_IDS_2.name: out.input_ids_2}
+        tables = dict(zip((c.TOKEN_EMBEDDINGS.name, c.TOKEN_EMBEDDINGS_2.name), out.vectors, strict=False))
         weights = out.weights if out.weights is not None else np.ones(out.input_ids.shape, np.float32)
         return {
             **second,
+            **tables,
             c.INPUT_IDS.name: out.input_ids,
             c.TOKEN_WEIGHTS.name: weights,
             c.CLIP_SKIPS.name: np.full((len(out.input_ids), 1), clip_skip, np.int32),

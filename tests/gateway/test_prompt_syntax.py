@@ -58,3 +58,20 @@ def test_clip_skip_reaches_the_model_and_the_cache_key() -> None:
                 assert bad.status_code == 422 and bad.json()["error"]["field"] == "clip_skip", bad.text
                 assert words in bad.json()["error"]["message"]
         assert client.get("/v1/models").json()["data"][0]["max_clip_skip"] == 2
+
+
+def test_embeddings_are_listed_and_part_of_the_cache_key() -> None:
+    """/v1/models lists the model's embeddings; a prompt using a token (in any case) keys the cache by its
+    file's hash, so a token re-added with another file is another key; other prompts keep their keys."""
+    learned = {"token": "<style>", "sha256": "aa" * 32, "vectors": 2, "format": "a1111"}
+    backend = FakeTriton(served=dataclasses.replace(fake_served_model(), embeddings=[learned]))
+    with gateway_client(backend) as client:
+        assert client.get("/v1/models").json()["data"][0]["embeddings"] == [learned]
+        body = {"prompt": "a fox, <Style>", "steps": 2, "seed": 1}
+        plain = {**body, "prompt": "a fox"}
+        assert client.post("/v1/generate", json=body).json()["cache"] != "hit"
+        assert client.post("/v1/generate", json=plain).json()["cache"] != "hit"
+        assert client.post("/v1/generate", json=body).json()["cache"] == "hit"
+        backend.served = dataclasses.replace(backend.served, embeddings=[{**learned, "sha256": "bb" * 32}])
+        assert client.post("/v1/generate", json=body).json()["cache"] != "hit"  # the token's new file
+        assert client.post("/v1/generate", json=plain).json()["cache"] == "hit"

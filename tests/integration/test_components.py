@@ -36,9 +36,9 @@ def test_text_encoder_and_vae_alone(client) -> None:
     ids = np.full((2, 77), 49407, np.int32)
     ids[:, 0] = 49406
     skips = np.zeros((2, 1), np.int32)
-    hidden = infer(client, "text_encoder", {"input_ids": ids, "clip_skip": skips}).as_numpy(
-        "last_hidden_state"
-    )
+    vectors = np.zeros((2, 1, 32), np.float32)  # no learned tokens
+    feeds = {"input_ids": ids, "clip_skip": skips, "token_embeddings": vectors}
+    hidden = infer(client, "text_encoder", feeds).as_numpy("last_hidden_state")
     assert hidden.shape == (2, 77, 32)
     latents = np.zeros((1, 4, 5, 7), np.float32)
     decoded = infer(client, "vae_decoder", {"latent_sample": latents}).as_numpy("sample")

@@ -436,3 +436,98 @@ def test_sdxl_clip_skip_matches_diffusers(served: dict) -> None:
                 output_type="np", generator=[torch.Generator().manual_seed(9)]).images  # fmt: skip
     assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
     assert max_abs_diff(ours, txt2img(client, PROMPT, pipeline="xl", **common).images) > 5
+
+
+def test_an_sdxl_embedding_matches_diffusers(served: dict, tmp_path: Path) -> None:
+    """An SDXL textual-inversion file (clip_l and clip_g, 2 vectors each) in the xl pipeline's library: a
+    prompt using it gives StableDiffusionXLPipeline's image with the file loaded into both encoders
+    (diffusers' documented SDXL recipe) within 2/255, and changes the image."""
+    from safetensors.torch import save_file
+
+    from sd_triton.export import embeddings
+
+    client = served["client"]
+    prompt = "a <xl-thing> on a blue background"
+    common = dict(height=64, width=64, steps=4, scheduler="ddim", seed=9)
+    before = txt2img(client, prompt, pipeline="xl", **common).images
+    xl = StableDiffusionXLPipeline.from_pretrained(served["manifests"]["xl"]["source"]["path"])
+    xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
+    xl.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(4)
+    state = {
+        "clip_l": torch.randn(2, xl.text_encoder.config.hidden_size, generator=generator),
+        "clip_g": torch.randn(2, xl.text_encoder_2.config.hidden_size, generator=generator),
+    }
+    save_file(state, tmp_path / "xl.safetensors")
+    record = embeddings.add(served["repo"], tmp_path / "xl.safetensors", "<xl-thing>", pipeline="xl")
+    try:
+        assert (record.format, record.vectors) == ("sdxl", 2)
+        ours = txt2img(client, prompt, pipeline="xl", **common).images
+    finally:
+        embeddings.remove(served["repo"], "<xl-thing>", pipeline="xl")
+    xl.load_textual_inversion(state["clip_l"], token="<xl-thing>", text_encoder=xl.text_encoder,
+                              tokenizer=xl.tokenizer)  # fmt: skip
+    xl.load_textual_inversion(state["clip_g"], token="<xl-thing>", text_encoder=xl.text_encoder_2,
+                              tokenizer=xl.tokenizer_2)  # fmt: skip
+    theirs = xl(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                generator=[torch.Generator().manual_seed(9)]).images  # fmt: skip
+    assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
+    assert max_abs_diff(ours, before) > 5
+
+
+def _reference_xl_embeds(
+    xl: StableDiffusionXLPipeline, texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, 77 x k, D1 + D2], [rows, P]): each text's reference chunks (tests/sd_triton/test_prompts.py)
+    by each tokenizer, through its encoder (the penultimate layer's states), weighted per encoder and set
+    side by side; the pooled embeddings the second encoder's for the first chunk. Rows padded to one chunk
+    count with the empty prompt's chunk."""
+    from tests.sd_triton.test_prompts import reference_chunks, reference_parse, reference_weighting
+
+    pairs = ((xl.tokenizer, xl.text_encoder), (xl.tokenizer_2, xl.text_encoder_2))
+    rows = [[reference_chunks(reference_parse(t), tok, 4)[:2] for tok, _ in pairs] for t in texts]
+    count = max(len(ids) for row in rows for ids, _ in row)
+    embeds, pooled = [], []
+    with torch.no_grad():
+        for row in rows:
+            parts = []
+            for (tokenizer, encoder), (ids, weights) in zip(pairs, row, strict=True):
+                empty_ids, empty_weights, _ = reference_chunks([("", 1.0)], tokenizer, 1)
+                ids = ids + empty_ids * (count - len(ids))
+                weights = weights + empty_weights * (count - len(weights))
+                chunks = []
+                for chunk_ids, chunk_weights in zip(ids, weights, strict=True):
+                    out = encoder(torch.tensor([chunk_ids]), output_hidden_states=True)
+                    z, w = out.hidden_states[-2][0], torch.tensor(chunk_weights)
+                    chunks.append(z if torch.all(w == 1) else reference_weighting(z, w))
+                    if encoder is xl.text_encoder_2 and len(chunks) == 1:
+                        pooled.append(out[0][0])
+                parts.append(torch.cat(chunks))
+            embeds.append(torch.cat(parts, dim=-1))
+    return torch.stack(embeds), torch.stack(pooled)
+
+
+def test_a_long_weighted_sdxl_prompt_gives_diffusers_images_from_the_reference_embeddings(
+    served: dict,
+) -> None:
+    """The a1111 long prompt (weights, BREAK, past 77 tokens) on tiny-xl: StableDiffusionXLPipeline fed the
+    reference embeddings (both encoders' chunks, each weighted on its own) within 2/255."""
+    from tests.integration.test_prompts import LONG
+
+    negative = "(blurry:1.2), lowres"
+    common = dict(height=64, width=64, steps=4, scheduler="ddim", seed=9)
+    ours = txt2img(
+        served["client"], LONG, negative_prompt=negative, prompt_syntax="a1111", pipeline="xl", **common
+    )
+    xl = StableDiffusionXLPipeline.from_pretrained(served["manifests"]["xl"]["source"]["path"])
+    xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
+    xl.set_progress_bar_config(disable=True)
+    embeds, pooled = _reference_xl_embeds(xl, [negative, LONG])
+    assert embeds.shape[1] in (77 * 3, 77 * 4)
+    theirs = xl(
+        prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1], pooled_prompt_embeds=pooled[1:],
+        negative_pooled_prompt_embeds=pooled[:1], height=64, width=64, num_inference_steps=4,
+        guidance_scale=7.5, output_type="np", generator=[torch.Generator().manual_seed(9)],
+    ).images  # fmt: skip
+    assert max_abs_diff(ours.images, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
+    assert ours.prompt_truncated_tokens == 0

@@ -1,7 +1,8 @@
 """Prompts as users write them, through Triton (issue 25): a long prompt in AUTOMATIC1111's syntax (weights,
 BREAK, past 77 tokens) gives the images diffusers' StableDiffusionPipeline gives when fed the reference
 embeddings (tests/sd_triton/test_prompts.py's chunks and weighting, with diffusers' own text encoder) as
-prompt_embeds; plain prompts are read as text; bad syntax is INVALID_ARG naming the field."""
+prompt_embeds; plain prompts are read as text; bad syntax is INVALID_ARG naming the field; clip_skip and
+textual-inversion embeddings (`sd-triton embeddings add`) give diffusers' images."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         triton_server(repo, work / "triton.log") as server,
         grpcclient.InferenceServerClient(server.grpc_url) as client,
     ):
-        yield {"client": client, "checkpoint": Path(manifest["source"]["path"])}
+        yield {"client": client, "checkpoint": Path(manifest["source"]["path"]), "repo": repo}
 
 
 def _reference_embeds(pipe: StableDiffusionPipeline, texts: list[str], max_chunks: int) -> torch.Tensor:
@@ -157,3 +158,102 @@ def test_clip_skip_matches_diffusers(served: dict, clip_skip: int) -> None:
     assert max_abs_diff(ours, txt2img(served["client"], prompt, **PARAMS).images) > 5
     with pytest.raises(InferenceServerException, match="CLIP_SKIP: must be from 0 to 2"):
         txt2img(served["client"], prompt, clip_skip=3, **PARAMS)
+
+
+def _pipe(checkpoint: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _diffusers_image(pipe: StableDiffusionPipeline, prompt: str, negative: str | None = None) -> np.ndarray:
+    images = pipe(
+        prompt,
+        negative_prompt=negative,
+        height=64,
+        width=64,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="np",
+    ).images
+    return (images * 255).round().astype(np.uint8)  # fmt: skip
+
+
+def _library(client: grpcclient.InferenceServerClient) -> list[dict]:
+    """The tokenizer's answer to a control request: its embedding library."""
+    import json
+
+    flag = grpcclient.InferInput("EMBEDDING_LIBRARY", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]))
+    result = client.infer("tokenizer", [flag], outputs=[grpcclient.InferRequestedOutput("EMBEDDINGS")])
+    return list(json.loads(result.as_numpy("EMBEDDINGS").reshape(-1)[0]))
+
+
+def test_textual_inversion_embeddings_give_diffusers_images(served: dict, tmp_path: Path) -> None:
+    """Two embeddings, an AUTOMATIC1111 .safetensors of 3 vectors and a diffusers .bin of one, added while
+    Triton serves: a prompt using both (and a negative prompt using one) gives the image diffusers'
+    load_textual_inversion gives, within 2/255; before they were added the tokens were text (another image),
+    and once removed they are text again (the first image, bit for bit)."""
+    from safetensors.torch import save_file
+
+    from sd_triton.cli import main as cli
+    from sd_triton.export import embeddings
+
+    client, repo = served["client"], served["repo"]
+    prompt, negative = "a <red-thing> beside a <Blue-Thing> circle", "<blue-thing>, lowres"
+    before = txt2img(client, prompt, negative_prompt=negative, **PARAMS).images
+    width = _pipe(served["checkpoint"]).text_encoder.config.hidden_size
+    generator = torch.Generator().manual_seed(5)
+    three, one = torch.randn(3, width, generator=generator), torch.randn(width, generator=generator)
+    save_file({"emb_params": three}, tmp_path / "red.safetensors")
+    torch.save({"<blue-thing>": one}, tmp_path / "learned_embeds.bin")
+    assert cli(["embeddings", "add", str(tmp_path / "red.safetensors"), "--token", "<red-thing>",
+                "--repo", str(repo)]) == 0  # fmt: skip
+    record = embeddings.add(repo, tmp_path / "learned_embeds.bin")  # the token the file names
+    assert (record.token, record.format, record.vectors) == ("<blue-thing>", "diffusers", 1)
+    assert [(e["token"], e["vectors"], e["format"]) for e in _library(client)] == [
+        ("<blue-thing>", 1, "diffusers"), ("<red-thing>", 3, "a1111"),
+    ]  # fmt: skip
+
+    ours = txt2img(client, prompt, negative_prompt=negative, **PARAMS).images
+    pipe = _pipe(served["checkpoint"])  # loaded in the library's order (by token)
+    pipe.load_textual_inversion(str(tmp_path / "learned_embeds.bin"))
+    pipe.load_textual_inversion(str(tmp_path / "red.safetensors"), token="<red-thing>")
+    assert max_abs_diff(ours, _diffusers_image(pipe, prompt, negative)) <= MAX_ABS_DIFF
+    assert max_abs_diff(ours, before) > 5
+    # weighted, the learned tokens are tokens like any other
+    weighted = txt2img(client, "a (<red-thing>:1.4) circle", prompt_syntax="a1111", **PARAMS).images
+    assert max_abs_diff(weighted, txt2img(client, "a <red-thing> circle", **PARAMS).images) > 0
+
+    for token in ("<red-thing>", "<blue-thing>"):
+        assert cli(["embeddings", "remove", "--token", token, "--repo", str(repo)]) == 0
+    assert _library(client) == []
+    np.testing.assert_array_equal(txt2img(client, prompt, negative_prompt=negative, **PARAMS).images, before)
+
+
+def test_bad_embedding_files_and_tokens_are_refused(served: dict, tmp_path: Path) -> None:
+    """Each refusal names what is wrong; nothing reaches the library."""
+    from safetensors.torch import save_file
+
+    from sd_triton.embeddings import EmbeddingError
+    from sd_triton.export import embeddings
+
+    repo = served["repo"]
+    width = _pipe(served["checkpoint"]).text_encoder.config.hidden_size
+    save_file({"emb_params": torch.zeros(2, width + 1)}, tmp_path / "wide.safetensors")
+    save_file({"emb_params": torch.zeros(2, width)}, tmp_path / "ok.safetensors")
+    save_file({"a": torch.zeros(width), "b": torch.zeros(width)}, tmp_path / "two.safetensors")
+    cases = [
+        (tmp_path / "wide.safetensors", "<x>", f"takes \\[n, {width}\\]"),
+        (tmp_path / "two.safetensors", "<x>", "expected one embedding in the file, found 2"),
+        (tmp_path / "ok.safetensors", "cat", "is a word of the tokenizer already"),
+        (tmp_path / "ok.safetensors", "my style", "without whitespace"),
+        (tmp_path / "ok.safetensors", None, "token ''"),  # an emb_params file names no token
+        (tmp_path / "missing.pt", "<x>", "no such file"),
+    ]
+    for file, token, words in cases:
+        with pytest.raises(EmbeddingError, match=words):
+            embeddings.add(repo, file, token)
+    assert embeddings.listed(repo) == []

@@ -62,7 +62,13 @@ def test_the_export_is_sdxl(xl: dict) -> None:
     meta = xl["client"].get_model_metadata("unet", as_json=True)
     assert [t["name"] for t in meta["inputs"]][-2:] == ["text_embeds", "time_ids"]
     text = xl["client"].get_model_metadata("text_encoder", as_json=True)
-    assert [t["name"] for t in text["inputs"]] == ["input_ids", "clip_skip", "input_ids_2"]
+    assert [t["name"] for t in text["inputs"]] == [
+        "input_ids",
+        "clip_skip",
+        "token_embeddings",
+        "input_ids_2",
+        "token_embeddings_2",
+    ]
     assert [t["name"] for t in text["outputs"]] == ["last_hidden_state", "text_embeds"]
 
 

@@ -52,7 +52,7 @@ def pipe(refiner: dict) -> StableDiffusionXLImg2ImgPipeline:
 def test_the_export_is_a_refiner(refiner: dict) -> None:
     assert refiner["manifest"]["settings"]["architecture"] == "sdxl-refiner"
     text = refiner["client"].get_model_metadata("text_encoder", as_json=True)
-    assert [t["name"] for t in text["inputs"]] == ["input_ids", "clip_skip"]
+    assert [t["name"] for t in text["inputs"]] == ["input_ids", "clip_skip", "token_embeddings"]
     assert [t["name"] for t in text["outputs"]] == ["last_hidden_state", "text_embeds"]
     folder = refiner["repo"] / "tokenizer" / "1"
     assert (folder / "tokenizer").is_dir() and not (folder / "tokenizer_2").exists()  # SDXL's second, alone

@@ -160,7 +160,15 @@ def test_the_grammar_is_the_documented_one(text: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="ab ()[]:1.5\\,BREAK", max_size=40))
 def test_the_grammar_on_any_text(text: str) -> None:
-    assert prompts.parse(text, "a1111") == reference_parse(text)
+    """Any text reads as the reference reads it; a weight that is no number (`(a:.)`, `(a:1.5.5)`) is
+    refused by both."""
+    try:
+        expected = reference_parse(text)
+    except ValueError:
+        with pytest.raises(prompts.PromptSyntaxError, match="is not a number"):
+            prompts.parse(text, "a1111")
+        return
+    assert prompts.parse(text, "a1111") == expected
 
 
 def test_plain_is_the_text_and_a_bad_weight_is_refused() -> None:
@@ -221,3 +229,17 @@ def test_the_weighting_is_the_documented_arithmetic() -> None:
             )
             assert np.abs(ours[row, chunk] - expected.numpy()).max() <= 1e-5
     assert prompts.weighted(z, None) is z and prompts.weighted(z, np.ones((2, 231), np.float32)) is z
+
+
+def test_sdxl_weighting_keeps_each_encoders_mean() -> None:
+    """SDXL's two encoders' outputs side by side (widths 6 and 10): each part weighted on its own, as the
+    web UI weights each encoder's output before it joins them."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(1, 77, 16)).astype(np.float32) + np.linspace(-1, 2, 16, dtype=np.float32)
+    weights = np.ones((1, 77), np.float32)
+    weights[0, 3:7] = 1.4
+    ours = prompts.weighted(z, weights, (6, 10))
+    for part in (slice(0, 6), slice(6, 16)):
+        expected = reference_weighting(torch.from_numpy(z[0, :, part]), torch.from_numpy(weights[0]))
+        assert np.abs(ours[0, :, part] - expected.numpy()).max() <= 1e-5
+    assert np.abs(ours - prompts.weighted(z, weights)).max() > 1e-3  # not the whole width's mean
