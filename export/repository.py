@@ -76,7 +76,7 @@ def ensemble_steps(unet_path: str, architecture: str = "sd") -> tuple[Step, ...]
     }
     tokenizer = (
         c.TOKENIZER.name,
-        {t.name: t.name for t in c.TOKENIZER_INPUTS},
+        {t.name: t.name for t in c.TOKENIZER.inputs},
         {
             **ids,
             **vectors,

@@ -220,10 +220,10 @@ CLIP_SKIPS = _t("CLIP_SKIPS", "TYPE_INT32", -1, 1, optional=True)  # CLIP_SKIP, 
 TOKEN_EMBEDDINGS = _t("TOKEN_EMBEDDINGS", "TYPE_FP32", -1, -1, -1, optional=True)
 TOKEN_EMBEDDINGS_2 = _t("TOKEN_EMBEDDINGS_2", "TYPE_FP32", -1, -1, -1, optional=True)
 MAX_TOKEN_EMBEDDINGS = 128  # learned vectors one request may use (its text encoder profile's max)
-# a control request to `tokenizer` carrying only EMBEDDING_LIBRARY (true): its EMBEDDINGS output is the
-# pipeline's textual-inversion library, a JSON list of {token, name, sha256, vectors, format, source, created}
+# a control request to `denoise` carrying only EMBEDDING_LIBRARY (true): its ENGINES output is the
+# pipeline's textual-inversion library (the tokenizer model's), a JSON list of {token, sha256, vectors,
+# format, source, pipeline, architecture, created}
 EMBEDDING_LIBRARY = _t("EMBEDDING_LIBRARY", "TYPE_BOOL", 1, optional=True)
-EMBEDDINGS = _t("EMBEDDINGS", "TYPE_STRING", 1)
 PROMPT_EMBEDS = _t("PROMPT_EMBEDS", "TYPE_FP32", -1, -1, -1)
 # SDXL: the second tokenizer's ids (same rows), and the second text encoder's pooled embeddings
 INPUT_IDS_2 = _t("INPUT_IDS_2", "TYPE_INT32", -1, -1, optional=True)
@@ -273,12 +273,9 @@ TXT2IMG_STREAM = ModelSpec(
     batching=False,
     engine=False,
 )
-# the generation's inputs, as txt2img passes them (optional in the config so that a control request may
-# come without them; a generation still needs them)
-TOKENIZER_INPUTS = (PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, PROMPT_SYNTAX, CLIP_SKIP)
 TOKENIZER = ModelSpec(
     "tokenizer",
-    inputs=(*(dataclasses.replace(t, optional=True) for t in TOKENIZER_INPUTS), EMBEDDING_LIBRARY),
+    inputs=(PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, PROMPT_SYNTAX, CLIP_SKIP),
     # INPUT_IDS_2 where the model has a second tokenizer (SDXL)
     outputs=(
         INPUT_IDS,
@@ -289,7 +286,6 @@ TOKENIZER = ModelSpec(
         dataclasses.replace(CLIP_SKIPS, optional=False),
         dataclasses.replace(TOKEN_EMBEDDINGS, optional=False),
         dataclasses.replace(TOKEN_EMBEDDINGS_2, optional=False),  # SDXL
-        EMBEDDINGS,  # a control request's answer
     ),
     batching=False,
     engine=False,
@@ -344,6 +340,7 @@ DENOISE = ModelSpec(
         *DENOISE_PROMPT_INPUTS,
         CANCEL,
         LORA_LIBRARY,
+        EMBEDDING_LIBRARY,
     ),
     # LATENTS on the bls UNet path (the ensemble decodes them in vae_decoder and postprocess); IMAGES on
     # the inline path, where the loop decodes in its own process

@@ -186,6 +186,3 @@ class EmbeddingLibrary:
             embeddings.append(Embedding(record, tuple(tensors[e] for e in self.encoders)))
         self._stamp, self._embeddings = stamp, tuple(embeddings)
         return self._embeddings, True
-
-    def listing(self) -> list[dict[str, Any]]:
-        return [r.summary() for r in records(self.folder)]

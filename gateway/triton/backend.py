@@ -168,7 +168,7 @@ class GrpcTritonBackend:
         served = ServedModel.from_configs(configs, pipeline)
         loras = await self._read_library(client, pipeline, c.DENOISE.name, c.LORA_LIBRARY, c.ENGINES)
         embeddings = await self._read_library(
-            client, pipeline, c.TOKENIZER.name, c.EMBEDDING_LIBRARY, c.EMBEDDINGS
+            client, pipeline, c.DENOISE.name, c.EMBEDDING_LIBRARY, c.ENGINES
         )
         fingerprint = config_fingerprint(configs, mine)
         return dataclasses.replace(served, fingerprint=fingerprint, loras=loras, embeddings=embeddings)
@@ -177,8 +177,8 @@ class GrpcTritonBackend:
         self, client: Any, pipeline: str, model: str, flag: c.TensorSpec, answer: c.TensorSpec
     ) -> list[dict[str, Any]]:
         """A pipeline's library (a control request carrying `flag` to its `model`, the list in its
-        `answer` output): LoRA adapters from denoise (LORA_LIBRARY), textual-inversion embeddings from the
-        tokenizer (EMBEDDING_LIBRARY); none from an export before them."""
+        `answer` output): LoRA adapters (LORA_LIBRARY), textual-inversion embeddings (EMBEDDING_LIBRARY);
+        none from an export before them."""
         try:
             result = await client.infer(
                 c.model_name(pipeline, model), [infer_input(flag, np.array([True]))],

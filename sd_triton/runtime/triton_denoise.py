@@ -157,8 +157,9 @@ class TritonPythonModel:
         return DenoiseJob(embeds, params, self.config, init, added, handoff, adapters, controls)
 
     def _denoise(self, request: Any) -> triton_io.Outputs:
-        if triton_io.get_array(request, c.LORA_LIBRARY) is not None:  # a control request: the library
-            return {c.ENGINES.name: self.adapters.listing()}
+        listing = self.adapters.listing(request)
+        if listing is not None:  # a control request: a library
+            return {c.ENGINES.name: listing}
         if triton_io.get_array(request, c.CANCEL) is not None:
             raise InvalidRequest(c.CANCEL.name, "dropping requests needs the `continuous` batching")
         job = self._job(request)
@@ -205,9 +206,10 @@ class TritonPythonModel:
     def _submit(self, request: Any) -> None:
         assert self.batcher is not None
         sender = request.get_response_sender()
-        if triton_io.get_array(request, c.LORA_LIBRARY) is not None:  # a control request: the library
-            listing = pb_utils.Tensor(c.ENGINES.name, self.adapters.listing())
-            sender.send(pb_utils.InferenceResponse(output_tensors=[listing]), flags=FINAL)
+        listing = self.adapters.listing(request)
+        if listing is not None:  # a control request: a library
+            tensor = pb_utils.Tensor(c.ENGINES.name, listing)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]), flags=FINAL)
             return
         drop = triton_io.get_array(request, c.CANCEL)
         if drop is not None:  # a control request: generations to drop (the gateway's cancels)

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sd_triton import contract as c
-from sd_triton import control, prompts
+from sd_triton import control, embeddings, prompts
 from sd_triton.contract import ModelSpec, TensorSpec
 from sd_triton.engine_record import ENGINE_FILE, EngineRecord, versions_on_disk
 from sd_triton.lora import INDEX, LORA_COMPONENTS, AdapterSet, LoraLibrary, indexed_graph, library_dir
@@ -533,15 +533,26 @@ class Conditioning:
 
 class Adapters:
     """A loop's LoRA adapters: its pipeline's library, and each request's set read from LORAS (the
-    inline UNet path only: the loop's own engines apply them)."""
+    inline UNet path only: the loop's own engines apply them). It answers the control requests for the
+    pipeline's libraries too: LoRA adapters, and the textual-inversion embeddings the tokenizer reads (a
+    control request to the tokenizer would count as a txt2img request in flight: TritonServer.drain)."""
 
     def __init__(self, args: dict[str, Any], config: PipelineConfig, inline: bool) -> None:
-        self.library = LoraLibrary(library_dir(version_dir(args).parents[1], config.pipeline))
+        models = version_dir(args).parents[1]
+        self.library = LoraLibrary(library_dir(models, config.pipeline))
+        self.embeddings = embeddings.library_dir(models, config.pipeline)
         self.inline = inline
 
-    def listing(self) -> np.ndarray:
-        """The library as a LORA_LIBRARY control request's ENGINES output."""
-        return np.array([json.dumps(self.library.listing()).encode()], dtype=object)
+    def listing(self, request: Any) -> np.ndarray | None:
+        """A control request's ENGINES output: the LoRA library's listing (LORA_LIBRARY) or the embedding
+        library's (EMBEDDING_LIBRARY), a JSON list; None for any other request."""
+        if get_array(request, c.LORA_LIBRARY) is not None:
+            listing = self.library.listing()
+        elif get_array(request, c.EMBEDDING_LIBRARY) is not None:
+            listing = [record.summary() for record in embeddings.records(self.embeddings)]
+        else:
+            return None
+        return np.array([json.dumps(listing).encode()], dtype=object)
 
     def read(self, request: Any) -> AdapterSet | None:
         text = get_scalar(request, c.LORAS)

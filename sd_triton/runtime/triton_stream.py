@@ -98,7 +98,7 @@ class TritonPythonModel:
         try:
             params = triton_io.generation_params(request, self.config)
             # the tokenizer's inputs, as the request has them (it reads them again by BLS)
-            text = {spec.name: triton_io.get_array(request, spec) for spec in c.TOKENIZER_INPUTS}
+            text = {spec.name: triton_io.get_array(request, spec) for spec in c.TOKENIZER.inputs}
             want_preview = bool(triton_io.get_scalar(request, c.PREVIEW) or False)
             image = self.encoder.read(request, params)
             handoff = triton_io.read_handoff(request, params, self.config)

@@ -1,5 +1,5 @@
 """Step 1 of txt2img: CLIP tokenization of prompt and negative prompt (SDXL: by both tokenizers), with the
-request's textual-inversion vectors; a control request (EMBEDDING_LIBRARY) lists the embedding library.
+request's textual-inversion vectors.
 
 Only importable inside Triton's python backend; the repository's `tokenizer/1/model.py` imports
 `TritonPythonModel` from here.
@@ -7,7 +7,6 @@ Only importable inside Triton's python backend; the repository's `tokenizer/1/mo
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -29,10 +28,6 @@ class TritonPythonModel:
         return triton_io.respond(requests, c.TOKENIZER, self._tokenize)
 
     def _tokenize(self, request: Any) -> dict[str, np.ndarray]:
-        if triton_io.get_array(request, c.EMBEDDING_LIBRARY) is not None:  # a control request: the library
-            library = self.tokenizer.library
-            listing = [] if library is None else library.listing()
-            return {c.EMBEDDINGS.name: np.array([json.dumps(listing).encode()], dtype=object)}
         prompt = triton_io.get_text(request, c.PROMPT)
         negative_prompt = triton_io.get_text(request, c.NEGATIVE_PROMPT, default="")
         guidance = uses_guidance(check_guidance_scale(triton_io.get_scalar(request, c.GUIDANCE_SCALE)))

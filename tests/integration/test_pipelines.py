@@ -210,9 +210,18 @@ HANDOFFS = [
 ]
 
 
-def _diffusers_handoff(served: dict, scheduler: str, fraction: float, guidance: float, n: int) -> np.ndarray:
+def _diffusers_handoff(
+    served: dict,
+    scheduler: str,
+    fraction: float,
+    guidance: float,
+    n: int,
+    prompt: str = PROMPT,
+    learned: dict[str, Any] | None = None,
+) -> np.ndarray:
     """diffusers' StableDiffusionXLPipeline(denoising_end) -> StableDiffusionXLImg2ImgPipeline
-    (denoising_start) on the exported checkpoints, each side's generators seeded from the seed."""
+    (denoising_start) on the exported checkpoints, each side's generators seeded from the seed. `learned`:
+    {token, clip_l, clip_g}, a textual-inversion embedding loaded into each encoder of both."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     from tests.integration.test_parity import reference_scheduler
@@ -225,14 +234,20 @@ def _diffusers_handoff(served: dict, scheduler: str, fraction: float, guidance: 
         pipe.set_progress_bar_config(disable=True)
         own = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
         pipe.scheduler = reference_scheduler(scheduler, type(pipe.scheduler), own, 5, n)
+    if learned is not None:
+        loads = [(base, "clip_l", ""), (base, "clip_g", "_2"), (refiner, "clip_g", "_2")]
+        for pipe, key, suffix in loads:
+            encoder, tokenizer = getattr(pipe, f"text_encoder{suffix}"), getattr(pipe, f"tokenizer{suffix}")
+            pipe.load_textual_inversion(learned[key], token=learned["token"], text_encoder=encoder,
+                                        tokenizer=tokenizer)  # fmt: skip
 
     def generators() -> list[torch.Generator]:
         return [torch.Generator().manual_seed(5 + i) for i in range(n)]
 
     common = dict(num_inference_steps=10, guidance_scale=guidance, num_images_per_prompt=n)
-    handed = base(PROMPT, height=64, width=64, denoising_end=fraction, output_type="latent",
+    handed = base(prompt, height=64, width=64, denoising_end=fraction, output_type="latent",
                   generator=generators(), **common).images  # fmt: skip
-    images = refiner(PROMPT, image=handed, denoising_start=fraction, output_type="np",
+    images = refiner(prompt, image=handed, denoising_start=fraction, output_type="np",
                      generator=generators(), **common).images  # fmt: skip
     return (images * 255).round().astype(np.uint8)
 
@@ -439,14 +454,16 @@ def test_sdxl_clip_skip_matches_diffusers(served: dict) -> None:
 
 
 def test_an_sdxl_embedding_matches_diffusers(served: dict, tmp_path: Path) -> None:
-    """An SDXL textual-inversion file (clip_l and clip_g, 2 vectors each) in the xl pipeline's library: a
-    prompt using it gives StableDiffusionXLPipeline's image with the file loaded into both encoders
-    (diffusers' documented SDXL recipe) within 2/255, and changes the image."""
+    """An SDXL textual-inversion file (clip_l and clip_g, 2 vectors each) in the xl and refiner pipelines'
+    libraries: a prompt using it gives StableDiffusionXLPipeline's image with the file loaded into both
+    encoders (diffusers' documented SDXL recipe) within 2/255, and changes the image; handed to the refiner
+    (the bls UNet path: the ensemble's text_encoder step takes the vectors), diffusers' base -> refiner with
+    it loaded into each encoder."""
     from safetensors.torch import save_file
 
     from sd_triton.export import embeddings
 
-    client = served["client"]
+    client, repo = served["client"], served["repo"]
     prompt = "a <xl-thing> on a blue background"
     common = dict(height=64, width=64, steps=4, scheduler="ddim", seed=9)
     before = txt2img(client, prompt, pipeline="xl", **common).images
@@ -454,25 +471,34 @@ def test_an_sdxl_embedding_matches_diffusers(served: dict, tmp_path: Path) -> No
     xl.scheduler = DDIMScheduler.from_config(xl.scheduler.config)
     xl.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(4)
-    state = {
+    learned = {
+        "token": "<xl-thing>",
         "clip_l": torch.randn(2, xl.text_encoder.config.hidden_size, generator=generator),
         "clip_g": torch.randn(2, xl.text_encoder_2.config.hidden_size, generator=generator),
     }
-    save_file(state, tmp_path / "xl.safetensors")
-    record = embeddings.add(served["repo"], tmp_path / "xl.safetensors", "<xl-thing>", pipeline="xl")
-    try:
+    save_file({k: learned[k] for k in ("clip_l", "clip_g")}, tmp_path / "xl.safetensors")
+    for pipeline in ("xl", "refiner"):
+        record = embeddings.add(repo, tmp_path / "xl.safetensors", "<xl-thing>", pipeline=pipeline)
         assert (record.format, record.vectors) == ("sdxl", 2)
+    handoff = dict(height=64, width=64, steps=10, guidance_scale=7.5, scheduler="default", seed=5)
+    try:
         ours = txt2img(client, prompt, pipeline="xl", **common).images
+        handed = txt2img(client, prompt, pipeline="xl", latents=True, denoising_end=0.8, **handoff).latents
+        final = txt2img(client, prompt, pipeline="refiner", denoising_start=0.8, start_latents=handed,
+                        **handoff).images  # fmt: skip
     finally:
-        embeddings.remove(served["repo"], "<xl-thing>", pipeline="xl")
-    xl.load_textual_inversion(state["clip_l"], token="<xl-thing>", text_encoder=xl.text_encoder,
+        for pipeline in ("xl", "refiner"):
+            embeddings.remove(repo, "<xl-thing>", pipeline=pipeline)
+    xl.load_textual_inversion(learned["clip_l"], token="<xl-thing>", text_encoder=xl.text_encoder,
                               tokenizer=xl.tokenizer)  # fmt: skip
-    xl.load_textual_inversion(state["clip_g"], token="<xl-thing>", text_encoder=xl.text_encoder_2,
+    xl.load_textual_inversion(learned["clip_g"], token="<xl-thing>", text_encoder=xl.text_encoder_2,
                               tokenizer=xl.tokenizer_2)  # fmt: skip
     theirs = xl(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=7.5, output_type="np",
                 generator=[torch.Generator().manual_seed(9)]).images  # fmt: skip
     assert max_abs_diff(ours, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
     assert max_abs_diff(ours, before) > 5
+    expected = _diffusers_handoff(served, "default", 0.8, 7.5, 1, prompt, learned)
+    assert max_abs_diff(final, expected) <= MAX_ABS_DIFF
 
 
 def _reference_xl_embeds(

@@ -182,13 +182,13 @@ def _diffusers_image(pipe: StableDiffusionPipeline, prompt: str, negative: str |
 
 
 def _library(client: grpcclient.InferenceServerClient) -> list[dict]:
-    """The tokenizer's answer to a control request: its embedding library."""
+    """denoise's answer to a control request: the pipeline's embedding library."""
     import json
 
     flag = grpcclient.InferInput("EMBEDDING_LIBRARY", [1], "BOOL")
     flag.set_data_from_numpy(np.array([True]))
-    result = client.infer("tokenizer", [flag], outputs=[grpcclient.InferRequestedOutput("EMBEDDINGS")])
-    return list(json.loads(result.as_numpy("EMBEDDINGS").reshape(-1)[0]))
+    result = client.infer("denoise", [flag], outputs=[grpcclient.InferRequestedOutput("ENGINES")])
+    return list(json.loads(result.as_numpy("ENGINES").reshape(-1)[0]))
 
 
 def test_textual_inversion_embeddings_give_diffusers_images(served: dict, tmp_path: Path) -> None:

@@ -514,9 +514,8 @@ def judge(case: Case, outcome: Outcome) -> str | None:
         return f"expected a result, got {outcome.error.status()}: {(outcome.error.message() or '')[:300]}"
     if outcome.outputs is None:
         return "expected a result, got no final response with IMAGES"
-    # the session's model is SD: no second tokenizer, no INPUT_IDS_2 or TOKEN_EMBEDDINGS_2; EMBEDDINGS answers
-    # a control request only
-    absent = (c.PREVIEW_IMAGES.name, c.INPUT_IDS_2.name, c.TOKEN_EMBEDDINGS_2.name, c.EMBEDDINGS.name)
+    # the session's model is SD: no second tokenizer, no INPUT_IDS_2 or TOKEN_EMBEDDINGS_2
+    absent = (c.PREVIEW_IMAGES.name, c.INPUT_IDS_2.name, c.TOKEN_EMBEDDINGS_2.name)
     names = [t.name for t in c.MODELS[case.model].outputs if t.name not in absent]
     try:
         check_outputs(case.model, outcome.outputs, names)
