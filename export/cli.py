@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,18 @@ def _engine_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_listing(
+    rows: list[dict[str, Any]], as_json: bool, columns: dict[str, Callable[[dict[str, Any]], Any]]
+) -> None:
+    """A library's `list`: JSON, or a markdown table of `columns` (header: the cell of a row)."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell(row)) for cell in columns.values()) + " |")
+
+
 def _lora(args: argparse.Namespace) -> int:
     from sd_triton.export import lora
     from sd_triton.export.manifest import ManifestError
@@ -109,14 +122,11 @@ def _lora(args: argparse.Namespace) -> int:
             print(json.dumps(record.summary(), indent=2))  # the command's output
         elif args.lora_command == "list":
             rows = [r.summary() for r in lora.listed(repo, pipeline)]
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                print("| name | format | rank | targets | sha256 | source |\n|---|---|---|---|---|---|")
-                for r in rows:
-                    targets = ", ".join(f"{k} {v}" for k, v in r["components"].items())
-                    cells = [r["name"], r["format"], r["rank"], targets, r["sha256"][:12], r["source"]]
-                    print("| " + " | ".join(str(cell) for cell in cells) + " |")
+            _print_listing(rows, args.json, {
+                "name": lambda r: r["name"], "format": lambda r: r["format"], "rank": lambda r: r["rank"],
+                "targets": lambda r: ", ".join(f"{k} {v}" for k, v in r["components"].items()),
+                "sha256": lambda r: r["sha256"][:12], "source": lambda r: r["source"],
+            })  # fmt: skip
         else:
             lora.remove(repo, args.name, pipeline)
     except (lora.LoraError, ValueError, ManifestError) as exc:  # a bad name, file or pipeline: said
@@ -135,13 +145,11 @@ def _embeddings(args: argparse.Namespace) -> int:
             print(json.dumps(record.summary(), indent=2))  # the command's output
         elif args.embeddings_command == "list":
             rows = [r.summary() for r in embeddings.listed(repo, pipeline)]
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                print("| token | format | vectors | sha256 | source |\n|---|---|---|---|---|")
-                for r in rows:
-                    cells = [r["token"], r["format"], r["vectors"], r["sha256"][:12], r["source"]]
-                    print("| " + " | ".join(str(cell) for cell in cells) + " |")
+            _print_listing(rows, args.json, {
+                "token": lambda r: r["token"], "format": lambda r: r["format"],
+                "vectors": lambda r: r["vectors"], "sha256": lambda r: r["sha256"][:12],
+                "source": lambda r: r["source"],
+            })  # fmt: skip
         else:
             embeddings.remove(repo, args.token, pipeline)
     except ValueError as exc:  # a bad file, token or pipeline: said

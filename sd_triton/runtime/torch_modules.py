@@ -44,9 +44,8 @@ class LearnedTokens(torch.nn.Module):
         self.vectors: torch.Tensor | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        known = self.table(
-            ids.clamp(min=0, max=self.vocabulary - 1)
-        )  # any id reads a row: never out of range
+        # any id reads a row (never out of range): past the vocabulary a learned one, below it the first
+        known = self.table(ids.clamp(min=0, max=self.vocabulary - 1))
         if self.vectors is None:
             return known
         vectors = self.vectors.to(known.dtype)

@@ -4,6 +4,7 @@ against diffusers' load_textual_inversion on the tiny tokenizer."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
 from sd_triton import contract as c
+from sd_triton.cli import main as cli
 from sd_triton.embeddings import EmbeddingError, vectors_of
 from sd_triton.export import embeddings
 from sd_triton.requests import InvalidRequest
@@ -135,7 +137,9 @@ def test_too_many_learned_vectors_in_one_request_is_invalid(repo: Path, tmp_path
     assert caught.value.field == "PROMPT" and f"at most {c.MAX_TOKEN_EMBEDDINGS}" in str(caught.value)
 
 
-def test_adding_checks_the_token_and_replaces_only_when_asked(repo: Path, tmp_path: Path) -> None:
+def test_adding_checks_the_token_and_replaces_only_when_asked(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     width = PromptTokenizer.in_folder(repo / "tokenizer" / "1").widths[0]
     save_file({"emb_params": torch.ones(1, width)}, tmp_path / "ok.safetensors")
     embeddings.add(repo, tmp_path / "ok.safetensors", "<t>")
@@ -145,3 +149,11 @@ def test_adding_checks_the_token_and_replaces_only_when_asked(repo: Path, tmp_pa
     with pytest.raises(EmbeddingError, match="not in the library"):
         embeddings.remove(repo, "<nope>")
     assert [r.token for r in embeddings.listed(repo)] == ["<t>"]
+    assert cli(["embeddings", "list", "--repo", str(repo)]) == 0
+    assert "| <t> | a1111 | 1 |" in capsys.readouterr().out
+    assert cli(["embeddings", "list", "--repo", str(repo), "--json"]) == 0
+    assert [r["token"] for r in json.loads(capsys.readouterr().out)] == ["<t>"]
+    assert (
+        cli(["embeddings", "add", str(tmp_path / "ok.safetensors"), "--token", "<t>", "--repo", str(repo)])
+        == 1
+    )
