@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import io
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -458,7 +459,7 @@ def test_an_sdxl_embedding_matches_diffusers(served: dict, tmp_path: Path) -> No
     libraries: a prompt using it gives StableDiffusionXLPipeline's image with the file loaded into both
     encoders (diffusers' documented SDXL recipe) within 2/255, and changes the image; handed to the refiner
     (the bls UNet path: the ensemble's text_encoder step takes the vectors), diffusers' base -> refiner with
-    it loaded into each encoder."""
+    it loaded into each encoder. GET /v1/models lists it for those two models."""
     from safetensors.torch import save_file
 
     from sd_triton.export import embeddings
@@ -486,6 +487,15 @@ def test_an_sdxl_embedding_matches_diffusers(served: dict, tmp_path: Path) -> No
         handed = txt2img(client, prompt, pipeline="xl", latents=True, denoising_end=0.8, **handoff).latents
         final = txt2img(client, prompt, pipeline="refiner", denoising_start=0.8, start_latents=handed,
                         **handoff).images  # fmt: skip
+        deadline = time.monotonic() + 15  # the gateway re-reads the libraries every served_model_refresh_s
+        while True:
+            cards = {m["id"]: m for m in served["http"].get("/v1/models").json()["data"]}
+            if [(e["token"], e["vectors"]) for e in cards["xl"]["embeddings"]] == [("<xl-thing>", 2)]:
+                break
+            assert time.monotonic() < deadline, cards["xl"]["embeddings"]
+            time.sleep(0.5)
+        assert [e["token"] for e in cards["refiner"]["embeddings"]] == ["<xl-thing>"]  # read together
+        assert cards["tiny"]["embeddings"] == []
     finally:
         for pipeline in ("xl", "refiner"):
             embeddings.remove(repo, "<xl-thing>", pipeline=pipeline)
