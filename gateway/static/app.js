@@ -7,7 +7,7 @@
 "use strict";
 
 const KEY_STORAGE = "sd-triton.api-key";
-const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "seed", "strength"];
+const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "seed", "strength", "clip_skip"];
 const POLL_MS = 500;
 
 const $ = (id) => document.getElementById(id);
@@ -229,9 +229,29 @@ function applyInfo(info) {
     })
   );
 
+  $("clip_skip").max = info.max_clip_skip;
+  showEmbeddings(info.embeddings || []);
+
   $("limits").textContent =
     `Width and height: multiples of ${limits.spatial_multiple} up to ${limits.max_side} ` +
     `(${limits.max_pixels} pixels at most); steps: 1 to ${limits.max_steps}; seed blank = random.`;
+}
+
+// The model's textual-inversion tokens (`sd-triton embeddings add`): a button each that adds it to the prompt.
+function showEmbeddings(embeddings) {
+  const buttons = embeddings.map((embedding) => {
+    const button = Object.assign(document.createElement("button"), { type: "button", className: "token" });
+    button.textContent = embedding.token;
+    button.title = `${embedding.vectors} vector(s), ${embedding.format}, from ${embedding.source}`;
+    button.addEventListener("click", () => {
+      const prompt = $("prompt");
+      prompt.value = prompt.value.trim() ? `${prompt.value.trimEnd()} ${embedding.token}` : embedding.token;
+      prompt.focus();
+    });
+    return button;
+  });
+  $("embedding-list").replaceChildren(...buttons);
+  $("embeddings").hidden = buttons.length === 0;
 }
 
 function setIfEmpty(id, value) {
@@ -250,6 +270,7 @@ function readForm() {
     else if ($(id).validity.badInput) throw new ApiError(`${id}: not a number`, id);
   }
   if ($("scheduler").value) body.scheduler = $("scheduler").value;
+  if ($("prompt_syntax").value !== "plain") body.prompt_syntax = $("prompt_syntax").value;
   const loras = readAdapters();
   if (loras.length) body.loras = loras;
   if (init.dataUrl) {

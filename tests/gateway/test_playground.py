@@ -29,7 +29,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = ROOT / ".cache" / "sd-triton" / "playground.png"
 FORM_IDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "scheduler",
-            "api_key", "generate", "cancel")  # fmt: skip
+            "prompt_syntax", "clip_skip", "api_key", "generate", "cancel")  # fmt: skip
 STEP_TEXT = re.compile(r"^step (\d+) / (\d+)$")
 
 # Records what the page shows over time: the step text, the status and whether a step preview is in

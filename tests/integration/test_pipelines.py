@@ -567,3 +567,57 @@ def test_a_long_weighted_sdxl_prompt_gives_diffusers_images_from_the_reference_e
     ).images  # fmt: skip
     assert max_abs_diff(ours.images, (theirs * 255).round().astype(np.uint8)) <= MAX_ABS_DIFF
     assert ours.prompt_truncated_tokens == 0
+
+
+def test_the_playground_reads_prompts_as_asked(served: dict, browser: Any, tmp_path: Path) -> None:  # noqa: F811
+    """The page offers xl's embedding tokens (clicking one adds it to the prompt), the a1111 syntax and a
+    clip skip up to xl's max; its job sends them: the image shown is the one Triton gives directly for the
+    same prompt, syntax and clip skip."""
+    from safetensors.torch import save_file
+    from selenium.webdriver.support.select import Select
+
+    from sd_triton.export import embeddings
+
+    http, repo = served["http"], served["repo"]
+    generator = torch.Generator().manual_seed(6)
+    xl = StableDiffusionXLPipeline.from_pretrained(served["manifests"]["xl"]["source"]["path"])
+    widths = (xl.text_encoder.config.hidden_size, xl.text_encoder_2.config.hidden_size)
+    state = {
+        key: torch.randn(1, width, generator=generator)
+        for key, width in zip(("clip_l", "clip_g"), widths, strict=True)
+    }
+    save_file(state, tmp_path / "page.safetensors")
+    embeddings.add(repo, tmp_path / "page.safetensors", "<page-thing>", pipeline="xl")
+    try:
+        deadline = time.monotonic() + 15  # the gateway re-reads the libraries every served_model_refresh_s
+        while not (card := _card(http, "xl"))["embeddings"]:
+            assert time.monotonic() < deadline, "xl's embedding not listed"
+            time.sleep(0.5)
+        page = Playground(browser, str(http.base_url).rstrip("/")).open()
+        Select(page.el("model")).select_by_value("xl")
+        page.wait(lambda: page.el("embeddings").is_displayed(), 10, "xl's embeddings")
+        assert page.el("clip_skip").get_attribute("max") == str(card["max_clip_skip"])
+        page.fill(prompt="a (red:1.4) circle,", steps=6, seed=3, clip_skip=1)
+        page.driver.find_element("css selector", "#embedding-list button.token").click()
+        assert page.el("prompt").get_attribute("value") == "a (red:1.4) circle, <page-thing>"
+        Select(page.el("prompt_syntax")).select_by_value("a1111")
+        Select(page.el("scheduler")).select_by_value("ddim")
+        page.el("generate").click()
+        page.wait(lambda: page.driver.find_elements("css selector", "#images img.result"), 120, "the image")
+        shown = decode(page.driver.find_element("css selector", "#images img.result").get_attribute("src"))
+        direct = txt2img(
+            served["client"], "a (red:1.4) circle, <page-thing>", pipeline="xl", height=64, width=64, steps=6,
+            scheduler="ddim", seed=3, prompt_syntax="a1111", clip_skip=1,
+        )  # fmt: skip
+        np.testing.assert_array_equal(shown, direct.images[0])
+        plain = txt2img(served["client"], "a (red:1.4) circle,", pipeline="xl", height=64, width=64, steps=6,
+                        scheduler="ddim", seed=3)  # fmt: skip
+        assert max_abs_diff(shown[None], plain.images) > 5  # what the page sent mattered
+        assert not [e for e in page.console() if e["level"] == "SEVERE"]
+    finally:
+        embeddings.remove(repo, "<page-thing>", pipeline="xl")
+
+
+def _card(http: Any, model: str) -> dict[str, Any]:
+    """The model's entry of GET /v1/models."""
+    return next(m for m in http.get("/v1/models").json()["data"] if m["id"] == model)
