@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from sd_triton import contract as c
+
+log = logging.getLogger(__name__)
 
 LIBRARY = "embeddings"  # the folder, in the pipeline's tokenizer model folder (Triton ignores it)
 RECORD = "embedding.json"
@@ -181,8 +184,16 @@ class EmbeddingLibrary:
         from safetensors.numpy import load_file
 
         embeddings = []
-        for record in records(self.folder):
-            tensors = load_file(str(self.folder / folder_name(record.token) / VECTORS))
-            embeddings.append(Embedding(record, tuple(tensors[e] for e in self.encoders)))
+        try:
+            for record in records(self.folder):
+                tensors = load_file(str(self.folder / folder_name(record.token) / VECTORS))
+                embeddings.append(Embedding(record, tuple(tensors[e] for e in self.encoders)))
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+        ) as exc:  # removed or replaced while read: the next call reads again
+            log.warning("%s: changing while read (%s); keeping the embeddings read before", self.folder, exc)
+            return self._embeddings, False
         self._stamp, self._embeddings = stamp, tuple(embeddings)
         return self._embeddings, True

@@ -157,3 +157,22 @@ def test_adding_checks_the_token_and_replaces_only_when_asked(
         cli(["embeddings", "add", str(tmp_path / "ok.safetensors"), "--token", "<t>", "--repo", str(repo)])
         == 1
     )
+
+
+def test_a_library_changing_while_read_keeps_what_was_read(repo: Path, tmp_path: Path) -> None:
+    """An embedding folder caught half-removed (its record without its vectors): the library keeps the
+    embeddings it read before and reads again on the next call, once the change is done."""
+    from sd_triton.embeddings import VECTORS, EmbeddingLibrary, folder_name, library_dir
+
+    width = PromptTokenizer.in_folder(repo / "tokenizer" / "1").widths[0]
+    save_file({"emb_params": torch.ones(1, width)}, tmp_path / "a.safetensors")
+    embeddings.add(repo, tmp_path / "a.safetensors", "<a>")
+    library = EmbeddingLibrary(library_dir(repo), ("text_encoder",))
+    first, changed = library.current()
+    assert changed and [e.record.token for e in first] == ["<a>"]
+    embeddings.add(repo, tmp_path / "a.safetensors", "<b>")
+    (library_dir(repo) / folder_name("<b>") / VECTORS).unlink()  # caught mid-change
+    assert library.current() == (first, False)
+    embeddings.add(repo, tmp_path / "a.safetensors", "<b>", replace=True)  # the change done: read again
+    read, changed = library.current()
+    assert changed and [e.record.token for e in read] == ["<a>", "<b>"]
