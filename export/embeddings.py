@@ -63,8 +63,13 @@ def read_file(file: Path) -> dict[str, Any]:
     return {str(k): numpy(v) for k, v in state.items()}
 
 
+def _tokenizer_version(repo: Path, pipeline: str) -> Path:
+    """The pipeline's tokenizer model's version folder: its tokenizers and pipeline.json."""
+    return repo / c.model_name(pipeline, c.TOKENIZER.name) / "1"
+
+
 def _pipeline(repo: Path, pipeline: str) -> PipelineConfig:
-    path = repo / c.model_name(pipeline, c.TOKENIZER.name) / "1" / PIPELINE_FILE
+    path = _tokenizer_version(repo, pipeline) / PIPELINE_FILE
     if not path.is_file():
         raise EmbeddingError(f"{path}: not found; export the pipeline (again) with this version first")
     config = PipelineConfig.load(path)
@@ -77,7 +82,7 @@ def _check_vocabulary(repo: Path, pipeline: str, token: str) -> None:
     """diffusers refuses a token its tokenizer already has; so does the library."""
     from transformers import CLIPTokenizer
 
-    version = repo / c.model_name(pipeline, c.TOKENIZER.name) / "1"
+    version = _tokenizer_version(repo, pipeline)
     for folder in ("tokenizer", "tokenizer_2"):
         if (version / folder).is_dir():
             tokenizer = CLIPTokenizer.from_pretrained(str(version / folder), local_files_only=True)

@@ -188,11 +188,7 @@ class EmbeddingLibrary:
             for record in records(self.folder):
                 tensors = load_file(str(self.folder / folder_name(record.token) / VECTORS))
                 embeddings.append(Embedding(record, tuple(tensors[e] for e in self.encoders)))
-        except (
-            OSError,
-            ValueError,
-            KeyError,
-        ) as exc:  # removed or replaced while read: the next call reads again
+        except (OSError, ValueError, KeyError) as exc:  # removed or replaced while read: read again next call
             log.warning("%s: changing while read (%s); keeping the embeddings read before", self.folder, exc)
             return self._embeddings, False
         self._stamp, self._embeddings = stamp, tuple(embeddings)

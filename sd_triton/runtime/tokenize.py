@@ -117,11 +117,11 @@ class PromptTokenizer:
                 self.second.learn(embeddings)
 
     def _refresh(self) -> None:
+        """The library's tokens as they are now, learned again if it changed (the caller holds the lock)."""
         if self.library is not None:
-            with self._lock:
-                embeddings, changed = self.library.current()
-                if changed:
-                    self.learn(embeddings)
+            embeddings, changed = self.library.current()
+            if changed:
+                self.learn(embeddings)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, without BOS and EOS, a learned token as its vectors' ids (the caller holds

@@ -457,10 +457,9 @@ class TextEncoder:
             raise InvalidRequest(c.CLIP_SKIPS.name, f"must be [{rows}, 1], got {list(skips.shape)}")
         ids = [ids.reshape(-1, c.TOKEN_LENGTH) for ids in input_ids]  # one chunk a row
         tables = []
-        for index, (spec, width) in enumerate(
-            zip((c.TOKEN_EMBEDDINGS, c.TOKEN_EMBEDDINGS_2), self.widths, strict=False)
-        ):
-            table = vectors[index] if index < len(vectors) else None
+        given = [*vectors, None, None]  # an encoder's absent: no learned tokens
+        specs = (c.TOKEN_EMBEDDINGS, c.TOKEN_EMBEDDINGS_2)
+        for spec, table, width in zip(specs, given, self.widths, strict=False):
             table = np.zeros((rows, 1, width), np.float32) if table is None else np.asarray(table, np.float32)
             if table.ndim != 3 or table.shape[0] != rows or table.shape[2] != width or not table.shape[1]:
                 raise InvalidRequest(spec.name, f"must be [{rows}, E >= 1, {width}], got {list(table.shape)}")
